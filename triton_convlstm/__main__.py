@@ -1,0 +1,61 @@
+"""Command line: ``python -m triton_convlstm {demo,bench,info} ...``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m triton_convlstm COMMAND [options]
+
+commands:
+  demo     train a small nowcasting model on moving digits (see --help)
+  bench    compare this layer with the common formulation; `bench compare OLD.json NEW.json`
+  info     versions, devices and which backend would run
+"""
+
+
+def _info() -> int:
+    import platform
+
+    import torch
+
+    from .backend import interpreter_enabled, resolve_backend, triton_import_error
+
+    print(f"python  {platform.python_version()}")
+    print(f"torch   {torch.__version__}")
+    err = triton_import_error()
+    if err is None:
+        import triton
+
+        print(f"triton  {triton.__version__}")
+    else:
+        print(f"triton  unavailable ({err})")
+    cuda = torch.cuda.is_available()
+    print(f"cuda    {torch.cuda.get_device_name() if cuda else 'not available'}")
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"backend 'auto' on {device}: {resolve_backend('auto', device)}")
+    print(f"TRITON_INTERPRET {'on' if interpreter_enabled() else 'off'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "bench":
+        from .benchmark import main as bench_main
+
+        return bench_main(rest)
+    if command == "info":
+        return _info()
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

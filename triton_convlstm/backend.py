@@ -1,0 +1,54 @@
+"""Which implementation of the gate update runs: Triton kernels or plain torch."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_import_error() -> str | None:
+    """None when Triton imports, else the reason it does not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interpreter_enabled() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (slowly); CI uses it."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_backend_name(backend: str) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map the user's choice to "triton" or "torch" for tensors on ``device``.
+
+    "auto" picks Triton on CUDA when it imports, torch otherwise. "triton" raises a RuntimeError
+    naming the reason when it cannot run (no Triton, or CPU tensors outside the interpreter).
+    """
+    check_backend_name(backend)
+    if backend == "torch":
+        return "torch"
+    err = triton_import_error()
+    on_cuda = device.type == "cuda"
+    if backend == "auto":
+        return "triton" if on_cuda and err is None else "torch"
+    if err is not None:
+        raise RuntimeError(f"backend='triton' needs Triton, which failed to import ({err})")
+    if not on_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            f"backend='triton' got tensors on {device}; Triton runs on CUDA devices, or on CPU "
+            "only under TRITON_INTERPRET=1 (the interpreter, for testing)"
+        )
+    return "triton"
