@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, so CI exercises the real
+# kernels. Triton reads this when a kernel is decorated: it must be set before any import of
+# triton_convlstm.kernels, hence here, at conftest import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
