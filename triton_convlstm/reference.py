@@ -17,7 +17,6 @@ ConvLSTM). With peepholes ``p`` of shape (3, hidden) (Shi et al. 2015, eq. 3)::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -32,7 +31,9 @@ def _peephole_terms(peephole: Tensor | None, dtype: torch.dtype):
     return peephole.to(dtype)[:, None, :, None, None]  # (3, 1, hidden, 1, 1)
 
 
-def gate_forward(z: Tensor, c_prev: Tensor, peephole: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def gate_forward(
+    z: Tensor, c_prev: Tensor, peephole: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One gate/state update.
 
     z: (B, 4*hidden, H, W) pre-activations, bias included, any float dtype.
@@ -98,22 +99,6 @@ def gate_backward(
         )
     dz = torch.cat([dzi, dzf, dzo, dzg], dim=1).to(z.dtype)
     return dz, dc_prev, dpeep
-
-
-def same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, ...]:
-    """F.pad amounts (left, right, top, bottom) that keep H, W: an even kernel pads one more at
-    the bottom/right."""
-    (kh, kw), (dh, dw) = kernel_size, dilation
-    th, tw = dh * (kh - 1), dw * (kw - 1)
-    return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-
-
-def conv_same(x: Tensor, weight: Tensor, dilation: tuple[int, int]) -> Tensor:
-    """A 'same'-padded, bias-free convolution for odd and even kernels."""
-    left, right, top, bottom = same_padding(tuple(weight.shape[2:]), dilation)
-    if left == right and top == bottom:
-        return F.conv2d(x, weight, padding=(top, left), dilation=dilation)
-    return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, dilation=dilation)
 
 
 class EagerConvLSTM(nn.Module):
