@@ -1,0 +1,405 @@
+"""Triton kernels for the ConvLSTM gate/state update, forward and backward, and their launchers.
+
+The math is :func:`triton_convlstm.reference.gate_forward` / ``gate_backward``, fused into one pass
+over memory each way. Both kernels see every tensor as (batch, channel, pixel) with a stride per
+axis (H and W merged into one pixel axis), so one kernel serves NCHW, channels_last and slices of
+a larger (T, B, C, H, W) buffer without copies. Each program owns a [BLOCK_P pixels x BLOCK_C
+channels] tile of the hidden state; Triton specializes stride==1 arguments, so whichever axis is
+contiguous gets vectorized, and the launcher shapes the tile so that axis is the long one.
+
+No autotune: the forward may write the cell state in place (c_out is c_prev), which autotune's
+repeated launches would corrupt, and autotune must never run during CUDA-graph capture.
+
+>>> h, c, z = gates_forward(zx, None, bias, c_prev, None, save_z=True)
+>>> dz, dc_prev, _ = gates_backward(z, c_prev, c, None, dh, None, dc)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SERVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Hidden-state elements per program: 8 per thread at 4 warps, enough bytes in flight per SM
+# for a memory-bound kernel while keeping registers (4 gates + state) modest.
+TILE_ELEMS = 1024
+NUM_WARPS = 4
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _sigmoid(x):
+    # 1/(1+exp(-x)): for x < -88 exp overflows to +inf and the quotient is exactly 0, so every
+    # finite x is safe (exp(x)/(1+exp(x)) would give inf/inf = NaN for x > 88).
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # No tl.tanh in the interpreter; tanh(x) = 2*sigmoid(2x) - 1 inherits sigmoid's safety.
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _tile(HW, HID, NPB, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's batch index, pixel and channel index vectors and the tile mask."""
+    pid = tl.program_id(0)
+    b = (pid // NPB).to(tl.int64)  # batch offsets always 64-bit: slices of (T, B, ...) buffers
+    p = (pid % NPB) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:  # offsets inside one image can pass 2**31
+        p = p.to(tl.int64)
+        ch = ch.to(tl.int64)
+    mask = (p < HW)[:, None] & (ch < HID)[None, :]
+    return b, p, ch, mask
+
+
+@triton.jit
+def _peep(pe_ptr, k, ch, cmask, s_pe_k, s_pe_c):
+    """Row k of the (3, hidden) peepholes as a [1, BLOCK_C] fp32 row."""
+    return tl.load(pe_ptr + k * s_pe_k + ch * s_pe_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _preact(zx_ptr, zh_ptr, bias_ptr, z_ptr, gch, mask, cmask, s_zx_c, s_zh_c, s_bias, s_z_c,
+            HAS_ZH: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_Z: tl.constexpr):  # fmt: skip
+    """One gate's pre-activation zx + zh + bias at channels ``gch`` (pointers already at the
+    tile's batch and pixels); stores it to z when the backward will need it."""
+    zk = tl.load(zx_ptr + gch[None, :] * s_zx_c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZH:
+        zk += tl.load(zh_ptr + gch[None, :] * s_zh_c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        zk += tl.load(bias_ptr + gch * s_bias, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if SAVE_Z:
+        tl.store(z_ptr + gch[None, :] * s_z_c, zk.to(z_ptr.dtype.element_ty), mask=mask)
+    return zk
+
+
+@triton.jit
+def _gates_fwd_kernel(
+    zx_ptr, zh_ptr, bias_ptr, cp_ptr, pe_ptr, h_ptr, c_ptr, z_ptr,
+    HW, HID, NPB,
+    s_zx_b, s_zx_c, s_zx_p, s_zh_b, s_zh_c, s_zh_p, s_bias,
+    s_cp_b, s_cp_c, s_cp_p, s_pe_k, s_pe_c,
+    s_h_b, s_h_c, s_h_p, s_c_b, s_c_c, s_c_p, s_z_b, s_z_c, s_z_p,
+    HAS_ZH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PEEP: tl.constexpr, SAVE_Z: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    b, p, ch, mask = _tile(HW, HID, NPB, WIDE, BLOCK_P, BLOCK_C)
+    cmask = ch < HID
+    p2 = p[:, None]
+    zx_ptr += b * s_zx_b + p2 * s_zx_p
+    zh_ptr += b * s_zh_b + p2 * s_zh_p
+    z_ptr += b * s_z_b + p2 * s_z_p
+
+    # The four gates' pre-activations, in order i, f, o, g; the sum is formed in fp32.
+    zi = _preact(zx_ptr, zh_ptr, bias_ptr, z_ptr, ch, mask, cmask,
+                 s_zx_c, s_zh_c, s_bias, s_z_c, HAS_ZH, HAS_BIAS, SAVE_Z)  # fmt: skip
+    zf = _preact(zx_ptr, zh_ptr, bias_ptr, z_ptr, ch + HID, mask, cmask,
+                 s_zx_c, s_zh_c, s_bias, s_z_c, HAS_ZH, HAS_BIAS, SAVE_Z)  # fmt: skip
+    zo = _preact(zx_ptr, zh_ptr, bias_ptr, z_ptr, ch + 2 * HID, mask, cmask,
+                 s_zx_c, s_zh_c, s_bias, s_z_c, HAS_ZH, HAS_BIAS, SAVE_Z)  # fmt: skip
+    zg = _preact(zx_ptr, zh_ptr, bias_ptr, z_ptr, ch + 3 * HID, mask, cmask,
+                 s_zx_c, s_zh_c, s_bias, s_z_c, HAS_ZH, HAS_BIAS, SAVE_Z)  # fmt: skip
+
+    # Read c_prev before c is written: c_out may be c_prev (same offsets, same program).
+    c_prev = tl.load(cp_ptr + b * s_cp_b + p2 * s_cp_p + ch[None, :] * s_cp_c, mask=mask,
+                     other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_PEEP:
+        p0 = _peep(pe_ptr, 0, ch, cmask, s_pe_k, s_pe_c)
+        p1 = _peep(pe_ptr, 1, ch, cmask, s_pe_k, s_pe_c)
+        pc = _peep(pe_ptr, 2, ch, cmask, s_pe_k, s_pe_c)
+        zi += p0 * c_prev
+        zf += p1 * c_prev
+    c = _sigmoid(zf) * c_prev + _sigmoid(zi) * _tanh(zg)
+    if HAS_PEEP:
+        zo += pc * c  # the output gate peeks at the NEW cell
+    h = _sigmoid(zo) * _tanh(c)
+    tl.store(c_ptr + b * s_c_b + p2 * s_c_p + ch[None, :] * s_c_c, c, mask=mask)
+    tl.store(h_ptr + b * s_h_b + p2 * s_h_p + ch[None, :] * s_h_c,
+             h.to(h_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _gates_bwd_kernel(
+    z_ptr, cp_ptr, c_ptr, pe_ptr, dh_ptr, dh2_ptr, dc_ptr, dz_ptr, dcp_ptr, part_ptr,
+    HW, HID, NPB, NROWS,
+    s_z_b, s_z_c, s_z_p, s_cp_b, s_cp_c, s_cp_p, s_c_b, s_c_c, s_c_p, s_pe_k, s_pe_c,
+    s_dh_b, s_dh_c, s_dh_p, s_dh2_b, s_dh2_c, s_dh2_p, s_dc_b, s_dc_c, s_dc_p,
+    s_dz_b, s_dz_c, s_dz_p, s_dcp_b, s_dcp_c, s_dcp_p,
+    HAS_PEEP: tl.constexpr, HAS_DH: tl.constexpr, HAS_DH2: tl.constexpr, HAS_DC: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    b, p, ch, mask = _tile(HW, HID, NPB, WIDE, BLOCK_P, BLOCK_C)
+    cmask = ch < HID
+    p2 = p[:, None]
+    c2 = ch[None, :]
+    z_ptr += b * s_z_b + p2 * s_z_p
+    dz_ptr += b * s_dz_b + p2 * s_dz_p
+    zi = tl.load(z_ptr + c2 * s_z_c, mask=mask, other=0.0).to(tl.float32)
+    zf = tl.load(z_ptr + (c2 + HID) * s_z_c, mask=mask, other=0.0).to(tl.float32)
+    zo = tl.load(z_ptr + (c2 + 2 * HID) * s_z_c, mask=mask, other=0.0).to(tl.float32)
+    zg = tl.load(z_ptr + (c2 + 3 * HID) * s_z_c, mask=mask, other=0.0).to(tl.float32)
+    c_prev = tl.load(cp_ptr + b * s_cp_b + p2 * s_cp_p + c2 * s_cp_c, mask=mask, other=0.0)
+    c = tl.load(c_ptr + b * s_c_b + p2 * s_c_p + c2 * s_c_c, mask=mask, other=0.0)
+    c_prev = c_prev.to(tl.float32)
+    c = c.to(tl.float32)
+    if HAS_PEEP:
+        p0 = _peep(pe_ptr, 0, ch, cmask, s_pe_k, s_pe_c)
+        p1 = _peep(pe_ptr, 1, ch, cmask, s_pe_k, s_pe_c)
+        pc = _peep(pe_ptr, 2, ch, cmask, s_pe_k, s_pe_c)
+        zi += p0 * c_prev
+        zf += p1 * c_prev
+        zo += pc * c
+    i = _sigmoid(zi)
+    f = _sigmoid(zf)
+    o = _sigmoid(zo)
+    g = _tanh(zg)
+    tc = _tanh(c)
+
+    dh = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    if HAS_DH:
+        dh += tl.load(dh_ptr + b * s_dh_b + p2 * s_dh_p + c2 * s_dh_c, mask=mask,
+                      other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_DH2:  # the recurrent gradient, summed here instead of in a separate add kernel
+        dh += tl.load(dh2_ptr + b * s_dh2_b + p2 * s_dh2_p + c2 * s_dh2_c, mask=mask,
+                      other=0.0).to(tl.float32)  # fmt: skip
+    dc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    if HAS_DC:
+        dc += tl.load(dc_ptr + b * s_dc_b + p2 * s_dc_p + c2 * s_dc_c, mask=mask,
+                      other=0.0).to(tl.float32)  # fmt: skip
+
+    dzo = dh * tc * o * (1.0 - o)
+    dc += dh * o * (1.0 - tc * tc)
+    if HAS_PEEP:
+        dc += dzo * pc
+    dzi = dc * g * i * (1.0 - i)
+    dzf = dc * c_prev * f * (1.0 - f)
+    dzg = dc * i * (1.0 - g * g)
+    dc_prev = dc * f
+    if HAS_PEEP:
+        dc_prev += dzi * p0 + dzf * p1
+        # Per-program partial sums over this tile's pixels; the launcher sums the rows with
+        # torch, so the result is bitwise reproducible (no atomics).
+        part = part_ptr + tl.program_id(0) * HID + ch
+        zero = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        tl.store(part, tl.sum(tl.where(mask, dzi * c_prev, zero), axis=0), mask=cmask)
+        tl.store(part + NROWS * HID, tl.sum(tl.where(mask, dzf * c_prev, zero), axis=0),
+                 mask=cmask)  # fmt: skip
+        tl.store(part + 2 * NROWS * HID, tl.sum(tl.where(mask, dzo * c, zero), axis=0),
+                 mask=cmask)  # fmt: skip
+
+    # dc_prev may overwrite dc in place: every read of dc above is done.
+    tl.store(dcp_ptr + b * s_dcp_b + p2 * s_dcp_p + c2 * s_dcp_c, dc_prev, mask=mask)
+    out_ty = dz_ptr.dtype.element_ty
+    tl.store(dz_ptr + c2 * s_dz_c, dzi.to(out_ty), mask=mask)
+    tl.store(dz_ptr + (c2 + HID) * s_dz_c, dzf.to(out_ty), mask=mask)
+    tl.store(dz_ptr + (c2 + 2 * HID) * s_dz_c, dzo.to(out_ty), mask=mask)
+    tl.store(dz_ptr + (c2 + 3 * HID) * s_dz_c, dzg.to(out_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _check(name, t, shape, dtypes, device, optional=False):
+    """Raise a TypeError/ValueError naming ``name`` unless t is a tensor of shape/dtype/device."""
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name}: expected a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        hint = ""
+        if t.dtype == torch.float64:
+            hint = " (the kernels do not serve fp64; the torch path does: backend='torch')"
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {names}; got {t.dtype}{hint}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+
+
+def _strides(t):
+    """(batch, channel, pixel) strides of a 4-D tensor with H and W merged, None if they cannot
+    be (stride_h != W * stride_w, e.g. a crop of a larger image)."""
+    sb, sc, sh, sw = t.stride()
+    _, _, hh, ww = t.shape
+    if ww == 1:
+        return sb, sc, sh
+    if hh == 1 or sh == ww * sw:
+        return sb, sc, sw
+    return None
+
+
+def _input(t):
+    """t and its merged strides; an exotic layout is copied once (rare, and correct)."""
+    st = _strides(t)
+    if st is None:
+        t = t.contiguous()
+        st = _strides(t)
+    return t, st
+
+
+def _output(out, fixups):
+    """The tensor the kernel writes for ``out``: out itself, or a contiguous stand-in that is
+    copied into out afterwards (recorded in fixups) when out's H, W cannot be merged."""
+    st = _strides(out)
+    if st is not None:
+        return out, st
+    tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    fixups.append((tmp, out))
+    return tmp, _strides(tmp)
+
+
+def _new(ref, channels, dtype):
+    """An output in ref's memory format: channels_last when ref's channels are the fast axis."""
+    b, _, hh, ww = ref.shape
+    channels_last = ref.stride(1) == 1 and ref.shape[1] > 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((b, channels, hh, ww), dtype=dtype, device=ref.device, memory_format=fmt)
+
+
+def _wide(tensors_and_strides):
+    """True when an offset inside one image can pass int32 (batch offsets are always 64-bit)."""
+    for t, (_, sc, sp) in tensors_and_strides:
+        _, c, hh, ww = t.shape
+        if (c - 1) * sc + (hh * ww - 1) * sp > _INT32_MAX:
+            return True
+    return False
+
+
+def _blocks(channels_contiguous, hid, hw):
+    """Tile shape: the contiguous axis long (16-byte vectors, whole 128-byte lines per warp)."""
+    hid2, hw2 = triton.next_power_of_2(hid), triton.next_power_of_2(hw)
+    if channels_contiguous:  # channels_last: a pixel's hidden channels are adjacent
+        bc = min(hid2, 64)
+        bp = min(max(TILE_ELEMS // bc, 1), hw2)
+    else:  # NCHW: a channel's pixels are adjacent
+        bp = min(256, hw2)
+        bc = min(max(TILE_ELEMS // bp, 1), hid2)
+    return bp, bc
+
+
+def _dims(name, z):
+    """(B, hidden, H, W) of a pre-activation tensor, checked."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 4 or z.shape[1] % 4:
+        raise ValueError(f"{name}: expected shape (B, 4*hidden, H, W), got {tuple(z.shape)}")
+    _check(name, z, z.shape, SERVED_DTYPES, z.device)
+    b, c4, hh, ww = z.shape
+    return b, c4 // 4, hh, ww
+
+
+def gates_forward(zx, zh, bias, c_prev, peephole, *, h_out=None, c_out=None, z_out=None,
+                  save_z=False):  # fmt: skip
+    """One fused gate/state update: returns (h, c, z_or_None).
+
+    zx, zh: (B, 4*hidden, H, W) fp32/bf16/fp16 (zh may be None), summed with bias (4*hidden,) or
+    None into z; c_prev: (B, hidden, H, W) fp32; peephole: (3, hidden) or None.
+    h (zx's dtype) goes to h_out, c (fp32) to c_out, which may be c_prev itself (in place);
+    with save_z (or z_out given) z (zx's dtype) goes to z_out. Outputs may have any strides
+    (e.g. slices of a (T, B, hidden, H, W) buffer); missing ones are allocated like zx.
+    """
+    b, hid, hh, ww = _dims("zx", zx)
+    dev, state, gates = zx.device, (b, hid, hh, ww), tuple(zx.shape)
+    _check("zh", zh, gates, SERVED_DTYPES, dev, optional=True)
+    _check("bias", bias, (4 * hid,), SERVED_DTYPES, dev, optional=True)
+    _check("c_prev", c_prev, state, (torch.float32,), dev)
+    _check("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
+    _check("h_out", h_out, state, (zx.dtype,), dev, optional=True)
+    _check("c_out", c_out, state, (torch.float32,), dev, optional=True)
+    _check("z_out", z_out, gates, (zx.dtype,), dev, optional=True)
+    save_z = save_z or z_out is not None
+    h_out = _new(zx, hid, zx.dtype) if h_out is None else h_out
+    c_out = _new(zx, hid, torch.float32) if c_out is None else c_out
+    if save_z and z_out is None:
+        z_out = _new(zx, 4 * hid, zx.dtype)
+    if zx.numel() == 0:
+        return h_out, c_out, z_out
+
+    fixups = []
+    zx_, s_zx = _input(zx)
+    zh_, s_zh = _input(zh) if zh is not None else (zx_, s_zx)
+    cp_, s_cp = _input(c_prev)
+    h_, s_h = _output(h_out, fixups)
+    c_, s_c = _output(c_out, fixups)
+    z_, s_z = _output(z_out, fixups) if save_z else (h_, s_h)
+    bias_ = bias if bias is not None else zx_
+    pe_ = peephole if peephole is not None else zx_
+    s_pe = peephole.stride() if peephole is not None else (0, 0)
+    hw = hh * ww
+    bp, bc = _blocks(zx_.stride(1) == 1 and hid > 1, hid, hw)
+    npb = triton.cdiv(hw, bp)
+    wide = _wide([(zx_, s_zx), (zh_, s_zh), (cp_, s_cp), (h_, s_h), (c_, s_c), (z_, s_z)])
+    grid = (b * npb, triton.cdiv(hid, bc))
+    _gates_fwd_kernel[grid](
+        zx_, zh_, bias_, cp_, pe_, h_, c_, z_, hw, hid, npb,
+        *s_zx, *s_zh, bias_.stride(0) if bias is not None else 0,
+        *s_cp, *s_pe, *s_h, *s_c, *s_z,
+        HAS_ZH=zh is not None, HAS_BIAS=bias is not None, HAS_PEEP=peephole is not None,
+        SAVE_Z=save_z, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    for tmp, out in fixups:
+        out.copy_(tmp)
+    return h_out, c_out, (z_out if save_z else None)
+
+
+def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_out=None):
+    """Gradients of :func:`gates_forward` from its saved z: returns (dz, dc_prev, dpeephole).
+
+    z: (B, 4*hidden, H, W) fp32/bf16/fp16; c_prev, c: (B, hidden, H, W) fp32; peephole: (3,
+    hidden) or None; dh, dh2: gradients w.r.t. h (summed; either may be None); dc: gradient
+    w.r.t. c or None. dz (z's dtype) goes to dz_out (any strides), dc_prev (fp32) to dc_prev_out,
+    which may be dc itself (in place). dpeephole is (3, hidden) fp32, None without peepholes;
+    its batch/pixel reduction is deterministic (per-program partials summed by torch).
+    """
+    b, hid, hh, ww = _dims("z", z)
+    dev, state = z.device, (b, hid, hh, ww)
+    _check("c_prev", c_prev, state, (torch.float32,), dev)
+    _check("c", c, state, (torch.float32,), dev)
+    _check("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
+    _check("dh", dh, state, SERVED_DTYPES, dev, optional=True)
+    _check("dh2", dh2, state, SERVED_DTYPES, dev, optional=True)
+    _check("dc", dc, state, SERVED_DTYPES, dev, optional=True)
+    _check("dz_out", dz_out, tuple(z.shape), (z.dtype,), dev, optional=True)
+    _check("dc_prev_out", dc_prev_out, state, (torch.float32,), dev, optional=True)
+    dz_out = _new(z, 4 * hid, z.dtype) if dz_out is None else dz_out
+    dc_prev_out = _new(z, hid, torch.float32) if dc_prev_out is None else dc_prev_out
+    has_peep = peephole is not None
+    if z.numel() == 0:
+        dpe = torch.zeros((3, hid), dtype=torch.float32, device=dev) if has_peep else None
+        return dz_out, dc_prev_out, dpe
+
+    fixups = []
+    z_, s_z = _input(z)
+    cp_, s_cp = _input(c_prev)
+    c_, s_c = _input(c)
+    dh_, s_dh = _input(dh) if dh is not None else (c_, s_c)
+    dh2_, s_dh2 = _input(dh2) if dh2 is not None else (c_, s_c)
+    dc_, s_dc = _input(dc) if dc is not None else (c_, s_c)
+    dz_, s_dz = _output(dz_out, fixups)
+    dcp_, s_dcp = _output(dc_prev_out, fixups)
+    hw = hh * ww
+    bp, bc = _blocks(z_.stride(1) == 1 and hid > 1, hid, hw)
+    npb = triton.cdiv(hw, bp)
+    nrows = b * npb
+    part = torch.empty((3, nrows, hid) if has_peep else (1,), dtype=torch.float32, device=dev)
+    pe_ = peephole if has_peep else c_
+    s_pe = peephole.stride() if has_peep else (0, 0)
+    used = [(z_, s_z), (cp_, s_cp), (c_, s_c), (dh_, s_dh), (dh2_, s_dh2), (dc_, s_dc),
+            (dz_, s_dz), (dcp_, s_dcp)]  # fmt: skip
+    grid = (nrows, triton.cdiv(hid, bc))
+    _gates_bwd_kernel[grid](
+        z_, cp_, c_, pe_, dh_, dh2_, dc_, dz_, dcp_, part, hw, hid, npb, nrows,
+        *s_z, *s_cp, *s_c, *s_pe, *s_dh, *s_dh2, *s_dc, *s_dz, *s_dcp,
+        HAS_PEEP=has_peep, HAS_DH=dh is not None, HAS_DH2=dh2 is not None, HAS_DC=dc is not None,
+        WIDE=_wide(used), BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    for tmp, out in fixups:
+        out.copy_(tmp)
+    return dz_out, dc_prev_out, (part.sum(1) if has_peep else None)
