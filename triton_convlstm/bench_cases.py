@@ -1,0 +1,326 @@
+"""What the benchmarks measure: shapes, the implementations compared, one step of each, timers.
+
+Shared by the ``bench`` command (:mod:`triton_convlstm.benchmark`), the perf-regression suite
+(``bench/test_perf.py``) and ``bench/gpu_check.py``, so all three time the same thing.
+
+>>> step = build_step("layer", SHAPES["cpu-s"], "fp32", "train", torch.device("cpu"))
+>>> timing = time_step(step, torch.device("cpu"), reps=3)
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .reference import EagerConvLSTM
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One layer, kernel 3: x is (batch, steps, in_dim, size, size), hidden channels ``hidden``."""
+
+    name: str
+    batch: int
+    steps: int
+    in_dim: int
+    hidden: int
+    size: int
+    kernel: int = 3
+
+    def with_steps(self, steps: int) -> Shape:
+        return replace(self, steps=steps)
+
+    @property
+    def label(self) -> str:
+        return f"B{self.batch}-T{self.steps}-C{self.in_dim}-H{self.hidden}-{self.size}x{self.size}"
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        Shape("S", 4, 16, 8, 32, 32),
+        Shape("M", 16, 16, 32, 64, 64),
+        Shape("L", 16, 10, 64, 128, 128),
+        Shape("cpu-s", 2, 8, 4, 16, 16),
+        Shape("cpu-m", 4, 8, 8, 32, 24),
+    )
+}
+GPU_SHAPES = ("S", "M", "L")
+CPU_SHAPES = ("cpu-s", "cpu-m")
+IMPLS = ("eager", "compiled", "compiled-ro", "layer", "convs-only")
+COMPILED_IMPLS = ("compiled", "compiled-ro")
+CUDA_ONLY_IMPLS = ("compiled-ro",)  # reduce-overhead means CUDA graphs
+MODES = ("fwd", "train")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _layer_class():
+    # Imported late: the bench command's argument checks and `compare` need no layer at all.
+    from .modules import ConvLSTM
+
+    return ConvLSTM
+
+
+def make_models(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The eager formulation and the layer with the same weights (the layer loads eager's
+    state_dict), both on ``device`` in ``dtype``."""
+    torch.manual_seed(seed)
+    eager = EagerConvLSTM(shape.in_dim, shape.hidden, shape.kernel, 1)
+    layer = _layer_class()(shape.in_dim, shape.hidden, shape.kernel, 1, batch_first=True)
+    layer.load_state_dict(eager.state_dict())
+    return eager.to(device, dtype), layer.to(device, dtype)
+
+
+def _sequence_of(impl: str, model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the (B, T, hidden, H, W) output sequence, whichever output convention ``model`` has."""
+    if impl == "layer":
+
+        def run(x):
+            outs, _ = model(x)
+            return outs[-1] if isinstance(outs, (list, tuple)) else outs
+
+        return run
+    return lambda x: model(x)[0]
+
+
+def build_step(
+    impl: str, shape: Shape, dtype: str, mode: str, device: torch.device, seed: int = 0
+) -> Callable[[], None]:
+    """A closure running one forward ("fwd", under no_grad) or one training step ("train": forward,
+    MSE loss, gradients w.r.t. the parameters and the input) of ``impl``. Its first calls compile
+    or capture where the implementation does; call it a few times before timing."""
+    if impl not in IMPLS or mode not in MODES or dtype not in DTYPES:
+        raise ValueError(f"unknown case {impl}/{mode}/{dtype}")
+    if impl in CUDA_ONLY_IMPLS and device.type != "cuda":
+        raise ValueError(f"{impl} needs a CUDA device")
+    dt = DTYPES[dtype]
+    if impl == "convs-only":
+        return _convs_only_step(shape, dt, mode, device, seed)
+    eager, layer = make_models(shape, device, dt, seed)
+    model = layer if impl == "layer" else eager
+    if impl in COMPILED_IMPLS:
+        # A fresh dynamo cache per case: the recompile limit (8) would otherwise make later
+        # shapes and dtypes fall back to eager without a word.
+        torch._dynamo.reset()
+        model = torch.compile(model, mode="reduce-overhead" if impl == "compiled-ro" else None)
+    seq_of = _sequence_of(impl, model)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)
+    x = torch.randn(size, generator=gen).to(device, dt)
+    # cudagraph trees reuse their output memory: tell them where one step ends.
+    mark = torch.compiler.cudagraph_mark_step_begin if impl == "compiled-ro" else (lambda: None)
+
+    if mode == "fwd":
+
+        def fwd_step():
+            mark()
+            with torch.no_grad():
+                seq_of(x)
+
+        return fwd_step
+
+    x.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = torch.randn(size[:2] + (shape.hidden,) + size[3:], generator=gen).to(device, dt)
+
+    def train_step():
+        mark()
+        loss = F.mse_loss(seq_of(x), target)
+        torch.autograd.grad(loss, params + [x])
+
+    return train_step
+
+
+def _convs_only_step(shape: Shape, dt, mode: str, device: torch.device, seed: int):
+    """The convolutions the layer cannot avoid, and nothing else: the floor it is compared to.
+
+    fwd: one input conv over all T frames at once plus T hidden convs. train adds T hidden
+    input-gradient convs (the recurrence forces one per step) and batched calls for dx, dW_x
+    and dW_h. channels_last, bias-free, all in one CUDA graph on GPU (plain calls on CPU).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    b, t, k, hid = shape.batch, shape.steps, shape.kernel, shape.hidden
+    fmt = torch.channels_last
+
+    def rand(*size):
+        return torch.randn(size, generator=gen).to(device, dt).contiguous(memory_format=fmt)
+
+    # Time-major frames so that step t's slice [t*b:(t+1)*b] is one contiguous block.
+    x_all = rand(t * b, shape.in_dim, shape.size, shape.size)
+    h_all = rand(t * b, hid, shape.size, shape.size)
+    dz_all = rand(t * b, 4 * hid, shape.size, shape.size)
+    w_x, w_h = rand(4 * hid, shape.in_dim, k, k), rand(4 * hid, hid, k, k)
+    pad, one = [k // 2] * 2, [1, 1]
+    grad = torch.ops.aten.convolution_backward
+
+    def body():
+        F.conv2d(x_all, w_x, padding=pad)
+        for s in range(t):
+            F.conv2d(h_all[s * b : (s + 1) * b], w_h, padding=pad)
+        if mode == "train":
+            for s in range(t):
+                sl = slice(s * b, (s + 1) * b)
+                grad(dz_all[sl], h_all[sl], w_h, None, one, pad, one, False, [0, 0], 1,
+                     [True, False, False])
+            grad(dz_all, x_all, w_x, None, one, pad, one, False, [0, 0], 1, [True, True, False])
+            grad(dz_all, h_all, w_h, None, one, pad, one, False, [0, 0], 1, [False, True, False])
+
+    if device.type != "cuda":
+        return body
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream picks the cuDNN algorithms
+        body()
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    reps: int
+    times_ms: list[float]
+
+
+def time_step(
+    step: Callable[[], None],
+    device: torch.device,
+    reps: int = 10,
+    warmup: int = 2,
+    target_s: float | None = None,
+    max_reps: int = 200,
+) -> Timing:
+    """Median time of ``step`` over ``reps`` calls after ``warmup`` calls.
+
+    On CUDA each call sits between two CUDA events (a launch-bound step shows its CPU time, as
+    it should); with ``target_s`` the number of calls is raised to fill about that many seconds.
+    On CPU, time.perf_counter around each call.
+    """
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if target_s is not None:
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            once = max(time.perf_counter() - t0, 1e-6)
+            reps = max(reps, min(max_reps, int(target_s / once)))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), min(times), len(times), times)
+
+
+def interleaved(
+    steps: dict[str, Callable[[], None]], device: torch.device, rounds: int = 5, reps: int = 5
+) -> dict[str, list[float]]:
+    """Per-round median times (ms) of several steps, run in turns (order reversed every other
+    round) so that a noisy neighbour or a clock change hits all of them alike. Steps must be
+    warmed up (compiled, captured) already."""
+    names = list(steps)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else reversed(names):
+            out[n].append(time_step(steps[n], device, reps=reps, warmup=1).median_ms)
+    return out
+
+
+def ratio_of(fast: list[float], slow: list[float]) -> float:
+    """Median over rounds of slow/fast: the speedup of ``fast`` measured round by round."""
+    return statistics.median(s / f for f, s in zip(fast, slow))
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
+    """Peak CUDA memory of one call of a warmed-up step, in MiB above what was allocated before
+    it (parameters, inputs, CUDA-graph pools held already are not counted). None on CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def release(device: torch.device) -> None:
+    """Drop what a finished case left behind (compiled graphs, CUDA-graph pools, cached blocks)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(
+    impl: str, shape: Shape, dtype: str, mode: str, device: torch.device,
+    reps: int = 5, target_s: float | None = None,
+) -> dict:
+    """Build, warm up and time one case; a row for the results table. Failures (out of memory,
+    a compile error) become a row with ``error`` set instead of ending the run."""
+    row = {"impl": impl, "shape": shape.name, "steps": shape.steps, "dtype": dtype, "mode": mode,
+           "device": device.type, "median_ms": None, "min_ms": None, "reps": 0,
+           "peak_mem_mb": None, "first_call_s": None, "error": None}
+    try:
+        step = build_step(impl, shape, dtype, mode, device)
+        t0 = time.perf_counter()
+        step()  # compiles / captures / autotunes: reported apart, never timed with the rest
+        sync(device)
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        timing = time_step(step, device, reps=reps, warmup=2, target_s=target_s)
+        row.update(median_ms=timing.median_ms, min_ms=timing.min_ms, reps=timing.reps,
+                   peak_mem_mb=peak_memory_mb(step, device))
+    except Exception as exc:  # one broken case must not cost the whole table
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        step = None
+        release(device)
+    return row
+
+
+def compile_seconds(impl: str, shape: Shape, dtype: str, device: torch.device) -> float:
+    """Seconds of the first training step of ``torch.compile(model, fullgraph=True)``: tracing,
+    compiling forward and backward, and one run. impl is "eager" (the formulation, whose time
+    loop the compiler unrolls) or "layer"."""
+    eager, layer = make_models(shape, device, DTYPES[dtype])
+    model = layer if impl == "layer" else eager
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)
+    x = torch.randn(size, device=device, dtype=DTYPES[dtype], requires_grad=True)
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        _sequence_of(impl, compiled)(x).float().square().mean().backward()
+        sync(device)
+        return time.perf_counter() - t0
+    finally:
+        del compiled, model, eager, layer
+        release(device)

@@ -1,0 +1,105 @@
+"""CUDA-graph capture of whole time loops, and a small bounded cache of captured graphs.
+
+A layer's forward (or backward) over T steps is 2T+ small launches; replaying them as one graph
+removes the per-launch CPU cost that dominates small shapes. Each entry owns static copies of its
+inputs and outputs: a call copies its inputs in, replays, and clones the outputs out, so nothing a
+caller holds is ever overwritten by a later replay, and one entry can serve every layer (and
+every call) with the same shapes. The first call for a new signature runs eagerly (that compiles
+the Triton kernels and lets cuDNN pick its algorithms); the second captures.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+# Above this many state elements per step (B*hidden*H*W), the GPU work of a step hides its launch
+# cost, so replaying a graph saves little and its static buffers cost memory.
+MAX_STATE_ELEMENTS = 1 << 23
+
+
+def can_capture(x: torch.Tensor) -> bool:
+    """Capture only on CUDA, and never inside someone else's capture (then the outer graph,
+    e.g. torch.compile's reduce-overhead mode, records our launches itself)."""
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def worth_capturing(batch: int, hidden: int, height: int, width: int) -> bool:
+    return batch * hidden * height * width <= MAX_STATE_ELEMENTS
+
+
+def _signature(args) -> tuple:
+    sig = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sig.append((tuple(a.shape), a.stride(), a.dtype, a.device))
+        else:
+            sig.append(a)
+    return tuple(sig)
+
+
+def _clone_args(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+class _Entry:
+    def __init__(self, fn: Callable, args):
+        self.static_args = _clone_args(args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture, on the capture's stream kind
+            fn(*self.static_args)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = fn(*self.static_args)
+
+    def replay(self, args):
+        for dst, src in zip(self.static_args, args):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        self.graph.replay()
+        return [t.clone() for t in self.static_out]
+
+
+class GraphCache:
+    """LRU cache of captured loops keyed by the call's configuration and argument signature."""
+
+    def __init__(self, max_entries: int = 6):
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.seen: set[tuple] = set()
+        self.captures = 0  # for tests: how many captures happened
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.seen.clear()
+
+    def run(self, fn: Callable, args, key):
+        full_key = (key, _signature(args))
+        entry = self.entries.get(full_key)
+        if entry is None:
+            if full_key not in self.seen:
+                self.seen.add(full_key)
+                return fn(*args)
+            entry = _Entry(fn, args)
+            self.captures += 1
+            self.entries[full_key] = entry
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(full_key)
+        out = entry.replay(args)
+        return tuple(out) if isinstance(entry.static_out, tuple) else out
+
+
+FORWARD = GraphCache()
+BACKWARD = GraphCache()
+
+
+def clear() -> None:
+    """Drop every captured graph (frees their static buffers)."""
+    FORWARD.clear()
+    BACKWARD.clear()

@@ -1,0 +1,127 @@
+"""A whole layer over a whole sequence as one torch op.
+
+One opaque op per layer means ``torch.compile`` does not unroll the time loop (compile time does
+not grow with T), and the op's own backward computes weight gradients once over all steps.
+The fake kernels allocate through the same helper as the real ones, so strides agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import graphs
+from .sequence import LayerSpec, layer_backward, layer_forward, output_buffers
+
+
+@torch.library.custom_op("triton_convlstm::layer_forward", mutates_args=())
+def layer_forward_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    peephole: Tensor | None,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    dilation: Sequence[int],
+    backend: str,
+    save: bool,
+    use_graphs: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x: (T, B, C, H, W) -> (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq)."""
+    spec = LayerSpec(tuple(dilation), backend)
+    args = (x, weight, bias, peephole, h0, c0)
+    if use_graphs and graphs.can_capture(x):
+        return graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args, key=(spec, save))
+    return layer_forward(*args, spec, save)
+
+
+@layer_forward_op.register_fake
+def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
+    return output_buffers(x, weight, save)
+
+
+@torch.library.custom_op("triton_convlstm::layer_backward", mutates_args=())
+def layer_backward_op(
+    grad_h_seq: Tensor | None,
+    grad_c_last: Tensor | None,
+    x: Tensor,
+    weight: Tensor,
+    peephole: Tensor | None,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    h_seq: Tensor,
+    c_last: Tensor,
+    c_seq: Tensor,
+    z_seq: Tensor,
+    dilation: Sequence[int],
+    backend: str,
+    needs: Sequence[bool],
+    use_graphs: bool,
+) -> list[Tensor]:
+    """Gradients for (x, weight, bias, peephole, h0, c0); an empty tensor where not needed."""
+    spec = LayerSpec(tuple(dilation), backend)
+    needs = tuple(bool(n) for n in needs)
+    args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
+
+    def run(*a):
+        grads = layer_backward(*a, spec, needs)
+        likes = _grad_likes(*a[2:7])
+        return [x.new_empty(0) if g is None else _in_layout(g, like)
+                for g, like in zip(grads, likes)]
+
+    if use_graphs and graphs.can_capture(x):
+        return graphs.BACKWARD.run(run, args, key=(spec, needs))
+    return run(*args)
+
+
+@layer_backward_op.register_fake
+def _(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
+      dilation, backend, needs, use_graphs):
+    likes = _grad_likes(x, weight, peephole, h0, c0)
+    return [
+        torch.empty_like(like) if need and like is not None else x.new_empty(0)
+        for need, like in zip(needs, likes)
+    ]
+
+
+def _grad_likes(x, weight, peephole, h0, c0):
+    """The tensors each gradient takes its shape and strides from (fake and real alike)."""
+    return (x, weight, weight.new_empty(weight.shape[0]), peephole, h0, c0)
+
+
+def _in_layout(grad: Tensor, like: Tensor) -> Tensor:
+    """The gradient with exactly the strides the fake kernel promised (a copy only if not)."""
+    out = torch.empty_like(like)
+    if out.stride() == grad.stride() and out.dtype == grad.dtype:
+        return grad
+    return out.copy_(grad)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs = inputs
+    h_seq, c_last, c_seq, z_seq = output
+    ctx.mark_non_differentiable(c_seq, z_seq)
+    ctx.save_for_backward(x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
+    ctx.config = (tuple(dilation), backend, save, use_graphs, bias is not None)
+
+
+def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq):
+    dilation, backend, save, use_graphs, has_bias = ctx.config
+    if not save:
+        raise RuntimeError(
+            "ConvLSTM: backward through a forward that ran without grad tracking (nothing saved)"
+        )
+    x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:6])
+    needs[2] = needs[2] and has_bias
+    grads = layer_backward_op(
+        grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
+        dilation, backend, needs, use_graphs,
+    )
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    return (*grads, None, None, None, None)
+
+
+layer_forward_op.register_autograd(_backward, setup_context=_setup_context)

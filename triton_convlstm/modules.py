@@ -1,0 +1,174 @@
+"""The nn.Modules: parameters, init, argument and shape checks. No math here.
+
+Parameters and state_dict match the popular ConvLSTM (``cell_list.{l}.conv.weight`` of shape
+(4*hidden, in + hidden, kh, kw), gates i, f, o, g), so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import graphs, validation
+from .backend import check_backend_name, resolve_backend
+from .conv import conv_same
+from .layer_op import layer_forward_op
+from .reference import state_dtype
+
+State = tuple[Tensor, Tensor]
+
+
+class ConvLSTMCell(nn.Module):
+    """One ConvLSTM step: ``h, c = cell(x, (h, c))``.
+
+    Args:
+        input_dim: channels of x. hidden_dim: channels of h and c.
+        kernel_size: int or (kh, kw); odd and even kernels keep H, W ("same" padding, an even
+            kernel pads one more at the bottom/right).
+        bias: learnable bias on the gate pre-activations.
+        peephole: add ``peephole`` (3, hidden): (w_ci, w_cf, w_co) of Shi et al. 2015; the
+            output gate reads the new cell.
+        dilation: int or (dh, dw).
+        backend: "auto" (Triton on CUDA when available), "torch" or "triton".
+
+    Shapes: x (B, input_dim, H, W); h (B, hidden, H, W) in x's dtype; c (B, hidden, H, W) in
+    float32 (float64 for float64 inputs).
+
+    >>> cell = ConvLSTMCell(3, 8, 3)
+    >>> h, c = cell(torch.randn(2, 3, 16, 16), cell.init_hidden(2, (16, 16)))
+    """
+
+    def __init__(self, input_dim, hidden_dim, kernel_size, bias=True, *, peephole=False,
+                 dilation=1, backend="auto"):
+        super().__init__()
+        validation.positive_int("input_dim", input_dim)
+        validation.positive_int("hidden_dim", hidden_dim)
+        check_backend_name(backend)
+        self.input_dim, self.hidden_dim = input_dim, hidden_dim
+        self.kernel_size = validation.pair("kernel_size", kernel_size)
+        self.dilation = validation.pair("dilation", dilation)
+        self.bias = bool(bias)
+        self.backend = backend
+        # A plain Conv2d holds the parameters: same names, shapes and default init as the popular
+        # module. Its padding matches that module's too; this class never calls it directly.
+        self.conv = nn.Conv2d(
+            input_dim + hidden_dim, 4 * hidden_dim, self.kernel_size,
+            padding=(self.kernel_size[0] // 2, self.kernel_size[1] // 2),
+            dilation=self.dilation, bias=self.bias,
+        )
+        # Zeros: a new peephole model starts as the plain LSTM, and init draws no random numbers,
+        # so seeded weights equal the popular module's.
+        self.peephole = nn.Parameter(torch.zeros(3, hidden_dim)) if peephole else None
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_dim}, {self.hidden_dim}, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, peephole={self.peephole is not None}, "
+                f"backend={self.backend!r}")
+
+    def init_hidden(self, batch_size: int, image_size) -> State:
+        """Zero (h, c) of shape (batch_size, hidden, H, W) for ``image_size`` = (H, W)."""
+        validation.positive_int("batch_size", batch_size)
+        height, width = validation.pair("image_size", image_size)
+        w = self.conv.weight
+        h = torch.zeros(batch_size, self.hidden_dim, height, width, device=w.device, dtype=w.dtype)
+        return h, torch.zeros_like(h, dtype=state_dtype(w.dtype))
+
+    def forward(self, x: Tensor, cur_state: State | None = None) -> State:
+        """x: (B, input_dim, H, W); cur_state: (h, c) or None (zeros). Returns (h, c)."""
+        from .ops import gate_update  # the single-step gate ops (Triton or torch)
+
+        validation.frame_input(x, self.input_dim, self.conv.weight)
+        dtype = validation.compute_dtype(x, self.conv.weight)
+        b, _, height, width = x.shape
+        if cur_state is None:
+            h, c = self.init_hidden(b, (height, width))
+            h, c = h.to(dtype), c.to(state_dtype(dtype))
+        else:
+            h, c = validation.state_pair(
+                "cur_state", cur_state, (b, self.hidden_dim, height, width), dtype, x.device
+            )
+        weight, bias, peep = validation.cast_params(self.conv.weight, self.conv.bias,
+                                                    self.peephole, dtype)
+        z = conv_same(torch.cat([x.to(dtype), h], dim=1), weight, self.dilation)
+        return gate_update(z, c, bias=bias, peephole=peep, backend=self.backend)
+
+
+class ConvLSTM(nn.Module):
+    """A multi-layer ConvLSTM, a drop-in for the popular PyTorch module.
+
+    Args (as the popular module): input_dim, hidden_dim (int or one per layer), kernel_size (int,
+    (kh, kw), or one per layer), num_layers, batch_first, bias, return_all_layers. Keyword-only:
+    peephole, dilation (int, (dh, dw) or one per layer), forget_bias (added to the f-gate bias at
+    init), backend ("auto", "torch", "triton"), cuda_graphs (replay captured time loops on CUDA).
+
+    Call: ``layer_outputs, last_states = m(x, hidden_state=None)`` with x (B, T, C, H, W) if
+    batch_first else (T, B, C, H, W); layer_outputs is a list of (B, T, hidden, H, W) tensors
+    (views: use ``.reshape`` rather than ``.view``), last_states a list of (h, c), h in x's dtype
+    and c in float32 (float64 for float64 x); both hold the last layer only unless
+    return_all_layers. hidden_state: None (zeros) or one (h, c) per layer, each (B, hidden, H, W);
+    passing a run's last_states (return_all_layers=True) continues the sequence exactly.
+
+    >>> m = ConvLSTM(3, [16, 8], 3, num_layers=2, batch_first=True)
+    >>> outs, states = m(torch.randn(2, 5, 3, 16, 16))
+    >>> outs[0].shape
+    torch.Size([2, 5, 8, 16, 16])
+    """
+
+    def __init__(self, input_dim, hidden_dim, kernel_size, num_layers, batch_first=False,
+                 bias=True, return_all_layers=False, *, peephole=False, dilation=1,
+                 forget_bias=0.0, backend="auto", cuda_graphs=True):
+        super().__init__()
+        validation.positive_int("num_layers", num_layers)
+        validation.positive_int("input_dim", input_dim)
+        check_backend_name(backend)
+        hidden = validation.per_layer("hidden_dim", hidden_dim, num_layers, scalar=int)
+        kernels = validation.per_layer("kernel_size", kernel_size, num_layers)
+        dilations = validation.per_layer("dilation", dilation, num_layers)
+        self.input_dim, self.hidden_dim = input_dim, hidden
+        self.kernel_size, self.num_layers = kernels, num_layers
+        self.batch_first, self.bias = batch_first, bias
+        self.return_all_layers = return_all_layers
+        self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
+        self.cell_list = nn.ModuleList(
+            ConvLSTMCell(input_dim if i == 0 else hidden[i - 1], hidden[i], kernels[i], bias,
+                         peephole=peephole, dilation=dilations[i], backend=backend)
+            for i in range(num_layers)
+        )
+        if forget_bias and bias:
+            with torch.no_grad():
+                for cell in self.cell_list:
+                    cell.conv.bias[cell.hidden_dim : 2 * cell.hidden_dim] += forget_bias
+
+    def forward(self, x: Tensor, hidden_state: list[State] | None = None):
+        first = self.cell_list[0].conv.weight
+        validation.sequence_input(x, self.input_dim, first, self.batch_first)
+        dtype = validation.compute_dtype(x, first)
+        seq = x.transpose(0, 1) if self.batch_first else x  # time-major view
+        t, b, _, height, width = seq.shape
+        states = validation.hidden_state(
+            hidden_state, [(b, c.hidden_dim, height, width) for c in self.cell_list], dtype,
+            x.device,
+        )
+        backend = resolve_backend(self.backend, x.device)
+        seq = seq.to(dtype)
+        outputs, last = [], []
+        for cell, (h0, c0) in zip(self.cell_list, states):
+            weight, bias, peep = validation.cast_params(cell.conv.weight, cell.conv.bias,
+                                                        cell.peephole, dtype)
+            save = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (seq, weight, bias, peep, h0, c0)
+            )
+            use_graphs = self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim,
+                                                                     height, width)
+            h_seq, c_last, _, _ = layer_forward_op(
+                seq, weight, bias, peep, h0, c0, list(cell.dilation), backend, save, use_graphs
+            )
+            seq = h_seq
+            outputs.append(h_seq.transpose(0, 1))
+            last.append((h_seq[-1], c_last))
+        if not self.return_all_layers:
+            outputs, last = outputs[-1:], last[-1:]
+        return outputs, last
+
+    def extra_repr(self) -> str:
+        return f"batch_first={self.batch_first}, return_all_layers={self.return_all_layers}"

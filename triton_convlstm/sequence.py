@@ -1,0 +1,207 @@
+"""One ConvLSTM layer over a whole sequence: the forward and backward time loops.
+
+Layout: everything is time-major, ``(T, B, channels, H, W)``, channels_last per frame on CUDA
+(NCHW bf16 convolutions ran about 2x slower than channels_last). The input convolution runs once
+over all T*B frames; each step runs one hidden convolution and one fused gate update that writes
+h_t straight into its slot of the output buffer. The backward runs the gate gradient and the
+hidden input-gradient convolution per step, and every weight/bias gradient once over all steps.
+
+What is saved for the backward: the summed pre-activations z (compute dtype), the cells
+c_1..c_{T-1} (state dtype; c_T is the returned last cell) and the outputs h (already returned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the loops need besides tensors."""
+
+    dilation: tuple[int, int]
+    backend: str  # "torch" or "triton"
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def empty_seq(t: int, b: int, ch: int, h: int, w: int, *, dtype, device) -> Tensor:
+    """A (t, b, ch, h, w) buffer whose frames are in the device's preferred layout.
+
+    The fake (meta) kernels allocate through this too, so compiled graphs see the same strides
+    as the real outputs."""
+    device = torch.device(device)
+    if memory_format(device) == torch.channels_last:
+        return torch.empty(t, b, h, w, ch, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+    return torch.empty(t, b, ch, h, w, dtype=dtype, device=device)
+
+
+def output_buffers(x: Tensor, weight: Tensor, save: bool):
+    """(h_seq, c_last, c_seq, z_seq) for input x (T, B, C, H, W) and weight (4*hid, C+hid, k, k).
+
+    Without ``save`` (inference) c_seq and z_seq are empty: nothing is kept for a backward."""
+    t, b, _, h, w = x.shape
+    hid = weight.shape[0] // 4
+    sdt = reference.state_dtype(x.dtype)
+    kw = dict(device=x.device)
+    h_seq = empty_seq(t, b, hid, h, w, dtype=x.dtype, **kw)
+    c_last = empty_seq(1, b, hid, h, w, dtype=sdt, **kw)[0]
+    if save:
+        c_seq = empty_seq(t - 1, b, hid, h, w, dtype=sdt, **kw)
+        z_seq = empty_seq(t, b, 4 * hid, h, w, dtype=x.dtype, **kw)
+    else:
+        c_seq = torch.empty(0, dtype=sdt, **kw)
+        z_seq = torch.empty(0, dtype=x.dtype, **kw)
+    return h_seq, c_last, c_seq, z_seq
+
+
+# ---- gate update implementations with one calling convention --------------------------------
+
+
+def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=None, save_z=False):
+    sdt = reference.state_dtype(zx.dtype)
+    # Sum in the math dtype, as the kernel does, so both paths round z the same way.
+    z = zx.to(sdt)
+    if zh is not None:
+        z = z + zh
+    if bias is not None:
+        z = z + bias.to(sdt)[:, None, None]
+    h, c = reference.gate_forward(z, c_prev, peephole)
+    h_out.copy_(h)
+    c_out.copy_(c)
+    if save_z:
+        z_out.copy_(z)
+    return h_out, c_out, z_out
+
+
+def _torch_gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc_prev_out):
+    if dh is None:
+        dh, dh2 = dh2, None
+    if dh2 is not None:
+        dh = dh.to(c.dtype) + dh2
+    dz, dc_prev, dpeep = reference.gate_backward(z, c_prev, c, peephole, dh, dc)
+    dz_out.copy_(dz)
+    dc_prev_out.copy_(dc_prev)
+    return dz_out, dc_prev_out, dpeep
+
+
+def gate_functions(backend: str):
+    if backend == "triton":
+        from .kernels.gates import gates_backward, gates_forward
+
+        return gates_forward, gates_backward
+    return _torch_gates_forward, _torch_gates_backward
+
+
+# ---- the loops ---------------------------------------------------------------------------------
+
+
+def _frames(x: Tensor) -> Tensor:
+    """(T, B, C, H, W) -> (T*B, C, H, W) in the device's layout (a copy only when needed)."""
+    return x.reshape(-1, *x.shape[2:]).contiguous(memory_format=memory_format(x.device))
+
+
+def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, out=None):
+    """x: (T, B, C, H, W); weight: (4*hid, C+hid, kh, kw); bias (4*hid,) or None; peephole
+    (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype.
+
+    Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
+    ``out`` lets a caller (the CUDA-graph cache) pass preallocated buffers.
+    """
+    gates_forward, _ = gate_functions(spec.backend)
+    t, b, cin, hh, ww = x.shape
+    mf = memory_format(x.device)
+    h_seq, c_last, c_seq, z_seq = out if out is not None else output_buffers(x, weight, save)
+    w_x = weight[:, :cin].contiguous(memory_format=mf)
+    w_h = weight[:, cin:].contiguous(memory_format=mf)
+    zx = conv_same(_frames(x), w_x, spec.dilation).unflatten(0, (t, b))
+
+    if c0 is None:
+        c_last.zero_()
+    else:
+        c_last.copy_(c0)
+    c_prev, h_prev = c_last, h0
+    for step in range(t):
+        zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
+        # Saving: c_t goes to its slot in c_seq (the last one to c_last); inference: c is
+        # updated in place in c_last (the kernels read each element before writing it).
+        c_out = c_seq[step] if save and step < t - 1 else c_last
+        gates_forward(
+            zx[step], zh, bias, c_prev, peephole,
+            h_out=h_seq[step], c_out=c_out, z_out=z_seq[step] if save else None, save_z=save,
+        )
+        c_prev, h_prev = c_out, h_seq[step]
+    return h_seq, c_last, c_seq, z_seq
+
+
+def layer_backward(
+    grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
+    spec: LayerSpec, needs: tuple[bool, ...],
+):
+    """Gradients of :func:`layer_forward`. ``needs`` = which of (x, weight, bias, peephole, h0,
+    c0) want a gradient. Returns those six (None where not needed)."""
+    _, gates_backward = gate_functions(spec.backend)
+    need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
+    t, b, cin, hh, ww = x.shape
+    mf = memory_format(x.device)
+    sdt = c_last.dtype
+    w_x = weight[:, :cin].contiguous(memory_format=mf)
+    w_h = weight[:, cin:].contiguous(memory_format=mf)
+
+    dz = torch.empty_like(z_seq)
+    dc = torch.empty_like(c_last)
+    if grad_c_last is None:
+        dc.zero_()
+    else:
+        dc.copy_(grad_c_last)
+    c_zero = torch.zeros_like(c_last) if c0 is None else None
+    dpeep = None
+    dh_rec = None
+    for step in reversed(range(t)):
+        c_t = c_last if step == t - 1 else c_seq[step]
+        c_prev = (c0 if c0 is not None else c_zero) if step == 0 else c_seq[step - 1]
+        dh_out = None if grad_h_seq is None else grad_h_seq[step]
+        _, _, dp = gates_backward(
+            z_seq[step], c_prev, c_t, peephole, dh_out, dh_rec, dc,
+            dz_out=dz[step], dc_prev_out=dc,
+        )
+        if dp is not None:
+            dpeep = dp if dpeep is None else dpeep + dp
+        if step > 0 or (need_h0 and h0 is not None):
+            dh_rec = conv_same_input_grad(dz[step], (b, w_h.shape[1], hh, ww), w_h, spec.dilation)
+
+    dz_frames = dz.flatten(0, 1)
+    dx = dweight = dbias = dh0 = None
+    if need_x:
+        dx = conv_same_input_grad(dz_frames, (t * b, cin, hh, ww), w_x, spec.dilation)
+        dx = dx.unflatten(0, (t, b))
+    if need_w:
+        dweight = torch.empty_like(weight)
+        dweight[:, :cin] = conv_same_weight_grad(dz_frames, _frames(x), w_x, spec.dilation)
+        dw_h = None
+        if t > 1:
+            dw_h = conv_same_weight_grad(
+                dz[1:].flatten(0, 1), h_seq[:-1].flatten(0, 1), w_h, spec.dilation
+            )
+        if h0 is not None:
+            d0 = conv_same_weight_grad(dz[0], h0.contiguous(memory_format=mf), w_h, spec.dilation)
+            dw_h = d0 if dw_h is None else dw_h + d0
+        dweight[:, cin:] = 0 if dw_h is None else dw_h
+    if need_b:
+        dbias = dz.sum(dim=(0, 1, 3, 4), dtype=sdt).to(weight.dtype)
+    if need_h0 and h0 is not None:
+        dh0 = dh_rec.to(h0.dtype)
+    dc0 = dc.to(c0.dtype) if (need_c0 and c0 is not None) else None
+    if need_p and peephole is not None:
+        dpeep = dpeep.to(peephole.dtype)
+    else:
+        dpeep = None
+    return dx, dweight, dbias, dpeep, dh0, dc0
