@@ -1,0 +1,329 @@
+"""The Triton gate kernels (kernels/gates.py) against a float64 oracle written here.
+
+On CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes are tiny
+and odd; the `gpu` cases add real sizes and >2**31-element tensors. The oracle's backward is
+torch.autograd through the oracle's forward, so no hand-derived gradient is trusted.
+"""
+
+import pytest
+import torch
+from triton_convlstm.kernels.gates import gates_backward, gates_forward
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F64 = torch.float64
+
+
+# ---- the oracle: the ConvLSTM equations in float64 ------------------------------------------
+
+
+def _sigmoid(x):
+    return 1 / (1 + torch.exp(-x))  # exp overflows to inf for very negative x: the result is 0
+
+
+def oracle_forward(z, c_prev, peephole=None):
+    """z: (B, 4*hid, H, W) pre-activations (i, f, o, g); returns h, c (Shi et al. 2015 eq. 3)."""
+    zi, zf, zo, zg = z.chunk(4, dim=1)
+    if peephole is not None:
+        p = peephole[:, None, :, None, None]
+        zi, zf = zi + p[0] * c_prev, zf + p[1] * c_prev
+    c = _sigmoid(zf) * c_prev + _sigmoid(zi) * torch.tanh(zg)
+    if peephole is not None:
+        zo = zo + p[2] * c  # the output gate reads the new cell
+    return _sigmoid(zo) * torch.tanh(c), c
+
+
+def oracle_backward(z, c_prev, peephole, dh, dc, dtype=F64):
+    """(dz, dc_prev, dpeephole) by autograd through oracle_forward, run in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None
+              for t in (z, c_prev, peephole)]  # fmt: skip
+    h, c = oracle_forward(*leaves)
+    loss = (h * dh.to(dtype)).sum() + (c * dc.to(dtype)).sum()
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return grads[0], grads[1], (grads[2] if peephole is not None else None)
+
+
+def rel_err(actual, expected):
+    expected = expected.to(F64)
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual.to(F64) - expected).abs().max() / scale).item()
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def make(shape, layout="nchw", dtype=torch.float32, scale=1.0):
+    t = torch.randn(shape, device=DEVICE, dtype=torch.float32).mul_(scale).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else t
+
+
+def nan_like(t, dtype=None):
+    """An output buffer in t's layout, NaN-filled so an unwritten element shows."""
+    return torch.full_like(t, float("nan"), dtype=dtype)
+
+
+def sample(b, hid, hh, ww, layout, dtype, peep, zh=True, bias=True, scale=1.0):
+    zx = make((b, 4 * hid, hh, ww), layout, dtype, scale)
+    zh_ = make((b, 4 * hid, hh, ww), layout, dtype, scale) if zh else None
+    bias_ = make((4 * hid,), dtype=dtype) if bias else None
+    c_prev = make((b, hid, hh, ww), layout)
+    pe = make((3, hid)) if peep else None
+    return zx, zh_, bias_, c_prev, pe
+
+
+def total_z(zx, zh, bias):
+    z = zx.to(F64)
+    if zh is not None:
+        z = z + zh.to(F64)
+    if bias is not None:
+        z = z + bias.to(F64)[:, None, None]
+    return z
+
+
+def grads_in(c, layout, dh, dh2, dc, dtype=torch.float32):
+    mk = lambda flag, dt: make(tuple(c.shape), layout, dt) if flag else None
+    return mk(dh, dtype), mk(dh2, dtype), mk(dc, torch.float32)
+
+
+def summed(c, *gs):
+    out = torch.zeros_like(c, dtype=F64)
+    for g in gs:
+        if g is not None:
+            out = out + g.to(F64)
+    return out
+
+
+# ---- fp32 against the oracle: every output and gradient ---------------------------------------
+
+# (zh, bias, dh, dh2, dc): every optional input both present and absent across the set
+OPTIONS = {
+    "all": (True, True, True, True, True),
+    "bare": (False, False, True, False, False),
+    "mixed": (True, False, False, True, True),
+    "dc-only": (False, True, False, False, True),
+}
+
+
+@pytest.mark.parametrize("opts", list(OPTIONS), ids=lambda k: k)
+@pytest.mark.parametrize("peep", [False, True], ids=["nopeep", "peep"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("b,hid,hh,ww", [(1, 3, 7, 9), (2, 5, 7, 9), (1, 17, 3, 5)],
+                         ids=lambda v: str(v))  # fmt: skip
+def test_fp32_matches_oracle(b, hid, hh, ww, layout, peep, opts):
+    has_zh, has_bias, has_dh, has_dh2, has_dc = OPTIONS[opts]
+    zx, zh, bias, c_prev, pe = sample(b, hid, hh, ww, layout, torch.float32, peep, has_zh,
+                                      has_bias)  # fmt: skip
+    h_out, c_out, z_out = nan_like(c_prev), nan_like(c_prev), nan_like(zx)
+    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, h_out=h_out, c_out=c_out, z_out=z_out)
+    assert h is h_out and c is c_out and z is z_out
+    z64 = total_z(zx, zh, bias)
+    h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), None if pe is None else pe.to(F64))
+    assert rel_err(z, z64) <= 1e-6
+    assert rel_err(h, h_ref) <= 1e-5 and rel_err(c, c_ref) <= 1e-5
+
+    dh, dh2, dc = grads_in(c, layout, has_dh, has_dh2, has_dc)
+    dz_out, dcp_out = nan_like(zx), nan_like(c_prev)
+    dz, dcp, dpe = gates_backward(z, c_prev, c, pe, dh, dh2, dc, dz_out=dz_out,
+                                  dc_prev_out=dcp_out)  # fmt: skip
+    assert dz is dz_out and dcp is dcp_out
+    ref = oracle_backward(z64, c_prev, pe, summed(c, dh, dh2), summed(c, dc))
+    assert rel_err(dz, ref[0]) <= 1e-5 and rel_err(dcp, ref[1]) <= 1e-5
+    if peep:
+        assert dpe.shape == (3, hid) and dpe.dtype == torch.float32
+        assert rel_err(dpe, ref[2]) <= 1e-5
+    else:
+        assert dpe is None
+
+
+def test_allocated_outputs_keep_layout():
+    for layout, fmt in [("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)]:
+        zx, zh, bias, c_prev, pe = sample(2, 4, 3, 5, layout, torch.bfloat16, True)
+        h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+        assert h.dtype == torch.bfloat16 and c.dtype == torch.float32 and z.dtype == zx.dtype
+        assert all(t.is_contiguous(memory_format=fmt) for t in (h, c, z))
+        assert gates_forward(zx, zh, bias, c_prev, pe)[2] is None  # save_z off: no z
+        dz, dcp, _ = gates_backward(z, c_prev, c, pe, h, None, None)
+        assert dz.dtype == torch.bfloat16 and dcp.dtype == torch.float32
+        assert dz.is_contiguous(memory_format=fmt) and dcp.is_contiguous(memory_format=fmt)
+
+
+# ---- 16-bit loads: at most ~2x the error of the same math run by torch in that dtype ----------
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision(dtype, layout):
+    zx, zh, bias, c_prev, pe = sample(2, 5, 7, 9, layout, dtype, True)
+    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    assert h.dtype == dtype and c.dtype == torch.float32 and z.dtype == dtype
+    z64 = z.to(F64)  # the oracle sees the same (rounded) z the backward gets
+    h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), pe.to(F64))
+    h_low, c_low = oracle_forward(z.to(dtype), c_prev.to(dtype), pe.to(dtype))
+    for got, low, ref in [(h, h_low, h_ref), (c, c_low, c_ref)]:
+        assert rel_err(got, ref) <= min(2 * rel_err(low, ref) + 1e-5, 1e-2)
+
+    dh, dh2, dc = grads_in(c, layout, True, True, True, dtype)
+    got = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    ref = oracle_backward(z64, c_prev, pe, summed(c, dh, dh2), summed(c, dc))
+    low = oracle_backward(z64, c_prev, pe, summed(c, dh, dh2), summed(c, dc), dtype)
+    assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
+    for g, lo, r in zip(got, low, ref):
+        assert rel_err(g, r) <= min(2 * rel_err(lo, r) + 1e-5, 1e-2)
+
+
+# ---- layouts: slices of larger buffers, in place, exotic strides ----------------------------
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_strided_slices_of_sequence_buffers(layout):
+    """Inputs and outputs are steps of (T, B, C, H, W) buffers; other steps stay untouched."""
+    t, b, hid, hh, ww = 3, 2, 5, 7, 9
+    seq = lambda ch: make((t * b, ch, hh, ww), layout).unflatten(0, (t, b))
+    zx_seq, zh_seq, c_seq = seq(4 * hid), seq(4 * hid), seq(hid)
+    zx, zh, c_prev, pe = zx_seq[1], zh_seq[2], c_seq[0], make((3, hid))
+    h_buf, c_buf, z_buf = (torch.full_like(s, float("nan")) for s in (c_seq, c_seq, zx_seq))
+    gates_forward(zx, zh, None, c_prev, pe, h_out=h_buf[1], c_out=c_buf[1], z_out=z_buf[1])
+    z64 = total_z(zx, zh, None)
+    h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), pe.to(F64))
+    assert rel_err(h_buf[1], h_ref) <= 1e-5 and rel_err(c_buf[1], c_ref) <= 1e-5
+    assert rel_err(z_buf[1], z64) <= 1e-6
+    for buf in (h_buf, c_buf, z_buf):
+        assert buf[0].isnan().all() and buf[2].isnan().all()
+
+    dz_buf, dcp_buf = torch.full_like(z_buf, float("nan")), torch.full_like(c_buf, float("nan"))
+    dh = make((b, hid, hh, ww), layout)
+    gates_backward(z_buf[1], c_prev, c_buf[1], pe, dh, None, None, dz_out=dz_buf[2],
+                   dc_prev_out=dcp_buf[0])  # fmt: skip
+    ref = oracle_backward(z64, c_prev, pe, dh.to(F64), torch.zeros_like(c_ref))
+    assert rel_err(dz_buf[2], ref[0]) <= 1e-5 and rel_err(dcp_buf[0], ref[1]) <= 1e-5
+    assert dz_buf[:2].isnan().all() and dcp_buf[1:].isnan().all()
+
+
+def test_channel_slice_and_uncropped_layouts():
+    """zx as a channel slice (mergeable H, W) and as a spatial crop (copied once), outputs
+    that are spatial crops (written through a stand-in)."""
+    b, hid, hh, ww = 2, 3, 5, 6
+    zx = make((b, 4 * hid + 2, hh, ww))[:, 1:-1]
+    zh = make((b, 4 * hid, hh + 2, ww + 3))[..., 1:-1, 2:-1]
+    c_prev = make((b, hid, hh, ww), "nhwc")
+    h_big = torch.full((b, hid, hh + 1, ww + 1), float("nan"), device=DEVICE)
+    h, c, _ = gates_forward(zx, zh, None, c_prev, None, h_out=h_big[..., 1:, 1:])
+    h_ref, c_ref = oracle_forward(total_z(zx, zh, None), c_prev.to(F64))
+    assert rel_err(h, h_ref) <= 1e-5 and rel_err(c, c_ref) <= 1e-5
+    assert h_big[..., 0, :].isnan().all() and h_big[..., :, 0].isnan().all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_in_place_state_updates(layout):
+    zx, zh, bias, c_prev, pe = sample(2, 5, 7, 9, layout, torch.float32, True)
+    h0, c0, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    state = c_prev.clone()
+    _, c1, _ = gates_forward(zx, zh, bias, state, pe, c_out=state)
+    assert c1 is state and torch.equal(c1, c0)
+
+    dh, _, dc = grads_in(c0, layout, True, False, True)
+    dz0, dcp0, dpe0 = gates_backward(z, c_prev, c0, pe, dh, None, dc)
+    grad = dc.clone()
+    _, dcp1, dpe1 = gates_backward(z, c_prev, c0, pe, dh, None, grad, dc_prev_out=grad)
+    assert dcp1 is grad and torch.equal(dcp1, dcp0) and torch.equal(dpe1, dpe0)
+
+
+# ---- robustness --------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy exp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_huge_preactivations_stay_finite(dtype):
+    b, hid, hh, ww = 2, 5, 3, 4
+    sign = lambda shape: torch.randint(0, 2, shape, device=DEVICE).float().mul_(2).sub_(1)
+    zx = (sign((b, 4 * hid, hh, ww)) * 1e4).to(dtype)
+    c_prev = sign((b, hid, hh, ww)) * 1e4
+    pe = make((3, hid))
+    h, c, z = gates_forward(zx, None, None, c_prev, pe, save_z=True)
+    dz, dcp, dpe = gates_backward(z, c_prev, c, pe, make(c.shape), None, make(c.shape))
+    for t in (h, c, dz, dcp, dpe):
+        assert torch.isfinite(t).all()
+    h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
+    assert rel_err(c, c_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-2
+
+
+def test_backward_is_bitwise_deterministic():
+    zx, zh, bias, c_prev, pe = sample(3, 17, 9, 11, "nchw", torch.float32, True)
+    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    dh, dh2, dc = grads_in(c, "nchw", True, True, True)
+    first = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    second = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def _bad_calls():
+    zx, _, _, c_prev, pe = sample(1, 2, 3, 3, "nchw", torch.float32, True)
+    meta = torch.empty(c_prev.shape, device="meta")
+
+    def fwd(zx=zx, zh=None, bias=None, c_prev=c_prev, peephole=None, **kw):
+        return lambda: gates_forward(zx, zh, bias, c_prev, peephole, **kw)
+
+    def bwd(z=zx, c_prev=c_prev, c=c_prev, peephole=None, dh=None, dh2=None, dc=None, **kw):
+        return lambda: gates_backward(z, c_prev, c, peephole, dh, dh2, dc, **kw)
+
+    yield "fp64-zx", TypeError, "fp64", fwd(zx=zx.double())
+    yield "list-zx", TypeError, "zx", fwd(zx=[1.0])
+    yield "odd-channels", ValueError, "zx", fwd(zx=zx[:, :7])
+    yield "c_prev-shape", ValueError, "c_prev", fwd(c_prev=c_prev[:, :1])
+    yield "c_prev-bf16", TypeError, "c_prev", fwd(c_prev=c_prev.bfloat16())
+    yield "bias-shape", ValueError, "bias", fwd(bias=zx[0, 0, 0])
+    yield "peephole-shape", ValueError, "peephole", fwd(peephole=pe[:2])
+    yield "h_out-dtype", TypeError, "h_out", fwd(h_out=c_prev.half())
+    yield "c_prev-device", ValueError, "c_prev", fwd(c_prev=meta)
+    yield "z-fp64", TypeError, "fp64", bwd(z=zx.double())
+    yield "dh-shape", ValueError, "dh", bwd(dh=zx)
+    yield "dz_out-dtype", TypeError, "dz_out", bwd(dz_out=zx.half())
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()), ids=lambda c: c[0])
+def test_bad_inputs_raise(case):
+    _, exc, word, call = case
+    with pytest.raises(exc, match=word):
+        call()
+
+
+# ---- GPU: real sizes and int64 offsets ---------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hid", [64, 48])
+def test_real_sizes(hid, dtype, layout):
+    zx, zh, bias, c_prev, pe = sample(16, hid, 64, 64, layout, dtype, True)
+    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(h, h_ref) <= tol and rel_err(c, c_ref) <= 1e-5
+    dh, dh2, dc = grads_in(c, layout, True, True, True, dtype)
+    got = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    ref = oracle_backward(z.to(F64), c_prev, pe, summed(c, dh, dh2), summed(c, dc))
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= tol
+    again = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 128, 2048, 2056), (33000, 16, 32, 32)],
+                         ids=["one-image-over-2**31", "batch-over-2**31"])  # fmt: skip
+def test_int64_offsets(shape):
+    """zx has > 2**31 elements: per image (int64 tile offsets) or across the batch."""
+    b, hid, hh, ww = shape
+    assert b * 4 * hid * hh * ww > 2**31
+    zx = torch.randn((b, 4 * hid, hh, ww), device=DEVICE, dtype=torch.bfloat16)
+    c_prev = torch.randn((b, hid, hh, ww), device=DEVICE)
+    pe = make((3, hid))
+    h, c, z = gates_forward(zx, None, None, c_prev, pe, save_z=True)
+    dz, dcp, _ = gates_backward(z, c_prev, c, pe, h, None, None)
+    for sl in [(slice(0, 1), ..., slice(0, 2), slice(None)), (slice(-1, None), ..., slice(-2, None),
+                                                              slice(None))]:  # fmt: skip
+        h_ref, c_ref = oracle_forward(zx[sl].to(F64), c_prev[sl].to(F64), pe.to(F64))
+        assert rel_err(h[sl], h_ref) <= 1e-2 and rel_err(c[sl], c_ref) <= 1e-5
+        ref = oracle_backward(zx[sl].to(F64), c_prev[sl], pe, h[sl].to(F64),
+                              torch.zeros_like(c_ref))  # fmt: skip
+        assert rel_err(dz[sl], ref[0]) <= 1e-2 and rel_err(dcp[sl], ref[1]) <= 1e-5
