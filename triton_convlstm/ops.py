@@ -1,0 +1,152 @@
+"""The single-step gate update as torch ops: Triton kernels behind torch.library, or plain torch.
+
+:func:`gate_update` is the entry point (ConvLSTMCell calls it). On the Triton path it calls two
+custom ops, ``triton_convlstm::gate_forward`` and ``triton_convlstm::gate_backward``, whose fake
+kernels let torch.compile trace them without running them (fullgraph, no graph break) and whose
+registered autograd makes them differentiable. The torch path is autograd through
+:func:`triton_convlstm.reference.gate_forward`, chosen in Python so CPU models compile too.
+
+>>> h, c = gate_update(z, c, bias=bias, peephole=peephole)  # z: (B, 4*hidden, H, W)
+"""
+
+# No `from __future__ import annotations`: torch.library infers the op schemas from the hints.
+import torch
+from torch import Tensor
+
+from . import reference
+from .backend import resolve_backend
+
+__all__ = ["gate_update", "gate_forward_op", "gate_backward_op"]
+
+
+def _new(ref: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+    """An output in ref's memory format (channels_last when ref's channels are the fast axis).
+    The real and the fake kernels both allocate here, so compiled graphs see the real strides."""
+    b, _, hh, ww = ref.shape
+    channels_last = ref.stride(1) == 1 and ref.shape[1] > 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((b, channels, hh, ww), dtype=dtype, device=ref.device, memory_format=fmt)
+
+
+def _peephole_grad_buffer(z: Tensor, peephole: Tensor | None) -> Tensor:
+    # Custom ops cannot return None; an empty tensor stands for "no peepholes".
+    shape = (0,) if peephole is None else (3, z.shape[1] // 4)
+    return torch.empty(shape, dtype=torch.float32, device=z.device)
+
+
+@torch.library.custom_op("triton_convlstm::gate_forward", mutates_args=())
+def gate_forward_op(
+    zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_prev: Tensor,
+    peephole: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Returns h (zx's dtype), c (fp32) and the summed pre-activation z (saved for backward)."""
+    from .kernels.gates import gates_forward  # lazy: importing ops must not need Triton
+
+    hid = zx.shape[1] // 4
+    h, c, z = _new(zx, hid, zx.dtype), _new(zx, hid, torch.float32), _new(zx, 4 * hid, zx.dtype)
+    gates_forward(zx, zh, bias, c_prev, peephole, h_out=h, c_out=c, z_out=z)
+    return h, c, z
+
+
+@gate_forward_op.register_fake
+def _(zx, zh, bias, c_prev, peephole):
+    hid = zx.shape[1] // 4
+    return _new(zx, hid, zx.dtype), _new(zx, hid, torch.float32), _new(zx, 4 * hid, zx.dtype)
+
+
+@torch.library.custom_op("triton_convlstm::gate_backward", mutates_args=())
+def gate_backward_op(
+    z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None, dh: Tensor | None,
+    dc: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Returns dz (z's dtype), dc_prev (fp32) and dpeephole ((3, hidden) fp32, or empty)."""
+    from .kernels.gates import gates_backward
+
+    dz, dc_prev = _new(z, z.shape[1], z.dtype), _new(z, z.shape[1] // 4, torch.float32)
+    _, _, dpe = gates_backward(z, c_prev, c, peephole, dh, None, dc, dz_out=dz,
+                               dc_prev_out=dc_prev)  # fmt: skip
+    return dz, dc_prev, (_peephole_grad_buffer(z, None) if dpe is None else dpe)
+
+
+@gate_backward_op.register_fake
+def _(z, c_prev, c, peephole, dh, dc):
+    return (_new(z, z.shape[1], z.dtype), _new(z, z.shape[1] // 4, torch.float32),
+            _peephole_grad_buffer(z, peephole))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    zx, zh, bias, c_prev, peephole = inputs
+    _, c, z = output
+    ctx.save_for_backward(z, c_prev, c, peephole)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)
+
+
+def _bias_grad(dz, dtype):
+    return dz.sum((0, 2, 3), dtype=torch.float32).to(dtype)  # fp32 accumulation for 16-bit dz
+
+
+def _backward(ctx, dh, dc, dz_extra):
+    z, c_prev, c, peephole = ctx.saved_tensors
+    dz, dc_prev, dpe = gate_backward_op(z, c_prev, c, peephole, dh, dc)
+    if dz_extra is not None:  # only if someone differentiates the saved z itself
+        dz = dz + dz_extra
+    need = ctx.needs_input_grad
+    zx_t, zh_t, bias_t, cp_t, pe_t = ctx.dtypes
+    return (
+        dz.to(zx_t) if need[0] else None,
+        dz.to(zh_t) if zh_t is not None and need[1] else None,
+        _bias_grad(dz, bias_t) if bias_t is not None and need[2] else None,
+        dc_prev.to(cp_t) if need[3] else None,
+        dpe.to(pe_t) if pe_t is not None and need[4] else None,
+    )
+
+
+gate_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_shapes(zx, c_prev, zh, bias, peephole):
+    if not isinstance(zx, Tensor) or zx.dim() != 4 or zx.shape[1] % 4:
+        got = tuple(zx.shape) if isinstance(zx, Tensor) else type(zx).__name__
+        raise ValueError(f"zx: expected a (B, 4*hidden, H, W) tensor, got {got}")
+    b, c4, hh, ww = zx.shape
+    hid = c4 // 4
+    for name, t, shape in [("c_prev", c_prev, (b, hid, hh, ww)), ("zh", zh, (b, c4, hh, ww)),
+                           ("bias", bias, (c4,)), ("peephole", peephole, (3, hid))]:  # fmt: skip
+        if name == "c_prev" or t is not None:
+            if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected shape {shape}, got {got}")
+
+
+def _torch_gate_update(zx, c_prev, zh, bias, peephole):
+    sdt = reference.state_dtype(zx.dtype)
+    z = zx.to(sdt)  # summed in the math dtype, as the kernel does
+    if zh is not None:
+        z = z + zh.to(sdt)
+    if bias is not None:
+        z = z + bias.to(sdt)[:, None, None]
+    h, c = reference.gate_forward(z, c_prev.to(sdt), peephole)
+    return h.to(zx.dtype), c
+
+
+def gate_update(
+    zx: Tensor, c_prev: Tensor, *, zh: Tensor | None = None, bias: Tensor | None = None,
+    peephole: Tensor | None = None, backend: str = "auto",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """One ConvLSTM gate/state update: z = zx + zh + bias, then the gates and the new state.
+
+    zx, zh: (B, 4*hidden, H, W) pre-activations in gate order i, f, o, g (zh optional); bias:
+    (4*hidden,) or None; c_prev: (B, hidden, H, W); peephole: (3, hidden) or None.
+    backend: "auto" (Triton on CUDA, else torch), "torch" or "triton".
+    Returns h (B, hidden, H, W) in zx's dtype and c in fp32 (fp64 for fp64 inputs, which always
+    take the torch path). Differentiable w.r.t. zx, zh, c_prev, bias and peephole.
+
+    >>> h, c = gate_update(torch.randn(2, 8, 5, 5), torch.zeros(2, 2, 5, 5), backend="torch")
+    """
+    _check_shapes(zx, c_prev, zh, bias, peephole)
+    if resolve_backend(backend, zx.device) == "torch" or zx.dtype == torch.float64:
+        return _torch_gate_update(zx, c_prev, zh, bias, peephole)
+    if c_prev.dtype != torch.float32:  # the kernels keep the state in fp32
+        c_prev = c_prev.float()
+    h, c, _ = gate_forward_op(zx, zh, bias, c_prev, peephole)
+    return h, c
