@@ -105,9 +105,6 @@ def build_step(
     eager, layer = make_models(shape, device, dt, seed)
     model = layer if impl == "layer" else eager
     if impl in COMPILED_IMPLS:
-        # A fresh dynamo cache per case: the recompile limit (8) would otherwise make later
-        # shapes and dtypes fall back to eager without a word.
-        torch._dynamo.reset()
         model = torch.compile(model, mode="reduce-overhead" if impl == "compiled-ro" else None)
     seq_of = _sequence_of(impl, model)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -289,6 +286,9 @@ def run_case(
            "device": device.type, "median_ms": None, "min_ms": None, "reps": 0,
            "peak_mem_mb": None, "first_call_s": None, "error": None}
     try:
+        # A fresh dynamo cache per case: the recompile limit (8) would otherwise make later
+        # shapes and dtypes fall back to eager without a word.
+        torch._dynamo.reset()
         step = build_step(impl, shape, dtype, mode, device)
         t0 = time.perf_counter()
         step()  # compiles / captures / autotunes: reported apart, never timed with the rest
