@@ -1,0 +1,129 @@
+"""Every gate kernel builds for real GPUs (sm_90, sm_80), even on a machine without one.
+
+The interpreter tests run the kernels' Python, which accepts code that would not compile for a
+GPU; this builds PTX and cubin with triton.compile for each load dtype and the constexpr
+variants the launchers use, specialized as a real launch would be (16-byte aligned pointers,
+strides of 1 as constants, other integers divisible by 16), and checks for 16-byte accesses.
+
+TRITON_INTERPRET (set by conftest on CPU) turns @triton.jit into the interpreter, which
+triton.compile cannot take, so the builds run in subprocesses, running this file as a script
+without that variable.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+DTYPES = ("fp32", "bf16", "fp16")
+# sm_90 (the target) gets every (kernel, layout, flag set) for every dtype: each constexpr flag
+# takes both values, each layout meets both kernels and both flag sets. sm_80 gets each kernel
+# in every dtype, layouts and flags rotating; two 64-bit-offset builds close the list.
+SHAPES = [("fwd", "nchw", "on"), ("fwd", "nhwc", "off"), ("bwd", "nchw", "off"),
+          ("bwd", "nhwc", "on")]  # fmt: skip
+SM80 = ["fwd-nchw-on-fp32", "fwd-nhwc-off-bf16", "fwd-nhwc-on-fp16", "bwd-nhwc-on-fp32",
+        "bwd-nchw-off-bf16", "bwd-nchw-on-fp16"]  # fmt: skip
+WIDE = ["fwd-nhwc-on-bf16", "bwd-nchw-on-fp32"]
+
+
+def variant_ids():
+    ids = [f"{k}-{lay}-{flags}-{dt}-sm90" for dt in DTYPES for k, lay, flags in SHAPES]
+    return ids + [f"{v}-sm80" for v in SM80] + [f"{v}-sm90-wide" for v in WIDE]
+
+
+def tile_accesses(vid):
+    """(loads, stores) of whole [pixels x channels] tiles the kernel makes: each must be one or
+    more 16-byte vector accesses (the per-channel bias/peephole loads are not counted)."""
+    kernel, _, flags, *_ = vid.split("-")
+    on = flags == "on"
+    if kernel == "fwd":  # zx (+ zh) per gate and c_prev; h, c (+ z per gate)
+        return 4 * (1 + on) + 1, 2 + 4 * on
+    return 4 + 2 + 3 * on, 5  # z per gate, c_prev, c (+ dh, dh2, dc); dz per gate, dc_prev
+
+
+# ---- the build, run as a script (no TRITON_INTERPRET) ------------------------------------------
+
+
+def _compile(vid):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton_convlstm.kernels import gates
+
+    kernel, layout, flags, dtype, arch, *wide = vid.split("-")
+    wide = bool(wide)
+    fn = gates._gates_fwd_kernel if kernel == "fwd" else gates._gates_bwd_kernel
+    lowp = {"zx_ptr", "zh_ptr", "h_ptr", "z_ptr", "bias_ptr", "pe_ptr", "dz_ptr", "dh_ptr",
+            "dh2_ptr"}  # fmt: skip
+    # The axis that is contiguous: Triton turns a stride argument equal to 1 into a constant.
+    unit = ("_p", "s_bias") if layout == "nchw" else ("_c", "s_bias")
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in lowp else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.startswith("s_") and (name.endswith(unit) or name == "s_pe_c"):
+            sig[name], const[name] = "constexpr", 1
+        else:
+            sig[name] = "i64" if wide and name.startswith("s_") else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    bp, bc = gates._blocks(layout == "nhwc", 64, 64 * 64)
+    on = flags == "on"
+    names = (["HAS_ZH", "HAS_BIAS", "HAS_PEEP", "SAVE_Z"] if kernel == "fwd"
+             else ["HAS_PEEP", "HAS_DH", "HAS_DH2", "HAS_DC"])  # fmt: skip
+    const.update({n: on for n in names}, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc)
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[2:]), 32),
+                              options={"num_warps": gates.NUM_WARPS})  # fmt: skip
+    ptx = compiled.asm.get("ptx", "")
+    return {"ptx": len(ptx), "cubin": len(compiled.asm.get("cubin", b"")),
+            "vector_loads": ptx.count("ld.global.v4"),
+            "vector_stores": ptx.count("st.global.v4")}  # fmt: skip
+
+
+def _main(ids):
+    results = {}
+    for vid in ids:
+        try:
+            results[vid] = _compile(vid)
+        except Exception as exc:  # report it per variant; the test shows the message
+            results[vid] = {"error": f"{type(exc).__name__}: {exc}"[-4000:]}
+    print(json.dumps(results))
+
+
+# ---- the tests ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # really compile
+    ids, workers = variant_ids(), max(1, min(4, os.cpu_count() or 1))
+    procs = [subprocess.Popen([sys.executable, __file__, *ids[i::workers]], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(workers)]  # fmt: skip
+    results = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.parametrize("vid", variant_ids())
+def test_kernel_builds(builds, vid):
+    res = builds[vid]
+    assert "error" not in res, res.get("error")
+    assert res["ptx"] > 0 and res["cubin"] > 0
+    # Coalesced 16-byte accesses on the contiguous axis, in both layouts and every dtype.
+    loads, stores = tile_accesses(vid)
+    assert res["vector_loads"] >= loads and res["vector_stores"] >= stores, res
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
