@@ -1,0 +1,147 @@
+"""A float64 oracle for ConvLSTM, written from the equations.
+
+Deliberately independent of the package (nothing is imported from ``triton_convlstm``): a plain
+loop over layers and time of cat -> conv -> split -> gates, with
+
+* "same" padding for odd and even kernels through ``F.pad`` (left = total // 2,
+  right = total - left, where total = dilation * (k - 1)),
+* dilation,
+* optional peepholes (Shi et al. 2015): i = σ(z_i + w_ci∘c_prev), f = σ(z_f + w_cf∘c_prev),
+  c = f∘c_prev + i∘tanh(z_g), o = σ(z_o + w_co∘c) (the NEW cell), h = o∘tanh(c),
+* an optional initial state per layer.
+
+Gate order along the conv output channels is i, f, o, g; the conv input is cat([x_t, h_prev]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class LayerParams:
+    weight: Tensor  # (4*hidden, in + hidden, kh, kw)
+    bias: Tensor | None  # (4*hidden,)
+    peephole: Tensor | None  # (3, hidden)
+    dilation: tuple[int, int]
+
+    @property
+    def hidden(self) -> int:
+        return self.weight.shape[0] // 4
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.weight, self.bias, self.peephole) if t is not None]
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def params_from_module(module, num_layers: int, dilation=1, dtype=torch.float64,
+                       requires_grad: bool = True) -> list[LayerParams]:
+    """Detached copies (in ``dtype``) of the parameters of a ConvLSTM, read through the
+    state_dict keys of the popular module: cell_list.{l}.conv.weight/bias, cell_list.{l}.peephole.
+
+    ``dilation``: one value or a list per layer (an int or an (h, w) pair each); the test knows
+    what it constructed, so it is passed in rather than read from the module.
+    """
+    sd = module.state_dict()
+    dil = dilation if isinstance(dilation, list) else [dilation] * num_layers
+    out = []
+    for layer in range(num_layers):
+        def get(key, layer=layer):
+            t = sd.get(f"cell_list.{layer}.{key}")
+            if t is None:
+                return None
+            return t.detach().to(dtype).clone().requires_grad_(requires_grad)
+
+        out.append(LayerParams(get("conv.weight"), get("conv.bias"), get("peephole"),
+                               _pair(dil[layer])))
+    return out
+
+
+def params_from_cell(cell, dilation=1, dtype=torch.float64, requires_grad=True) -> LayerParams:
+    def cp(t):
+        return None if t is None else t.detach().to(dtype).clone().requires_grad_(requires_grad)
+
+    return LayerParams(cp(cell.conv.weight), cp(getattr(cell.conv, "bias", None)),
+                       cp(getattr(cell, "peephole", None)), _pair(dilation))
+
+
+def conv_same(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: tuple[int, int]) -> Tensor:
+    kh, kw = weight.shape[2:]
+    dh, dw = dilation
+    th, tw = dh * (kh - 1), dw * (kw - 1)
+    top, left = th // 2, tw // 2
+    x = F.pad(x, (left, tw - left, top, th - top))
+    return F.conv2d(x, weight, bias, dilation=dilation)
+
+
+def cell_step(x: Tensor, h: Tensor, c: Tensor, p: LayerParams,
+              state_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """One step. Math in x's dtype, or the cell update in ``state_dtype`` when given."""
+    z = conv_same(torch.cat([x, h], dim=1), p.weight, p.bias, p.dilation)
+    sd = state_dtype or z.dtype
+    zi, zf, zo, zg = torch.split(z.to(sd), p.hidden, dim=1)
+    c = c.to(sd)
+    if p.peephole is not None:
+        w = p.peephole.to(sd)[:, None, :, None, None]
+        zi = zi + w[0] * c
+        zf = zf + w[1] * c
+    i = torch.sigmoid(zi)
+    f = torch.sigmoid(zf)
+    g = torch.tanh(zg)
+    c_new = f * c + i * g
+    if p.peephole is not None:
+        zo = zo + w[2] * c_new
+    o = torch.sigmoid(zo)
+    h_new = o * torch.tanh(c_new)
+    return h_new.to(x.dtype), c_new
+
+
+def convlstm(x: Tensor, layers: list[LayerParams], hidden_state=None, batch_first: bool = True,
+             state_dtype: torch.dtype | None = None):
+    """Returns (outputs per layer, each (B, T, hidden, H, W); [(h, c)] per layer)."""
+    if not batch_first:
+        x = x.transpose(0, 1)
+    b, t, _, hh, ww = x.shape
+    seq = x
+    outputs, states = [], []
+    for li, p in enumerate(layers):
+        if hidden_state is None:
+            h = x.new_zeros(b, p.hidden, hh, ww)
+            c = x.new_zeros(b, p.hidden, hh, ww, dtype=state_dtype or x.dtype)
+        else:
+            h, c = hidden_state[li]
+        outs = []
+        for step in range(t):
+            h, c = cell_step(seq[:, step], h, c, p, state_dtype)
+            outs.append(h)
+        seq = torch.stack(outs, dim=1)
+        outputs.append(seq)
+        states.append((h, c))
+    return outputs, states
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """Norm-wise relative error ||actual - expected|| / ||expected|| in float64.
+
+    NaN/inf never pass: a non-finite ``actual`` gives inf.
+    """
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if not bool(torch.isfinite(a).all()):
+        return float("inf")
+    den = e.norm().item()
+    num = (a - e).norm().item()
+    if den == 0.0:
+        return num
+    return num / den
