@@ -5,6 +5,8 @@ and odd; the `gpu` cases add real sizes and >2**31-element tensors. The oracle's
 torch.autograd through the oracle's forward, so no hand-derived gradient is trusted.
 """
 
+import itertools
+
 import pytest
 import torch
 from triton_convlstm.kernels.gates import gates_backward, gates_forward
@@ -103,12 +105,20 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("opts", list(OPTIONS), ids=lambda k: k)
-@pytest.mark.parametrize("peep", [False, True], ids=["nopeep", "peep"])
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("b,hid,hh,ww", [(1, 3, 7, 9), (2, 5, 7, 9), (1, 17, 3, 5)],
-                         ids=lambda v: str(v))  # fmt: skip
-def test_fp32_matches_oracle(b, hid, hh, ww, layout, peep, opts):
+SHAPES = [(1, 3, 7, 9), (2, 5, 7, 9), (1, 17, 3, 5)]  # (B, hidden, H, W): odd on purpose
+# Every layout x peephole x option set; the shapes rotate through the cases.
+_COMBOS = itertools.product(("nchw", "nhwc"), (False, True), OPTIONS)
+FP32_CASES = [(SHAPES[i % len(SHAPES)], *combo) for i, combo in enumerate(_COMBOS)]
+
+
+def _fp32_id(case):
+    (b, hid, hh, ww), layout, peep, opts = case
+    return f"B{b}-hid{hid}-{hh}x{ww}-{layout}-{'peep' if peep else 'nopeep'}-{opts}"
+
+
+@pytest.mark.parametrize("case", FP32_CASES, ids=_fp32_id)
+def test_fp32_matches_oracle(case):
+    (b, hid, hh, ww), layout, peep, opts = case
     has_zh, has_bias, has_dh, has_dh2, has_dc = OPTIONS[opts]
     zx, zh, bias, c_prev, pe = sample(b, hid, hh, ww, layout, torch.float32, peep, has_zh,
                                       has_bias)  # fmt: skip
