@@ -31,6 +31,11 @@ def _split_padding(weight: Tensor, dilation) -> tuple[tuple[int, ...] | None, li
     return (left, right, top, bottom), [0, 0]
 
 
+def _layout(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not \
+        t.is_contiguous() else torch.contiguous_format
+
+
 def conv_same(x: Tensor, weight: Tensor, dilation) -> Tensor:
     """x: (N, C, H, W), weight: (O, C, kh, kw) -> (N, O, H, W)."""
     pad, padding = _split_padding(weight, dilation)
@@ -46,9 +51,11 @@ def conv_same_input_grad(grad: Tensor, x_shape, weight: Tensor, dilation) -> Ten
     c = weight.shape[1]
     if pad is not None:
         h, w = h + pad[2] + pad[3], w + pad[0] + pad[1]
-    # convolution_backward wants an input only for its shape, dtype and layout when the
-    # weight gradient is not requested: an expanded scalar costs no memory.
-    like = grad.new_empty(()).expand(n, c, h, w)
+    # convolution_backward reads the input only for its shape, dtype and layout when the weight
+    # gradient is not requested; an uninitialised tensor (not an expanded scalar, which some
+    # backends materialise with a fill) stands in for it.
+    like = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device,
+                       memory_format=_layout(grad))
     dx = _aten.convolution_backward(
         grad, like, weight, None, [1, 1], padding, list(dilation), False, [0, 0], 1,
         [True, False, False],

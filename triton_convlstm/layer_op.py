@@ -39,7 +39,7 @@ def layer_forward_op(
 
 @layer_forward_op.register_fake
 def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
-    return output_buffers(x, weight, save)
+    return output_buffers(x, weight, save, backend)
 
 
 @torch.library.custom_op("triton_convlstm::layer_backward", mutates_args=())
@@ -103,6 +103,9 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs = inputs
     h_seq, c_last, c_seq, z_seq = output
     ctx.mark_non_differentiable(c_seq, z_seq)
+    # Otherwise autograd hands the backward zero-filled (T, B, 4*hid, H, W) gradients for the
+    # saved buffers nobody differentiates, and zeros for unused outputs.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
     ctx.config = (tuple(dilation), backend, save, use_graphs, bias is not None)
 

@@ -32,28 +32,114 @@ def _peephole_terms(peephole: Tensor | None, dtype: torch.dtype):
 
 
 def gate_forward(
-    z: Tensor, c_prev: Tensor, peephole: Tensor | None = None
+    z: Tensor,
+    c_prev: Tensor,
+    peephole: Tensor | None = None,
+    *,
+    gates_out: Tensor | None = None,
+    h_out: Tensor | None = None,
+    c_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One gate/state update.
 
     z: (B, 4*hidden, H, W) pre-activations, bias included, any float dtype.
     c_prev: (B, hidden, H, W) cell state in ``state_dtype(z.dtype)``.
     peephole: (3, hidden) or None.
+    gates_out: optional (B, 4*hidden, H, W) buffer (state dtype) that receives the activated
+        gates i, f, o, g, so that :func:`gate_backward_from_gates` need not recompute them.
+    h_out, c_out: optional buffers for h and c (c_out may be c_prev itself).
     Returns h (B, hidden, H, W) in z's dtype and c in the state dtype.
     """
+    out_dtype = z.dtype
     math = state_dtype(z.dtype)
-    zi, zf, zo, zg = z.to(math).chunk(4, dim=1)
+    hid = z.shape[1] // 4
+    z = z.to(math)
     c_prev = c_prev.to(math)
+    act = torch.empty_like(z) if gates_out is None else gates_out
     p = _peephole_terms(peephole, math)
+    if p is None:
+        # i, f, o are adjacent channels: one sigmoid over all three.
+        torch.sigmoid(z[:, : 3 * hid], out=act[:, : 3 * hid])
+    else:
+        torch.sigmoid(z[:, :hid] + p[0] * c_prev, out=act[:, :hid])
+        torch.sigmoid(z[:, hid : 2 * hid] + p[1] * c_prev, out=act[:, hid : 2 * hid])
+    torch.tanh(z[:, 3 * hid :], out=act[:, 3 * hid :])
+    i, f, g = act[:, :hid], act[:, hid : 2 * hid], act[:, 3 * hid :]
+    c = torch.addcmul(f * c_prev, i, g, out=c_out)
     if p is not None:
-        zi = zi + p[0] * c_prev
-        zf = zf + p[1] * c_prev
-    i, f, g = torch.sigmoid(zi), torch.sigmoid(zf), torch.tanh(zg)
-    c = f * c_prev + i * g
+        torch.sigmoid(z[:, 2 * hid : 3 * hid] + p[2] * c, out=act[:, 2 * hid : 3 * hid])
+    h = act[:, 2 * hid : 3 * hid] * torch.tanh(c)
+    if h_out is None:
+        return h.to(out_dtype), c
+    return h_out.copy_(h), c
+
+
+def gate_activations(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None) -> Tensor:
+    """The activated gates i, f, o, g (state dtype) recomputed from pre-activations and cells."""
+    math = state_dtype(z.dtype)
+    hid = z.shape[1] // 4
+    z = z.to(math)
+    act = torch.empty_like(z)
+    p = _peephole_terms(peephole, math)
+    if p is None:
+        torch.sigmoid(z[:, : 3 * hid], out=act[:, : 3 * hid])
+    else:
+        c_prev, c = c_prev.to(math), c.to(math)
+        torch.sigmoid(z[:, :hid] + p[0] * c_prev, out=act[:, :hid])
+        torch.sigmoid(z[:, hid : 2 * hid] + p[1] * c_prev, out=act[:, hid : 2 * hid])
+        torch.sigmoid(z[:, 2 * hid : 3 * hid] + p[2] * c, out=act[:, 2 * hid : 3 * hid])
+    torch.tanh(z[:, 3 * hid :], out=act[:, 3 * hid :])
+    return act
+
+
+def gate_backward_from_gates(
+    gates: Tensor,
+    c_prev: Tensor,
+    c: Tensor,
+    peephole: Tensor | None,
+    dh: Tensor | None,
+    dc: Tensor | None,
+    *,
+    dz_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of :func:`gate_forward` given its activated gates (B, 4*hidden, H, W).
+
+    dh: gradient w.r.t. h (or None), dc: gradient w.r.t. c (or None). Returns dz (into
+    ``dz_out`` when given, else state dtype), dc_prev (state dtype) and the peephole gradient
+    (3, hidden) (None without peepholes).
+    """
+    math = gates.dtype
+    hid = gates.shape[1] // 4
+    i, f, o, g = (gates[:, k * hid : (k + 1) * hid] for k in range(4))
+    c_prev, c = c_prev.to(math), c.to(math)
+    p = _peephole_terms(peephole, math)
+    tc = torch.tanh(c)
+    dh = torch.zeros_like(c) if dh is None else dh.to(math)
+    dc = torch.zeros_like(c) if dc is None else dc.to(math)
+
+    direct = dz_out is not None and dz_out.dtype == math
+    dz = dz_out if direct else torch.empty_like(gates)
+    dzi, dzf, dzo, dzg = (dz[:, k * hid : (k + 1) * hid] for k in range(4))
+    # The three sigmoid gates share the form d*s*(1-s): fill d per gate, then one multiply.
+    torch.mul(dh, tc, out=dzo)
+    dzo.mul_(o * (1 - o))
+    dc = dc + dh * o * (1 - tc * tc)
     if p is not None:
-        zo = zo + p[2] * c
-    h = torch.sigmoid(zo) * torch.tanh(c)
-    return h.to(z.dtype), c
+        dc = torch.addcmul(dc, dzo, p[2])
+    torch.mul(dc, g, out=dzi)
+    torch.mul(dc, c_prev, out=dzf)
+    dz[:, : 2 * hid].mul_(gates[:, : 2 * hid] * (1 - gates[:, : 2 * hid]))
+    torch.mul(dc, i * (1 - g * g), out=dzg)
+    dc_prev = dc * f
+    dpeep = None
+    if p is not None:
+        dc_prev = dc_prev + dzi * p[0] + dzf * p[1]
+        dpeep = torch.stack(
+            [(dzi * c_prev).sum((0, 2, 3)), (dzf * c_prev).sum((0, 2, 3)), (dzo * c).sum((0, 2, 3))]
+        )
+    if dz_out is not None and not direct:
+        dz = dz_out.copy_(dz)
+    return dz, dc_prev, dpeep
 
 
 def gate_backward(
@@ -66,39 +152,12 @@ def gate_backward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`gate_forward`, recomputing the gates from the saved ``z`` and cells.
 
-    dh: (B, hidden, H, W) gradient w.r.t. h (or None), dc: gradient w.r.t. c (or None).
     Returns dz (z's dtype, (B, 4*hidden, H, W)), dc_prev (state dtype) and the peephole gradient
     (3, hidden) in the state dtype (None without peepholes).
     """
-    math = state_dtype(z.dtype)
-    zi, zf, zo, zg = z.to(math).chunk(4, dim=1)
-    c_prev, c = c_prev.to(math), c.to(math)
-    p = _peephole_terms(peephole, math)
-    if p is not None:
-        zi = zi + p[0] * c_prev
-        zf = zf + p[1] * c_prev
-        zo = zo + p[2] * c
-    i, f, o, g = torch.sigmoid(zi), torch.sigmoid(zf), torch.sigmoid(zo), torch.tanh(zg)
-    tc = torch.tanh(c)
-    dh = torch.zeros_like(c) if dh is None else dh.to(math)
-    dc = torch.zeros_like(c) if dc is None else dc.to(math)
-
-    dzo = dh * tc * o * (1 - o)
-    dc = dc + dh * o * (1 - tc * tc)
-    if p is not None:
-        dc = dc + dzo * p[2]
-    dzi = dc * g * i * (1 - i)
-    dzf = dc * c_prev * f * (1 - f)
-    dzg = dc * i * (1 - g * g)
-    dc_prev = dc * f
-    dpeep = None
-    if p is not None:
-        dc_prev = dc_prev + dzi * p[0] + dzf * p[1]
-        dpeep = torch.stack(
-            [(dzi * c_prev).sum((0, 2, 3)), (dzf * c_prev).sum((0, 2, 3)), (dzo * c).sum((0, 2, 3))]
-        )
-    dz = torch.cat([dzi, dzf, dzo, dzg], dim=1).to(z.dtype)
-    return dz, dc_prev, dpeep
+    gates = gate_activations(z, c_prev, c, peephole)
+    dz, dc_prev, dpeep = gate_backward_from_gates(gates, c_prev, c, peephole, dh, dc)
+    return dz.to(z.dtype), dc_prev, dpeep
 
 
 class EagerConvLSTM(nn.Module):

@@ -44,10 +44,12 @@ def empty_seq(t: int, b: int, ch: int, h: int, w: int, *, dtype, device) -> Tens
     return torch.empty(t, b, ch, h, w, dtype=dtype, device=device)
 
 
-def output_buffers(x: Tensor, weight: Tensor, save: bool):
+def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str):
     """(h_seq, c_last, c_seq, z_seq) for input x (T, B, C, H, W) and weight (4*hid, C+hid, k, k).
 
-    Without ``save`` (inference) c_seq and z_seq are empty: nothing is kept for a backward."""
+    z_seq holds what the gate backward reads: the Triton kernels save pre-activations in the
+    compute dtype, the torch path the activated gates in the state dtype. Without ``save``
+    (inference) c_seq and z_seq are empty: nothing is kept for a backward."""
     t, b, _, h, w = x.shape
     hid = weight.shape[0] // 4
     sdt = reference.state_dtype(x.dtype)
@@ -56,7 +58,8 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool):
     c_last = empty_seq(1, b, hid, h, w, dtype=sdt, **kw)[0]
     if save:
         c_seq = empty_seq(t - 1, b, hid, h, w, dtype=sdt, **kw)
-        z_seq = empty_seq(t, b, 4 * hid, h, w, dtype=x.dtype, **kw)
+        zdt = x.dtype if backend == "triton" else sdt
+        z_seq = empty_seq(t, b, 4 * hid, h, w, dtype=zdt, **kw)
     else:
         c_seq = torch.empty(0, dtype=sdt, **kw)
         z_seq = torch.empty(0, dtype=x.dtype, **kw)
@@ -66,29 +69,27 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool):
 # ---- gate update implementations with one calling convention --------------------------------
 
 
-def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=None, save_z=False):
-    sdt = reference.state_dtype(zx.dtype)
-    # Sum in the math dtype, as the kernel does, so both paths round z the same way.
-    z = zx.to(sdt)
-    if zh is not None:
-        z = z + zh
+def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
+                         save_z=False):
+    # Sum in the math dtype, as the kernel does. What is saved differs from the kernels: the
+    # activated gates (state dtype), so the CPU backward need not recompute them.
+    z = zx.to(reference.state_dtype(zx.dtype))
+    z = z + zh if zh is not None else z.clone()
     if bias is not None:
-        z = z + bias.to(sdt)[:, None, None]
-    h, c = reference.gate_forward(z, c_prev, peephole)
-    h_out.copy_(h)
-    c_out.copy_(c)
-    if save_z:
-        z_out.copy_(z)
+        z += bias.to(z.dtype)[:, None, None]
+    reference.gate_forward(z, c_prev, peephole, gates_out=z_out if save_z else None,
+                           h_out=h_out, c_out=c_out)
     return h_out, c_out, z_out
 
 
-def _torch_gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc_prev_out):
+def _torch_gates_backward(gates, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc_prev_out):
     if dh is None:
         dh, dh2 = dh2, None
     if dh2 is not None:
-        dh = dh.to(c.dtype) + dh2
-    dz, dc_prev, dpeep = reference.gate_backward(z, c_prev, c, peephole, dh, dc)
-    dz_out.copy_(dz)
+        dh = torch.add(dh2, dh, alpha=1)
+    _, dc_prev, dpeep = reference.gate_backward_from_gates(
+        gates, c_prev, c, peephole, dh, dc, dz_out=dz_out
+    )
     dc_prev_out.copy_(dc_prev)
     return dz_out, dc_prev_out, dpeep
 
@@ -119,7 +120,9 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     gates_forward, _ = gate_functions(spec.backend)
     t, b, cin, hh, ww = x.shape
     mf = memory_format(x.device)
-    h_seq, c_last, c_seq, z_seq = out if out is not None else output_buffers(x, weight, save)
+    if out is None:
+        out = output_buffers(x, weight, save, spec.backend)
+    h_seq, c_last, c_seq, z_seq = out
     w_x = weight[:, :cin].contiguous(memory_format=mf)
     w_h = weight[:, cin:].contiguous(memory_format=mf)
     zx = conv_same(_frames(x), w_x, spec.dilation).unflatten(0, (t, b))
@@ -156,7 +159,7 @@ def layer_backward(
     w_x = weight[:, :cin].contiguous(memory_format=mf)
     w_h = weight[:, cin:].contiguous(memory_format=mf)
 
-    dz = torch.empty_like(z_seq)
+    dz = torch.empty_like(z_seq, dtype=x.dtype)  # fed to the convolutions
     dc = torch.empty_like(c_last)
     if grad_c_last is None:
         dc.zero_()

@@ -1,0 +1,377 @@
+"""``python -m triton_convlstm demo``: train a moving-digit nowcaster in minutes.
+
+Trains :class:`~triton_convlstm.nowcast_model.NowcastModel` (10 frames in, 10 predicted) on
+:class:`~triton_convlstm.moving_digits.MovingDigits`, then reports train/validation MSE against
+the copy-last-frame baseline and writes predictions.png, loss.png and checkpoint.pt to --out.
+
+    python -m triton_convlstm demo                        # CPU: ~2 minutes; GPU: a larger preset
+    python -m triton_convlstm demo --steps 200 --resume   # 200 more steps from --out/checkpoint.pt
+    torchrun --nproc_per_node=2 -m triton_convlstm demo --ddp
+
+Batch k is a pure function of (seed, k) (see moving_digits), so a resumed run sees exactly the
+batches a straight run would, and under --ddp every rank builds the same global batch and trains
+on its own contiguous shard; DDP's gradient averaging then equals the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .moving_digits import MovingDigits, copy_last_frame_mse
+
+T_IN = T_OUT = 10
+# Defaults per device type: the CPU preset is sized to finish within ~3 minutes on 2 cores
+# (startup included); the CUDA one is the Shi et al. layout (64x64 frames, 4x4 patches).
+PRESETS = {
+    "cpu": dict(frame_size=32, patch=2, hidden=16, layers=2, batch_size=16, steps=500, lr=3e-3,
+                val_size=128),
+    "cuda": dict(frame_size=64, patch=4, hidden=64, layers=2, batch_size=32, steps=1500, lr=1e-3,
+                 val_size=512),
+}
+# Settings that define the run; on --resume they come from the checkpoint and may not change.
+RUN_KEYS = ("frame_size", "patch", "hidden", "layers", "batch_size", "lr", "val_size", "seed")
+SMOOTH = 20  # the "final train MSE" is the mean over this many last steps
+
+
+class ArgError(Exception):
+    """A bad command line or environment: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and sys.exit(2); we want one line
+        raise ArgError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m triton_convlstm demo", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--steps", type=int, help="optimizer steps to run now (default: per device)")
+    p.add_argument("--batch-size", type=int, help="global batch (split across --ddp ranks)")
+    p.add_argument("--hidden", type=int, help="ConvLSTM hidden channels")
+    p.add_argument("--layers", type=int, help="ConvLSTM layers in encoder and forecaster")
+    p.add_argument("--frame-size", type=int, help="frame height = width (64 on GPU, 32 on CPU)")
+    p.add_argument("--patch", type=int, help="space-to-depth factor before the ConvLSTM")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--val-size", type=int, help="validation sequences")
+    p.add_argument("--seed", type=int, help="seed of weights and data (default 0)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validations and "
+                   "checkpoints (default: 4 per run)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                   help="continue from CKPT (default: OUT/checkpoint.pt)")
+    p.add_argument("--ddp", action="store_true", help="DistributedDataParallel; run by torchrun")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ArgError(f"--device: unknown device {name!r} (expected cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ArgError(f"--device: {name!r} is not supported (expected cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgError(f"--device {name}: CUDA is not available on this machine")
+        index = local_rank if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ArgError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        dev = torch.device("cuda", index)
+    return dev
+
+
+def _resolve(args: argparse.Namespace, device: torch.device, ckpt: dict | None) -> None:
+    """Fill unset options from the checkpoint (on --resume) or the device preset; validate."""
+    preset = dict(PRESETS[device.type], seed=0)
+    for key in RUN_KEYS:
+        given = getattr(args, key)
+        if ckpt is not None:
+            saved = ckpt["args"][key]
+            if given is not None and given != saved:
+                raise ArgError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's "
+                               f"{saved}; leave it out to resume")
+            setattr(args, key, saved)
+        elif given is None:
+            setattr(args, key, preset[key])
+    if args.steps is None:
+        args.steps = preset["steps"]
+    for key in ("steps", "eval_every"):
+        if getattr(args, key) < 0:
+            raise ArgError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    for key in ("batch_size", "hidden", "layers", "patch", "val_size"):
+        if getattr(args, key) < 1:
+            raise ArgError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if not args.lr > 0:
+        raise ArgError(f"--lr must be > 0, got {args.lr}")
+    if args.frame_size < 8 or args.frame_size % args.patch:
+        raise ArgError(f"--frame-size must be >= 8 and divisible by --patch {args.patch}, "
+                       f"got {args.frame_size}")
+
+
+def _dist_env(ddp: bool) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without --ddp."""
+    if not ddp:
+        return 0, 1, 0
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [k for k in needed if k not in os.environ]
+    if missing:
+        raise ArgError(f"--ddp needs torchrun's environment ({', '.join(missing)} not set); "
+                       "launch with: torchrun --nproc_per_node=N -m triton_convlstm demo --ddp")
+    return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
+def _load_checkpoint(args: argparse.Namespace) -> dict | None:
+    if args.resume is None:
+        return None
+    path = Path(args.resume or Path(args.out) / "checkpoint.pt")
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ArgError(f"--resume: no checkpoint at {path}")
+    # weights_only=False: the checkpoint holds our own args dict and RNG states (trusted file).
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@torch.no_grad()
+def evaluate(model, val: torch.Tensor, device: torch.device, chunk: int = 64) -> float:
+    """Mean squared error of ``model`` on ``val`` (N, T_IN + T_OUT, C, H, W)."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(val), chunk):
+        seq = val[start:start + chunk]
+        with _autocast(device):
+            pred = model(seq[:, :T_IN])
+        total += F.mse_loss(pred.float(), seq[:, T_IN:], reduction="sum").item()
+    model.train()
+    return total / val[:, T_IN:].numel()
+
+
+def _autocast(device: torch.device):
+    # bf16 on the GPU (the Triton path); the CPU stays in fp32, where bf16 is slower, not faster.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (2 for bad arguments, with a one-line message)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    except ArgError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .backend import resolve_backend
+    from .nowcast_model import NowcastModel
+
+    rank, world, local_rank = _dist_env(args.ddp)
+    device = _device(args.device, local_rank)
+    ckpt = _load_checkpoint(args)
+    _resolve(args, device, ckpt)
+    if args.batch_size % world:
+        raise ArgError(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
+    try:
+        backend = resolve_backend(args.backend, device)
+    except RuntimeError as exc:
+        raise ArgError(f"--backend {args.backend}: {exc}") from None
+    lead = rank == 0
+    out = Path(args.out)
+
+    if args.ddp:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        elif "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    # Same seed on every rank -> same initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(args.seed)
+    model = NowcastModel(hidden=args.hidden, num_layers=args.layers, patch=args.patch,
+                         out_frames=T_OUT, backend=args.backend).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step, history = 0, {"train": [], "train_copy": [], "val": []}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, history = ckpt["step"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    train_model = model
+    if args.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train = MovingDigits(T_IN + T_OUT, args.frame_size, split="train", seed=args.seed)
+    # Validation: other digit images (split) and another seed, so no trajectory is shared either.
+    val = None
+    if lead:
+        val = MovingDigits(T_IN + T_OUT, args.frame_size, split="val", seed=args.seed + 10_000)
+        val = val.fixed_set(args.val_size).to(device)
+        out.mkdir(parents=True, exist_ok=True)
+    shard = args.batch_size // world
+    eval_every = args.eval_every or max(1, args.steps // 4)
+
+    def checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        _save(out / "checkpoint.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                           step=step, args=vars(args), rng=rng, history=history))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, disable=args.quiet or not lead, dynamic_ncols=True,
+               desc=f"demo [{backend} on {device.type}]", unit="step")
+    pending: list[torch.Tensor] = []  # per-step (loss, copy-last) pairs not yet moved to the host
+    train_time, seen, end = 0.0, 0, step + args.steps
+    while step < end:
+        tick = time.perf_counter()
+        batch = train.batch(step, args.batch_size, device)[rank * shard:(rank + 1) * shard]
+        inputs, targets = batch[:, :T_IN], batch[:, T_IN:]
+        with _autocast(device):
+            pred = train_model(inputs)
+        loss = F.mse_loss(pred.float(), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats = torch.stack([loss.detach(), copy_last_frame_mse(inputs, targets)])
+        if args.ddp:  # log the global-batch numbers, not this rank's shard
+            torch.distributed.all_reduce(stats)
+            stats /= world
+        pending.append(stats)
+        step += 1
+        # Host syncs only every 10 steps (and at validation) keep the GPU queue full.
+        if len(pending) == 10 or step % eval_every == 0 or step == end:
+            for loss_v, copy_v in torch.stack(pending).tolist():
+                history["train"].append(loss_v)
+                history["train_copy"].append(copy_v)
+            pending.clear()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - tick
+        seen += args.batch_size
+        if not pending:
+            bar.set_postfix(loss=f"{history['train'][-1]:.4f}", seq_s=f"{seen / train_time:.0f}")
+        bar.update(1)
+        if lead and (step % eval_every == 0 or step == end):
+            history["val"].append((step, evaluate(model, val, device)))
+            checkpoint()
+    bar.close()
+
+    if lead:
+        if not history["val"] or history["val"][-1][0] != step:  # e.g. --steps 0
+            history["val"].append((step, evaluate(model, val, device)))
+            checkpoint()
+        _report(args, history, val, model, device, backend, world, seen, train_time, step, out)
+    if args.ddp:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _report(args, history, val, model, device, backend, world, seen, train_time, step, out):
+    inputs, targets = val[:, :T_IN], val[:, T_IN:]
+    val_copy = copy_last_frame_mse(inputs, targets).item()
+    val_zero = targets.float().pow(2).mean().item()
+    with torch.no_grad(), _autocast(device):
+        model.eval()
+        pred = model(inputs[:2]).float()
+    plot_predictions(out / "predictions.png", inputs[:2], targets[:2], pred)
+    plot_loss(out / "loss.png", history, val_copy, val_zero)
+    rate = f"{seen / train_time:.1f} sequences/s" if seen else "n/a (no steps run)"
+    print(f"\nbackend     {backend} on {device} ({world} process{'es' * (world > 1)})")
+    print(f"trained     {step} steps, batch {args.batch_size}, {args.frame_size}x"
+          f"{args.frame_size} frames, {T_IN} in -> {T_OUT} predicted")
+    print(f"throughput  {rate} ({seen} sequences in {train_time:.1f} s this run)")
+    print(f"{'MSE':<22}{'model':>9}{'copy-last':>11}{'ratio':>8}{'all-black':>11}")
+    if history["train"]:
+        n = min(SMOOTH, len(history["train"]))
+        tr = sum(history["train"][-n:]) / n
+        tc = sum(history["train_copy"][-n:]) / n
+        print(f"{f'train (last {n} steps)':<22}{tr:>9.5f}{tc:>11.5f}{tr / tc:>8.2f}{'':>11}")
+    va = history["val"][-1][1]
+    print(f"{f'validation ({len(val)} seq)':<22}{va:>9.5f}{val_copy:>11.5f}"
+          f"{va / val_copy:>8.2f}{val_zero:>11.5f}")
+    verdict = "beats" if va < 0.7 * val_copy else "does NOT clearly beat"
+    print(f"the model {verdict} the copy-last-frame baseline on validation")
+    print(f"wrote       {out / 'predictions.png'}, {out / 'loss.png'}, {out / 'checkpoint.pt'}")
+
+
+def plot_predictions(path: Path, inputs, targets, pred) -> None:
+    """predictions.png: per example three rows (input, truth, predicted), one column per frame.
+    inputs (N, T_IN, 1, H, W), targets and pred (N, T_OUT, 1, H, W)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg by default
+
+    names = (f"input\n(t-{T_IN - 1}..t)", f"truth\n(t+1..t+{T_OUT})", "predicted")
+    rows = [(name, seq[i]) for i in range(len(inputs))
+            for name, seq in zip(names, (inputs, targets, pred))]
+    cols = max(T_IN, T_OUT)
+    fig = Figure(figsize=(cols * 0.9, len(rows) * 0.95), layout="constrained")
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (name, seq) in enumerate(rows):
+        for t in range(cols):
+            ax = axes[r][t]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if t < len(seq):
+                ax.imshow(seq[t, 0].float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            if t == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.savefig(path, dpi=80)
+
+
+def plot_loss(path: Path, history: dict, val_copy: float, val_zero: float) -> None:
+    """loss.png: train MSE per step (raw and smoothed), validation MSE, and the baselines."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    train = history["train"]
+    if train:
+        steps = range(1, len(train) + 1)
+        ax.plot(steps, train, color="tab:blue", alpha=0.3, lw=0.8)
+        k = min(SMOOTH, len(train))
+        smooth = [sum(train[max(0, i - k + 1):i + 1]) / len(train[max(0, i - k + 1):i + 1])
+                  for i in range(len(train))]
+        ax.plot(steps, smooth, color="tab:blue", label="train MSE")
+    vs, vm = zip(*history["val"]) if history["val"] else ((), ())
+    ax.plot(vs, vm, "o-", color="tab:orange", label="validation MSE")
+    ax.axhline(val_copy, color="tab:red", ls="--", label="copy-last-frame (validation)")
+    ax.axhline(val_zero, color="gray", ls=":", label="all-black frames (validation)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
