@@ -347,6 +347,52 @@ def test_gradient_flows_into_given_state_only_through_used_layers():
         assert h.grad.abs().sum() > 0 and c.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_grad_matches_grad_mode(mode):
+    """Without autograd nothing is saved for a backward; the results must not change."""
+    cfg = Cfg(B=2, T=3, C=3, hidden=[4, 3], kernel=[3, 2], layers=2, H=4, W=5, peephole=True,
+              all_layers=True, init_state=True)
+    m = make_module(cfg)
+    x64, state64 = make_inputs(cfg)
+    x = x64.float()
+    st = cast_state(state64, torch.float32, torch.float32, requires_grad=False)
+    outs, lasts = m(x, st)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        outs2, lasts2 = m(x, st)
+    for a, b in zip(outs2, outs):
+        assert not a.requires_grad
+        assert rel_err(a, b) <= 1e-6
+    for (h2, c2), (h, c) in zip(lasts2, lasts):
+        assert rel_err(h2, h) <= 1e-6 and rel_err(c2, c) <= 1e-6
+
+
+@pytest.mark.parametrize("what", ["x-only", "params-only", "state-only"])
+def test_partial_requires_grad(what):
+    """Gradients are right when only some inputs require them (frozen weights, fixed input)."""
+    cfg = Cfg(B=1, T=3, C=2, hidden=3, kernel=2, H=4, W=5, peephole=True, init_state=True)
+    m = make_module(cfg)
+    x64, state64 = make_inputs(cfg)
+    x = x64.float().requires_grad_(what == "x-only")
+    st = cast_state(state64, torch.float32, torch.float32, requires_grad=what == "state-only")
+    if what != "params-only":
+        m.requires_grad_(False)
+    outs, lasts = m(x, st)
+    loss = outs[0].sum() + lasts[0][1].sum()
+    wrt = {"x-only": [x], "state-only": list(st[0]), "params-only": list(m.parameters())}[what]
+    g = torch.autograd.grad(loss, wrt)
+
+    layers = params_from_module(m, 1, requires_grad=what == "params-only")
+    xo = x64.clone().requires_grad_(what == "x-only")
+    so = cast_state(state64, torch.float64, torch.float64, requires_grad=what == "state-only")
+    ro, rs = convlstm(xo, layers, so)
+    ref_wrt = {"x-only": [xo], "state-only": list(so[0]),
+               "params-only": [oracle_param(layers, n) for n, _ in m.named_parameters()]}[what]
+    gr = torch.autograd.grad(ro[0].sum() + rs[0][1].sum(), ref_wrt)
+    for a, b in zip(g, gr):
+        assert rel_err(a, b) <= FP32_TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # 16-bit and float64
 
