@@ -1,0 +1,221 @@
+"""One command for a GPU machine: the gpu tests, the benchmark, a table and one JSON file.
+
+    python bench/gpu_check.py                    # about 330 s in all, never more
+    python bench/gpu_check.py --budget-s 200 --out /tmp/h200.json
+    python bench/gpu_check.py --dry-run          # on CPU, tiny shapes: the same plumbing
+
+(a) ``pytest -m gpu tests bench/test_perf.py -x -q`` with a time cap, (b) ``python -m
+triton_convlstm bench`` (eager, compiled, compiled-ro, layer, convs-only; S, M, L; bf16, fp32;
+fwd, train; peak memory; compile times at T=8 and 64) with what is left, skipping what would not
+fit and saying so, (c) a table and ``bench/results/<gpu-name>.json`` (or --out), copied with the
+plots into $OUT when that is set. Each phase runs in a child process killed at its cap, and the
+benchmark streams its rows to disk, so a cut-off run still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+START = time.monotonic()  # the budget counts from here, torch's import included
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the GPU box runs from a plain checkout, nothing installed
+
+import torch  # noqa: E402
+
+from triton_convlstm.benchmark import add_ratios, environment, format_table  # noqa: E402
+
+GOALS = {("train", "S"): 2.0, ("train", "M"): 2.0, ("train", "L"): 1.7,
+         ("fwd", "S"): 1.3, ("fwd", "M"): 1.3, ("fwd", "L"): 1.05}
+MARGIN_S = 10.0  # kept back for writing results after the last child is stopped
+
+
+def run_capped(cmd: list[str], timeout: float, log: Path) -> tuple[int | None, str]:
+    """Run ``cmd`` in its own process group, echo and log its output, kill the whole group at
+    ``timeout`` seconds. Returns (exit status, or None when killed; the output)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+
+    def pump():  # a thread, so that the wait below can time out while output flows
+        with log.open("w") as f:
+            for line in proc.stdout:
+                lines.append(line)
+                f.write(line)
+                print(line, end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # pytest's and inductor's compile workers too
+        proc.wait()
+        rc = None
+    reader.join(timeout=5)
+    return rc, "".join(lines)
+
+
+def parse_pytest(output: str, rc: int | None) -> dict:
+    """Counts from pytest's summary line, or from its progress dots when it was cut off."""
+    counts: dict[str, int] = {}
+    summary = [ln for ln in output.splitlines()
+               if re.search(r"\d+ (passed|failed|skipped|error)", ln)
+               and re.search(r" in [\d.]+s", ln)]
+    if summary:
+        for n, what in re.findall(r"(\d+) (\w+)", summary[-1]):
+            counts[what.rstrip("s") if what in ("errors", "warnings") else what] = int(n)
+    else:  # killed: count the -q progress characters seen so far
+        progress = "".join(re.sub(r"\s*\[\s*\d+%\]\s*$", "", ln) for ln in output.splitlines()
+                           if re.fullmatch(r"[.FEsxX]+\s*(\[\s*\d+%\])?\s*", ln))
+        for ch, what in ((".", "passed"), ("F", "failed"), ("E", "error"), ("s", "skipped")):
+            if progress.count(ch):
+                counts[what] = progress.count(ch)
+    failures = [ln for ln in output.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    status = "timeout" if rc is None else ("passed" if rc in (0, 5) else "failed")
+    return {"status": status, "exit_code": rc, "counts": counts, "failures": failures,
+            "output_tail": output[-4000:]}
+
+
+def run_tests(cap: float, work: Path) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "bench/test_perf.py", "-x",
+           "-q", "-p", "no:cacheprovider", f"--benchmark-json={work / 'tests_benchmark.json'}"]
+    print(f"== gpu tests (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
+    t0 = time.monotonic()
+    rc, output = run_capped(cmd, cap, work / "tests.log")
+    result = parse_pytest(output, rc)
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    bench_json = work / "tests_benchmark.json"
+    if bench_json.exists():  # the gates' measured ratios ride in extra_info
+        data = json.loads(bench_json.read_text())
+        result["benchmarks"] = [{"name": b["name"], "median_s": b["stats"]["median"],
+                                 **b.get("extra_info", {})} for b in data["benchmarks"]]
+    return result
+
+
+def bench_args(dry_run: bool) -> list[str]:
+    if dry_run:  # torch.compile on CPU takes minutes of C++ compiling: left out here
+        return ["--device", "cpu", "--dtype", "fp32", "--shapes", "cpu-s", "--impls",
+                "eager,layer,convs-only", "--repeats", "1", "--sweep", "2", "--threads", "1"]
+    return ["--device", "cuda", "--dtype", "bf16,fp32", "--shapes", "S,M,L", "--modes",
+            "fwd,train", "--impls", "eager,compiled,compiled-ro,layer,convs-only",
+            "--compile-times", "on", "--sweep", "4,8,16,32"]
+
+
+def run_bench(cap: float, work: Path, dry_run: bool) -> dict:
+    out = work / "bench"
+    # The bench skips by its own estimate a little before the hard cap; the cap is the backstop.
+    cmd = [sys.executable, "-m", "triton_convlstm", "bench", *bench_args(dry_run), "--quiet",
+           "--budget-s", f"{max(cap - 15, 1):.0f}", "--out", str(out)]
+    print(f"== benchmark (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
+    t0 = time.monotonic()
+    rc, _ = run_capped(cmd, cap, work / "bench.log")
+    if (out / "results.json").exists():
+        result = json.loads((out / "results.json").read_text())
+    else:  # stopped at the cap: rebuild from the rows it streamed
+        result = {"rows": [], "sweep": [], "compile_times": [],
+                  "skipped": [f"the benchmark was stopped at its {cap:.0f} s cap; "
+                              "cases after the last row below did not run"]}
+        stream = out / "rows.jsonl"
+        for line in stream.read_text().splitlines() if stream.exists() else []:
+            row = json.loads(line)
+            kind = row.pop("kind")
+            result[{"case": "rows", "sweep": "sweep", "compile": "compile_times"}[kind]].append(row)
+        add_ratios(result["rows"])
+    result.update(exit_code=rc, seconds=round(time.monotonic() - t0, 1),
+                  plots=[str(p) for p in sorted(out.glob("*.png"))])
+    return result
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The fast-path goals read off the benchmark rows: layer vs the best compile mode."""
+    found = []
+    for r in rows:
+        goal = GOALS.get((r["mode"], r["shape"]))
+        if r["impl"] != "layer" or goal is None or not r.get("speedup_vs_compiled"):
+            continue
+        found.append({"shape": r["shape"], "dtype": r["dtype"], "mode": r["mode"],
+                      "speedup_vs_best_compile": r["speedup_vs_compiled"], "goal": goal,
+                      "met": r["speedup_vs_compiled"] >= goal})
+    return found
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-s", type=float, default=330.0, help="wall-clock cap for everything")
+    p.add_argument("--tests-share", type=float, default=0.4,
+                   help="share of the budget the tests may use (default 0.4)")
+    p.add_argument("--out", help="JSON path (default bench/results/<gpu-name>.json)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the plumbing")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-bench", action="store_true")
+    args = p.parse_args(argv)
+    left = lambda: args.budget_s - MARGIN_S - (time.monotonic() - START)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device visible; use --dry-run to try this on CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    name = "cpu-dry-run" if args.dry_run else slug(torch.cuda.get_device_name())
+    default_dir = Path(tempfile.gettempdir()) if args.dry_run else ROOT / "bench" / "results"
+    out = Path(args.out) if args.out else default_dir / f"{name}.json"
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    report = {"meta": environment(device), "budget_s": args.budget_s, "dry_run": args.dry_run}
+
+    if not args.skip_tests:
+        share = 1.0 if args.skip_bench else args.tests_share
+        report["tests"] = run_tests(min(args.budget_s * share, left()), work)
+    if not args.skip_bench and left() > 5:
+        report["bench"] = run_bench(left(), work, args.dry_run)
+        report["goals"] = goals(report["bench"]["rows"])
+    elif not args.skip_bench:
+        report["bench"] = {"skipped": ["no time left for the benchmark"], "rows": []}
+    report["elapsed_s"] = round(time.monotonic() - START, 1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print("\n== summary")
+    if "tests" in report:
+        t = report["tests"]
+        print(f"tests: {t['status']} {t['counts']} in {t['seconds']} s")
+        for line in t["failures"]:
+            print(f"  {line}")
+    if "bench" in report:
+        print(format_table({"compile_times": [], **report["bench"]}))
+    for g in report.get("goals", []):
+        print(f"goal {g['mode']:<5} {g['shape']} {g['dtype']}: "
+              f"{g['speedup_vs_best_compile']:.2f}x vs best compile (goal {g['goal']}x) "
+              f"{'met' if g['met'] else 'MISSED'}")
+    copies = [out]
+    if os.environ.get("OUT"):  # the device runner returns what lands in $OUT
+        dest = Path(os.environ["OUT"])
+        dest.mkdir(parents=True, exist_ok=True)
+        extra = report.get("bench", {}).get("plots", []) + [str(work / "tests.log")]
+        for src in [out, *map(Path, extra)]:
+            if src.exists():
+                copies.append(Path(shutil.copy(src, dest / f"{name}-{src.name}"
+                                               if src != out else dest / out.name)))
+    print(f"wrote {', '.join(map(str, copies))} in {report['elapsed_s']} s")
+    failed = report.get("tests", {}).get("status") == "failed"
+    broken = any(r.get("error") for r in report.get("bench", {}).get("rows", []))
+    return 1 if failed or broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

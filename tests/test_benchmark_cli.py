@@ -1,0 +1,129 @@
+"""The bench command line: `bench compare` on synthetic pytest-benchmark files, argument errors,
+a tiny CPU run end to end, and bench/gpu_check.py's --dry-run. No timing is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from triton_convlstm.benchmark import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_json(path: Path, medians: dict[str, float]) -> str:
+    """A pytest-benchmark JSON file with the fields `compare` reads (medians in seconds)."""
+    path.write_text(json.dumps({
+        "machine_info": {}, "commit_info": {}, "version": "5.1.0",
+        "benchmarks": [{"name": n.split("::")[-1], "fullname": n, "stats": {"median": m}}
+                       for n, m in medians.items()],
+    }))
+    return str(path)
+
+
+@pytest.fixture
+def old(tmp_path):
+    return _bench_json(tmp_path / "old.json",
+                       {"bench/test_perf.py::test_a": 0.010, "bench/test_perf.py::test_b": 0.200})
+
+
+def test_compare_passes_within_threshold(tmp_path, old, capsys):
+    new = _bench_json(tmp_path / "new.json",
+                      {"bench/test_perf.py::test_a": 0.0105, "bench/test_perf.py::test_b": 0.150})
+    assert main(["compare", old, new]) == 0
+    out = capsys.readouterr().out
+    assert "test_a" in out and "test_b" in out
+    assert "10.000" in out and "10.500" in out and "1.050" in out  # old ms, new ms, new/old
+    assert "SLOWER" not in out
+
+
+def test_compare_fails_on_a_slowdown_and_names_it(tmp_path, old, capsys):
+    new = _bench_json(tmp_path / "new.json",
+                      {"bench/test_perf.py::test_a": 0.012, "bench/test_perf.py::test_b": 0.200})
+    assert main(["compare", old, new]) == 1
+    out = capsys.readouterr().out
+    slower = [ln for ln in out.splitlines() if "SLOWER" in ln]
+    assert len(slower) == 1 and "test_a" in slower[0] and "1.200" in slower[0]
+
+
+def test_compare_threshold_option(tmp_path, old):
+    new = _bench_json(tmp_path / "new.json",
+                      {"bench/test_perf.py::test_a": 0.012, "bench/test_perf.py::test_b": 0.200})
+    assert main(["compare", old, new, "--threshold", "0.25"]) == 0
+    assert main(["compare", old, new, "--threshold", "0.1"]) == 1
+
+
+def test_compare_lists_cases_in_one_file_only_without_failing(tmp_path, old, capsys):
+    new = _bench_json(tmp_path / "new.json",
+                      {"bench/test_perf.py::test_a": 0.010, "bench/test_perf.py::test_c": 9.0})
+    assert main(["compare", old, new]) == 0
+    out = capsys.readouterr().out
+    assert "only in old: bench/test_perf.py::test_b" in out
+    assert "only in new: bench/test_perf.py::test_c" in out
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"something": "else"}',
+                                     '{"benchmarks": [{"name": "x"}]}'])
+def test_compare_bad_file_is_one_clear_line(tmp_path, old, capsys, content):
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main(["compare", old, str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and "\n" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "only-one.json"],
+    ["compare", "a.json", "b.json", "--threshold", "-1"],
+    ["--shapes", "XL"],
+    ["--modes", "sideways"],
+    ["--device", "cpu", "--impls", "compiled-ro"],
+    ["--sweep", "0,4"],
+    ["--no-such-option"],
+])
+def test_bad_arguments_are_one_line_and_nonzero(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+def test_tiny_cpu_run_writes_table_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--shapes", "cpu-s", "--modes", "fwd,train",
+            "--impls", "eager,layer,convs-only", "--repeats", "1", "--sweep", "2,3",
+            "--threads", "1", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "median ms" in table and "x eager" in table and "peak MiB" in table
+    result = json.loads((out / "results.json").read_text())
+    assert {"torch", "triton", "python", "date", "gpu"} <= set(result["meta"])
+    cases = {(r["impl"], r["mode"]) for r in result["rows"]}
+    assert cases == {(i, m) for i in ("eager", "layer", "convs-only") for m in ("fwd", "train")}
+    assert all(r["error"] is None and r["median_ms"] > 0 for r in result["rows"])
+    assert all(r["speedup_vs_eager"] > 0 for r in result["rows"])
+    assert sorted({r["steps"] for r in result["sweep"]}) == [2, 3]
+    for png in ("time_vs_T.png", "speedup.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same file feeds `compare` (cases named impl/shape/dtype/mode).
+    assert main(["compare", str(out / "results.json"), str(out / "results.json")]) == 0
+    assert "layer/cpu-s/fp32/train" in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "check.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "90", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150,
+        env=dict(os.environ, OUT=str(tmp_path / "out")),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and report["tests"]["status"] == "passed"
+    assert report["tests"]["counts"].get("failed", 0) == 0
+    assert {r["impl"] for r in report["bench"]["rows"]} == {"eager", "layer", "convs-only"}
+    copied = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "check.json" in copied and "cpu-dry-run-speedup.png" in copied
