@@ -1,0 +1,117 @@
+"""CUDA-graph replay of whole time loops (needs a GPU: every test here is marked gpu)."""
+
+import pytest
+import torch
+
+from triton_convlstm import ConvLSTM, graphs
+
+pytestmark = pytest.mark.gpu
+
+
+def _pair(dtype=torch.float32, peephole=True, **kw):
+    torch.manual_seed(3)
+    eager = ConvLSTM(4, [8, 6], 3, 2, batch_first=True, peephole=peephole,
+                     return_all_layers=True, cuda_graphs=False, **kw)
+    if peephole:
+        with torch.no_grad():
+            for cell in eager.cell_list:
+                cell.peephole.normal_(0, 0.5)
+    graphed = ConvLSTM(4, [8, 6], 3, 2, batch_first=True, peephole=peephole,
+                       return_all_layers=True, cuda_graphs=True, **kw)
+    graphed.load_state_dict(eager.state_dict())
+    return eager.cuda().to(dtype), graphed.cuda().to(dtype)
+
+
+def _step(m, x, train=True):
+    if not train:
+        with torch.no_grad():
+            outs, last = m(x)
+        return [o.clone() for o in outs] + [t.clone() for pair in last for t in pair]
+    x = x.clone().requires_grad_()
+    outs, last = m(x)
+    loss = sum((o.float() ** 2).mean() for o in outs) + last[-1][1].mean()
+    grads = torch.autograd.grad(loss, [x] + list(m.parameters()))
+    return [o.detach() for o in outs] + list(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "train"])
+def test_replay_equals_eager_with_fresh_data(dtype, train):
+    graphs.clear()
+    eager, graphed = _pair(dtype)
+    for call in range(4):  # eager warm-up, capture, then replays
+        x = torch.randn(3, 5, 4, 12, 10, device="cuda", dtype=dtype)
+        want = _step(eager, x, train)
+        got = _step(graphed, x, train)
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all()
+            # cuDNN's weight-gradient algorithms may sum in any order: exact only without them.
+            tol = dict(rtol=0, atol=0) if not train else {}
+            torch.testing.assert_close(a, b, **tol, msg=f"call {call}")
+    assert graphs.FORWARD.captures >= 1
+    if train:
+        assert graphs.BACKWARD.captures >= 1
+
+
+def test_shape_change_recaptures_and_outputs_are_not_overwritten():
+    graphs.clear()
+    eager, graphed = _pair()
+    xs = [torch.randn(3, 5, 4, 12, 10, device="cuda") for _ in range(3)]
+    keep = [_step(graphed, x, train=False) for x in xs]  # held while later replays run
+    before = graphs.FORWARD.captures
+    x_other = torch.randn(2, 7, 4, 9, 11, device="cuda")
+    for _ in range(3):
+        _step(graphed, x_other, train=False)
+    assert graphs.FORWARD.captures > before
+    for x, held in zip(xs, keep):
+        for a, b in zip(held, _step(eager, x, train=False)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_two_forwards_then_one_backward():
+    """Saved activations of the first call must survive the second call's replay."""
+    graphs.clear()
+    eager, graphed = _pair()
+    for _ in range(2):  # warm up and capture
+        _step(graphed, torch.randn(3, 5, 4, 12, 10, device="cuda"))
+    x1, x2 = (torch.randn(3, 5, 4, 12, 10, device="cuda") for _ in range(2))
+    losses = []
+    for m in (eager, graphed):
+        m.zero_grad()
+        loss = m(x1)[0][-1].pow(2).mean() + m(x2)[0][-1].pow(2).mean()
+        loss.backward()
+        losses.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*losses):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_training_is_deterministic(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    _, graphed = _pair(torch.bfloat16)
+    x = torch.randn(3, 5, 4, 12, 10, device="cuda", dtype=torch.bfloat16)
+    runs = [_step(graphed, x) for _ in range(4)]
+    for a, b in zip(runs[-1], runs[-2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_fullgraph(mode):
+    torch._dynamo.reset()
+    eager, graphed = _pair()
+    compiled = torch.compile(graphed, fullgraph=True, mode=mode)
+    for _ in range(3):
+        x = torch.randn(3, 5, 4, 12, 10, device="cuda")
+        want = _step(eager, x)
+        got = _step(compiled, x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_matches_bf16_model():
+    eager, _ = _pair(peephole=False)
+    x = torch.randn(3, 5, 4, 12, 10, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outs, last = eager(x)
+    assert outs[-1].dtype == torch.bfloat16 and last[-1][1].dtype == torch.float32
+    ref = eager.to(torch.bfloat16)(x.bfloat16())[0][-1]
+    torch.testing.assert_close(outs[-1], ref, rtol=0, atol=0)

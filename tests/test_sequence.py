@@ -1,0 +1,142 @@
+"""The whole-sequence path (layer op, time loops) on CPU: torch gate math and, under the Triton
+interpreter, the real kernels; checked against a float64 run of the same module."""
+
+import pytest
+import torch
+
+from triton_convlstm import ConvLSTM
+from triton_convlstm.layer_op import layer_forward_op
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(backend, peephole=True, **kw):
+    torch.manual_seed(1)
+    m = ConvLSTM(2, [3, 5], [3, (2, 3)], 2, batch_first=True, return_all_layers=True,
+                 peephole=peephole, backend=backend, **kw)
+    if peephole:
+        with torch.no_grad():
+            for cell in m.cell_list:
+                cell.peephole.normal_()
+    return m.to(DEVICE)
+
+
+def _inputs(dtype=torch.float32, state=True):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 2, 5, 6, generator=g).to(DEVICE, dtype).requires_grad_()
+    if not state:
+        return x, None
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    st = [
+        (torch.randn(2, hid, 5, 6, generator=g).to(DEVICE, dtype).requires_grad_(),
+         torch.randn(2, hid, 5, 6, generator=g).to(DEVICE, sdt).requires_grad_())
+        for hid in (3, 5)
+    ]
+    return x, st
+
+
+def _run(m, x, st):
+    outs, last = m(x, st)
+    loss = sum((o.float() ** 2).sum() for o in outs) + sum(
+        h.float().sum() + 0.5 * c.sum() for h, c in last
+    )
+    leaves = [x] + ([t for pair in st for t in pair] if st else []) + list(m.parameters())
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outs] + [t.detach() for pair in last for t in pair] + list(grads)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("state", [True, False], ids=["state", "zeros"])
+def test_layer_matches_float64(backend, state):
+    ref_m = _model("torch").double()
+    x, st = _inputs(torch.float64, state)
+    ref = _run(ref_m, x, st)
+    m = _model(backend)
+    x32 = x.detach().float().requires_grad_()
+    st32 = None if st is None else [
+        (h.detach().float().requires_grad_(), c.detach().float().requires_grad_()) for h, c in st
+    ]
+    got = _run(m, x32, st32)
+    assert len(got) == len(ref)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.isfinite(a).all(), i
+        assert _rel(a, b) < 2e-5, (i, _rel(a, b))
+
+
+def test_inference_saves_nothing_and_matches_training_forward():
+    m = _model("torch")
+    x, st = _inputs()
+    with torch.no_grad():
+        outs_ng, last_ng = m(x, st)
+    outs, last = m(x, st)
+    torch.testing.assert_close(outs_ng[1], outs[1].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(last_ng[1][1], last[1][1].detach(), rtol=0, atol=0)
+    cell = m.cell_list[0]
+    seq = x.detach().transpose(0, 1)
+    h_seq, c_last, c_seq, z_seq = layer_forward_op(
+        seq, cell.conv.weight.detach(), cell.conv.bias.detach(), cell.peephole.detach(),
+        None, None, [1, 1], "torch", False, False,
+    )
+    assert c_seq.numel() == 0 and z_seq.numel() == 0
+    assert h_seq.shape == (4, 2, 3, 5, 6) and c_last.shape == (2, 3, 5, 6)
+
+
+def test_zero_state_equals_no_state():
+    m = _model("torch")
+    x, _ = _inputs()
+    zeros = [(x.new_zeros(2, hid, 5, 6).requires_grad_(), x.new_zeros(2, hid, 5, 6).requires_grad_())
+             for hid in (3, 5)]
+    a = _run(m, x, None)
+    b = _run(m, x, zeros)
+    n_params = len(list(m.parameters()))
+    b = b[: len(a) - n_params] + b[-n_params:]  # drop the state gradients
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_only_through_last_cell():
+    """Only c_last used: the op's backward gets no h gradient at all."""
+    m = _model("torch")
+    x, st = _inputs()
+    _, last = m(x, st)
+    last[-1][1].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_backward_of_no_grad_run_is_impossible():
+    m = _model("torch")
+    x, _ = _inputs()
+    with torch.no_grad():
+        outs, _ = m(x)
+    assert not outs[0].requires_grad
+
+
+def test_compile_fullgraph_matches_eager():
+    m = _model("torch", peephole=False)
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randn(2, 3, 2, 5, 6, device=DEVICE)
+    outs, last = compiled(x)
+    ref_outs, ref_last = m(x)
+    torch.testing.assert_close(outs[1], ref_outs[1])
+    torch.testing.assert_close(last[1][1], ref_last[1][1])
+
+
+def test_compiled_graph_does_not_grow_with_T():
+    """The time loop lives inside one op per layer: dynamo's graph has the same size at any T."""
+    sizes = {}
+
+    def counting_backend(gm, example_inputs):
+        sizes[current] = len(gm.graph.nodes)
+        return gm.forward
+
+    m = _model("torch", peephole=False)
+    for current in (2, 16):
+        torch._dynamo.reset()
+        x = torch.randn(1, current, 2, 5, 6, device=DEVICE)
+        torch.compile(m, backend=counting_backend, fullgraph=True)(x)
+    assert sizes[2] == sizes[16]
