@@ -121,6 +121,8 @@ class ConvLSTM(nn.Module):
         validation.positive_int("num_layers", num_layers)
         validation.positive_int("input_dim", input_dim)
         check_backend_name(backend)
+        if forget_bias and not bias:
+            raise ValueError(f"forget_bias: expected 0.0 with bias=False, got {forget_bias}")
         hidden = validation.per_layer("hidden_dim", hidden_dim, num_layers, scalar=int)
         kernels = validation.per_layer("kernel_size", kernel_size, num_layers)
         dilations = validation.per_layer("dilation", dilation, num_layers)
