@@ -113,8 +113,6 @@ def _step(zx, c_prev, zh, bias, peephole, backend):
     return (h * h).sum() + c.sum()
 
 
-# backend.py's lru_cache'd Triton probe: dynamo traces through it (correct: it is constant)
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 # reference.gate_forward/gate_backward (the torch path) now write through non-contiguous out=
 # slices, which dynamo refuses; expected to pass again once reference.py is traceable.
 REFERENCE_NOT_TRACEABLE = pytest.mark.xfail(
@@ -122,6 +120,8 @@ REFERENCE_NOT_TRACEABLE = pytest.mark.xfail(
     reason="reference.py gate math uses out= into non-contiguous slices (dynamo: Unsupported)")
 
 
+# backend.py's lru_cache'd Triton probe: dynamo traces through it (correct: it is constant)
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
                                      pytest.param("torch", marks=REFERENCE_NOT_TRACEABLE)])
 def test_compile_fullgraph(backend):
