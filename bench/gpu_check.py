@@ -89,9 +89,11 @@ def parse_pytest(output: str, rc: int | None) -> dict:
             "output_tail": output[-4000:]}
 
 
-def run_tests(cap: float, work: Path) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "bench/test_perf.py", "-x",
-           "-q", "-p", "no:cacheprovider", f"--benchmark-json={work / 'tests_benchmark.json'}"]
+def run_tests(cap: float, work: Path, paths: list[str]) -> dict:
+    # Benchmark storage in the scratch folder: pytest-benchmark would litter the checkout.
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *paths, "-x", "-q", "-p",
+           "no:cacheprovider", f"--benchmark-json={work / 'tests_benchmark.json'}",
+           f"--benchmark-storage=file://{work / 'storage'}"]
     print(f"== gpu tests (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
     t0 = time.monotonic()
     rc, output = run_capped(cmd, cap, work / "tests.log")
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the budget the tests may use (default 0.4)")
     p.add_argument("--out", help="JSON path (default bench/results/<gpu-name>.json)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the plumbing")
+    p.add_argument("--test-paths", nargs="+", default=["tests", "bench/test_perf.py"],
+                   help="what pytest -m gpu runs (default: tests bench/test_perf.py)")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     args = p.parse_args(argv)
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_tests:
         share = 1.0 if args.skip_bench else args.tests_share
-        report["tests"] = run_tests(min(args.budget_s * share, left()), work)
+        report["tests"] = run_tests(min(args.budget_s * share, left()), work, args.test_paths)
     if not args.skip_bench and left() > 5:
         report["bench"] = run_bench(left(), work, args.dry_run)
         report["goals"] = goals(report["bench"]["rows"])
