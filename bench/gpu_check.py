@@ -112,7 +112,7 @@ def bench_args(dry_run: bool) -> list[str]:
         return ["--device", "cpu", "--dtype", "fp32", "--shapes", "cpu-s", "--impls",
                 "eager,layer,convs-only", "--repeats", "1", "--sweep", "2", "--threads", "1"]
     return ["--device", "cuda", "--dtype", "bf16,fp32", "--shapes", "S,M,L", "--modes",
-            "fwd,train", "--impls", "eager,compiled,compiled-ro,layer,convs-only",
+            "train,fwd", "--impls", "eager,compiled,compiled-ro,layer,convs-only",
             "--compile-times", "on", "--sweep", "4,8,16,32"]
 
 

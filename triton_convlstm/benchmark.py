@@ -112,27 +112,43 @@ def _resolve(args) -> None:
 
 def _plan(args):
     """Jobs in priority order, so that a budget cuts the least informative ones: every case
-    without a compile first, then each compile mode over the shapes, then the compile-time
-    probes, then the T sweep for the plot."""
+    without a compile first, then the layer's compile-time probes (cheap: its time loop is one
+    op), then both compile modes case by case (the goals compare with the better one), then the
+    formulation's compile-time probes (the compiler unrolls T), then the T sweep for the plot."""
     grid = [(s, d, m) for s in args.shapes for d in args.dtype for m in args.modes]
-    cheap = [i for i in args.impls if i not in COMPILED_IMPLS]
     compiled = [i for i in args.impls if i in COMPILED_IMPLS]
-    jobs = [("case", i, s, d, m, None) for s, d, m in grid for i in cheap]
-    jobs += [("case", i, s, d, m, None) for i in compiled for s, d, m in grid]
-    if args.compile_times:
-        jobs += [("compile", i, args.shapes[0], args.dtype[0], "train", t)
-                 for t in (8, 64) for i in ("layer", "eager")]
+    jobs = [("case", i, s, d, m, None) for s, d, m in grid for i in args.impls
+            if i not in compiled]
+    probes = [("compile", i, args.shapes[0], args.dtype[0], "train", t)
+              for i in ("layer", "eager") for t in (8, 64)] if args.compile_times else []
+    jobs += probes[:2]
+    jobs += [("case", i, s, d, m, None) for s, d, m in grid for i in compiled]
+    jobs += probes[2:]
     if "train" in args.modes:
         jobs += [("sweep", i, args.shapes[0], args.dtype[0], "train", t)
                  for i in args.impls for t in args.sweep]
     return jobs
 
 
+def _cost_key(job) -> tuple:
+    kind, impl, *_ = job
+    return (kind, impl) if kind == "compile" else (kind, impl in COMPILED_IMPLS)
+
+
+def _scale(job) -> float:
+    # The formulation's compile time grows with T (the compiler unrolls the loop); the layer's
+    # should not. Probes are recorded per T=8 and scaled back up.
+    kind, impl, *_, steps = job
+    return steps / 8 if kind == "compile" and impl == "eager" else 1.0
+
+
 def _guess_s(job, seen: dict) -> float:
     """What a job will cost, from the most expensive similar one seen so far (or a guess)."""
-    kind, impl, *_ = job
-    key = (kind, impl in COMPILED_IMPLS or kind == "compile")
-    return seen.get(key, 60.0 if key[1] else 2.0)
+    key = _cost_key(job)
+    expensive = key[0] == "compile" or key[1] is True
+    like_case = ("case", key[1]) if key[0] == "sweep" else None
+    per = seen.get(key, seen.get(like_case, 60.0 if expensive else 2.0))
+    return per * _scale(job)
 
 
 def run_benchmark(args, emit=print) -> dict:
@@ -168,8 +184,8 @@ def run_benchmark(args, emit=print) -> dict:
                 row = run_case(impl, shape, dtype, mode, device, reps=args.repeats,
                                target_s=args.target_s)
                 result["rows" if kind == "case" else "sweep"].append(row)
-            key = (kind, impl in COMPILED_IMPLS or kind == "compile")
-            seen[key] = max(seen.get(key, 0.0), time.perf_counter() - t0)
+            key = _cost_key(job)
+            seen[key] = max(seen.get(key, 0.0), (time.perf_counter() - t0) / _scale(job))
             stream.write(json.dumps({"kind": kind, **row}) + "\n")
             stream.flush()
         if bar is not None:
