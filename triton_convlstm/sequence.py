@@ -1,7 +1,6 @@
 """One ConvLSTM layer over a whole sequence: the forward and backward time loops.
 
-Layout: everything is time-major, ``(T, B, channels, H, W)``, channels_last per frame on CUDA
-(NCHW bf16 convolutions ran about 2x slower than channels_last). The input convolution runs once
+Layout: everything is time-major, ``(T, B, channels, H, W)``, channels_last per frame. The input convolution runs once
 over all T*B frames; each step runs one hidden convolution and one fused gate update that writes
 h_t straight into its slot of the output buffer. The backward runs the gate gradient and the
 hidden input-gradient convolution per step, and every weight/bias gradient once over all steps.
@@ -30,7 +29,10 @@ class LayerSpec:
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    # channels_last on every device: cuDNN bf16 convolutions ran ~2x faster in it, and oneDNN on
+    # CPU ran this layer's training step 1.4x faster than in NCHW (74.9 vs 104.4 ms, B4 T8 C8
+    # hid32 24x24, one thread).
+    return torch.channels_last
 
 
 def empty_seq(t: int, b: int, ch: int, h: int, w: int, *, dtype, device) -> Tensor:
