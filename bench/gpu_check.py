@@ -40,12 +40,30 @@ GOALS = {("train", "S"): 2.0, ("train", "M"): 2.0, ("train", "L"): 1.7,
 MARGIN_S = 10.0  # kept back for writing results after the last child is stopped
 
 
+def child_env() -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def ensure_importable() -> str:
+    """The kernels live in ROOT/kernels and import as triton_convlstm.kernels only through the
+    package install (pyproject's package-dir). A bare GPU box has none: install the checkout
+    editable, offline and without dependencies, which changes nothing else there."""
+    probe = [sys.executable, "-c", "import triton_convlstm.kernels.gates"]
+    if subprocess.run(probe, cwd=ROOT, env=child_env(), capture_output=True).returncode == 0:
+        return "importable"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                          "--no-build-isolation", "-e", str(ROOT)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if subprocess.run(probe, cwd=ROOT, env=child_env(), capture_output=True).returncode == 0:
+        return "installed editable (pip -e, offline)"
+    return f"triton_convlstm.kernels not importable: {pip.stderr.strip()[-300:]}"
+
+
 def run_capped(cmd: list[str], timeout: float, log: Path) -> tuple[int | None, str]:
     """Run ``cmd`` in its own process group, echo and log its output, kill the whole group at
     ``timeout`` seconds. Returns (exit status, or None when killed; the output)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
 
@@ -180,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     default_dir = Path(tempfile.gettempdir()) if args.dry_run else ROOT / "bench" / "results"
     out = Path(args.out) if args.out else default_dir / f"{name}.json"
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    report = {"meta": environment(device), "budget_s": args.budget_s, "dry_run": args.dry_run}
+    report = {"meta": environment(device), "budget_s": args.budget_s, "dry_run": args.dry_run,
+              "package": ensure_importable()}
+    print(f"package: {report['package']}", flush=True)
 
     if not args.skip_tests:
         share = 1.0 if args.skip_bench else args.tests_share
