@@ -165,11 +165,13 @@ def test_low_precision(dtype, layout):
     zx, zh, bias, c_prev, pe = sample(2, 5, 7, 9, layout, dtype, True)
     h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
     assert h.dtype == dtype and c.dtype == torch.float32 and z.dtype == dtype
-    z64 = z.to(F64)  # the oracle sees the same (rounded) z the backward gets
-    h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), pe.to(F64))
-    h_low, c_low = oracle_forward(z.to(dtype), c_prev.to(dtype), pe.to(dtype))
+    # Forward: the exact sum; torch in `dtype` sums and runs the math in that dtype too.
+    h_ref, c_ref = oracle_forward(total_z(zx, zh, bias), c_prev.to(F64), pe.to(F64))
+    h_low, c_low = oracle_forward(zx + zh + bias[:, None, None], c_prev.to(dtype), pe.to(dtype))
     for got, low, ref in [(h, h_low, h_ref), (c, c_low, c_ref)]:
         assert rel_err(got, ref) <= min(2 * rel_err(low, ref) + 1e-5, 1e-2)
+    assert rel_err(c, c_ref) <= 1e-5  # the state never leaves fp32
+    z64 = z.to(F64)  # the backward oracle sees the same (rounded) z the kernel gets
 
     dh, dh2, dc = grads_in(c, layout, True, True, True, dtype)
     got = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
@@ -306,7 +308,8 @@ def test_bad_inputs_raise(case):
 def test_real_sizes(hid, dtype, layout):
     zx, zh, bias, c_prev, pe = sample(16, hid, 64, 64, layout, dtype, True)
     h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
-    h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
+    # the forward works on the exact fp32 sum; the backward sees the saved (rounded) z
+    h_ref, c_ref = oracle_forward(total_z(zx, zh, bias), c_prev.to(F64), pe.to(F64))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(h, h_ref) <= tol and rel_err(c, c_ref) <= 1e-5
     dh, dh2, dc = grads_in(c, layout, True, True, True, dtype)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backend import resolve_backend
+from .backend import check_backend_name, resolve_backend
 
 __all__ = ["gate_update", "gate_forward_op", "gate_backward_op"]
 
@@ -168,7 +168,8 @@ def gate_update(
     >>> h, c = gate_update(torch.randn(2, 8, 5, 5), torch.zeros(2, 2, 5, 5), backend="torch")
     """
     _check_shapes(zx, c_prev, zh, bias, peephole)
-    if resolve_backend(backend, zx.device) == "torch" or zx.dtype == torch.float64:
+    check_backend_name(backend)
+    if zx.dtype == torch.float64 or resolve_backend(backend, zx.device) == "torch":
         return _TorchGateUpdate.apply(zx, c_prev, zh, bias, peephole)
     if c_prev.dtype != torch.float32:  # the kernels keep the state in fp32
         c_prev = c_prev.float()
