@@ -49,47 +49,45 @@ def gate_forward(
         gates i, f, o, g, so that :func:`gate_backward_from_gates` need not recompute them.
     h_out, c_out: optional buffers for h and c (c_out may be c_prev itself).
     Returns h (B, hidden, H, W) in z's dtype and c in the state dtype.
+
+    Without the optional buffers this is plain functional torch (traceable by torch.compile).
     """
-    out_dtype = z.dtype
+    gates = _activations(z, c_prev, None, peephole, forward=True)
+    i, f, o, g, c = gates
+    h = o * torch.tanh(c)
+    if gates_out is not None:
+        torch.cat([i, f, o, g], dim=1, out=gates_out)
+    if c_out is not None:
+        c = c_out.copy_(c)
+    if h_out is not None:
+        return h_out.copy_(h), c
+    return h.to(z.dtype), c
+
+
+def _activations(z, c_prev, c, peephole, forward=False):
+    """i, f, o, g (state dtype); in the forward also the new cell, which o's peephole reads."""
     math = state_dtype(z.dtype)
     hid = z.shape[1] // 4
     z = z.to(math)
     c_prev = c_prev.to(math)
-    act = torch.empty_like(z) if gates_out is None else gates_out
     p = _peephole_terms(peephole, math)
+    zi, zf, zo, zg = (z[:, k * hid : (k + 1) * hid] for k in range(4))
     if p is None:
-        # i, f, o are adjacent channels: one sigmoid over all three.
-        torch.sigmoid(z[:, : 3 * hid], out=act[:, : 3 * hid])
+        i, f, o = torch.sigmoid(z[:, : 3 * hid]).chunk(3, dim=1)  # i, f, o are adjacent
     else:
-        torch.sigmoid(z[:, :hid] + p[0] * c_prev, out=act[:, :hid])
-        torch.sigmoid(z[:, hid : 2 * hid] + p[1] * c_prev, out=act[:, hid : 2 * hid])
-    torch.tanh(z[:, 3 * hid :], out=act[:, 3 * hid :])
-    i, f, g = act[:, :hid], act[:, hid : 2 * hid], act[:, 3 * hid :]
-    c = torch.addcmul(f * c_prev, i, g, out=c_out)
+        i, f = torch.sigmoid(zi + p[0] * c_prev), torch.sigmoid(zf + p[1] * c_prev)
+    g = torch.tanh(zg)
+    if forward:
+        c = torch.addcmul(f * c_prev, i, g)
     if p is not None:
-        torch.sigmoid(z[:, 2 * hid : 3 * hid] + p[2] * c, out=act[:, 2 * hid : 3 * hid])
-    h = act[:, 2 * hid : 3 * hid] * torch.tanh(c)
-    if h_out is None:
-        return h.to(out_dtype), c
-    return h_out.copy_(h), c
+        o = torch.sigmoid(zo + p[2] * c.to(math))
+    return (i, f, o, g, c) if forward else (i, f, o, g)
 
 
 def gate_activations(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None) -> Tensor:
-    """The activated gates i, f, o, g (state dtype) recomputed from pre-activations and cells."""
-    math = state_dtype(z.dtype)
-    hid = z.shape[1] // 4
-    z = z.to(math)
-    act = torch.empty_like(z)
-    p = _peephole_terms(peephole, math)
-    if p is None:
-        torch.sigmoid(z[:, : 3 * hid], out=act[:, : 3 * hid])
-    else:
-        c_prev, c = c_prev.to(math), c.to(math)
-        torch.sigmoid(z[:, :hid] + p[0] * c_prev, out=act[:, :hid])
-        torch.sigmoid(z[:, hid : 2 * hid] + p[1] * c_prev, out=act[:, hid : 2 * hid])
-        torch.sigmoid(z[:, 2 * hid : 3 * hid] + p[2] * c, out=act[:, 2 * hid : 3 * hid])
-    torch.tanh(z[:, 3 * hid :], out=act[:, 3 * hid :])
-    return act
+    """The activated gates i, f, o, g (B, 4*hidden, H, W) recomputed from pre-activations and
+    cells, in the state dtype."""
+    return torch.cat(_activations(z, c_prev, c, peephole), dim=1)
 
 
 def gate_backward_from_gates(
@@ -105,31 +103,24 @@ def gate_backward_from_gates(
     """Gradients of :func:`gate_forward` given its activated gates (B, 4*hidden, H, W).
 
     dh: gradient w.r.t. h (or None), dc: gradient w.r.t. c (or None). Returns dz (into
-    ``dz_out`` when given, else state dtype), dc_prev (state dtype) and the peephole gradient
-    (3, hidden) (None without peepholes).
+    ``dz_out`` when given, else in the state dtype), dc_prev (state dtype) and the peephole
+    gradient (3, hidden) (None without peepholes).
     """
     math = gates.dtype
-    hid = gates.shape[1] // 4
-    i, f, o, g = (gates[:, k * hid : (k + 1) * hid] for k in range(4))
+    i, f, o, g = gates.chunk(4, dim=1)
     c_prev, c = c_prev.to(math), c.to(math)
     p = _peephole_terms(peephole, math)
     tc = torch.tanh(c)
     dh = torch.zeros_like(c) if dh is None else dh.to(math)
     dc = torch.zeros_like(c) if dc is None else dc.to(math)
 
-    direct = dz_out is not None and dz_out.dtype == math
-    dz = dz_out if direct else torch.empty_like(gates)
-    dzi, dzf, dzo, dzg = (dz[:, k * hid : (k + 1) * hid] for k in range(4))
-    # The three sigmoid gates share the form d*s*(1-s): fill d per gate, then one multiply.
-    torch.mul(dh, tc, out=dzo)
-    dzo.mul_(o * (1 - o))
+    dzo = dh * tc * o * (1 - o)
     dc = dc + dh * o * (1 - tc * tc)
     if p is not None:
-        dc = torch.addcmul(dc, dzo, p[2])
-    torch.mul(dc, g, out=dzi)
-    torch.mul(dc, c_prev, out=dzf)
-    dz[:, : 2 * hid].mul_(gates[:, : 2 * hid] * (1 - gates[:, : 2 * hid]))
-    torch.mul(dc, i * (1 - g * g), out=dzg)
+        dc = dc + dzo * p[2]
+    dzi = dc * g * i * (1 - i)
+    dzf = dc * c_prev * f * (1 - f)
+    dzg = dc * i * (1 - g * g)
     dc_prev = dc * f
     dpeep = None
     if p is not None:
@@ -137,9 +128,9 @@ def gate_backward_from_gates(
         dpeep = torch.stack(
             [(dzi * c_prev).sum((0, 2, 3)), (dzf * c_prev).sum((0, 2, 3)), (dzo * c).sum((0, 2, 3))]
         )
-    if dz_out is not None and not direct:
-        dz = dz_out.copy_(dz)
-    return dz, dc_prev, dpeep
+    if dz_out is not None:
+        return torch.cat([dzi, dzf, dzo, dzg], dim=1, out=dz_out), dc_prev, dpeep
+    return torch.cat([dzi, dzf, dzo, dzg], dim=1), dc_prev, dpeep
 
 
 def gate_backward(

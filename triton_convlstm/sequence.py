@@ -1,9 +1,10 @@
 """One ConvLSTM layer over a whole sequence: the forward and backward time loops.
 
-Layout: everything is time-major, ``(T, B, channels, H, W)``, channels_last per frame. The input convolution runs once
-over all T*B frames; each step runs one hidden convolution and one fused gate update that writes
-h_t straight into its slot of the output buffer. The backward runs the gate gradient and the
-hidden input-gradient convolution per step, and every weight/bias gradient once over all steps.
+Layout: everything is time-major, ``(T, B, channels, H, W)``, channels_last per frame. The input
+convolution runs once over all T*B frames; each step runs one hidden convolution and one fused
+gate update that writes h_t straight into its slot of the output buffer. The backward runs the
+gate gradient and the hidden input-gradient convolution per step, and every weight/bias gradient
+once over all steps.
 
 What is saved for the backward: the summed pre-activations z (compute dtype), the cells
 c_1..c_{T-1} (state dtype; c_T is the returned last cell) and the outputs h (already returned).
