@@ -110,17 +110,23 @@ class MovingDigits:
         frames = (pix * mask).amax(dim=1)  # (B, T, H, W)
         return frames[:, :, None]
 
+    def sample(self, step: int, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The random draws of batch ``step``, all from its own CPU generator (so they are the
+        same on every device): corners (B, D, T, 2) integer-valued float (y, x) top-left sprite
+        positions, which (B, D) sprite indices, present (B, D) bool (1..max_digits per row)."""
+        gen = self.generator(step)
+        b, d = batch_size, self.max_digits
+        which = torch.randint(len(self.sprites), (b, d), generator=gen)
+        count = torch.randint(1, d + 1, (b,), generator=gen)
+        present = torch.arange(d)[None, :] < count[:, None]
+        corners = self.trajectories(b, gen).round()
+        return corners, which, present
+
     def batch(self, step: int, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
         """Batch number ``step``: (batch_size, frames, 1, H, W) float32 in [0, 1] on ``device``.
         The same (seed, split, step, batch_size) always gives the same values on any device."""
-        gen = self.generator(step)
-        b, d = batch_size, self.max_digits
-        # The random draws happen on the CPU generator (device-independent); only the painting,
-        # the costly part for 64x64 frames, runs on ``device``.
-        which = torch.randint(len(self.sprites), (b, d), generator=gen)
-        count = torch.randint(1, d + 1, (b,), generator=gen)
-        present = torch.arange(d)[None, :] < count[:, None]  # (B, D)
-        corners = self.trajectories(b, gen).round()
+        corners, which, present = self.sample(step, batch_size)
+        # Only the painting, the costly part for 64x64 frames, runs on ``device``.
         return self.render(corners.to(device), self.sprites[which].to(device), present.to(device))
 
     def fixed_set(self, size: int, batch_size: int = 64) -> Tensor:
