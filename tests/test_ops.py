@@ -113,17 +113,10 @@ def _step(zx, c_prev, zh, bias, peephole, backend):
     return (h * h).sum() + c.sum()
 
 
-# reference.gate_forward/gate_backward (the torch path) now write through non-contiguous out=
-# slices, which dynamo refuses; expected to pass again once reference.py is traceable.
-REFERENCE_NOT_TRACEABLE = pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported, strict=False,
-    reason="reference.py gate math uses out= into non-contiguous slices (dynamo: Unsupported)")
-
-
 # backend.py's lru_cache'd Triton probe: dynamo traces through it (correct: it is constant)
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
-                                     pytest.param("torch", marks=REFERENCE_NOT_TRACEABLE)])
+                                     "torch"])
 def test_compile_fullgraph(backend):
     """Dynamo traces gate_update without a graph break; on CPU the Triton custom op runs in the
     interpreter inside the compiled graph (its fake kernel is what the compiler sees). aot_eager

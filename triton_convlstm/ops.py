@@ -118,39 +118,16 @@ def _check_shapes(zx, c_prev, zh, bias, peephole):
                 raise ValueError(f"{name}: expected shape {shape}, got {got}")
 
 
-class _TorchGateUpdate(torch.autograd.Function):
-    """The torch path: reference.gate_forward, then reference.gate_backward from the saved sum z.
-
-    An autograd.Function because the reference writes through ``out=`` buffers, which autograd
-    cannot differentiate; dynamo traces it (no graph break)."""
-
-    @staticmethod
-    def forward(ctx, zx, c_prev, zh, bias, peephole):
-        sdt = reference.state_dtype(zx.dtype)
-        z = zx.to(sdt)  # summed in the math dtype, as the kernel does
-        if zh is not None:
-            z = z + zh.to(sdt)
-        if bias is not None:
-            z = z + bias.to(sdt)[:, None, None]
-        c_prev_s = c_prev.to(sdt)
-        h, c = reference.gate_forward(z, c_prev_s, peephole)
-        ctx.save_for_backward(z, c_prev_s, c, peephole)
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (zx, c_prev, zh, bias, peephole))
-        return h.to(zx.dtype), c
-
-    @staticmethod
-    def backward(ctx, dh, dc):
-        z, c_prev, c, peephole = ctx.saved_tensors
-        dz, dc_prev, dpe = reference.gate_backward(z, c_prev, c, peephole, dh, dc)
-        zx_t, cp_t, zh_t, bias_t, pe_t = ctx.dtypes
-        need = ctx.needs_input_grad
-        return (
-            dz.to(zx_t) if need[0] else None,
-            dc_prev.to(cp_t) if need[1] else None,
-            dz.to(zh_t) if zh_t is not None and need[2] else None,
-            _bias_grad(dz, bias_t) if bias_t is not None and need[3] else None,
-            dpe.to(pe_t) if pe_t is not None and need[4] else None,
-        )
+def _torch_gate_update(zx, c_prev, zh, bias, peephole):
+    """The torch path: autograd (and dynamo) straight through reference.gate_forward."""
+    sdt = reference.state_dtype(zx.dtype)
+    z = zx.to(sdt)  # summed in the math dtype, as the kernel does
+    if zh is not None:
+        z = z + zh.to(sdt)
+    if bias is not None:
+        z = z + bias.to(sdt)[:, None, None]
+    h, c = reference.gate_forward(z, c_prev.to(sdt), peephole)
+    return h.to(zx.dtype), c
 
 
 def gate_update(
@@ -170,7 +147,7 @@ def gate_update(
     _check_shapes(zx, c_prev, zh, bias, peephole)
     check_backend_name(backend)
     if zx.dtype == torch.float64 or resolve_backend(backend, zx.device) == "torch":
-        return _TorchGateUpdate.apply(zx, c_prev, zh, bias, peephole)
+        return _torch_gate_update(zx, c_prev, zh, bias, peephole)
     if c_prev.dtype != torch.float32:  # the kernels keep the state in fp32
         c_prev = c_prev.float()
     h, c, _ = gate_forward_op(zx, zh, bias, c_prev, peephole)
