@@ -96,7 +96,7 @@ def test_model_beats_copy_last_frame(tmp_path, capsys):
                  "--batch-size", "8", "--steps", "150", "--lr", "4e-3", "--val-size", "64",
                  "--seed", "0", "--out", str(out)]) == 0
     report = capsys.readouterr().out
-    assert "beats the copy-last-frame baseline" in report
+    assert "clearly beats the copy-last-frame baseline" in report
     from triton_convlstm.moving_digits import MovingDigits, copy_last_frame_mse
 
     val = _ckpt(out)["history"]["val"][-1][1]
@@ -104,4 +104,4 @@ def test_model_beats_copy_last_frame(tmp_path, capsys):
     copy_last = copy_last_frame_mse(seq[:, :10], seq[:, 10:]).item()
     black = seq[:, 10:].pow(2).mean().item()
     assert val < 0.6 * copy_last, (val, copy_last)
-    assert val < 0.8 * black, (val, black)
+    assert val < 0.75 * black, (val, black)
