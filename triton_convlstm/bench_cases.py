@@ -250,14 +250,15 @@ def ratio_of(fast: list[float], slow: list[float]) -> float:
     return statistics.median(s / f for f, s in zip(fast, slow))
 
 
-def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
-    """Peak CUDA memory of one call of a warmed-up step, in MiB above what was allocated before
-    it (parameters, inputs, CUDA-graph pools held already are not counted). None on CPU."""
+def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) -> float | None:
+    """Peak CUDA memory during one call of a warmed-up step, in MiB above ``base`` (what was
+    allocated before the case was built). So it counts weights and inputs (alike for all
+    implementations) and what an implementation holds between calls (CUDA-graph pools, saved
+    workspaces), which a baseline taken just before the call would hide. None on CPU."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
     step()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -289,6 +290,7 @@ def run_case(
         # A fresh dynamo cache per case: the recompile limit (8) would otherwise make later
         # shapes and dtypes fall back to eager without a word.
         torch._dynamo.reset()
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         step = build_step(impl, shape, dtype, mode, device)
         t0 = time.perf_counter()
         step()  # compiles / captures / autotunes: reported apart, never timed with the rest
@@ -296,7 +298,7 @@ def run_case(
         row["first_call_s"] = round(time.perf_counter() - t0, 3)
         timing = time_step(step, device, reps=reps, warmup=2, target_s=target_s)
         row.update(median_ms=timing.median_ms, min_ms=timing.min_ms, reps=timing.reps,
-                   peak_mem_mb=peak_memory_mb(step, device))
+                   peak_mem_mb=peak_memory_mb(step, device, base))
     except Exception as exc:  # one broken case must not cost the whole table
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
