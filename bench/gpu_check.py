@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -107,9 +108,11 @@ def parse_pytest(output: str, rc: int | None) -> dict:
             "output_tail": output[-4000:]}
 
 
-def run_tests(cap: float, work: Path, paths: list[str]) -> dict:
+def run_tests(cap: float, work: Path, paths: list[str], marker: str = "gpu") -> dict:
     # Benchmark storage in the scratch folder: pytest-benchmark would litter the checkout.
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *paths, "-x", "-q", "-p",
+    # No -x: one device call is precious, so every failure is reported, not just the first.
+    select = ["-m", marker] if marker else []
+    cmd = [sys.executable, "-m", "pytest", *select, *paths, "-q", "-p",
            "no:cacheprovider", f"--benchmark-json={work / 'tests_benchmark.json'}",
            f"--benchmark-storage=file://{work / 'storage'}"]
     print(f"== gpu tests (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
@@ -135,10 +138,12 @@ def bench_args(dry_run: bool) -> list[str]:
             "--compile-times", "on", "--sweep", "4,8,16,32"]
 
 
-def run_bench(cap: float, work: Path, dry_run: bool) -> dict:
+def run_bench(cap: float, work: Path, dry_run: bool, extra: list[str] = ()) -> dict:
     out = work / "bench"
     # The bench skips by its own estimate a little before the hard cap; the cap is the backstop.
-    cmd = [sys.executable, "-m", "triton_convlstm", "bench", *bench_args(dry_run), "--quiet",
+    # Later options win in argparse, so ``extra`` narrows the defaults.
+    cmd = [sys.executable, "-m", "triton_convlstm", "bench", *bench_args(dry_run), *extra,
+           "--quiet",
            "--budget-s", f"{max(cap - 15, 1):.0f}", "--out", str(out)]
     print(f"== benchmark (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
     t0 = time.monotonic()
@@ -192,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the plumbing")
     p.add_argument("--test-paths", nargs="+", default=["tests", "bench/test_perf.py"],
                    help="what pytest -m gpu runs (default: tests bench/test_perf.py)")
+    p.add_argument("--marker", default="gpu",
+                   help="pytest -m expression for the tests ('' runs everything in the paths)")
+    p.add_argument("--bench-args", default="",
+                   help="extra options for the bench command, e.g. '--impls layer,eager'")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     args = p.parse_args(argv)
@@ -210,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_tests:
         share = 1.0 if args.skip_bench else args.tests_share
-        report["tests"] = run_tests(min(args.budget_s * share, left()), work, args.test_paths)
+        report["tests"] = run_tests(min(args.budget_s * share, left()), work, args.test_paths,
+                                    args.marker)
     if not args.skip_bench and left() > 5:
-        report["bench"] = run_bench(left(), work, args.dry_run)
+        report["bench"] = run_bench(left(), work, args.dry_run, shlex.split(args.bench_args))
         report["goals"] = goals(report["bench"]["rows"])
     elif not args.skip_bench:
         report["bench"] = {"skipped": ["no time left for the benchmark"], "rows": []}

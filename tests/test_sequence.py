@@ -140,3 +140,32 @@ def test_compiled_graph_does_not_grow_with_T():
         x = torch.randn(1, current, 2, 5, 6, device=DEVICE)
         torch.compile(m, backend=counting_backend, fullgraph=True)(x)
     assert sizes[2] == sizes[16]
+
+
+def _op_args(requires_grad=True, peephole=True):
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE).requires_grad_(requires_grad)
+    x, w, b = r(3, 2, 2, 5, 4), r(12, 5, 3, 3), r(12)
+    p = r(3, 3) if peephole else None
+    h0, c0 = r(2, 3, 5, 4), r(2, 3, 5, 4)
+    return [x, w, b, p, h0, c0, [1, 1], "torch", requires_grad, False]
+
+
+def test_layer_op_passes_opcheck():
+    torch.library.opcheck(layer_forward_op, tuple(_op_args()))
+    torch.library.opcheck(layer_forward_op, tuple(_op_args(requires_grad=False, peephole=False)))
+
+
+def test_eager_path_equals_custom_op_path():
+    """run_layer's autograd.Function (eager) and the custom op (compile) are one function."""
+    from triton_convlstm.layer_op import run_layer
+
+    results = []
+    for fn in (run_layer, layer_forward_op):
+        args = _op_args()
+        h_seq, c_last, _, _ = fn(*args)
+        loss = (h_seq**2).sum() + c_last.sum()
+        leaves = [a for a in args[:6] if isinstance(a, torch.Tensor)]
+        results.append([h_seq.detach(), c_last.detach(), *torch.autograd.grad(loss, leaves)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

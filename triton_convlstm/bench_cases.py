@@ -53,7 +53,8 @@ SHAPES = {
 }
 GPU_SHAPES = ("S", "M", "L")
 CPU_SHAPES = ("cpu-s", "cpu-m")
-IMPLS = ("eager", "compiled", "compiled-ro", "layer", "convs-only")
+# "layer-nographs": the layer with its CUDA-graph replay off (what the graphs buy, per shape).
+IMPLS = ("eager", "compiled", "compiled-ro", "layer", "layer-nographs", "convs-only")
 COMPILED_IMPLS = ("compiled", "compiled-ro")
 CUDA_ONLY_IMPLS = ("compiled-ro",)  # reduce-overhead means CUDA graphs
 MODES = ("fwd", "train")
@@ -79,7 +80,7 @@ def make_models(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 
 def _sequence_of(impl: str, model) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> the (B, T, hidden, H, W) output sequence, whichever output convention ``model`` has."""
-    if impl == "layer":
+    if impl in ("layer", "layer-nographs"):
 
         def run(x):
             outs, _ = model(x)
@@ -103,7 +104,9 @@ def build_step(
     if impl == "convs-only":
         return _convs_only_step(shape, dt, mode, device, seed)
     eager, layer = make_models(shape, device, dt, seed)
-    model = layer if impl == "layer" else eager
+    model = layer if impl in ("layer", "layer-nographs") else eager
+    if impl == "layer-nographs":
+        layer.cuda_graphs = False
     if impl in COMPILED_IMPLS:
         model = torch.compile(model, mode="reduce-overhead" if impl == "compiled-ro" else None)
     seq_of = _sequence_of(impl, model)
@@ -312,7 +315,9 @@ def compile_seconds(impl: str, shape: Shape, dtype: str, device: torch.device) -
     compiling forward and backward, and one run. impl is "eager" (the formulation, whose time
     loop the compiler unrolls) or "layer"."""
     eager, layer = make_models(shape, device, DTYPES[dtype])
-    model = layer if impl == "layer" else eager
+    model = layer if impl in ("layer", "layer-nographs") else eager
+    if impl == "layer-nographs":
+        layer.cuda_graphs = False
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)

@@ -3,6 +3,11 @@
 One opaque op per layer means ``torch.compile`` does not unroll the time loop (compile time does
 not grow with T), and the op's own backward computes weight gradients once over all steps.
 The fake kernels allocate through the same helper as the real ones, so strides agree.
+
+Eagerly the same implementation runs through a plain ``autograd.Function`` (or, without grad,
+directly): a ``torch.library`` custom op costs ~150 us of host time per call in its dispatch
+machinery, which at small shapes is longer than the whole CUDA-graph replay of a layer.
+:func:`run_layer` picks the path.
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ def layer_forward_op(
     use_graphs: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: (T, B, C, H, W) -> (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq)."""
+    return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs)
+
+
+def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
     spec = LayerSpec(tuple(dilation), backend)
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
         return graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args, key=(spec, save))
-    return layer_forward(*args, spec, save)
+    return tuple(layer_forward(*args, spec, save))
 
 
 @layer_forward_op.register_fake
@@ -61,6 +70,12 @@ def layer_backward_op(
     use_graphs: bool,
 ) -> list[Tensor]:
     """Gradients for (x, weight, bias, peephole, h0, c0); an empty tensor where not needed."""
+    return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
+                          c_seq, z_seq, dilation, backend, needs, use_graphs)
+
+
+def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
+                   z_seq, dilation, backend, needs, use_graphs):
     spec = LayerSpec(tuple(dilation), backend)
     needs = tuple(bool(n) for n in needs)
     args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
@@ -110,7 +125,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (tuple(dilation), backend, save, use_graphs, bias is not None)
 
 
-def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq):
+def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_fn=None):
     dilation, backend, save, use_graphs, has_bias = ctx.config
     if not save:
         raise RuntimeError(
@@ -119,7 +134,7 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq):
     x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:6])
     needs[2] = needs[2] and has_bias
-    grads = layer_backward_op(
+    grads = (backward_fn or layer_backward_op)(
         grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
         dilation, backend, needs, use_graphs,
     )
@@ -128,3 +143,28 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq):
 
 
 layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """The op's forward and backward without the custom-op dispatch (eager mode only)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, backward_fn=_backward_impl)
+
+
+def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
+    """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
+    loop is not unrolled), else the same code called directly. Arguments as the op's."""
+    args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs)
+    if torch.compiler.is_compiling():
+        return layer_forward_op(*args)
+    if not save:
+        return _forward_impl(*args)
+    return _EagerLayer.apply(*args)

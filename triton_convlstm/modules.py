@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import graphs, validation
 from .backend import check_backend_name, resolve_backend
 from .conv import conv_same
-from .layer_op import layer_forward_op
+from .layer_op import run_layer
 from .reference import state_dtype
 
 State = tuple[Tensor, Tensor]
@@ -162,8 +162,8 @@ class ConvLSTM(nn.Module):
             )
             use_graphs = self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim,
                                                                      height, width)
-            h_seq, c_last, _, _ = layer_forward_op(
-                seq, weight, bias, peep, h0, c0, list(cell.dilation), backend, save, use_graphs
+            h_seq, c_last, _, _ = run_layer(
+                seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs
             )
             seq = h_seq
             outputs.append(h_seq.transpose(0, 1))
