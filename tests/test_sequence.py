@@ -15,7 +15,6 @@ def _no_tf32(monkeypatch):
     """Float32 is compared with float64 at 2e-5 here: cuDNN's default TF32 convolutions (the
     same default nn.Conv2d runs with) are ~1e-3 off, so they are turned off for these tests."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
 def _model(backend, peephole=True, **kw):

@@ -32,36 +32,17 @@ def _peephole_terms(peephole: Tensor | None, dtype: torch.dtype):
 
 
 def gate_forward(
-    z: Tensor,
-    c_prev: Tensor,
-    peephole: Tensor | None = None,
-    *,
-    gates_out: Tensor | None = None,
-    h_out: Tensor | None = None,
-    c_out: Tensor | None = None,
+    z: Tensor, c_prev: Tensor, peephole: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """One gate/state update.
+    """One gate/state update in functional torch (differentiable, traceable by torch.compile).
 
     z: (B, 4*hidden, H, W) pre-activations, bias included, any float dtype.
     c_prev: (B, hidden, H, W) cell state in ``state_dtype(z.dtype)``.
     peephole: (3, hidden) or None.
-    gates_out: optional (B, 4*hidden, H, W) buffer (state dtype) that receives the activated
-        gates i, f, o, g, so that :func:`gate_backward_from_gates` need not recompute them.
-    h_out, c_out: optional buffers for h and c (c_out may be c_prev itself).
     Returns h (B, hidden, H, W) in z's dtype and c in the state dtype.
-
-    Without the optional buffers this is plain functional torch (traceable by torch.compile).
     """
-    gates = _activations(z, c_prev, None, peephole, forward=True)
-    i, f, o, g, c = gates
-    h = o * torch.tanh(c)
-    if gates_out is not None:
-        torch.cat([i, f, o, g], dim=1, out=gates_out)
-    if c_out is not None:
-        c = c_out.copy_(c)
-    if h_out is not None:
-        return h_out.copy_(h), c
-    return h.to(z.dtype), c
+    i, f, o, g, c = _activations(z, c_prev, None, peephole, forward=True)
+    return (o * torch.tanh(c)).to(z.dtype), c
 
 
 def _activations(z, c_prev, c, peephole, forward=False):
@@ -90,6 +71,32 @@ def gate_activations(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | No
     return torch.cat(_activations(z, c_prev, c, peephole), dim=1)
 
 
+# ---- in place, for the CPU time loop ------------------------------------------------------------
+# The same equations as above, written through preallocated buffers: on CPU the gate math is
+# memory-bound elementwise work, and every temporary and copy is another pass over memory. Not
+# differentiable (the sequence op supplies its own backward) and not traced by dynamo.
+
+
+def gate_forward_(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *, h_out: Tensor,
+                  c_out: Tensor) -> None:
+    """:func:`gate_forward` in place: ``gates`` (B, 4*hidden, H, W, state dtype) holds the
+    pre-activations and is overwritten with the activated i, f, o, g; h goes to h_out, c to
+    c_out (which may be c_prev itself)."""
+    hid = gates.shape[1] // 4
+    i, f, o, g = (gates[:, k * hid : (k + 1) * hid] for k in range(4))
+    p = _peephole_terms(peephole, gates.dtype)
+    if p is None:
+        gates[:, : 3 * hid].sigmoid_()
+    else:
+        i.addcmul_(p[0], c_prev).sigmoid_()
+        f.addcmul_(p[1], c_prev).sigmoid_()
+    g.tanh_()
+    c = torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
+    if p is not None:
+        o.addcmul_(p[2], c).sigmoid_()
+    torch.mul(o, torch.tanh(c), out=h_out)
+
+
 def gate_backward_from_gates(
     gates: Tensor,
     c_prev: Tensor,
@@ -99,38 +106,51 @@ def gate_backward_from_gates(
     dc: Tensor | None,
     *,
     dz_out: Tensor | None = None,
+    dc_prev_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`gate_forward` given its activated gates (B, 4*hidden, H, W).
 
     dh: gradient w.r.t. h (or None), dc: gradient w.r.t. c (or None). Returns dz (into
-    ``dz_out`` when given, else in the state dtype), dc_prev (state dtype) and the peephole
-    gradient (3, hidden) (None without peepholes).
+    ``dz_out`` when given), dc_prev (into ``dc_prev_out``, which may be dc itself) and the
+    peephole gradient (3, hidden) (None without peepholes), all in the gates' dtype unless the
+    buffers say otherwise. Written with the fused sigmoid/tanh derivative kernels, in place.
     """
     math = gates.dtype
-    i, f, o, g = gates.chunk(4, dim=1)
+    hid = gates.shape[1] // 4
+    i, f, o, g = (gates[:, k * hid : (k + 1) * hid] for k in range(4))
     c_prev, c = c_prev.to(math), c.to(math)
     p = _peephole_terms(peephole, math)
     tc = torch.tanh(c)
     dh = torch.zeros_like(c) if dh is None else dh.to(math)
-    dc = torch.zeros_like(c) if dc is None else dc.to(math)
 
-    dzo = dh * tc * o * (1 - o)
-    dc = dc + dh * o * (1 - tc * tc)
+    dz = dz_out if dz_out is not None and dz_out.dtype == math else torch.empty_like(gates)
+    dzi, dzf, dzo, dzg = (dz[:, k * hid : (k + 1) * hid] for k in range(4))
+    torch.mul(dh, tc, out=dzo)
+    # dc_total = dc + dh*o*(1 - tanh(c)^2) (+ dzo*p_o): the gradient reaching c this step.
+    dct = torch.ops.aten.tanh_backward(dh * o, tc)
+    if dc is not None:
+        dct += dc
     if p is not None:
-        dc = dc + dzo * p[2]
-    dzi = dc * g * i * (1 - i)
-    dzf = dc * c_prev * f * (1 - f)
-    dzg = dc * i * (1 - g * g)
-    dc_prev = dc * f
+        torch.ops.aten.sigmoid_backward.grad_input(dzo, o, grad_input=dzo)
+        dct.addcmul_(dzo, p[2])
+    torch.mul(dct, g, out=dzi)
+    torch.mul(dct, c_prev, out=dzf)
+    torch.mul(dct, i, out=dzg)
+    # i, f and o are adjacent: one fused d*s*(1-s) over the three (o done above with peepholes).
+    n_sig = 2 * hid if p is not None else 3 * hid
+    torch.ops.aten.sigmoid_backward.grad_input(dz[:, :n_sig], gates[:, :n_sig],
+                                               grad_input=dz[:, :n_sig])
+    torch.ops.aten.tanh_backward.grad_input(dzg, g, grad_input=dzg)
+    dc_prev = torch.mul(dct, f, out=dc_prev_out) if dc_prev_out is not None else dct * f
     dpeep = None
     if p is not None:
-        dc_prev = dc_prev + dzi * p[0] + dzf * p[1]
+        dc_prev.addcmul_(dzi, p[0]).addcmul_(dzf, p[1])
         dpeep = torch.stack(
             [(dzi * c_prev).sum((0, 2, 3)), (dzf * c_prev).sum((0, 2, 3)), (dzo * c).sum((0, 2, 3))]
         )
-    if dz_out is not None:
-        return torch.cat([dzi, dzf, dzo, dzg], dim=1, out=dz_out), dc_prev, dpeep
-    return torch.cat([dzi, dzf, dzo, dzg], dim=1), dc_prev, dpeep
+    if dz_out is not None and dz is not dz_out:
+        dz = dz_out.copy_(dz)
+    return dz, dc_prev, dpeep
 
 
 def gate_backward(

@@ -74,14 +74,20 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str):
 
 def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
                          save_z=False):
-    # Sum in the math dtype, as the kernel does. What is saved differs from the kernels: the
-    # activated gates (state dtype), so the CPU backward need not recompute them.
-    z = zx.to(reference.state_dtype(zx.dtype))
-    z = z + zh if zh is not None else z.clone()
+    # What is saved differs from the kernels: the activated gates (state dtype, z_out), so the
+    # CPU backward need not recompute them. The sum is formed in the math dtype, as the kernel's.
+    sdt = reference.state_dtype(zx.dtype)
+    gates = z_out if save_z else torch.empty_like(zx, dtype=sdt)
+    if zh is None:
+        gates.copy_(zx)
+    else:
+        torch.add(zx.to(sdt), zh.to(sdt), out=gates)
     if bias is not None:
-        z += bias.to(z.dtype)[:, None, None]
-    reference.gate_forward(z, c_prev, peephole, gates_out=z_out if save_z else None,
-                           h_out=h_out, c_out=c_out)
+        gates += bias.to(sdt)[:, None, None]
+    h = h_out if h_out.dtype == sdt else torch.empty_like(h_out, dtype=sdt)
+    reference.gate_forward_(gates, c_prev, peephole, h_out=h, c_out=c_out)
+    if h is not h_out:
+        h_out.copy_(h)
     return h_out, c_out, z_out
 
 
@@ -89,11 +95,10 @@ def _torch_gates_backward(gates, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc
     if dh is None:
         dh, dh2 = dh2, None
     if dh2 is not None:
-        dh = torch.add(dh2, dh, alpha=1)
-    _, dc_prev, dpeep = reference.gate_backward_from_gates(
-        gates, c_prev, c, peephole, dh, dc, dz_out=dz_out
+        dh = torch.add(dh2, dh)
+    _, _, dpeep = reference.gate_backward_from_gates(
+        gates, c_prev, c, peephole, dh, dc, dz_out=dz_out, dc_prev_out=dc_prev_out
     )
-    dc_prev_out.copy_(dc_prev)
     return dz_out, dc_prev_out, dpeep
 
 
