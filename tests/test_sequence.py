@@ -95,8 +95,7 @@ def test_inference_saves_nothing_and_matches_training_forward():
 def test_zero_state_equals_no_state():
     m = _model("torch")
     x, _ = _inputs()
-    zeros = [(x.new_zeros(2, hid, 5, 6).requires_grad_(), x.new_zeros(2, hid, 5, 6).requires_grad_())
-             for hid in (3, 5)]
+    zeros = [tuple(x.new_zeros(2, hid, 5, 6).requires_grad_() for _ in "hc") for hid in (3, 5)]
     a = _run(m, x, None)
     b = _run(m, x, zeros)
     n_params = len(list(m.parameters()))
@@ -176,3 +175,18 @@ def test_eager_path_equals_custom_op_path():
         results.append([h_seq.detach(), c_last.detach(), *torch.autograd.grad(loss, leaves)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * (2 * 4 * 5 * 5 * 6 * 4)], ids=["1step", "2-3steps"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunked_steps_equal_whole_sequence(monkeypatch, chunk_bytes, backend):
+    """Input convolutions and gradient batches split into chunks of steps compute the same."""
+    import triton_convlstm.sequence as sequence
+
+    x, st = _inputs()
+    whole = _run(_model(backend), x, st)
+    monkeypatch.setattr(sequence, "CHUNK_BYTES", chunk_bytes)
+    assert sequence.steps_per_chunk(4, 2, 5, 5, 6, torch.float32) < 4
+    chunked = _run(_model(backend), x, st)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -118,39 +118,71 @@ def _frames(x: Tensor) -> Tensor:
     return x.reshape(-1, *x.shape[2:]).contiguous(memory_format=memory_format(x.device))
 
 
+# The input convolution's output (forward) and the gate gradients (backward) span 4*hidden
+# channels for every step: batched over all T steps they can outweigh everything saved for the
+# backward (2.7 GB at B16 T10 hid128 128x128 bf16). Steps are batched in chunks of at most this
+# many bytes instead: whole sequences at small shapes, a few steps per call at large ones, where
+# one step's convolution is already large enough to run efficiently.
+CHUNK_BYTES = 1 << 28
+
+
+def steps_per_chunk(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dtype) -> int:
+    per_step = b * 4 * hid * hh * ww * dtype.itemsize
+    return max(1, min(t, CHUNK_BYTES // per_step))
+
+
+def _split(weight: Tensor, cin: int, mf):
+    return (weight[:, :cin].contiguous(memory_format=mf),
+            weight[:, cin:].contiguous(memory_format=mf))
+
+
 def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, out=None):
     """x: (T, B, C, H, W); weight: (4*hid, C+hid, kh, kw); bias (4*hid,) or None; peephole
     (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype.
 
     Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
-    ``out`` lets a caller (the CUDA-graph cache) pass preallocated buffers.
+    ``out`` lets a caller pass preallocated buffers.
     """
     gates_forward, _ = gate_functions(spec.backend)
     t, b, cin, hh, ww = x.shape
-    mf = memory_format(x.device)
     if out is None:
         out = output_buffers(x, weight, save, spec.backend)
     h_seq, c_last, c_seq, z_seq = out
-    w_x = weight[:, :cin].contiguous(memory_format=mf)
-    w_h = weight[:, cin:].contiguous(memory_format=mf)
-    zx = conv_same(_frames(x), w_x, spec.dilation).unflatten(0, (t, b))
+    w_x, w_h = _split(weight, cin, memory_format(x.device))
+    frames = _frames(x)
+    chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
 
     if c0 is None:
         c_last.zero_()
     else:
         c_last.copy_(c0)
     c_prev, h_prev = c_last, h0
-    for step in range(t):
-        zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
-        # Saving: c_t goes to its slot in c_seq (the last one to c_last); inference: c is
-        # updated in place in c_last (the kernels read each element before writing it).
-        c_out = c_seq[step] if save and step < t - 1 else c_last
-        gates_forward(
-            zx[step], zh, bias, c_prev, peephole,
-            h_out=h_seq[step], c_out=c_out, z_out=z_seq[step] if save else None, save_z=save,
-        )
-        c_prev, h_prev = c_out, h_seq[step]
+    for t0 in range(0, t, chunk):
+        t1 = min(t, t0 + chunk)
+        zx = conv_same(frames[t0 * b : t1 * b], w_x, spec.dilation).unflatten(0, (t1 - t0, b))
+        for step in range(t0, t1):
+            zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
+            # Saving: c_t goes to its slot in c_seq (the last one to c_last); inference: c is
+            # updated in place in c_last (the kernels read each element before writing it).
+            c_out = c_seq[step] if save and step < t - 1 else c_last
+            gates_forward(
+                zx[step - t0], zh, bias, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
+                z_out=z_seq[step] if save else None, save_z=save,
+            )
+            c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
+
+
+class _Sum:
+    """A float32 (or float64) running sum of per-chunk gradients."""
+
+    def __init__(self, dtype):
+        self.dtype, self.value = dtype, None
+
+    def add(self, t: Tensor | None) -> None:
+        if t is not None:
+            t = t.to(self.dtype)
+            self.value = t if self.value is None else self.value + t
 
 
 def layer_backward(
@@ -164,55 +196,61 @@ def layer_backward(
     t, b, cin, hh, ww = x.shape
     mf = memory_format(x.device)
     sdt = c_last.dtype
-    w_x = weight[:, :cin].contiguous(memory_format=mf)
-    w_h = weight[:, cin:].contiguous(memory_format=mf)
-
-    dz = torch.empty_like(z_seq, dtype=x.dtype)  # fed to the convolutions
+    w_x, w_h = _split(weight, cin, mf)
+    hid = w_h.shape[1]
+    frames = _frames(x) if need_w else None
+    chunk = steps_per_chunk(t, b, hid, hh, ww, x.dtype)
+    dz_buf = torch.empty_like(z_seq[:chunk], dtype=x.dtype)  # fed to the convolutions
     dc = torch.empty_like(c_last)
     if grad_c_last is None:
         dc.zero_()
     else:
         dc.copy_(grad_c_last)
     c_zero = torch.zeros_like(c_last) if c0 is None else None
-    dpeep = None
+    dpeep, dw_x, dw_h, dbias = _Sum(sdt), _Sum(sdt), _Sum(sdt), _Sum(sdt)
+    dx_chunks = []
     dh_rec = None
-    for step in reversed(range(t)):
-        c_t = c_last if step == t - 1 else c_seq[step]
-        c_prev = (c0 if c0 is not None else c_zero) if step == 0 else c_seq[step - 1]
-        dh_out = None if grad_h_seq is None else grad_h_seq[step]
-        _, _, dp = gates_backward(
-            z_seq[step], c_prev, c_t, peephole, dh_out, dh_rec, dc,
-            dz_out=dz[step], dc_prev_out=dc,
-        )
-        if dp is not None:
-            dpeep = dp if dpeep is None else dpeep + dp
-        if step > 0 or (need_h0 and h0 is not None):
-            dh_rec = conv_same_input_grad(dz[step], (b, w_h.shape[1], hh, ww), w_h, spec.dilation)
+    for t1 in range(t, 0, -chunk):
+        t0 = max(0, t1 - chunk)
+        dz = dz_buf[: t1 - t0]
+        for step in reversed(range(t0, t1)):
+            c_t = c_last if step == t - 1 else c_seq[step]
+            c_prev = (c0 if c0 is not None else c_zero) if step == 0 else c_seq[step - 1]
+            dh_out = None if grad_h_seq is None else grad_h_seq[step]
+            _, _, dp = gates_backward(
+                z_seq[step], c_prev, c_t, peephole, dh_out, dh_rec, dc,
+                dz_out=dz[step - t0], dc_prev_out=dc,
+            )
+            dpeep.add(dp)
+            if step > 0 or (need_h0 and h0 is not None):
+                dh_rec = conv_same_input_grad(dz[step - t0], (b, hid, hh, ww), w_h, spec.dilation)
+        # This chunk's share of the batched gradients, before dz_buf is reused.
+        dz_frames = dz.flatten(0, 1)
+        if need_x:
+            dx = conv_same_input_grad(dz_frames, ((t1 - t0) * b, cin, hh, ww), w_x, spec.dilation)
+            dx_chunks.append(dx.unflatten(0, (t1 - t0, b)))
+        if need_w:
+            dw_x.add(conv_same_weight_grad(dz_frames, frames[t0 * b : t1 * b], w_x, spec.dilation))
+            s0 = max(t0, 1)  # steps s0..t1-1 read h_{t-1} from h_seq; step 0 reads h0
+            if t1 > s0:
+                dw_h.add(conv_same_weight_grad(dz[s0 - t0 :].flatten(0, 1),
+                                               h_seq[s0 - 1 : t1 - 1].flatten(0, 1), w_h,
+                                               spec.dilation))
+            if t0 == 0 and h0 is not None:
+                dw_h.add(conv_same_weight_grad(dz[0], h0.contiguous(memory_format=mf), w_h,
+                                               spec.dilation))
+        if need_b:
+            dbias.add(dz.sum(dim=(0, 1, 3, 4), dtype=sdt))
 
-    dz_frames = dz.flatten(0, 1)
-    dx = dweight = dbias = dh0 = None
+    dx = dweight = None
     if need_x:
-        dx = conv_same_input_grad(dz_frames, (t * b, cin, hh, ww), w_x, spec.dilation)
-        dx = dx.unflatten(0, (t, b))
+        dx = dx_chunks[0] if len(dx_chunks) == 1 else torch.cat(dx_chunks[::-1])
     if need_w:
         dweight = torch.empty_like(weight)
-        dweight[:, :cin] = conv_same_weight_grad(dz_frames, _frames(x), w_x, spec.dilation)
-        dw_h = None
-        if t > 1:
-            dw_h = conv_same_weight_grad(
-                dz[1:].flatten(0, 1), h_seq[:-1].flatten(0, 1), w_h, spec.dilation
-            )
-        if h0 is not None:
-            d0 = conv_same_weight_grad(dz[0], h0.contiguous(memory_format=mf), w_h, spec.dilation)
-            dw_h = d0 if dw_h is None else dw_h + d0
-        dweight[:, cin:] = 0 if dw_h is None else dw_h
-    if need_b:
-        dbias = dz.sum(dim=(0, 1, 3, 4), dtype=sdt).to(weight.dtype)
-    if need_h0 and h0 is not None:
-        dh0 = dh_rec.to(h0.dtype)
-    dc0 = dc.to(c0.dtype) if (need_c0 and c0 is not None) else None
-    if need_p and peephole is not None:
-        dpeep = dpeep.to(peephole.dtype)
-    else:
-        dpeep = None
+        dweight[:, :cin] = dw_x.value
+        dweight[:, cin:] = 0 if dw_h.value is None else dw_h.value
+    dbias = dbias.value.to(weight.dtype) if need_b else None
+    dh0 = dh_rec.to(h0.dtype) if need_h0 and h0 is not None else None
+    dc0 = dc.to(c0.dtype) if need_c0 and c0 is not None else None
+    dpeep = dpeep.value.to(peephole.dtype) if need_p and peephole is not None else None
     return dx, dweight, dbias, dpeep, dh0, dc0
