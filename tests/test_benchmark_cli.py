@@ -130,3 +130,32 @@ def test_gpu_check_dry_run(tmp_path):
     assert {r["impl"] for r in report["bench"]["rows"]} == {"eager", "layer", "convs-only"}
     copied = {p.name for p in (tmp_path / "out").iterdir()}
     assert "check.json" in copied and "cpu-dry-run-speedup.png" in copied
+
+
+def _results(path: Path, date: str, rows: list[tuple]) -> Path:
+    path.write_text(json.dumps({
+        "meta": {"gpu": "Test GPU", "torch": "9.9", "triton": "9.9", "date": date},
+        "bench": {"rows": [{"impl": i, "shape": s, "dtype": "bf16", "mode": m, "median_ms": ms,
+                            "peak_mem_mb": mem} for i, s, m, ms, mem in rows]},
+    }))
+    return path
+
+
+def test_table_merges_runs_later_rows_win(tmp_path, capsys):
+    first = _results(tmp_path / "a.json", "2026-01-01", [
+        ("eager", "S", "train", 10.0, 100.0), ("compiled-ro", "S", "train", 2.0, 10.0),
+        ("compiled", "S", "train", 3.0, 10.0), ("layer", "S", "train", 4.0, 50.0)])
+    second = _results(tmp_path / "b.json", "2026-01-02", [
+        ("eager", "S", "train", 10.0, 100.0), ("layer", "S", "train", 1.0, 40.0)])
+    assert main(["table", str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| S | bf16 | train"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "2.000 [1]"          # best compile, from the first run
+    assert cells[5] == "1.000 [2]"          # the layer, replaced by the second run
+    assert cells[7:10] == ["10.00x", "2.00x", "0.40"]
+    assert "[2] `" in out and "Test GPU" in out
+
+
+def test_table_without_files_is_usage_error(capsys):
+    assert main(["table"]) == 2

@@ -381,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["compare"]:
             return compare_main(argv[1:])
+        if argv[:1] == ["table"]:
+            from .bench_report import main as table_main
+
+            return table_main(argv[1:])
         return bench_main(argv)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
