@@ -188,5 +188,6 @@ def test_chunked_steps_equal_whole_sequence(monkeypatch, chunk_bytes, backend):
     monkeypatch.setattr(sequence, "CHUNK_BYTES", chunk_bytes)
     assert sequence.steps_per_chunk(4, 2, 5, 5, 6, torch.float32) < 4
     chunked = _run(_model(backend), x, st)
-    for a, b in zip(chunked, whole):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for i, (a, b) in enumerate(zip(chunked, whole)):
+        # Weight gradients are summed per chunk, then over chunks: same values, other order.
+        assert _rel(a, b) < 1e-6, (i, _rel(a, b))
