@@ -35,9 +35,10 @@ from triton_convlstm.bench_cases import (
 CPU = torch.device("cpu")
 
 # Goal: the layer's CPU training step >= 1.2x the eager formulation's. Measured (2-core shared
-# box, 1 thread, interleaved, 2026-11-28): 0.89-1.04x on cpu-s and cpu-m, so the goal is not met
-# yet; the gate sits a margin below what is measured, to catch regressions without flaking.
-# Raise it towards 1.2 as the torch path gets faster.
+# box, 1 thread, interleaved, 2026-11-28): 0.89-1.04x on cpu-s and cpu-m before the in-place
+# gate math, 1.00x / 0.98x after it (the convolutions are ~25% cheaper than the formulation's,
+# the elementwise gate math ~20% dearer). The goal is not met; the gate sits a margin below
+# what is measured, to catch regressions without flaking. Raise it as the torch path gets faster.
 CPU_TRAIN_GATE = 0.75
 
 # The fast-path goals on CUDA: layer speedup over the best torch.compile of the formulation.
