@@ -36,12 +36,12 @@ def _layout(t: Tensor) -> torch.memory_format:
         t.is_contiguous() else torch.contiguous_format
 
 
-def conv_same(x: Tensor, weight: Tensor, dilation) -> Tensor:
-    """x: (N, C, H, W), weight: (O, C, kh, kw) -> (N, O, H, W)."""
+def conv_same(x: Tensor, weight: Tensor, dilation, bias: Tensor | None = None) -> Tensor:
+    """x: (N, C, H, W), weight: (O, C, kh, kw), bias (O,) or None -> (N, O, H, W)."""
     pad, padding = _split_padding(weight, dilation)
     if pad is not None:
         x = F.pad(x, pad)
-    return F.conv2d(x, weight, padding=padding, dilation=list(dilation))
+    return F.conv2d(x, weight, bias, padding=padding, dilation=list(dilation))
 
 
 def conv_same_input_grad(grad: Tensor, x_shape, weight: Tensor, dilation) -> Tensor:
