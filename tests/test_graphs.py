@@ -1,14 +1,24 @@
-"""CUDA-graph replay of whole time loops (needs a GPU: every test here is marked gpu)."""
+"""CUDA-graph replay of whole time loops. On a GPU the real graphs; on CPU the same cache with
+an emulated graph (graphs.EMULATE_ON_CPU), so its copy-in / clone-out logic is tested in CI."""
 
 import pytest
 import torch
 
 from triton_convlstm import ConvLSTM, graphs
 
-pytestmark = pytest.mark.gpu
+DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"]
 
 
-def _pair(dtype=torch.float32, peephole=True, **kw):
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    if request.param == "cpu":
+        monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    yield request.param
+    graphs.clear()
+
+
+def _pair(dtype=torch.float32, peephole=True, device="cuda", **kw):
     torch.manual_seed(3)
     eager = ConvLSTM(4, [8, 6], 3, 2, batch_first=True, peephole=peephole,
                      return_all_layers=True, cuda_graphs=False, **kw)
@@ -19,7 +29,7 @@ def _pair(dtype=torch.float32, peephole=True, **kw):
     graphed = ConvLSTM(4, [8, 6], 3, 2, batch_first=True, peephole=peephole,
                        return_all_layers=True, cuda_graphs=True, **kw)
     graphed.load_state_dict(eager.state_dict())
-    return eager.cuda().to(dtype), graphed.cuda().to(dtype)
+    return eager.to(device, dtype), graphed.to(device, dtype)
 
 
 def _step(m, x, train=True):
@@ -36,11 +46,10 @@ def _step(m, x, train=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("train", [False, True], ids=["fwd", "train"])
-def test_replay_equals_eager_with_fresh_data(dtype, train):
-    graphs.clear()
-    eager, graphed = _pair(dtype)
+def test_replay_equals_eager_with_fresh_data(device, dtype, train):
+    eager, graphed = _pair(dtype, device=device)
     for call in range(4):  # eager warm-up, capture, then replays
-        x = torch.randn(3, 5, 4, 12, 10, device="cuda", dtype=dtype)
+        x = torch.randn(3, 5, 4, 12, 10, device=device, dtype=dtype)
         want = _step(eager, x, train)
         got = _step(graphed, x, train)
         for a, b in zip(got, want):
@@ -53,13 +62,12 @@ def test_replay_equals_eager_with_fresh_data(dtype, train):
         assert graphs.BACKWARD.captures >= 1
 
 
-def test_shape_change_recaptures_and_outputs_are_not_overwritten():
-    graphs.clear()
-    eager, graphed = _pair()
-    xs = [torch.randn(3, 5, 4, 12, 10, device="cuda") for _ in range(3)]
+def test_shape_change_recaptures_and_outputs_are_not_overwritten(device):
+    eager, graphed = _pair(device=device)
+    xs = [torch.randn(3, 5, 4, 12, 10, device=device) for _ in range(3)]
     keep = [_step(graphed, x, train=False) for x in xs]  # held while later replays run
     before = graphs.FORWARD.captures
-    x_other = torch.randn(2, 7, 4, 9, 11, device="cuda")
+    x_other = torch.randn(2, 7, 4, 9, 11, device=device)
     for _ in range(3):
         _step(graphed, x_other, train=False)
     assert graphs.FORWARD.captures > before
@@ -68,13 +76,12 @@ def test_shape_change_recaptures_and_outputs_are_not_overwritten():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_two_forwards_then_one_backward():
+def test_two_forwards_then_one_backward(device):
     """Saved activations of the first call must survive the second call's replay."""
-    graphs.clear()
-    eager, graphed = _pair()
+    eager, graphed = _pair(device=device)
     for _ in range(2):  # warm up and capture
-        _step(graphed, torch.randn(3, 5, 4, 12, 10, device="cuda"))
-    x1, x2 = (torch.randn(3, 5, 4, 12, 10, device="cuda") for _ in range(2))
+        _step(graphed, torch.randn(3, 5, 4, 12, 10, device=device))
+    x1, x2 = (torch.randn(3, 5, 4, 12, 10, device=device) for _ in range(2))
     losses = []
     for m in (eager, graphed):
         m.zero_grad()
@@ -85,6 +92,7 @@ def test_two_forwards_then_one_backward():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.gpu
 def test_training_is_deterministic(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     _, graphed = _pair(torch.bfloat16)
@@ -94,6 +102,7 @@ def test_training_is_deterministic(monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_torch_compile_fullgraph(mode):
     torch._dynamo.reset()
@@ -107,6 +116,7 @@ def test_torch_compile_fullgraph(mode):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
 def test_autocast_bf16_matches_bf16_model():
     eager, _ = _pair(peephole=False)
     x = torch.randn(3, 5, 4, 12, 10, device="cuda")

@@ -20,9 +20,17 @@ import torch
 MAX_STATE_ELEMENTS = 1 << 23
 
 
+# Tests set this to run the cache on CPU with an emulated graph (replay = rerun the function and
+# overwrite the static outputs in place, as a real replay does), so the caching, copying and
+# cloning logic is exercised where there is no GPU.
+EMULATE_ON_CPU = False
+
+
 def can_capture(x: torch.Tensor) -> bool:
     """Capture only on CUDA, and never inside someone else's capture (then the outer graph,
     e.g. torch.compile's reduce-overhead mode, records our launches itself)."""
+    if x.device.type == "cpu":
+        return EMULATE_ON_CPU
     return x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
@@ -47,6 +55,11 @@ def _clone_args(args):
 class _Entry:
     def __init__(self, fn: Callable, args):
         self.static_args = _clone_args(args)
+        self.fn, self.graph = fn, None
+        first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
+        if not first.is_cuda:  # EMULATE_ON_CPU
+            self.static_out = fn(*self.static_args)
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture, on the capture's stream kind
@@ -60,7 +73,11 @@ class _Entry:
         for dst, src in zip(self.static_args, args):
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
-        self.graph.replay()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for dst, src in zip(self.static_out, self.fn(*self.static_args)):
+                dst.copy_(src)
         return [t.clone() for t in self.static_out]
 
 
