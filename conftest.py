@@ -1,10 +1,7 @@
+"""Shared by tests/ and bench/: tests marked gpu (see pyproject) skip where there is no CUDA."""
+
 import pytest
 import torch
-
-
-def pytest_configure(config):
-    # Registered here too: this folder is also run on its own, from other rootdirs.
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
 def pytest_collection_modifyitems(config, items):
