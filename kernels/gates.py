@@ -16,6 +16,8 @@ repeated launches would corrupt, and autotune must never run during CUDA-graph c
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -203,6 +205,11 @@ def _gates_bwd_kernel(
 # Launchers
 
 
+def _device_of(t):
+    """Triton launches on the current CUDA device, not the tensors': make theirs current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _check(name, t, shape, dtypes, device, optional=False):
     """Raise a TypeError/ValueError naming ``name`` unless t is a tensor of shape/dtype/device."""
     if t is None:
@@ -337,13 +344,14 @@ def gates_forward(zx, zh, bias, c_prev, peephole, *, h_out=None, c_out=None, z_o
     npb = triton.cdiv(hw, bp)
     wide = _wide([(zx_, s_zx), (zh_, s_zh), (cp_, s_cp), (h_, s_h), (c_, s_c), (z_, s_z)])
     grid = (b * npb, triton.cdiv(hid, bc))
-    _gates_fwd_kernel[grid](
-        zx_, zh_, bias_, cp_, pe_, h_, c_, z_, hw, hid, npb,
-        *s_zx, *s_zh, bias_.stride(0) if bias is not None else 0,
-        *s_cp, *s_pe, *s_h, *s_c, *s_z,
-        HAS_ZH=zh is not None, HAS_BIAS=bias is not None, HAS_PEEP=peephole is not None,
-        SAVE_Z=save_z, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with _device_of(zx_):
+        _gates_fwd_kernel[grid](
+            zx_, zh_, bias_, cp_, pe_, h_, c_, z_, hw, hid, npb,
+            *s_zx, *s_zh, bias_.stride(0) if bias is not None else 0,
+            *s_cp, *s_pe, *s_h, *s_c, *s_z,
+            HAS_ZH=zh is not None, HAS_BIAS=bias is not None, HAS_PEEP=peephole is not None,
+            SAVE_Z=save_z, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )  # fmt: skip
     for tmp, out in fixups:
         out.copy_(tmp)
     return h_out, c_out, (z_out if save_z else None)
@@ -394,12 +402,13 @@ def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_
     used = [(z_, s_z), (cp_, s_cp), (c_, s_c), (dh_, s_dh), (dh2_, s_dh2), (dc_, s_dc),
             (dz_, s_dz), (dcp_, s_dcp)]  # fmt: skip
     grid = (nrows, triton.cdiv(hid, bc))
-    _gates_bwd_kernel[grid](
-        z_, cp_, c_, pe_, dh_, dh2_, dc_, dz_, dcp_, part, hw, hid, npb, nrows,
-        *s_z, *s_cp, *s_c, *s_pe, *s_dh, *s_dh2, *s_dc, *s_dz, *s_dcp,
-        HAS_PEEP=has_peep, HAS_DH=dh is not None, HAS_DH2=dh2 is not None, HAS_DC=dc is not None,
-        WIDE=_wide(used), BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with _device_of(z_):
+        _gates_bwd_kernel[grid](
+            z_, cp_, c_, pe_, dh_, dh2_, dc_, dz_, dcp_, part, hw, hid, npb, nrows,
+            *s_z, *s_cp, *s_c, *s_pe, *s_dh, *s_dh2, *s_dc, *s_dz, *s_dcp,
+            HAS_PEEP=has_peep, HAS_DH=dh is not None, HAS_DH2=dh2 is not None,
+            HAS_DC=dc is not None, WIDE=_wide(used), BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+        )  # fmt: skip
     for tmp, out in fixups:
         out.copy_(tmp)
     return dz_out, dc_prev_out, (part.sum(1) if has_peep else None)

@@ -125,3 +125,35 @@ def test_autocast_bf16_matches_bf16_model():
     assert outs[-1].dtype == torch.bfloat16 and last[-1][1].dtype == torch.float32
     ref = eager.to(torch.bfloat16)(x.bfloat16())[0][-1]
     torch.testing.assert_close(outs[-1], ref, rtol=0, atol=0)
+
+
+def test_capture_under_inference_mode_then_no_grad(monkeypatch):
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    eager, graphed = _pair(device="cpu")
+    x = torch.randn(3, 5, 4, 12, 10)
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up, capture, replay: all under inference_mode
+            graphed(x)
+    with torch.no_grad():  # replays into the same static buffers outside inference_mode
+        got = graphed(x)[0][-1]
+        want = eager(x)[0][-1]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    graphs.clear()
+
+
+def test_too_many_signatures_stop_capturing_with_a_warning(monkeypatch):
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    monkeypatch.setattr(graphs.FORWARD, "max_entries", 2)
+    eager, graphed = _pair(device="cpu", peephole=False)
+    shapes = [(2, 3, 4, 6 + i, 5) for i in range(5)]
+    before = graphs.FORWARD.captures
+    with torch.no_grad(), pytest.warns(UserWarning, match="signatures are in rotation"):
+        for _ in range(4):
+            for shape in shapes:
+                x = torch.randn(shape)
+                torch.testing.assert_close(graphed(x)[0][-1], eager(x)[0][-1], rtol=0, atol=0)
+    # 10 signatures (5 shapes x 2 layers), 40 calls: capturing stops once 3 entries were evicted
+    assert graphs.FORWARD.captures - before <= 5
+    graphs.clear()

@@ -191,3 +191,19 @@ def test_chunked_steps_equal_whole_sequence(monkeypatch, chunk_bytes, backend):
     for i, (a, b) in enumerate(zip(chunked, whole)):
         # Weight gradients are summed per chunk, then over chunks: same values, other order.
         assert _rel(a, b) < 1e-6, (i, _rel(a, b))
+
+
+def test_float64_runs_the_torch_path_under_auto():
+    from triton_convlstm.backend import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "torch"
+    assert resolve_backend("triton", torch.device("cuda"), torch.float64) == "torch"
+
+
+def test_double_backward_is_a_clear_error():
+    m = _model("torch")
+    x, st = _inputs()
+    outs, _ = m(x, st)
+    (gx,) = torch.autograd.grad(outs[1].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()

@@ -31,14 +31,15 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map the user's choice to "triton" or "torch" for tensors on ``device``.
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map the user's choice to "triton" or "torch" for tensors on ``device`` of ``dtype``.
 
     "auto" picks Triton on CUDA when it imports, torch otherwise. "triton" raises a RuntimeError
     naming the reason when it cannot run (no Triton, or CPU tensors outside the interpreter).
+    float64 always runs the torch path: the kernels compute in float32.
     """
     check_backend_name(backend)
-    if backend == "torch":
+    if backend == "torch" or dtype == torch.float64:
         return "torch"
     err = triton_import_error()
     on_cuda = device.type == "cuda"

@@ -10,6 +10,7 @@ the Triton kernels and lets cuDNN pick its algorithms); the second captures.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -84,28 +85,46 @@ class _Entry:
 class GraphCache:
     """LRU cache of captured loops keyed by the call's configuration and argument signature."""
 
-    def __init__(self, max_entries: int = 6):
+    def __init__(self, max_entries: int = 8):
         self.max_entries = max_entries
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.seen: set[tuple] = set()
         self.captures = 0  # for tests: how many captures happened
+        self.evictions = 0
 
     def clear(self) -> None:
         self.entries.clear()
         self.seen.clear()
+        self.evictions = 0
+
+    def thrashing(self) -> bool:
+        """More signatures in rotation than entries: every call would capture anew (a warm-up
+        run, a capture and a synchronisation each), so new signatures run uncaptured instead."""
+        return self.evictions > self.max_entries
 
     def run(self, fn: Callable, args, key):
         full_key = (key, _signature(args))
         entry = self.entries.get(full_key)
         if entry is None:
-            if full_key not in self.seen:
+            if full_key not in self.seen or self.thrashing():
                 self.seen.add(full_key)
                 return fn(*args)
-            entry = _Entry(fn, args)
+            # Static copies made here must be ordinary tensors even when this call runs under
+            # inference_mode: a later call under no_grad copies into them. (inference_mode(False)
+            # turns grad mode back on, hence no_grad.)
+            with torch.inference_mode(False), torch.no_grad():
+                entry = _Entry(fn, args)
             self.captures += 1
             self.entries[full_key] = entry
             while len(self.entries) > self.max_entries:
                 self.entries.popitem(last=False)
+                self.evictions += 1
+                if self.thrashing():
+                    warnings.warn(
+                        f"triton_convlstm: more than {self.max_entries} input signatures are in "
+                        "rotation; new ones now run without CUDA graphs. Raise "
+                        "triton_convlstm.graphs.FORWARD.max_entries / BACKWARD.max_entries, "
+                        "or pass cuda_graphs=False.", stacklevel=2)
         else:
             self.entries.move_to_end(full_key)
         out = entry.replay(args)

@@ -38,6 +38,19 @@ def layer_forward_op(
     return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs)
 
 
+def _on_device(fn):
+    """Run fn with x's CUDA device current: Triton launches, streams and graph captures all
+    follow the current device, not the tensors'."""
+    def wrapped(*args):
+        x = next(a for a in args if isinstance(a, Tensor))
+        if not x.is_cuda:
+            return fn(*args)
+        with torch.cuda.device(x.device):
+            return fn(*args)
+    return wrapped
+
+
+@_on_device
 def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
     spec = LayerSpec(tuple(dilation), backend)
     args = (x, weight, bias, peephole, h0, c0)
@@ -74,6 +87,7 @@ def layer_backward_op(
                           c_seq, z_seq, dilation, backend, needs, use_graphs)
 
 
+@_on_device
 def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
                    z_seq, dilation, backend, needs, use_graphs):
     spec = LayerSpec(tuple(dilation), backend)
@@ -108,10 +122,10 @@ def _grad_likes(x, weight, peephole, h0, c0):
 
 def _in_layout(grad: Tensor, like: Tensor) -> Tensor:
     """The gradient with exactly the strides the fake kernel promised (a copy only if not)."""
-    out = torch.empty_like(like)
-    if out.stride() == grad.stride() and out.dtype == grad.dtype:
+    promised = torch.empty_like(like, device="meta").stride()  # strides without an allocation
+    if promised == grad.stride() and like.dtype == grad.dtype:
         return grad
-    return out.copy_(grad)
+    return torch.empty_like(like).copy_(grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -155,6 +169,7 @@ class _EagerLayer(torch.autograd.Function):
         return output
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a clear error for double backward
     def backward(ctx, *grads):
         return _backward(ctx, *grads, backward_fn=_backward_impl)
 

@@ -121,6 +121,8 @@ class ConvLSTM(nn.Module):
         validation.positive_int("num_layers", num_layers)
         validation.positive_int("input_dim", input_dim)
         check_backend_name(backend)
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)):
+            raise TypeError(f"forget_bias: expected a number, got {forget_bias!r}")
         if forget_bias and not bias:
             raise ValueError(f"forget_bias: expected 0.0 with bias=False, got {forget_bias}")
         hidden = validation.per_layer("hidden_dim", hidden_dim, num_layers, scalar=int)
@@ -151,14 +153,14 @@ class ConvLSTM(nn.Module):
             hidden_state, [(b, c.hidden_dim, height, width) for c in self.cell_list], dtype,
             x.device,
         )
-        backend = resolve_backend(self.backend, x.device)
+        backend = resolve_backend(self.backend, x.device, dtype)
         seq = seq.to(dtype)
         outputs, last = [], []
         for cell, (h0, c0) in zip(self.cell_list, states):
             weight, bias, peep = validation.cast_params(cell.conv.weight, cell.conv.bias,
                                                         cell.peephole, dtype)
             save = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (seq, weight, bias, peep, h0, c0)
+                p is not None and p.requires_grad for p in (seq, weight, bias, peep, h0, c0)
             )
             use_graphs = self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim,
                                                                      height, width)

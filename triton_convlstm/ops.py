@@ -146,7 +146,7 @@ def gate_update(
     """
     _check_shapes(zx, c_prev, zh, bias, peephole)
     check_backend_name(backend)
-    if zx.dtype == torch.float64 or resolve_backend(backend, zx.device) == "torch":
+    if resolve_backend(backend, zx.device, zx.dtype) == "torch":
         return _torch_gate_update(zx, c_prev, zh, bias, peephole)
     if c_prev.dtype != torch.float32:  # the kernels keep the state in fp32
         c_prev = c_prev.float()
