@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import empty_like_layout as _new
+
 SERVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Hidden-state elements per program: 8 per thread at 4 warps, enough bytes in flight per SM
 # for a memory-bound kernel while keeping registers (4 gates + state) modest.
@@ -260,14 +262,6 @@ def _output(out, fixups):
     tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
     fixups.append((tmp, out))
     return tmp, _strides(tmp)
-
-
-def _new(ref, channels, dtype):
-    """An output in ref's memory format: channels_last when ref's channels are the fast axis."""
-    b, _, hh, ww = ref.shape
-    channels_last = ref.stride(1) == 1 and ref.shape[1] > 1
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((b, channels, hh, ww), dtype=dtype, device=ref.device, memory_format=fmt)
 
 
 def _wide(tensors_and_strides):

@@ -23,8 +23,8 @@ class ConvLSTMCell(nn.Module):
 
     Args:
         input_dim: channels of x. hidden_dim: channels of h and c.
-        kernel_size: int or (kh, kw); odd and even kernels keep H, W ("same" padding, an even
-            kernel pads one more at the bottom/right).
+        kernel_size: int or (kh, kw); odd and even kernels keep H, W ("same" padding; where the
+            total padding dilation*(k-1) is odd, the extra pixel goes at the bottom/right).
         bias: learnable bias on the gate pre-activations.
         peephole: add ``peephole`` (3, hidden): (w_ci, w_cf, w_co) of Shi et al. 2015; the
             output gate reads the new cell.

@@ -15,17 +15,9 @@ from torch import Tensor
 
 from . import reference
 from .backend import check_backend_name, resolve_backend
+from .layout import empty_like_layout as _new
 
 __all__ = ["gate_update", "gate_forward_op", "gate_backward_op"]
-
-
-def _new(ref: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
-    """An output in ref's memory format (channels_last when ref's channels are the fast axis).
-    The real and the fake kernels both allocate here, so compiled graphs see the real strides."""
-    b, _, hh, ww = ref.shape
-    channels_last = ref.stride(1) == 1 and ref.shape[1] > 1
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((b, channels, hh, ww), dtype=dtype, device=ref.device, memory_format=fmt)
 
 
 def _peephole_grad_buffer(z: Tensor, peephole: Tensor | None) -> Tensor:
@@ -77,6 +69,9 @@ def _(z, c_prev, c, peephole, dh, dc):
 def _setup_context(ctx, inputs, output):
     zx, zh, bias, c_prev, peephole = inputs
     _, c, z = output
+    # z is only kept for the backward: no gradient flows into it, and none is materialised.
+    ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(z, c_prev, c, peephole)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)
 
@@ -85,11 +80,9 @@ def _bias_grad(dz, dtype):
     return dz.sum((0, 2, 3), dtype=torch.float32).to(dtype)  # fp32 accumulation for 16-bit dz
 
 
-def _backward(ctx, dh, dc, dz_extra):
+def _backward(ctx, dh, dc, _dz):
     z, c_prev, c, peephole = ctx.saved_tensors
     dz, dc_prev, dpe = gate_backward_op(z, c_prev, c, peephole, dh, dc)
-    if dz_extra is not None:  # only if someone differentiates the saved z itself
-        dz = dz + dz_extra
     need = ctx.needs_input_grad
     zx_t, zh_t, bias_t, cp_t, pe_t = ctx.dtypes
     return (

@@ -29,22 +29,18 @@ class LayerSpec:
     backend: str  # "torch" or "triton"
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    # channels_last on every device: cuDNN bf16 convolutions ran ~2x faster in it, and oneDNN on
-    # CPU ran this layer's training step 1.4x faster than in NCHW (74.9 vs 104.4 ms, B4 T8 C8
-    # hid32 24x24, one thread).
-    return torch.channels_last
+# channels_last frames everywhere: cuDNN bf16 convolutions ran ~2x faster in it, and oneDNN on
+# CPU ran this layer's training step 1.4x faster than in NCHW (74.9 vs 104.4 ms, B4 T8 C8 hid32
+# 24x24, one thread).
+MEMORY_FORMAT = torch.channels_last
 
 
 def empty_seq(t: int, b: int, ch: int, h: int, w: int, *, dtype, device) -> Tensor:
-    """A (t, b, ch, h, w) buffer whose frames are in the device's preferred layout.
+    """A (t, b, ch, h, w) buffer, time-major, each frame channels_last.
 
     The fake (meta) kernels allocate through this too, so compiled graphs see the same strides
     as the real outputs."""
-    device = torch.device(device)
-    if memory_format(device) == torch.channels_last:
-        return torch.empty(t, b, h, w, ch, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
-    return torch.empty(t, b, ch, h, w, dtype=dtype, device=device)
+    return torch.empty(t, b, h, w, ch, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
 
 
 def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str):
@@ -114,8 +110,12 @@ def gate_functions(backend: str):
 
 
 def _frames(x: Tensor) -> Tensor:
-    """(T, B, C, H, W) -> (T*B, C, H, W) in the device's layout (a copy only when needed)."""
-    return x.reshape(-1, *x.shape[2:]).contiguous(memory_format=memory_format(x.device))
+    """(T, B, C, H, W) -> (T*B, C, H, W) in the device's layout: a view when x already is one
+    (a later layer's input), else one copy (not a reshape copy and then a layout copy)."""
+    t, b, c, hh, ww = x.shape
+    if empty_seq(t, b, c, hh, ww, dtype=x.dtype, device="meta").stride() == x.stride():
+        return x.flatten(0, 1)
+    return empty_seq(t, b, c, hh, ww, dtype=x.dtype, device=x.device).copy_(x).flatten(0, 1)
 
 
 # The input convolution's output (forward) and the gate gradients (backward) span 4*hidden
@@ -148,7 +148,7 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     if out is None:
         out = output_buffers(x, weight, save, spec.backend)
     h_seq, c_last, c_seq, z_seq = out
-    w_x, w_h = _split(weight, cin, memory_format(x.device))
+    w_x, w_h = _split(weight, cin, MEMORY_FORMAT)
     frames = _frames(x)
     chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
 
@@ -198,7 +198,7 @@ def layer_backward(
     _, gates_backward = gate_functions(spec.backend)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, hh, ww = x.shape
-    mf = memory_format(x.device)
+    mf = MEMORY_FORMAT
     sdt = c_last.dtype
     w_x, w_h = _split(weight, cin, mf)
     hid = w_h.shape[1]
