@@ -207,3 +207,14 @@ def test_double_backward_is_a_clear_error():
     (gx,) = torch.autograd.grad(outs[1].square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+def test_returned_tensors_are_contiguous_like_the_popular_module():
+    m = _model("torch")
+    x, st = _inputs()
+    outs, last = m(x, st)
+    for o in outs:
+        assert o.is_contiguous()
+        o.view(o.shape[0], -1)  # code written for the popular module does this
+    for h, c in last:
+        assert h.is_contiguous() and c.is_contiguous()

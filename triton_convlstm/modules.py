@@ -102,8 +102,8 @@ class ConvLSTM(nn.Module):
     init), backend ("auto", "torch", "triton"), cuda_graphs (replay captured time loops on CUDA).
 
     Call: ``layer_outputs, last_states = m(x, hidden_state=None)`` with x (B, T, C, H, W) if
-    batch_first else (T, B, C, H, W); layer_outputs is a list of (B, T, hidden, H, W) tensors
-    (views: use ``.reshape`` rather than ``.view``), last_states a list of (h, c), h in x's dtype
+    batch_first else (T, B, C, H, W); layer_outputs is a list of contiguous (B, T, hidden, H, W)
+    tensors, last_states a list of (h, c), h in x's dtype
     and c in float32 (float64 for float64 x); both hold the last layer only unless
     return_all_layers. hidden_state: None (zeros) or one (h, c) per layer, each (B, hidden, H, W);
     passing a run's last_states (return_all_layers=True) continues the sequence exactly.
@@ -168,11 +168,15 @@ class ConvLSTM(nn.Module):
                 seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs
             )
             seq = h_seq
-            outputs.append(h_seq.transpose(0, 1))
+            outputs.append(h_seq)
             last.append((h_seq[-1], c_last))
         if not self.return_all_layers:
             outputs, last = outputs[-1:], last[-1:]
-        return outputs, last
+        # Contiguous (B, T, hidden, H, W) and (B, hidden, H, W), as the popular module returns:
+        # code that calls .view() on them keeps working. One copy of each returned tensor (the
+        # internal buffers are time-major and channels_last).
+        return ([o.transpose(0, 1).contiguous() for o in outputs],
+                [(h.contiguous(), c.contiguous()) for h, c in last])
 
     def extra_repr(self) -> str:
         return f"batch_first={self.batch_first}, return_all_layers={self.return_all_layers}"
