@@ -157,3 +157,21 @@ def test_too_many_signatures_stop_capturing_with_a_warning(monkeypatch):
     # 10 signatures (5 shapes x 2 layers), 40 calls: capturing stops once 3 entries were evicted
     assert graphs.FORWARD.captures - before <= 5
     graphs.clear()
+
+
+def test_changing_cudnn_flags_recaptures(monkeypatch):
+    """A capture bakes in algorithm choices: cudnn.deterministic etc. are part of the key."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    _, graphed = _pair(device="cpu", peephole=False)
+    x = torch.randn(2, 3, 4, 6, 5)
+    with torch.no_grad():
+        for _ in range(3):
+            graphed(x)
+        before = graphs.FORWARD.captures
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic",
+                            not torch.backends.cudnn.deterministic)
+        for _ in range(3):
+            graphed(x)
+    assert graphs.FORWARD.captures > before
+    graphs.clear()

@@ -49,6 +49,13 @@ def _signature(args) -> tuple:
     return tuple(sig)
 
 
+def _backend_flags() -> tuple:
+    """Settings that change which convolution algorithms a capture bakes in."""
+    cudnn = torch.backends.cudnn
+    return (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32,
+            torch.are_deterministic_algorithms_enabled())
+
+
 def _clone_args(args):
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
@@ -103,7 +110,7 @@ class GraphCache:
         return self.evictions > self.max_entries
 
     def run(self, fn: Callable, args, key):
-        full_key = (key, _signature(args))
+        full_key = (key, _backend_flags(), _signature(args))
         entry = self.entries.get(full_key)
         if entry is None:
             if full_key not in self.seen or self.thrashing():
