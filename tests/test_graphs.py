@@ -175,3 +175,22 @@ def test_changing_cudnn_flags_recaptures(monkeypatch):
             graphed(x)
     assert graphs.FORWARD.captures > before
     graphs.clear()
+
+
+def test_backward_graph_reads_the_forward_buffers_without_copies(monkeypatch):
+    """Training with graphs: saved z and c are neither cloned out of the forward entry nor
+    copied into the backward's; the backward entry holds the very same tensors."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    eager, graphed = _pair(device="cpu")
+    for _ in range(3):
+        x = torch.randn(3, 5, 4, 12, 10)
+        for a, b in zip(_step(graphed, x), _step(eager, x)):
+            torch.testing.assert_close(a, b)
+    forward = [e for k, e in graphs.FORWARD.entries.items() if k[0][1]]  # save=True entries
+    bound = [e for k, e in graphs.BACKWARD.entries.items() if len(k[0]) == 3]
+    assert forward and bound
+    for b in bound:
+        f = next(f for f in forward if any(t is f.static_out[3] for t in b.static_args))
+        assert b.static_args[10] is f.static_out[3] and b.static_args[9] is f.static_out[2]
+    graphs.clear()

@@ -56,14 +56,17 @@ def _backend_flags() -> tuple:
             torch.are_deterministic_algorithms_enabled())
 
 
-def _clone_args(args):
-    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-
-
 class _Entry:
-    def __init__(self, fn: Callable, args):
-        self.static_args = _clone_args(args)
-        self.fn, self.graph = fn, None
+    """One captured call. ``shared`` argument positions are used as they are (they already live
+    in another entry's static buffers); the others are copied into static clones per call."""
+
+    def __init__(self, fn: Callable, args, shared=()):
+        self.shared = frozenset(shared)
+        self.static_args = [
+            a.clone() if isinstance(a, torch.Tensor) and i not in self.shared else a
+            for i, a in enumerate(args)
+        ]
+        self.fn, self.graph, self.generation = fn, None, 0
         first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
         if not first.is_cuda:  # EMULATE_ON_CPU
             self.static_out = fn(*self.static_args)
@@ -77,22 +80,27 @@ class _Entry:
         with torch.cuda.graph(self.graph):
             self.static_out = fn(*self.static_args)
 
-    def replay(self, args):
-        for dst, src in zip(self.static_args, args):
-            if isinstance(dst, torch.Tensor):
+    def replay(self, args, keep=()):
+        """Copy args in, replay, and return the outputs: clones, except positions in ``keep``,
+        which are the static buffers themselves (valid until the next replay: ``generation``
+        counts replays so a reader can tell)."""
+        for i, (dst, src) in enumerate(zip(self.static_args, args)):
+            if isinstance(dst, torch.Tensor) and i not in self.shared and dst is not src:
                 dst.copy_(src)
         if self.graph is not None:
             self.graph.replay()
-        else:
+        else:  # emulated: write as a replay does, without autograd seeing a version bump
             for dst, src in zip(self.static_out, self.fn(*self.static_args)):
-                dst.copy_(src)
-        return [t.clone() for t in self.static_out]
+                with torch.autograd._unsafe_preserve_version_counter(dst):
+                    dst.copy_(src)
+        self.generation += 1
+        return [t if i in keep else t.clone() for i, t in enumerate(self.static_out)]
 
 
 class GraphCache:
     """LRU cache of captured loops keyed by the call's configuration and argument signature."""
 
-    def __init__(self, max_entries: int = 8):
+    def __init__(self, max_entries: int = 32):  # a deep model holds ~3 entries per layer
         self.max_entries = max_entries
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.seen: set[tuple] = set()
@@ -110,17 +118,24 @@ class GraphCache:
         return self.evictions > self.max_entries
 
     def run(self, fn: Callable, args, key):
+        """fn(*args), replayed from a capture from the second call with this key and signature
+        on. Returns fresh tensors (clones of the static outputs)."""
+        return self.run_with_entry(fn, args, key)[0]
+
+    def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=()):
+        """As :meth:`run`, also returning the entry that replayed (None for an uncaptured call).
+        ``shared`` and ``keep`` as in :class:`_Entry`."""
         full_key = (key, _backend_flags(), _signature(args))
         entry = self.entries.get(full_key)
         if entry is None:
             if full_key not in self.seen or self.thrashing():
                 self.seen.add(full_key)
-                return fn(*args)
+                return fn(*args), None
             # Static copies made here must be ordinary tensors even when this call runs under
             # inference_mode: a later call under no_grad copies into them. (inference_mode(False)
             # turns grad mode back on, hence no_grad.)
             with torch.inference_mode(False), torch.no_grad():
-                entry = _Entry(fn, args)
+                entry = _Entry(fn, args, shared)
             self.captures += 1
             self.entries[full_key] = entry
             while len(self.entries) > self.max_entries:
@@ -134,8 +149,8 @@ class GraphCache:
                         "or pass cuda_graphs=False.", stacklevel=2)
         else:
             self.entries.move_to_end(full_key)
-        out = entry.replay(args)
-        return tuple(out) if isinstance(entry.static_out, tuple) else out
+        out = entry.replay(args, keep)
+        return (tuple(out) if isinstance(entry.static_out, tuple) else out), entry
 
 
 FORWARD = GraphCache()

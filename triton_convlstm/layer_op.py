@@ -87,19 +87,23 @@ def layer_backward_op(
                           c_seq, z_seq, dilation, backend, needs, use_graphs)
 
 
+def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...]):
+    """The backward as a function of its 11 tensor arguments, gradients in promised layouts."""
+    def run(*a):
+        grads = layer_backward(*a, spec, needs)
+        likes = _grad_likes(*a[2:7])
+        return [a[2].new_empty(0) if g is None else _in_layout(g, like)
+                for g, like in zip(grads, likes)]
+    return run
+
+
 @_on_device
 def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
                    z_seq, dilation, backend, needs, use_graphs):
     spec = LayerSpec(tuple(dilation), backend)
     needs = tuple(bool(n) for n in needs)
     args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
-
-    def run(*a):
-        grads = layer_backward(*a, spec, needs)
-        likes = _grad_likes(*a[2:7])
-        return [x.new_empty(0) if g is None else _in_layout(g, like)
-                for g, like in zip(grads, likes)]
-
+    run = _backward_runner(spec, needs)
     if use_graphs and graphs.can_capture(x):
         return graphs.BACKWARD.run(run, args, key=(spec, needs))
     return run(*args)
@@ -135,7 +139,7 @@ def _setup_context(ctx, inputs, output):
     # Otherwise autograd hands the backward zero-filled (T, B, 4*hid, H, W) gradients for the
     # saved buffers nobody differentiates, and zeros for unused outputs.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
+    ctx.save_for_backward(x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
     ctx.config = (tuple(dilation), backend, save, use_graphs, bias is not None)
 
 
@@ -145,13 +149,18 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_f
         raise RuntimeError(
             "ConvLSTM: backward through a forward that ran without grad tracking (nothing saved)"
         )
-    x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq = ctx.saved_tensors
+    x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:6])
     needs[2] = needs[2] and has_bias
-    grads = (backward_fn or layer_backward_op)(
-        grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-        dilation, backend, needs, use_graphs,
-    )
+    if backward_fn is None:  # the custom op (torch.compile)
+        grads = layer_backward_op(
+            grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
+            dilation, backend, needs, use_graphs,
+        )
+    else:
+        grads = backward_fn(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0,
+                            h_seq, c_last, c_seq, z_seq, LayerSpec(dilation, backend),
+                            tuple(bool(n) for n in needs), use_graphs)
     grads = [g if need else None for g, need in zip(grads, needs)]
     return (*grads, None, None, None, None)
 
@@ -160,26 +169,75 @@ layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLayer(torch.autograd.Function):
-    """The op's forward and backward without the custom-op dispatch (eager mode only)."""
+    """The op's forward and backward without the custom-op dispatch (eager mode only).
+
+    With CUDA graphs, the saved pre-activations and cells stay in the forward entry's static
+    buffers (no clone), and the backward graph reads them there (no copy in): two passes over
+    the largest tensors and their memory saved. A later replay of the same entry overwrites
+    them; the entry's generation tells, and the backward then replays the forward once more
+    from the saved inputs before reading.
+    """
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, *inputs):  # the op's 10 inputs, then the graph slot
+        output, ctx.graph = _eager_forward(*inputs)
+        _setup_context(ctx, inputs[:10], output)
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a clear error for double backward
     def backward(ctx, *grads):
-        return _backward(ctx, *grads, backward_fn=_backward_impl)
+        return (*_backward(ctx, *grads, backward_fn=_eager_backward), None)
 
 
-def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
+@_on_device
+def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
+                   slot=None):
+    if not (save and use_graphs and graphs.can_capture(x)):
+        return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save,
+                             use_graphs), None
+    spec = LayerSpec(tuple(dilation), backend)
+    out, entry = graphs.FORWARD.run_with_entry(
+        lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
+        key=(spec, save, slot), keep=(2, 3),
+    )
+    if entry is None:  # the uncaptured warm-up call: its outputs are fresh tensors
+        return tuple(out), None
+    h_seq, c_last, c_seq, z_seq = out
+    # Aliases, so autograd never touches the static tensors' own metadata.
+    return (h_seq, c_last, c_seq.detach(), z_seq.detach()), (entry, entry.generation)
+
+
+@_on_device
+def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0, h_seq,
+                    c_last, c_seq, z_seq, spec, needs, use_graphs):
+    run = _backward_runner(spec, needs)
+    if ctx.graph is None:
+        args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
+        if use_graphs and graphs.can_capture(x):
+            return graphs.BACKWARD.run(run, args, key=(spec, needs))
+        return run(*args)
+    entry, generation = ctx.graph
+    inputs = (x, weight, bias, peephole, h0, c0)
+    if not graphs.can_capture(x):  # inside someone else's capture: recompute, uncaptured
+        return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0,
+                   *layer_forward(*inputs, spec, True))
+    if entry.generation != generation:  # replayed since: restore this call's saved buffers
+        entry.replay(inputs, keep=range(4))
+    xs, ws, _, ps, h0s, c0s = entry.static_args
+    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out)
+    return graphs.BACKWARD.run_with_entry(run, args, key=(spec, needs, entry),
+                                          shared=range(2, 11))[0]
+
+
+def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
+              slot=None):
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
-    loop is not unrolled), else the same code called directly. Arguments as the op's."""
+    loop is not unrolled), else the same code called directly. Arguments as the op's; ``slot``
+    (e.g. the calling module's id) gives each layer its own captured forward in training."""
     args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs)
     if torch.compiler.is_compiling():
         return layer_forward_op(*args)
     if not save:
         return _forward_impl(*args)
-    return _EagerLayer.apply(*args)
+    return _EagerLayer.apply(*args, slot)

@@ -165,7 +165,8 @@ class ConvLSTM(nn.Module):
             use_graphs = self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim,
                                                                      height, width)
             h_seq, c_last, _, _ = run_layer(
-                seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs
+                seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
+                slot=id(cell),
             )
             seq = h_seq
             outputs.append(h_seq)
