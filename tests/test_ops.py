@@ -113,8 +113,8 @@ def _step(zx, c_prev, zh, bias, peephole, backend):
     return (h * h).sum() + c.sum()
 
 
-# backend.py's lru_cache'd Triton probe: dynamo traces through it (correct: it is constant)
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+# No warning may escape the compile (e.g. dynamo's about tracing an lru_cache'd function).
+@pytest.mark.filterwarnings("error::UserWarning")
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
                                      "torch"])
 def test_compile_fullgraph(backend):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -10,15 +9,24 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=1)
+_PROBE: list = []  # [None] or [reason] once probed
+
+
 def triton_import_error() -> str | None:
-    """None when Triton imports, else the reason it does not."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """None when Triton imports, else the reason it does not (probed once).
+
+    A plain global rather than functools.lru_cache: torch.compile traces the callers and warns
+    about lru_cache-wrapped functions. The modules probe at construction, so tracing only reads.
+    """
+    if not _PROBE:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            _PROBE.append(f"{type(exc).__name__}: {exc}")
+        else:
+            _PROBE.append(None)
+    return _PROBE[0]
 
 
 def interpreter_enabled() -> bool:

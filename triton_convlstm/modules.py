@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import graphs, validation
-from .backend import check_backend_name, resolve_backend
+from .backend import check_backend_name, resolve_backend, triton_import_error
 from .conv import conv_same
 from .layer_op import run_layer
 from .reference import state_dtype
@@ -44,6 +44,8 @@ class ConvLSTMCell(nn.Module):
         validation.positive_int("input_dim", input_dim)
         validation.positive_int("hidden_dim", hidden_dim)
         check_backend_name(backend)
+        if backend != "torch":
+            triton_import_error()  # probe now, eagerly, not while torch.compile traces forward
         self.input_dim, self.hidden_dim = input_dim, hidden_dim
         self.kernel_size = validation.pair("kernel_size", kernel_size)
         self.dilation = validation.pair("dilation", dilation)
