@@ -218,3 +218,8 @@ def test_returned_tensors_are_contiguous_like_the_popular_module():
         o.view(o.shape[0], -1)  # code written for the popular module does this
     for h, c in last:
         assert h.is_contiguous() and c.is_contiguous()
+
+
+def test_kernel_size_list_of_two_suggests_a_tuple():
+    with pytest.raises(ValueError, match=r"kernel_size: .*pass a tuple: \(3, 3\)"):
+        ConvLSTM(2, 4, [3, 3], 1)

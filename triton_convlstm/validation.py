@@ -41,9 +41,12 @@ def per_layer(name: str, value, num_layers: int, scalar=None) -> list:
         values = [value] * num_layers
     elif isinstance(value, (list, tuple)):
         if len(value) != num_layers:
+            hint = ""
+            if scalar is None and len(value) == 2 and all(isinstance(v, int) for v in value):
+                hint = f"; for one (h, w) for every layer pass a tuple: {tuple(value)}"
             raise ValueError(
                 f"{name}: expected one value or a list of num_layers={num_layers} values, "
-                f"got a list of {len(value)}"
+                f"got a list of {len(value)}{hint}"
             )
         values = list(value)
     else:
