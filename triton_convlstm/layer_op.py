@@ -211,12 +211,11 @@ def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, u
 @_on_device
 def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0, h_seq,
                     c_last, c_seq, z_seq, spec, needs, use_graphs):
+    if ctx.graph is None:  # the forward ran uncaptured: the op's own backward
+        return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq,
+                              c_last, c_seq, z_seq, spec.dilation, spec.backend, needs,
+                              use_graphs)
     run = _backward_runner(spec, needs)
-    if ctx.graph is None:
-        args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
-        if use_graphs and graphs.can_capture(x):
-            return graphs.BACKWARD.run(run, args, key=(spec, needs))
-        return run(*args)
     entry, generation = ctx.graph
     inputs = (x, weight, bias, peephole, h0, c0)
     if not graphs.can_capture(x):  # inside someone else's capture: recompute, uncaptured
