@@ -3,9 +3,11 @@
 A layer's forward (or backward) over T steps is 2T+ small launches; replaying them as one graph
 removes the per-launch CPU cost that dominates small shapes. Each entry owns static copies of its
 inputs and outputs: a call copies its inputs in, replays, and clones the outputs out, so nothing a
-caller holds is ever overwritten by a later replay, and one entry can serve every layer (and
-every call) with the same shapes. The first call for a new signature runs eagerly (that compiles
-the Triton kernels and lets cuDNN pick its algorithms); the second captures.
+caller holds is overwritten by a later replay, and one entry can serve every call with the same
+shapes. The one exception is asked for by name (``keep``): eager training keeps the saved
+activations in the forward entry's buffers and checks the entry's ``generation`` before reading.
+The first call for a new signature runs eagerly (that compiles the Triton kernels and lets cuDNN
+pick its algorithms); the second captures.
 """
 
 from __future__ import annotations

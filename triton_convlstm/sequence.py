@@ -6,8 +6,9 @@ gate update that writes h_t straight into its slot of the output buffer. The bac
 gate gradient and the hidden input-gradient convolution per step, and every weight/bias gradient
 once over all steps.
 
-What is saved for the backward: the summed pre-activations z (compute dtype), the cells
-c_1..c_{T-1} (state dtype; c_T is the returned last cell) and the outputs h (already returned).
+What is saved for the backward: the gates (the Triton path keeps the summed pre-activations in
+the compute dtype, the torch path the activated gates in the state dtype), the cells c_1..c_{T-1}
+(state dtype; c_T is the returned last cell) and the outputs h (already returned).
 """
 
 from __future__ import annotations
@@ -131,9 +132,10 @@ def steps_per_chunk(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dty
     return max(1, min(t, CHUNK_BYTES // per_step))
 
 
-def _split(weight: Tensor, cin: int, mf):
-    return (weight[:, :cin].contiguous(memory_format=mf),
-            weight[:, cin:].contiguous(memory_format=mf))
+def _split(weight: Tensor, cin: int):
+    """The input and hidden parts of the combined weight, channels_last."""
+    return (weight[:, :cin].contiguous(memory_format=MEMORY_FORMAT),
+            weight[:, cin:].contiguous(memory_format=MEMORY_FORMAT))
 
 
 def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, out=None):
@@ -148,7 +150,7 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     if out is None:
         out = output_buffers(x, weight, save, spec.backend)
     h_seq, c_last, c_seq, z_seq = out
-    w_x, w_h = _split(weight, cin, MEMORY_FORMAT)
+    w_x, w_h = _split(weight, cin)
     frames = _frames(x)
     chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
 
@@ -198,9 +200,8 @@ def layer_backward(
     _, gates_backward = gate_functions(spec.backend)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, hh, ww = x.shape
-    mf = MEMORY_FORMAT
     sdt = c_last.dtype
-    w_x, w_h = _split(weight, cin, mf)
+    w_x, w_h = _split(weight, cin)
     hid = w_h.shape[1]
     frames = _frames(x) if need_w else None
     chunk = steps_per_chunk(t, b, hid, hh, ww, x.dtype)
@@ -241,8 +242,8 @@ def layer_backward(
                                                h_seq[s0 - 1 : t1 - 1].flatten(0, 1), w_h,
                                                spec.dilation))
             if t0 == 0 and h0 is not None:
-                dw_h.add(conv_same_weight_grad(dz[0], h0.contiguous(memory_format=mf), w_h,
-                                               spec.dilation))
+                h0_cl = h0.contiguous(memory_format=MEMORY_FORMAT)
+                dw_h.add(conv_same_weight_grad(dz[0], h0_cl, w_h, spec.dilation))
         if need_b:
             dbias.add(dz.sum(dim=(0, 1, 3, 4), dtype=sdt))
 
