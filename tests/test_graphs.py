@@ -194,3 +194,37 @@ def test_backward_graph_reads_the_forward_buffers_without_copies(monkeypatch):
         f = next(f for f in forward if any(t is f.static_out[3] for t in b.static_args))
         assert b.static_args[10] is f.static_out[3] and b.static_args[9] is f.static_out[2]
     graphs.clear()
+
+
+def test_second_backward_with_retain_graph_equals_the_first(device):
+    """The backward graph overwrites the forward entry's saved gates with their gradients; a
+    second backward through the same forward must replay the forward first."""
+    eager, graphed = _pair(device=device)
+    for call in range(3):  # uncaptured, capture, replay
+        x = torch.randn(3, 5, 4, 12, 10, device=device, requires_grad=True)
+        grads = []
+        for m in (eager, graphed):
+            outs, last = m(x)
+            loss = sum((o ** 2).mean() for o in outs) + last[-1][1].mean()
+            leaves = [x] + list(m.parameters())
+            grads.append(torch.autograd.grad(loss, leaves, retain_graph=True))
+            grads.append(torch.autograd.grad(loss, leaves))
+        want = grads[0]
+        for got in grads[1:]:
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, msg=f"call {call}")
+
+
+def test_static_inputs_are_kept_in_the_sequence_layout(device):
+    """The per-call copy into a captured loop's static x (and gradient of h) also converts it to
+    the layout the loop reads, so the loop itself makes no second copy."""
+    from triton_convlstm.sequence import empty_seq
+
+    _, graphed = _pair(device=device)
+    for _ in range(3):
+        _step(graphed, torch.randn(3, 5, 4, 12, 10, device=device), train=True)
+    statics = [e.static_args[0] for cache in (graphs.FORWARD, graphs.BACKWARD)
+               for e in cache.entries.values() if isinstance(e.static_args[0], torch.Tensor)]
+    assert len(statics) >= 3  # the two layers' forwards, at least one backward
+    for t in statics:
+        assert t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta").stride()

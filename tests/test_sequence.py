@@ -223,3 +223,41 @@ def test_returned_tensors_are_contiguous_like_the_popular_module():
 def test_kernel_size_list_of_two_suggests_a_tuple():
     with pytest.raises(ValueError, match=r"kernel_size: .*pass a tuple: \(3, 3\)"):
         ConvLSTM(2, 4, [3, 3], 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_second_backward_with_retain_graph_equals_the_first(backend):
+    """The backward overwrites the saved gates with their gradients; a second backward through
+    the same forward (retain_graph=True, e.g. two losses) must recompute them, not read them."""
+    m = _model(backend)
+    x, st = _inputs()
+    outs, last = m(x, st)
+    loss = sum((o ** 2).sum() for o in outs) + last[-1][1].sum()
+    leaves = [x] + list(m.parameters())
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves, retain_graph=True)
+    third = torch.autograd.grad(loss, leaves)
+    for a, b, c in zip(first, second, third):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_forward_keeps_gates_in_the_input_convolution_output(backend):
+    """Where dtypes agree, z_seq is the input convolution's output itself (one (T, B, 4*hid)
+    buffer in training, not two) and has the strides the fake kernel promises."""
+    from triton_convlstm.sequence import LayerSpec, empty_seq, layer_forward
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 3, 5, 6, generator=g).to(DEVICE)
+    w = torch.randn(4 * 5, 3 + 5, 3, 3, generator=g).to(DEVICE)
+    bias = torch.randn(4 * 5, generator=g).to(DEVICE)
+    spec = LayerSpec((1, 1), backend)
+    h_seq, c_last, c_seq, z_seq = layer_forward(x, w, bias, None, None, None, spec, True)
+    assert z_seq.stride() == empty_seq(4, 2, 20, 5, 6, dtype=x.dtype, device="meta").stride()
+    assert z_seq.untyped_storage().nbytes() == z_seq.numel() * z_seq.element_size()
+    # Same values as inference (which keeps nothing and chunks its input convolution).
+    h_inf, c_inf, _, _ = layer_forward(x, w, bias, None, None, None, spec, False)
+    torch.testing.assert_close(h_seq, h_inf, rtol=0, atol=0)
+    torch.testing.assert_close(c_last, c_inf, rtol=0, atol=0)

@@ -60,12 +60,16 @@ def _backend_flags() -> tuple:
 
 class _Entry:
     """One captured call. ``shared`` argument positions are used as they are (they already live
-    in another entry's static buffers); the others are copied into static clones per call."""
+    in another entry's static buffers); the others are copied into static tensors per call:
+    clones, or for positions in ``layouts`` what that function makes (a tensor in the layout
+    the captured code reads best, so the per-call copy-in also does the layout change)."""
 
-    def __init__(self, fn: Callable, args, shared=()):
+    def __init__(self, fn: Callable, args, shared=(), layouts=None):
         self.shared = frozenset(shared)
+        layouts = layouts or {}
         self.static_args = [
-            a.clone() if isinstance(a, torch.Tensor) and i not in self.shared else a
+            layouts.get(i, torch.clone)(a)
+            if isinstance(a, torch.Tensor) and i not in self.shared else a
             for i, a in enumerate(args)
         ]
         self.fn, self.graph, self.generation = fn, None, 0
@@ -119,14 +123,17 @@ class GraphCache:
         run, a capture and a synchronisation each), so new signatures run uncaptured instead."""
         return self.evictions > self.max_entries
 
-    def run(self, fn: Callable, args, key):
+    def run(self, fn: Callable, args, key, layouts=None):
         """fn(*args), replayed from a capture from the second call with this key and signature
         on. Returns fresh tensors (clones of the static outputs)."""
-        return self.run_with_entry(fn, args, key)[0]
+        return self.run_with_entry(fn, args, key, layouts=layouts)[0]
 
-    def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=()):
+    def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=(), layouts=None,
+                       before_replay=None):
         """As :meth:`run`, also returning the entry that replayed (None for an uncaptured call).
-        ``shared`` and ``keep`` as in :class:`_Entry`."""
+        ``shared``, ``keep`` and ``layouts`` as in :class:`_Entry`. ``before_replay`` is called
+        between a capture and its first replay: capturing runs fn once, which matters for fns
+        that consume their (shared) inputs."""
         full_key = (key, _backend_flags(), _signature(args))
         entry = self.entries.get(full_key)
         if entry is None:
@@ -137,9 +144,11 @@ class GraphCache:
             # inference_mode: a later call under no_grad copies into them. (inference_mode(False)
             # turns grad mode back on, hence no_grad.)
             with torch.inference_mode(False), torch.no_grad():
-                entry = _Entry(fn, args, shared)
+                entry = _Entry(fn, args, shared, layouts)
             self.captures += 1
             self.entries[full_key] = entry
+            if before_replay is not None:
+                before_replay()
             while len(self.entries) > self.max_entries:
                 self.entries.popitem(last=False)
                 self.evictions += 1

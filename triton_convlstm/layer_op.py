@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import graphs
-from .sequence import LayerSpec, layer_backward, layer_forward, output_buffers
+from .sequence import LayerSpec, layer_backward, layer_forward, like_seq, output_buffers
 
 
 @torch.library.custom_op("triton_convlstm::layer_forward", mutates_args=())
@@ -38,6 +38,14 @@ def layer_forward_op(
     return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs)
 
 
+# Captured loops keep x (forward) and the gradient of h_seq (backward) in the sequence layout:
+# the copy into the static buffer, made every call anyway, then also converts the layout, and
+# the loops need no copy of their own (x's frames are read by both the forward and the
+# backward's weight gradient; the gate kernels read the gradient per step).
+_X_LAYOUT = {0: like_seq}
+_GRAD_LAYOUT = {0: like_seq}
+
+
 def _on_device(fn):
     """Run fn with x's CUDA device current: Triton launches, streams and graph captures all
     follow the current device, not the tensors'."""
@@ -55,7 +63,8 @@ def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, us
     spec = LayerSpec(tuple(dilation), backend)
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
-        return graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args, key=(spec, save))
+        return graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args, key=(spec, save),
+                                  layouts=_X_LAYOUT)
     return tuple(layer_forward(*args, spec, save))
 
 
@@ -87,10 +96,11 @@ def layer_backward_op(
                           c_seq, z_seq, dilation, backend, needs, use_graphs)
 
 
-def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...]):
-    """The backward as a function of its 11 tensor arguments, gradients in promised layouts."""
+def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False):
+    """The backward as a function of its 11 tensor arguments, gradients in promised layouts.
+    ``consume`` as in :func:`layer_backward` (never for the op: its inputs are immutable)."""
     def run(*a):
-        grads = layer_backward(*a, spec, needs)
+        grads = layer_backward(*a, spec, needs, consume)
         likes = _grad_likes(*a[2:7])
         return [a[2].new_empty(0) if g is None else _in_layout(g, like)
                 for g, like in zip(grads, likes)]
@@ -105,7 +115,7 @@ def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, 
     args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
     run = _backward_runner(spec, needs)
     if use_graphs and graphs.can_capture(x):
-        return graphs.BACKWARD.run(run, args, key=(spec, needs))
+        return graphs.BACKWARD.run(run, args, key=(spec, needs), layouts=_GRAD_LAYOUT)
     return run(*args)
 
 
@@ -181,6 +191,7 @@ class _EagerLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):  # the op's 10 inputs, then the graph slot
         output, ctx.graph = _eager_forward(*inputs)
+        ctx.consumed = False
         _setup_context(ctx, inputs[:10], output)
         return output
 
@@ -199,7 +210,7 @@ def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, u
     spec = LayerSpec(tuple(dilation), backend)
     out, entry = graphs.FORWARD.run_with_entry(
         lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
-        key=(spec, save, slot), keep=(2, 3),
+        key=(spec, save, slot), keep=(2, 3), layouts=_X_LAYOUT,
     )
     if entry is None:  # the uncaptured warm-up call: its outputs are fresh tensors
         return tuple(out), None
@@ -211,22 +222,33 @@ def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, u
 @_on_device
 def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0, h_seq,
                     c_last, c_seq, z_seq, spec, needs, use_graphs):
-    if ctx.graph is None:  # the forward ran uncaptured: the op's own backward
-        return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq,
-                              c_last, c_seq, z_seq, spec.dilation, spec.backend, needs,
-                              use_graphs)
-    run = _backward_runner(spec, needs)
-    entry, generation = ctx.graph
+    # The backward overwrites the saved gates with their gradients (no gradient buffer of the
+    # same size). A second backward through the same forward (retain_graph=True) then finds
+    # them gone and recomputes them: ctx.consumed, or a changed generation with graphs.
+    run = _backward_runner(spec, needs, consume=True)
     inputs = (x, weight, bias, peephole, h0, c0)
-    if not graphs.can_capture(x):  # inside someone else's capture: recompute, uncaptured
-        return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0,
-                   *layer_forward(*inputs, spec, True))
-    if entry.generation != generation:  # replayed since: restore this call's saved buffers
+    saved = (h_seq, c_last, c_seq, z_seq)
+    if ctx.graph is None or not graphs.can_capture(x):
+        # Uncaptured forward, or inside someone else's capture (then recompute, uncaptured).
+        if ctx.consumed or ctx.graph is not None:
+            saved = layer_forward(*inputs, spec, True)
+        ctx.consumed = True
+        # Torch's in-place math bumps z_seq's version; autograd must still unpack it later.
+        with torch.autograd._unsafe_preserve_version_counter(saved[3]):
+            return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved)
+    entry, generation = ctx.graph
+    if entry.generation != generation:  # replayed or consumed since: restore this call's buffers
         entry.replay(inputs, keep=range(4))
     xs, ws, _, ps, h0s, c0s = entry.static_args
     args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out)
-    return graphs.BACKWARD.run_with_entry(run, args, key=(spec, needs, entry),
-                                          shared=range(2, 11))[0]
+    with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
+        grads = graphs.BACKWARD.run_with_entry(
+            run, args, key=(spec, needs, entry), shared=range(2, 11), layouts=_GRAD_LAYOUT,
+            # capturing runs the backward once (warm-up), which consumes the forward's buffers
+            before_replay=lambda: entry.replay(inputs, keep=range(4)),
+        )[0]
+    entry.generation += 1  # its saved gates now hold gradients
+    return grads
 
 
 def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,

@@ -114,6 +114,9 @@ def gate_backward_from_gates(
     ``dz_out`` when given), dc_prev (into ``dc_prev_out``, which may be dc itself) and the
     peephole gradient (3, hidden) (None without peepholes), all in the gates' dtype unless the
     buffers say otherwise. Written with the fused sigmoid/tanh derivative kernels, in place.
+
+    ``dz_out`` may be ``gates`` itself (the sequence backward overwrites the saved gates with
+    their gradients): every gate is read before its slot is written.
     """
     math = gates.dtype
     hid = gates.shape[1] // 4
@@ -124,24 +127,28 @@ def gate_backward_from_gates(
     dh = torch.zeros_like(c) if dh is None else dh.to(math)
 
     dz = dz_out if dz_out is not None and dz_out.dtype == math else torch.empty_like(gates)
+    # The gradients before the activation derivatives go to ``pre``: dz itself, unless dz is
+    # the gates' own memory, which must stay readable until the derivatives are taken.
+    pre = torch.empty_like(gates) if dz.data_ptr() == gates.data_ptr() else dz
+    pre_i, pre_f, pre_o, pre_g = (pre[:, k * hid : (k + 1) * hid] for k in range(4))
     dzi, dzf, dzo, dzg = (dz[:, k * hid : (k + 1) * hid] for k in range(4))
-    torch.mul(dh, tc, out=dzo)
+    torch.mul(dh, tc, out=pre_o)
     # dc_total = dc + dh*o*(1 - tanh(c)^2) (+ dzo*p_o): the gradient reaching c this step.
     dct = torch.ops.aten.tanh_backward(dh * o, tc)
     if dc is not None:
         dct += dc
     if p is not None:
-        torch.ops.aten.sigmoid_backward.grad_input(dzo, o, grad_input=dzo)
+        torch.ops.aten.sigmoid_backward.grad_input(pre_o, o, grad_input=dzo)
         dct.addcmul_(dzo, p[2])
-    torch.mul(dct, g, out=dzi)
-    torch.mul(dct, c_prev, out=dzf)
-    torch.mul(dct, i, out=dzg)
+    torch.mul(dct, g, out=pre_i)
+    torch.mul(dct, c_prev, out=pre_f)
+    torch.mul(dct, i, out=pre_g)
+    dc_prev = torch.mul(dct, f, out=dc_prev_out) if dc_prev_out is not None else dct * f
     # i, f and o are adjacent: one fused d*s*(1-s) over the three (o done above with peepholes).
     n_sig = 2 * hid if p is not None else 3 * hid
-    torch.ops.aten.sigmoid_backward.grad_input(dz[:, :n_sig], gates[:, :n_sig],
+    torch.ops.aten.sigmoid_backward.grad_input(pre[:, :n_sig], gates[:, :n_sig],
                                                grad_input=dz[:, :n_sig])
-    torch.ops.aten.tanh_backward.grad_input(dzg, g, grad_input=dzg)
-    dc_prev = torch.mul(dct, f, out=dc_prev_out) if dc_prev_out is not None else dct * f
+    torch.ops.aten.tanh_backward.grad_input(pre_g, g, grad_input=dzg)
     dpeep = None
     if p is not None:
         dc_prev.addcmul_(dzi, p[0]).addcmul_(dzf, p[1])

@@ -9,6 +9,11 @@ once over all steps.
 What is saved for the backward: the gates (the Triton path keeps the summed pre-activations in
 the compute dtype, the torch path the activated gates in the state dtype), the cells c_1..c_{T-1}
 (state dtype; c_T is the returned last cell) and the outputs h (already returned).
+
+Memory: where the dtypes agree, the saved gates live in the input convolution's own output (the
+gate update overwrites each step's slot in place), and the backward overwrites each step's gates
+with their gradients once read; so training needs no (T, B, 4*hidden, H, W) buffer besides the
+saved one, in either direction.
 """
 
 from __future__ import annotations
@@ -44,12 +49,25 @@ def empty_seq(t: int, b: int, ch: int, h: int, w: int, *, dtype, device) -> Tens
     return torch.empty(t, b, h, w, ch, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
 
 
-def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str):
+def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
+    """The dtype z_seq is saved in: the Triton kernels keep pre-activations in the compute dtype,
+    the torch path activated gates in the state dtype."""
+    return dtype if backend == "triton" else reference.state_dtype(dtype)
+
+
+def like_seq(t: Tensor) -> Tensor:
+    """A copy of a (T, B, C, H, W) tensor in the sequence layout (:func:`empty_seq`): what the
+    loops read without further copies. CUDA graphs keep their static inputs in it."""
+    return empty_seq(*t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
+                   z_seq: Tensor | None = None):
     """(h_seq, c_last, c_seq, z_seq) for input x (T, B, C, H, W) and weight (4*hid, C+hid, k, k).
 
-    z_seq holds what the gate backward reads: the Triton kernels save pre-activations in the
-    compute dtype, the torch path the activated gates in the state dtype. Without ``save``
-    (inference) c_seq and z_seq are empty: nothing is kept for a backward."""
+    z_seq holds what the gate backward reads (see :func:`saved_gates_dtype`); a caller may pass
+    its own (the input convolution's output). Without ``save`` (inference) c_seq and z_seq are
+    empty: nothing is kept for a backward."""
     t, b, _, h, w = x.shape
     hid = weight.shape[0] // 4
     sdt = reference.state_dtype(x.dtype)
@@ -58,8 +76,9 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str):
     c_last = empty_seq(1, b, hid, h, w, dtype=sdt, **kw)[0]
     if save:
         c_seq = empty_seq(t - 1, b, hid, h, w, dtype=sdt, **kw)
-        zdt = x.dtype if backend == "triton" else sdt
-        z_seq = empty_seq(t, b, 4 * hid, h, w, dtype=zdt, **kw)
+        if z_seq is None:
+            zdt = saved_gates_dtype(x.dtype, backend)
+            z_seq = empty_seq(t, b, 4 * hid, h, w, dtype=zdt, **kw)
     else:
         c_seq = torch.empty(0, dtype=sdt, **kw)
         z_seq = torch.empty(0, dtype=x.dtype, **kw)
@@ -73,8 +92,12 @@ def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=
                          save_z=False):
     # What is saved differs from the kernels: the activated gates (state dtype, z_out), so the
     # CPU backward need not recompute them. The sum is formed in the math dtype, as the kernel's.
+    # Without saving, zx itself is the scratch when its dtype allows (the caller's temporary).
     sdt = reference.state_dtype(zx.dtype)
-    gates = z_out if save_z else torch.empty_like(zx, dtype=sdt)
+    if save_z:
+        gates = z_out
+    else:
+        gates = zx if zx.dtype == sdt else torch.empty_like(zx, dtype=sdt)
     if zh is None:
         gates.copy_(zx)
     else:
@@ -138,34 +161,52 @@ def _split(weight: Tensor, cin: int):
             weight[:, cin:].contiguous(memory_format=MEMORY_FORMAT))
 
 
-def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, out=None):
+def _z_strides_match(z: Tensor) -> bool:
+    """Whether z (T, B, 4*hid, H, W) has the strides z_seq promises (the fake kernels allocate
+    with those)."""
+    return z.stride() == empty_seq(*z.shape, dtype=z.dtype, device="meta").stride()
+
+
+def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool):
     """x: (T, B, C, H, W); weight: (4*hid, C+hid, kh, kw); bias (4*hid,) or None; peephole
     (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype.
 
     Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
-    ``out`` lets a caller pass preallocated buffers.
     """
     gates_forward, _ = gate_functions(spec.backend)
     t, b, cin, hh, ww = x.shape
-    if out is None:
-        out = output_buffers(x, weight, save, spec.backend)
-    h_seq, c_last, c_seq, z_seq = out
     w_x, w_h = _split(weight, cin)
     frames = _frames(x)
-    chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
+    # The kernels add the bias themselves (a bias on a bf16 channels_last cuDNN convolution ran
+    # 2-3x slower); on CPU oneDNN adds it for free inside the input convolution, a pass saved.
+    conv_bias, gate_bias = (bias, None) if spec.backend == "torch" else (None, bias)
+
+    # Training: when z_seq's dtype is the input's, the input convolution over all steps writes
+    # z_seq itself and each step's gate update overwrites its slot in place: no extra buffer
+    # (and no reason to chunk). Otherwise (inference, or torch gates in fp32 for bf16 inputs)
+    # zx is a temporary, computed in chunks of steps to bound its size.
+    zx_all = None
+    if save and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
+        zx_all = conv_same(frames, w_x, spec.dilation, conv_bias).unflatten(0, (t, b))
+    given = zx_all if zx_all is not None and _z_strides_match(zx_all) else None
+    h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend, given)
+    if zx_all is not None and given is None:  # an unusual layout came back: one copy
+        z_seq.copy_(zx_all)
+    in_place = zx_all is not None
+    chunk = t if in_place else steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
 
     if c0 is None:
         c_last.zero_()
     else:
         c_last.copy_(c0)
     c_prev, h_prev = c_last, h0
-    # The kernels add the bias themselves (a bias on a bf16 channels_last cuDNN convolution ran
-    # 2-3x slower); on CPU oneDNN adds it for free inside the input convolution, a pass saved.
-    conv_bias, gate_bias = (bias, None) if spec.backend == "torch" else (None, bias)
     for t0 in range(0, t, chunk):
         t1 = min(t, t0 + chunk)
-        zx = conv_same(frames[t0 * b : t1 * b], w_x, spec.dilation, conv_bias)
-        zx = zx.unflatten(0, (t1 - t0, b))
+        if in_place:
+            zx = z_seq
+        else:
+            zx = conv_same(frames[t0 * b : t1 * b], w_x, spec.dilation, conv_bias)
+            zx = zx.unflatten(0, (t1 - t0, b))
         for step in range(t0, t1):
             zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
             # Saving: c_t goes to its slot in c_seq (the last one to c_last); inference: c is
@@ -193,10 +234,14 @@ class _Sum:
 
 def layer_backward(
     grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-    spec: LayerSpec, needs: tuple[bool, ...],
+    spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False,
 ):
     """Gradients of :func:`layer_forward`. ``needs`` = which of (x, weight, bias, peephole, h0,
-    c0) want a gradient. Returns those six (None where not needed)."""
+    c0) want a gradient. Returns those six (None where not needed).
+
+    ``consume``: overwrite z_seq with the gate gradients (when its dtype is the input's) instead
+    of writing them to a new buffer; z_seq is garbage afterwards, so a second backward over the
+    same forward needs the forward run again."""
     _, gates_backward = gate_functions(spec.backend)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, hh, ww = x.shape
@@ -204,8 +249,11 @@ def layer_backward(
     w_x, w_h = _split(weight, cin)
     hid = w_h.shape[1]
     frames = _frames(x) if need_w else None
-    chunk = steps_per_chunk(t, b, hid, hh, ww, x.dtype)
-    dz_buf = torch.empty_like(z_seq[:chunk], dtype=x.dtype)  # fed to the convolutions
+    if consume and z_seq.dtype == x.dtype:
+        chunk, dz_buf = t, z_seq  # each step's gradients replace its gates, once read
+    else:  # the gradients fed to the convolutions, in chunks of steps
+        chunk = steps_per_chunk(t, b, hid, hh, ww, x.dtype)
+        dz_buf = torch.empty_like(z_seq[:chunk], dtype=x.dtype)
     dc = torch.empty_like(c_last)
     if grad_c_last is None:
         dc.zero_()
@@ -217,7 +265,7 @@ def layer_backward(
     dh_rec = None
     for t1 in range(t, 0, -chunk):
         t0 = max(0, t1 - chunk)
-        dz = dz_buf[: t1 - t0]
+        dz = dz_buf[t0:t1] if dz_buf is z_seq else dz_buf[: t1 - t0]
         for step in reversed(range(t0, t1)):
             c_t = c_last if step == t - 1 else c_seq[step]
             c_prev = (c0 if c0 is not None else c_zero) if step == 0 else c_seq[step - 1]
