@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .memory import TensorMemoryTracker
 from .reference import EagerConvLSTM
 
 
@@ -253,13 +254,24 @@ def ratio_of(fast: list[float], slow: list[float]) -> float:
     return statistics.median(s / f for f, s in zip(fast, slow))
 
 
-def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) -> float | None:
-    """Peak CUDA memory during one call of a warmed-up step, in MiB above ``base`` (what was
-    allocated before the case was built). So it counts weights and inputs (alike for all
-    implementations) and what an implementation holds between calls (CUDA-graph pools, saved
-    workspaces), which a baseline taken just before the call would hide. None on CPU."""
+def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) -> float:
+    """Peak memory during one call of a warmed-up step, in MiB.
+
+    CUDA: torch.cuda.max_memory_allocated above ``base`` (what was allocated before the case was
+    built). So it counts weights and inputs (alike for all implementations) and what an
+    implementation holds between calls (CUDA-graph pools, saved workspaces), which a baseline
+    taken just before the call would hide.
+
+    CPU: the most bytes of tensors created during the call alive at once, from
+    :class:`~triton_convlstm.memory.TensorMemoryTracker` (``base`` is unused): activations,
+    what autograd saves, gradients; not weights, inputs, kernel workspaces, nor RSS. Exact and
+    repeatable, comparable between implementations on CPU, not with the CUDA numbers. Not for
+    torch.compile'd steps on CPU: Dynamo runs the uncompiled code under the tracker."""
     if device.type != "cuda":
-        return None
+        gc.collect()  # the collector then runs at the same points of every call: repeatable
+        with TensorMemoryTracker() as tracker:
+            step()
+        return tracker.peak_bytes / 2**20
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
@@ -300,8 +312,9 @@ def run_case(
         sync(device)
         row["first_call_s"] = round(time.perf_counter() - t0, 3)
         timing = time_step(step, device, reps=reps, warmup=2, target_s=target_s)
-        row.update(median_ms=timing.median_ms, min_ms=timing.min_ms, reps=timing.reps,
-                   peak_mem_mb=peak_memory_mb(step, device, base))
+        row.update(median_ms=timing.median_ms, min_ms=timing.min_ms, reps=timing.reps)
+        if device.type == "cuda" or impl not in COMPILED_IMPLS:  # see peak_memory_mb
+            row["peak_mem_mb"] = peak_memory_mb(step, device, base)
     except Exception as exc:  # one broken case must not cost the whole table
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:

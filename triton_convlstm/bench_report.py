@@ -26,7 +26,7 @@ def merged_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
     sources = []
     for i, path in enumerate(paths, 1):
         meta, file_rows = _load(path)
-        sources.append(f"[{i}] `{path.as_posix()}`: {meta.get('gpu', meta.get('device', '?'))}, "
+        sources.append(f"[{i}] `{path.as_posix()}`: {meta.get('gpu') or meta.get('device', '?')}, "
                        f"torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}, "
                        f"{str(meta.get('date', '?'))[:16]}")
         for r in file_rows:

@@ -236,6 +236,14 @@ def add_ratios(rows: list[dict]) -> None:
         r["speedup_vs_compiled"] = round(comp / ms, 3) if ms and comp else None
 
 
+# Both measure one warmed-up step but not the same thing: compare within a device only.
+PEAK_MEMORY_MEANS = {
+    "cpu": "most bytes alive at once of tensors created in one step (triton_convlstm.memory); "
+           "no weights, inputs, workspaces or RSS; not for compiled steps",
+    "cuda": "max_memory_allocated in one step above what was allocated before the case",
+}
+
+
 def format_table(result: dict) -> str:
     """The rows (and compile times, skips) as aligned text."""
     def f(v, spec):  # spec like "9.2f"; "-" in the same width when missing
@@ -251,6 +259,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['impl']:<12}{r['shape']:<7}{r['dtype']:<6}{r['mode']:<6}"
                      f"{f(r['median_ms'], '11.3f')}{f(r['speedup_vs_eager'], '9.2f')}"
                      f"{f(r['speedup_vs_compiled'], '12.2f')}{f(r['peak_mem_mb'], '10.1f')}")
+    devices = {r.get("device") for r in result["rows"] if r.get("peak_mem_mb") is not None}
+    lines += [f"peak MiB ({d}): {PEAK_MEMORY_MEANS[d]}" for d in sorted(devices)
+              if d in PEAK_MEMORY_MEANS]
     for c in result.get("compile_times", []):
         val = f"{c['seconds']:.1f} s" if "seconds" in c else c.get("error")
         lines.append(f"compile (fullgraph) {c['impl']:<6}{c['shape']} T={c['steps']:<3} "
