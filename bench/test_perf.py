@@ -46,10 +46,17 @@ CPU_TRAIN_GATE = 0.75
 
 # Goal: the layer's peak training memory <= 0.5x the eager formulation's. Measured with
 # TensorMemoryTracker (fp32, tensors created during one step, layer / eager): at fcdefaf cpu-s
-# 3.35 / 2.56 MiB = 1.31x, cpu-m 29.71 / 23.06 MiB = 1.29x; at bf2a107 (one z_seq buffer)
-# 2.45 / 2.56 = 0.96x, 21.83 / 23.06 = 0.95x. Exact and repeatable, so the gate needs no margin
-# for noise; it stays loose only while the layer's memory work is in progress: tighten it.
-CPU_TRAIN_MEMORY_GATE = 1.5
+# 3.35 / 2.56 MiB = 1.31x, cpu-m 29.71 / 23.06 MiB = 1.29x. Since the saved gates live in the
+# input convolution's output and the backward overwrites them with their gradients: cpu-s
+# 0.96x, cpu-m 0.95x, cpu-deep (3 layers) 0.84x. With recompute_gates=True (only h and c saved):
+# 0.82x, 0.80x and 0.47x: the goal is met where saved activations add up, i.e. in deep models;
+# one layer's peak is mostly its output, the output's gradient, h and c, which eager holds too.
+# Exact and repeatable: the gates sit just above what is measured.
+CPU_TRAIN_MEMORY_GATES = {
+    ("layer", "cpu-s"): 1.0, ("layer", "cpu-m"): 1.0, ("layer", "cpu-deep"): 0.9,
+    ("layer-recompute", "cpu-s"): 0.86, ("layer-recompute", "cpu-m"): 0.85,
+    ("layer-recompute", "cpu-deep"): 0.5,
+}
 
 # The fast-path goals on CUDA: layer speedup over the best torch.compile of the formulation.
 GPU_GOALS = {
@@ -107,18 +114,19 @@ def test_cpu_train_gate(shape, record_property):
         f"cpu train {shape}", "layer", "eager", times, ratio, CPU_TRAIN_GATE)
 
 
-@pytest.mark.parametrize("shape", CPU_SHAPES)
-def test_cpu_train_memory(shape, record_property):
-    steps = {i: build_step(i, SHAPES[shape], "fp32", "train", CPU) for i in ("layer", "eager")}
+@pytest.mark.parametrize(("impl", "shape"), sorted(CPU_TRAIN_MEMORY_GATES))
+def test_cpu_train_memory(impl, shape, record_property):
+    steps = {i: build_step(i, SHAPES[shape], "fp32", "train", CPU) for i in (impl, "eager")}
     _warm(steps, 2)
     peaks = {i: peak_memory_mb(step, CPU, 0) for i, step in steps.items()}
-    ratio = peaks["layer"] / peaks["eager"]
-    record_property("layer_over_eager_train_peak_memory", round(ratio, 3))
-    print(f"cpu train memory {shape}: layer {peaks['layer']:.2f} MiB, eager "
+    ratio = peaks[impl] / peaks["eager"]
+    gate = CPU_TRAIN_MEMORY_GATES[(impl, shape)]
+    record_property(f"{impl}_over_eager_train_peak_memory", round(ratio, 3))
+    print(f"cpu train memory {shape}: {impl} {peaks[impl]:.2f} MiB, eager "
           f"{peaks['eager']:.2f} MiB, {ratio:.2f}x")
-    assert ratio <= CPU_TRAIN_MEMORY_GATE, (
-        f"cpu train memory {shape}: layer {peaks['layer']:.2f} MiB vs eager "
-        f"{peaks['eager']:.2f} MiB = {ratio:.2f}x, above the gate {CPU_TRAIN_MEMORY_GATE}x")
+    assert ratio <= gate, (
+        f"cpu train memory {shape}: {impl} {peaks[impl]:.2f} MiB vs eager "
+        f"{peaks['eager']:.2f} MiB = {ratio:.2f}x, above the gate {gate}x")
 
 
 @pytest.mark.gpu

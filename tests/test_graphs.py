@@ -62,6 +62,15 @@ def test_replay_equals_eager_with_fresh_data(device, dtype, train):
         assert graphs.BACKWARD.captures >= 1
 
 
+def test_replay_with_recomputed_gates_equals_eager(device):
+    eager, graphed = _pair(device=device, recompute_gates=True)
+    for call in range(4):
+        x = torch.randn(3, 5, 4, 12, 10, device=device)
+        for a, b in zip(_step(graphed, x), _step(eager, x)):
+            torch.testing.assert_close(a, b, msg=f"call {call}")
+    assert graphs.BACKWARD.captures >= 1
+
+
 def test_shape_change_recaptures_and_outputs_are_not_overwritten(device):
     eager, graphed = _pair(device=device)
     xs = [torch.randn(3, 5, 4, 12, 10, device=device) for _ in range(3)]

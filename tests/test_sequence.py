@@ -58,11 +58,12 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("state", [True, False], ids=["state", "zeros"])
-def test_layer_matches_float64(backend, state):
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
+def test_layer_matches_float64(backend, state, recompute):
     ref_m = _model("torch").double()
     x, st = _inputs(torch.float64, state)
     ref = _run(ref_m, x, st)
-    m = _model(backend)
+    m = _model(backend, recompute_gates=recompute)
     x32 = x.detach().float().requires_grad_()
     st32 = None if st is None else [
         (h.detach().float().requires_grad_(), c.detach().float().requires_grad_()) for h, c in st
@@ -157,9 +158,22 @@ def _op_args(requires_grad=True, peephole=True):
     return [x, w, b, p, h0, c0, [1, 1], "torch", requires_grad, False]
 
 
+def test_compiled_training_with_recomputed_gates_matches_eager():
+    """torch.compile's path (the custom ops, their fake kernels and autograd) with the gates
+    recomputed in the backward (the op then needs the bias there too)."""
+    m = _model("torch", recompute_gates=True)
+    x, st = _inputs()
+    want = _run(m, x, st)
+    torch._dynamo.reset()
+    got = _run(torch.compile(m, backend="aot_eager", fullgraph=True), x, st)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_layer_op_passes_opcheck():
     torch.library.opcheck(layer_forward_op, tuple(_op_args()))
     torch.library.opcheck(layer_forward_op, tuple(_op_args(requires_grad=False, peephole=False)))
+    torch.library.opcheck(layer_forward_op, tuple(_op_args()) + (False,))  # gates recomputed
 
 
 def test_eager_path_equals_custom_op_path():

@@ -24,7 +24,8 @@ from .reference import EagerConvLSTM
 
 @dataclass(frozen=True)
 class Shape:
-    """One layer, kernel 3: x is (batch, steps, in_dim, size, size), hidden channels ``hidden``."""
+    """``layers`` layers (one unless said), kernel 3: x is (batch, steps, in_dim, size, size),
+    hidden channels ``hidden`` in every layer."""
 
     name: str
     batch: int
@@ -33,13 +34,16 @@ class Shape:
     hidden: int
     size: int
     kernel: int = 3
+    layers: int = 1
 
     def with_steps(self, steps: int) -> Shape:
         return replace(self, steps=steps)
 
     @property
     def label(self) -> str:
-        return f"B{self.batch}-T{self.steps}-C{self.in_dim}-H{self.hidden}-{self.size}x{self.size}"
+        deep = f"-L{self.layers}" if self.layers > 1 else ""
+        return (f"B{self.batch}-T{self.steps}-C{self.in_dim}-H{self.hidden}-{self.size}x{self.size}"
+                f"{deep}")
 
 
 SHAPES = {
@@ -50,12 +54,16 @@ SHAPES = {
         Shape("L", 16, 10, 64, 128, 128),
         Shape("cpu-s", 2, 8, 4, 16, 16),
         Shape("cpu-m", 4, 8, 8, 32, 24),
+        # Where saved activations add up across layers (the memory gates; not timed in CI).
+        Shape("cpu-deep", 4, 8, 8, 32, 24, layers=3),
     )
 }
 GPU_SHAPES = ("S", "M", "L")
 CPU_SHAPES = ("cpu-s", "cpu-m")
-# "layer-nographs": the layer with its CUDA-graph replay off (what the graphs buy, per shape).
-IMPLS = ("eager", "compiled", "compiled-ro", "layer", "layer-nographs", "convs-only")
+# "layer-nographs": the layer with its CUDA-graph replay off (what the graphs buy, per shape);
+# "layer-recompute": with recompute_gates=True (what the memory it saves costs in time).
+LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute")
+IMPLS = ("eager", "compiled", "compiled-ro", *LAYER_IMPLS, "convs-only")
 COMPILED_IMPLS = ("compiled", "compiled-ro")
 CUDA_ONLY_IMPLS = ("compiled-ro",)  # reduce-overhead means CUDA graphs
 MODES = ("fwd", "train")
@@ -73,15 +81,16 @@ def make_models(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
     """The eager formulation and the layer with the same weights (the layer loads eager's
     state_dict), both on ``device`` in ``dtype``."""
     torch.manual_seed(seed)
-    eager = EagerConvLSTM(shape.in_dim, shape.hidden, shape.kernel, 1)
-    layer = _layer_class()(shape.in_dim, shape.hidden, shape.kernel, 1, batch_first=True)
+    eager = EagerConvLSTM(shape.in_dim, shape.hidden, shape.kernel, shape.layers)
+    layer = _layer_class()(shape.in_dim, shape.hidden, shape.kernel, shape.layers,
+                           batch_first=True)
     layer.load_state_dict(eager.state_dict())
     return eager.to(device, dtype), layer.to(device, dtype)
 
 
 def _sequence_of(impl: str, model) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> the (B, T, hidden, H, W) output sequence, whichever output convention ``model`` has."""
-    if impl in ("layer", "layer-nographs"):
+    if impl in LAYER_IMPLS:
 
         def run(x):
             outs, _ = model(x)
@@ -105,9 +114,9 @@ def build_step(
     if impl == "convs-only":
         return _convs_only_step(shape, dt, mode, device, seed)
     eager, layer = make_models(shape, device, dt, seed)
-    model = layer if impl in ("layer", "layer-nographs") else eager
-    if impl == "layer-nographs":
-        layer.cuda_graphs = False
+    model = layer if impl in LAYER_IMPLS else eager
+    layer.cuda_graphs = impl != "layer-nographs"
+    layer.recompute_gates = impl == "layer-recompute"
     if impl in COMPILED_IMPLS:
         model = torch.compile(model, mode="reduce-overhead" if impl == "compiled-ro" else None)
     seq_of = _sequence_of(impl, model)
@@ -328,9 +337,9 @@ def compile_seconds(impl: str, shape: Shape, dtype: str, device: torch.device) -
     compiling forward and backward, and one run. impl is "eager" (the formulation, whose time
     loop the compiler unrolls) or "layer"."""
     eager, layer = make_models(shape, device, DTYPES[dtype])
-    model = layer if impl in ("layer", "layer-nographs") else eager
-    if impl == "layer-nographs":
-        layer.cuda_graphs = False
+    model = layer if impl in LAYER_IMPLS else eager
+    layer.cuda_graphs = impl != "layer-nographs"
+    layer.recompute_gates = impl == "layer-recompute"
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)

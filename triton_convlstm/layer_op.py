@@ -33,9 +33,12 @@ def layer_forward_op(
     backend: str,
     save: bool,
     use_graphs: bool,
+    keep_gates: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x: (T, B, C, H, W) -> (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq)."""
-    return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs)
+    """x: (T, B, C, H, W) -> (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq).
+    ``keep_gates=False``: z_seq stays empty and the backward recomputes the gates."""
+    return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
+                         keep_gates)
 
 
 # Captured loops keep x (forward) and the gradient of h_seq (backward) in the sequence layout:
@@ -59,8 +62,9 @@ def _on_device(fn):
 
 
 @_on_device
-def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
-    spec = LayerSpec(tuple(dilation), backend)
+def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
+                  keep_gates=True):
+    spec = LayerSpec(tuple(dilation), backend, keep_gates)
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
         return graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args, key=(spec, save),
@@ -69,8 +73,8 @@ def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, us
 
 
 @layer_forward_op.register_fake
-def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs):
-    return output_buffers(x, weight, save, backend)
+def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates=True):
+    return output_buffers(x, weight, save, backend, keep_gates=keep_gates)
 
 
 @torch.library.custom_op("triton_convlstm::layer_backward", mutates_args=())
@@ -90,17 +94,21 @@ def layer_backward_op(
     backend: str,
     needs: Sequence[bool],
     use_graphs: bool,
+    keep_gates: bool = True,
+    bias: Tensor | None = None,
 ) -> list[Tensor]:
-    """Gradients for (x, weight, bias, peephole, h0, c0); an empty tensor where not needed."""
+    """Gradients for (x, weight, bias, peephole, h0, c0); an empty tensor where not needed.
+    ``bias`` is read only when the gates are recomputed (keep_gates=False)."""
     return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
-                          c_seq, z_seq, dilation, backend, needs, use_graphs)
+                          c_seq, z_seq, dilation, backend, needs, use_graphs, keep_gates, bias)
 
 
 def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False):
-    """The backward as a function of its 11 tensor arguments, gradients in promised layouts.
-    ``consume`` as in :func:`layer_backward` (never for the op: its inputs are immutable)."""
+    """The backward as a function of its 12 tensor arguments (layer_backward's 11, then the
+    bias), gradients in promised layouts. ``consume`` as in :func:`layer_backward` (never for
+    the op: its inputs are immutable)."""
     def run(*a):
-        grads = layer_backward(*a, spec, needs, consume)
+        grads = layer_backward(*a[:11], spec, needs, consume, bias=a[11])
         likes = _grad_likes(*a[2:7])
         return [a[2].new_empty(0) if g is None else _in_layout(g, like)
                 for g, like in zip(grads, likes)]
@@ -109,10 +117,11 @@ def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = F
 
 @_on_device
 def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
-                   z_seq, dilation, backend, needs, use_graphs):
-    spec = LayerSpec(tuple(dilation), backend)
+                   z_seq, dilation, backend, needs, use_graphs, keep_gates=True, bias=None):
+    spec = LayerSpec(tuple(dilation), backend, keep_gates)
     needs = tuple(bool(n) for n in needs)
-    args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
+    args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
+            bias)
     run = _backward_runner(spec, needs)
     if use_graphs and graphs.can_capture(x):
         return graphs.BACKWARD.run(run, args, key=(spec, needs), layouts=_GRAD_LAYOUT)
@@ -121,7 +130,7 @@ def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, 
 
 @layer_backward_op.register_fake
 def _(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-      dilation, backend, needs, use_graphs):
+      dilation, backend, needs, use_graphs, keep_gates=True, bias=None):
     likes = _grad_likes(x, weight, peephole, h0, c0)
     return [
         torch.empty_like(like) if need and like is not None else x.new_empty(0)
@@ -143,18 +152,19 @@ def _in_layout(grad: Tensor, like: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs = inputs
+    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates = inputs
     h_seq, c_last, c_seq, z_seq = output
     ctx.mark_non_differentiable(c_seq, z_seq)
     # Otherwise autograd hands the backward zero-filled (T, B, 4*hid, H, W) gradients for the
     # saved buffers nobody differentiates, and zeros for unused outputs.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
-    ctx.config = (tuple(dilation), backend, save, use_graphs, bias is not None)
+    ctx.config = (LayerSpec(tuple(dilation), backend, keep_gates), save, use_graphs,
+                  bias is not None)
 
 
 def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_fn=None):
-    dilation, backend, save, use_graphs, has_bias = ctx.config
+    spec, save, use_graphs, has_bias = ctx.config
     if not save:
         raise RuntimeError(
             "ConvLSTM: backward through a forward that ran without grad tracking (nothing saved)"
@@ -165,14 +175,14 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_f
     if backward_fn is None:  # the custom op (torch.compile)
         grads = layer_backward_op(
             grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-            dilation, backend, needs, use_graphs,
+            spec.dilation, spec.backend, needs, use_graphs, spec.keep_gates, bias,
         )
     else:
         grads = backward_fn(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0,
-                            h_seq, c_last, c_seq, z_seq, LayerSpec(dilation, backend),
+                            h_seq, c_last, c_seq, z_seq, spec,
                             tuple(bool(n) for n in needs), use_graphs)
     grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -189,10 +199,10 @@ class _EagerLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):  # the op's 10 inputs, then the graph slot
+    def forward(ctx, *inputs):  # the op's 11 inputs, then the graph slot
         output, ctx.graph = _eager_forward(*inputs)
         ctx.consumed = False
-        _setup_context(ctx, inputs[:10], output)
+        _setup_context(ctx, inputs[:11], output)
         return output
 
     @staticmethod
@@ -203,11 +213,11 @@ class _EagerLayer(torch.autograd.Function):
 
 @_on_device
 def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                   slot=None):
+                   keep_gates=True, slot=None):
     if not (save and use_graphs and graphs.can_capture(x)):
         return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save,
-                             use_graphs), None
-    spec = LayerSpec(tuple(dilation), backend)
+                             use_graphs, keep_gates), None
+    spec = LayerSpec(tuple(dilation), backend, keep_gates)
     out, entry = graphs.FORWARD.run_with_entry(
         lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
         key=(spec, save, slot), keep=(2, 3), layouts=_X_LAYOUT,
@@ -230,20 +240,20 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
     saved = (h_seq, c_last, c_seq, z_seq)
     if ctx.graph is None or not graphs.can_capture(x):
         # Uncaptured forward, or inside someone else's capture (then recompute, uncaptured).
-        if ctx.consumed or ctx.graph is not None:
+        if (ctx.consumed and spec.keep_gates) or ctx.graph is not None:
             saved = layer_forward(*inputs, spec, True)
         ctx.consumed = True
         # Torch's in-place math bumps z_seq's version; autograd must still unpack it later.
         with torch.autograd._unsafe_preserve_version_counter(saved[3]):
-            return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved)
+            return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved, bias)
     entry, generation = ctx.graph
     if entry.generation != generation:  # replayed or consumed since: restore this call's buffers
         entry.replay(inputs, keep=range(4))
-    xs, ws, _, ps, h0s, c0s = entry.static_args
-    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out)
+    xs, ws, bs, ps, h0s, c0s = entry.static_args
+    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out, bs)
     with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
         grads = graphs.BACKWARD.run_with_entry(
-            run, args, key=(spec, needs, entry), shared=range(2, 11), layouts=_GRAD_LAYOUT,
+            run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_GRAD_LAYOUT,
             # capturing runs the backward once (warm-up), which consumes the forward's buffers
             before_replay=lambda: entry.replay(inputs, keep=range(4)),
         )[0]
@@ -252,11 +262,12 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
 
 
 def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-              slot=None):
+              keep_gates=True, slot=None):
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
     loop is not unrolled), else the same code called directly. Arguments as the op's; ``slot``
     (e.g. the calling module's id) gives each layer its own captured forward in training."""
-    args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs)
+    args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs,
+            keep_gates)
     if torch.compiler.is_compiling():
         return layer_forward_op(*args)
     if not save:

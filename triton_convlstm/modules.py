@@ -101,7 +101,10 @@ class ConvLSTM(nn.Module):
     Args (as the popular module): input_dim, hidden_dim (int or one per layer), kernel_size (int,
     (kh, kw), or one per layer), num_layers, batch_first, bias, return_all_layers. Keyword-only:
     peephole, dilation (int, (dh, dw) or one per layer), forget_bias (added to the f-gate bias at
-    init), backend ("auto", "torch", "triton"), cuda_graphs (replay captured time loops on CUDA).
+    init), backend ("auto", "torch", "triton"), cuda_graphs (replay captured time loops on CUDA),
+    recompute_gates (training saves only h and c per step and the backward recomputes the gates:
+    no (T, B, 4*hidden, H, W) tensor kept between forward and backward, for about one more
+    forward's worth of convolutions; same results up to convolution rounding).
 
     Call: ``layer_outputs, last_states = m(x, hidden_state=None)`` with x (B, T, C, H, W) if
     batch_first else (T, B, C, H, W); layer_outputs is a list of contiguous (B, T, hidden, H, W)
@@ -118,7 +121,7 @@ class ConvLSTM(nn.Module):
 
     def __init__(self, input_dim, hidden_dim, kernel_size, num_layers, batch_first=False,
                  bias=True, return_all_layers=False, *, peephole=False, dilation=1,
-                 forget_bias=0.0, backend="auto", cuda_graphs=True):
+                 forget_bias=0.0, backend="auto", cuda_graphs=True, recompute_gates=False):
         super().__init__()
         validation.positive_int("num_layers", num_layers)
         validation.positive_int("input_dim", input_dim)
@@ -135,6 +138,7 @@ class ConvLSTM(nn.Module):
         self.batch_first, self.bias = batch_first, bias
         self.return_all_layers = return_all_layers
         self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
+        self.recompute_gates = bool(recompute_gates)
         self.cell_list = nn.ModuleList(
             ConvLSTMCell(input_dim if i == 0 else hidden[i - 1], hidden[i], kernels[i], bias,
                          peephole=peephole, dilation=dilations[i], backend=backend)
@@ -168,7 +172,7 @@ class ConvLSTM(nn.Module):
                                                                      height, width)
             h_seq, c_last, _, _ = run_layer(
                 seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
-                slot=id(cell),
+                keep_gates=not self.recompute_gates, slot=id(cell),
             )
             seq = h_seq
             outputs.append(h_seq)

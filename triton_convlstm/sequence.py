@@ -33,6 +33,9 @@ class LayerSpec:
 
     dilation: tuple[int, int]
     backend: str  # "torch" or "triton"
+    # False: training saves only h and c; the backward recomputes the gates chunk by chunk
+    # (one more input convolution and T hidden convolutions, for no (T, B, 4*hid) saved buffer).
+    keep_gates: bool = True
 
 
 # channels_last frames everywhere: cuDNN bf16 convolutions ran ~2x faster in it, and oneDNN on
@@ -62,12 +65,12 @@ def like_seq(t: Tensor) -> Tensor:
 
 
 def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
-                   z_seq: Tensor | None = None):
+                   z_seq: Tensor | None = None, keep_gates: bool = True):
     """(h_seq, c_last, c_seq, z_seq) for input x (T, B, C, H, W) and weight (4*hid, C+hid, k, k).
 
     z_seq holds what the gate backward reads (see :func:`saved_gates_dtype`); a caller may pass
     its own (the input convolution's output). Without ``save`` (inference) c_seq and z_seq are
-    empty: nothing is kept for a backward."""
+    empty: nothing is kept for a backward; without ``keep_gates`` z_seq is."""
     t, b, _, h, w = x.shape
     hid = weight.shape[0] // 4
     sdt = reference.state_dtype(x.dtype)
@@ -76,7 +79,9 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
     c_last = empty_seq(1, b, hid, h, w, dtype=sdt, **kw)[0]
     if save:
         c_seq = empty_seq(t - 1, b, hid, h, w, dtype=sdt, **kw)
-        if z_seq is None:
+        if not keep_gates:
+            z_seq = torch.empty(0, dtype=x.dtype, **kw)
+        elif z_seq is None:
             zdt = saved_gates_dtype(x.dtype, backend)
             z_seq = empty_seq(t, b, 4 * hid, h, w, dtype=zdt, **kw)
     else:
@@ -185,15 +190,22 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     # z_seq itself and each step's gate update overwrites its slot in place: no extra buffer
     # (and no reason to chunk). Otherwise (inference, or torch gates in fp32 for bf16 inputs)
     # zx is a temporary, computed in chunks of steps to bound its size.
+    save_z = save and spec.keep_gates
     zx_all = None
-    if save and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
+    if save_z and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
         zx_all = conv_same(frames, w_x, spec.dilation, conv_bias).unflatten(0, (t, b))
     given = zx_all if zx_all is not None and _z_strides_match(zx_all) else None
-    h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend, given)
+    h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend, given,
+                                                 spec.keep_gates)
     if zx_all is not None and given is None:  # an unusual layout came back: one copy
         z_seq.copy_(zx_all)
     in_place = zx_all is not None
-    chunk = t if in_place else steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
+    if in_place:
+        chunk = t
+    elif save:  # recomputed gates: the forward's temporary is bounded as the backward's
+        chunk = recompute_steps(t, b, w_h.shape[1], hh, ww, x.dtype)
+    else:
+        chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
 
     if c0 is None:
         c_last.zero_()
@@ -214,10 +226,30 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
             c_out = c_seq[step] if save and step < t - 1 else c_last
             gates_forward(
                 zx[step - t0], zh, gate_bias, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
-                z_out=z_seq[step] if save else None, save_z=save,
+                z_out=z_seq[step] if save_z else None, save_z=save_z,
             )
             c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
+
+
+# With recomputed gates, the (T, B, 4*hid) buffer exists a chunk at a time: at most this
+# fraction of the sequence (and CHUNK_BYTES), so the saving is not spent again in the backward.
+RECOMPUTE_FRACTION = 4
+
+
+def recompute_steps(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dtype) -> int:
+    return max(1, min(steps_per_chunk(t, b, hid, hh, ww, dtype), -(-t // RECOMPUTE_FRACTION)))
+
+
+def _recompute_gates(gates_forward, zx, h_prev, w_h, gate_bias, c_prev, peephole, spec, gdt,
+                     h_scratch, c_scratch):
+    """One step's saved gates again, by the forward's own code (so the same values): from zx
+    (the step's input-convolution output, overwritten with them when the dtypes agree)."""
+    zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
+    z = zx if gdt == zx.dtype else torch.empty_like(zx, dtype=gdt)
+    gates_forward(zx, zh, gate_bias, c_prev, peephole, h_out=h_scratch, c_out=c_scratch,
+                  z_out=z, save_z=True)
+    return z
 
 
 class _Sum:
@@ -234,22 +266,29 @@ class _Sum:
 
 def layer_backward(
     grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-    spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False,
+    spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False, bias=None,
 ):
     """Gradients of :func:`layer_forward`. ``needs`` = which of (x, weight, bias, peephole, h0,
     c0) want a gradient. Returns those six (None where not needed).
 
     ``consume``: overwrite z_seq with the gate gradients (when its dtype is the input's) instead
     of writing them to a new buffer; z_seq is garbage afterwards, so a second backward over the
-    same forward needs the forward run again."""
-    _, gates_backward = gate_functions(spec.backend)
+    same forward needs the forward run again. ``bias`` is read only to recompute the gates
+    (``spec.keep_gates`` False)."""
+    gates_forward, gates_backward = gate_functions(spec.backend)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, hh, ww = x.shape
     sdt = c_last.dtype
     w_x, w_h = _split(weight, cin)
     hid = w_h.shape[1]
-    frames = _frames(x) if need_w else None
-    if consume and z_seq.dtype == x.dtype:
+    recompute = not spec.keep_gates
+    frames = _frames(x) if need_w or recompute else None
+    if recompute:  # the gates are recomputed per chunk, in the chunk's buffer, then its dz
+        chunk, dz_buf = recompute_steps(t, b, hid, hh, ww, x.dtype), None
+        conv_bias, gate_bias = (bias, None) if spec.backend == "torch" else (None, bias)
+        gdt = saved_gates_dtype(x.dtype, spec.backend)
+        h_scratch, c_scratch = torch.empty_like(h_seq[:1]), torch.empty_like(c_last)
+    elif consume and z_seq.dtype == x.dtype:
         chunk, dz_buf = t, z_seq  # each step's gradients replace its gates, once read
     else:  # the gradients fed to the convolutions, in chunks of steps
         chunk = steps_per_chunk(t, b, hid, hh, ww, x.dtype)
@@ -265,13 +304,20 @@ def layer_backward(
     dh_rec = None
     for t1 in range(t, 0, -chunk):
         t0 = max(0, t1 - chunk)
-        dz = dz_buf[t0:t1] if dz_buf is z_seq else dz_buf[: t1 - t0]
+        if recompute:
+            dz = conv_same(frames[t0 * b : t1 * b], w_x, spec.dilation, conv_bias)
+            dz = dz.unflatten(0, (t1 - t0, b))
+        else:
+            dz = dz_buf[t0:t1] if dz_buf is z_seq else dz_buf[: t1 - t0]
         for step in reversed(range(t0, t1)):
             c_t = c_last if step == t - 1 else c_seq[step]
             c_prev = (c0 if c0 is not None else c_zero) if step == 0 else c_seq[step - 1]
             dh_out = None if grad_h_seq is None else grad_h_seq[step]
+            z = z_seq[step] if not recompute else _recompute_gates(
+                gates_forward, dz[step - t0], h0 if step == 0 else h_seq[step - 1], w_h,
+                gate_bias, c_prev, peephole, spec, gdt, h_scratch[0], c_scratch)
             _, _, dp = gates_backward(
-                z_seq[step], c_prev, c_t, peephole, dh_out, dh_rec, dc,
+                z, c_prev, c_t, peephole, dh_out, dh_rec, dc,
                 dz_out=dz[step - t0], dc_prev_out=dc,
             )
             dpeep.add(dp)
