@@ -128,6 +128,16 @@ def test_wrong_types_of_sizes(kw, name):
         layer(**kw)
 
 
+@pytest.mark.parametrize("name", ["peephole", "cuda_graphs", "recompute_gates"])
+@pytest.mark.parametrize("value", ["False", 1, None], ids=["str", "int", "None"])
+def test_keyword_switches_take_only_bools(name, value):
+    with pytest.raises(TypeError, match=rf"{name}: expected True or False, got {value!r}"):
+        layer(**{name: value})
+    if name == "peephole":
+        with pytest.raises(TypeError, match=name):
+            ConvLSTMCell(3, 4, 3, peephole=value)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "Triton", "", None], ids=["cuda", "Triton",
                                                                         "empty", "None"])
 def test_unknown_backend(backend):

@@ -60,6 +60,7 @@ class ConvLSTMCell(nn.Module):
         )
         # Zeros: a new peephole model starts as the plain LSTM, and init draws no random numbers,
         # so seeded weights equal the popular module's.
+        peephole = validation.flag("peephole", peephole)
         self.peephole = nn.Parameter(torch.zeros(3, hidden_dim)) if peephole else None
 
     def extra_repr(self) -> str:
@@ -137,8 +138,9 @@ class ConvLSTM(nn.Module):
         self.kernel_size, self.num_layers = kernels, num_layers
         self.batch_first, self.bias = batch_first, bias
         self.return_all_layers = return_all_layers
-        self.backend, self.cuda_graphs = backend, bool(cuda_graphs)
-        self.recompute_gates = bool(recompute_gates)
+        self.backend = backend
+        self.cuda_graphs = validation.flag("cuda_graphs", cuda_graphs)
+        self.recompute_gates = validation.flag("recompute_gates", recompute_gates)
         self.cell_list = nn.ModuleList(
             ConvLSTMCell(input_dim if i == 0 else hidden[i - 1], hidden[i], kernels[i], bias,
                          peephole=peephole, dilation=dilations[i], backend=backend)

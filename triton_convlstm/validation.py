@@ -17,6 +17,14 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def flag(name: str, value) -> bool:
+    """A keyword switch this package adds: True or False only (a string such as "False" would
+    otherwise turn it on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
 def pair(name: str, value) -> tuple[int, int]:
     """An int or a 2-sequence of positive ints -> (a, b)."""
     if isinstance(value, int) and not isinstance(value, bool):
