@@ -4,7 +4,7 @@ interpreter, the real kernels; checked against a float64 run of the same module.
 import pytest
 import torch
 
-from triton_convlstm import ConvLSTM
+from triton_convlstm import ConvLSTM, sequence
 from triton_convlstm.layer_op import layer_forward_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,10 +56,15 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# The torch path on CPU convolves [x_t, h] per step in its forward (sequence.cat_convs); the
+# split form it uses elsewhere (and the Triton path always) is forced here too.
+@pytest.mark.parametrize(("backend", "convs"), [("torch", "device-default"), ("torch", "split"),
+                                                ("triton", "device-default")])
 @pytest.mark.parametrize("state", [True, False], ids=["state", "zeros"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
-def test_layer_matches_float64(backend, state, recompute):
+def test_layer_matches_float64(backend, convs, state, recompute, monkeypatch):
+    if convs == "split":
+        monkeypatch.setattr(sequence, "cat_convs", lambda spec, x: False)
     ref_m = _model("torch").double()
     x, st = _inputs(torch.float64, state)
     ref = _run(ref_m, x, st)
@@ -275,3 +280,22 @@ def test_training_forward_keeps_gates_in_the_input_convolution_output(backend):
     h_inf, c_inf, _, _ = layer_forward(x, w, bias, None, None, None, spec, False)
     torch.testing.assert_close(h_seq, h_inf, rtol=0, atol=0)
     torch.testing.assert_close(c_last, c_inf, rtol=0, atol=0)
+
+
+def test_second_backward_reruns_the_forward_only_when_gates_were_overwritten(monkeypatch):
+    """With recomputed gates nothing saved is overwritten: a retain_graph backward must not pay
+    for a forward again; with saved gates (overwritten by the first backward) it must."""
+    import triton_convlstm.layer_op as layer_op
+
+    calls = []
+    real = layer_op.layer_forward
+    monkeypatch.setattr(layer_op, "layer_forward", lambda *a: calls.append(1) or real(*a))
+    for recompute, reruns in ((True, 0), (False, 2)):  # two layers
+        m = _model("torch", recompute_gates=recompute)
+        x, st = _inputs()
+        outs, _ = m(x, st)
+        loss = sum(o.square().sum() for o in outs)
+        torch.autograd.grad(loss, x, retain_graph=True)
+        calls.clear()
+        torch.autograd.grad(loss, x)
+        assert len(calls) == reruns, recompute

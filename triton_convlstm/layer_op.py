@@ -238,27 +238,30 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
     run = _backward_runner(spec, needs, consume=True)
     inputs = (x, weight, bias, peephole, h0, c0)
     saved = (h_seq, c_last, c_seq, z_seq)
+    # What layer_backward overwrites (saved gates in another dtype, or none, are left intact).
+    consumes = spec.keep_gates and z_seq.dtype == x.dtype
     if ctx.graph is None or not graphs.can_capture(x):
         # Uncaptured forward, or inside someone else's capture (then recompute, uncaptured).
-        if (ctx.consumed and spec.keep_gates) or ctx.graph is not None:
+        if ctx.consumed or ctx.graph is not None:
             saved = layer_forward(*inputs, spec, True)
-        ctx.consumed = True
+        ctx.consumed = consumes
         # Torch's in-place math bumps z_seq's version; autograd must still unpack it later.
         with torch.autograd._unsafe_preserve_version_counter(saved[3]):
             return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved, bias)
     entry, generation = ctx.graph
     if entry.generation != generation:  # replayed or consumed since: restore this call's buffers
         entry.replay(inputs, keep=range(4))
+    if consumes:  # before running: a backward that fails half-way leaves them garbage too
+        entry.generation += 1
     xs, ws, bs, ps, h0s, c0s = entry.static_args
     args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out, bs)
+    # Capturing runs the backward once (warm-up), which consumes the forward's buffers.
+    restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
     with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
-        grads = graphs.BACKWARD.run_with_entry(
+        return graphs.BACKWARD.run_with_entry(
             run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_GRAD_LAYOUT,
-            # capturing runs the backward once (warm-up), which consumes the forward's buffers
-            before_replay=lambda: entry.replay(inputs, keep=range(4)),
+            before_replay=restore,
         )[0]
-    entry.generation += 1  # its saved gates now hold gradients
-    return grads
 
 
 def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,

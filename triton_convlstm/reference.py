@@ -78,22 +78,25 @@ def gate_activations(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | No
 
 
 def gate_forward_(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *, h_out: Tensor,
-                  c_out: Tensor) -> None:
+                  c_out: Tensor, pre: Tensor | None = None) -> None:
     """:func:`gate_forward` in place: ``gates`` (B, 4*hidden, H, W, state dtype) holds the
-    pre-activations and is overwritten with the activated i, f, o, g; h goes to h_out, c to
-    c_out (which may be c_prev itself)."""
+    pre-activations (or ``pre``, same shape and dtype, does) and is overwritten with the
+    activated i, f, o, g; h goes to h_out, c to c_out (which may be c_prev itself). Reading
+    from ``pre`` costs no extra pass: each activation writes its slot of ``gates`` directly."""
     hid = gates.shape[1] // 4
+    src = gates if pre is None else pre
     i, f, o, g = (gates[:, k * hid : (k + 1) * hid] for k in range(4))
+    zi, zf, zo, zg = (src[:, k * hid : (k + 1) * hid] for k in range(4))
     p = _peephole_terms(peephole, gates.dtype)
     if p is None:
-        gates[:, : 3 * hid].sigmoid_()
+        torch.sigmoid(src[:, : 3 * hid], out=gates[:, : 3 * hid])
     else:
-        i.addcmul_(p[0], c_prev).sigmoid_()
-        f.addcmul_(p[1], c_prev).sigmoid_()
-    g.tanh_()
+        torch.addcmul(zi, p[0], c_prev, out=i).sigmoid_()
+        torch.addcmul(zf, p[1], c_prev, out=f).sigmoid_()
+    torch.tanh(zg, out=g)
     c = torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
     if p is not None:
-        o.addcmul_(p[2], c).sigmoid_()
+        torch.addcmul(zo, p[2], c, out=o).sigmoid_()
     torch.mul(o, torch.tanh(c), out=h_out)
 
 

@@ -103,14 +103,13 @@ def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=
         gates = z_out
     else:
         gates = zx if zx.dtype == sdt else torch.empty_like(zx, dtype=sdt)
-    if zh is None:
-        gates.copy_(zx)
-    else:
-        torch.add(zx.to(sdt), zh.to(sdt), out=gates)
+    pre = zx if zx.dtype == sdt else gates.copy_(zx)
+    if zh is not None:
+        pre = torch.add(pre, zh.to(sdt), out=gates)
     if bias is not None:
-        gates += bias.to(sdt)[:, None, None]
+        pre = torch.add(pre, bias.to(sdt)[:, None, None], out=gates)
     h = h_out if h_out.dtype == sdt else torch.empty_like(h_out, dtype=sdt)
-    reference.gate_forward_(gates, c_prev, peephole, h_out=h, c_out=c_out)
+    reference.gate_forward_(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre)
     if h is not h_out:
         h_out.copy_(h)
     return h_out, c_out, z_out
@@ -166,6 +165,15 @@ def _split(weight: Tensor, cin: int):
             weight[:, cin:].contiguous(memory_format=MEMORY_FORMAT))
 
 
+def _as_seq(frames_out: Tensor, t: int, b: int) -> Tensor:
+    """(T*B, ch, H, W) -> (T, B, ch, H, W), with exactly empty_seq's strides when the frames are
+    channels_last (unflatten would give a size-1 batch axis another stride)."""
+    nhwc = frames_out.permute(0, 2, 3, 1)
+    if nhwc.is_contiguous():
+        return nhwc.view(t, b, *nhwc.shape[1:]).permute(0, 1, 4, 2, 3)
+    return frames_out.unflatten(0, (t, b))
+
+
 def _z_strides_match(z: Tensor) -> bool:
     """Whether z (T, B, 4*hid, H, W) has the strides z_seq promises (the fake kernels allocate
     with those)."""
@@ -191,9 +199,11 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     # (and no reason to chunk). Otherwise (inference, or torch gates in fp32 for bf16 inputs)
     # zx is a temporary, computed in chunks of steps to bound its size.
     save_z = save and spec.keep_gates
+    if cat_convs(spec, x):
+        return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
     zx_all = None
     if save_z and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
-        zx_all = conv_same(frames, w_x, spec.dilation, conv_bias).unflatten(0, (t, b))
+        zx_all = _as_seq(conv_same(frames, w_x, spec.dilation, conv_bias), t, b)
     given = zx_all if zx_all is not None and _z_strides_match(zx_all) else None
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend, given,
                                                  spec.keep_gates)
@@ -202,7 +212,7 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     in_place = zx_all is not None
     if in_place:
         chunk = t
-    elif save:  # recomputed gates: the forward's temporary is bounded as the backward's
+    elif save and not spec.keep_gates:  # the temporary is bounded as the backward's
         chunk = recompute_steps(t, b, w_h.shape[1], hh, ww, x.dtype)
     else:
         chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
@@ -250,6 +260,42 @@ def _recompute_gates(gates_forward, zx, h_prev, w_h, gate_bias, c_prev, peephole
     gates_forward(zx, zh, gate_bias, c_prev, peephole, h_out=h_scratch, c_out=c_scratch,
                   z_out=z, save_z=True)
     return z
+
+
+def cat_convs(spec: LayerSpec, x: Tensor) -> bool:
+    """Whether the forward convolves [x_t, h_{t-1}] per step with the combined weight instead of
+    x over all steps at once plus h per step. On CPU (oneDNN) the cat form ran faster and needs
+    no add of the two results (bench/bench_convs.py, one thread, cpu-m fp32: forward 1.2-1.5x);
+    on CUDA the split form won at M (issue 4: 0.94 vs 1.04 ms for 16 steps)."""
+    return spec.backend == "torch" and x.device.type == "cpu"
+
+
+def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, frames):
+    """:func:`layer_forward` with one convolution of [x_t, h_{t-1}] per step (see cat_convs).
+    Saves the same tensors, so the backward is shared."""
+    t, b, cin, hh, ww = x.shape
+    save_z = save and spec.keep_gates
+    h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
+                                                 keep_gates=spec.keep_gates)
+    w_x = weight[:, :cin].contiguous(memory_format=MEMORY_FORMAT)
+    w_all = weight.contiguous(memory_format=MEMORY_FORMAT)
+    if c0 is None:
+        c_last.zero_()
+    else:
+        c_last.copy_(c0)
+    c_prev, h_prev = c_last, h0
+    for step in range(t):
+        x_t = frames[step * b : (step + 1) * b]
+        if h_prev is None:
+            z = conv_same(x_t, w_x, spec.dilation, bias)
+        else:
+            z = conv_same(torch.cat([x_t, h_prev.to(x_t.dtype)], dim=1), w_all, spec.dilation,
+                          bias)
+        c_out = c_seq[step] if save and step < t - 1 else c_last
+        _torch_gates_forward(z, None, None, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
+                             z_out=z_seq[step] if save_z else None, save_z=save_z)
+        c_prev, h_prev = c_out, h_seq[step]
+    return h_seq, c_last, c_seq, z_seq
 
 
 class _Sum:
