@@ -4,7 +4,8 @@
     python bench/gpu_check.py --budget-s 200 --out /tmp/h200.json
     python bench/gpu_check.py --dry-run          # on CPU, tiny shapes: the same plumbing
 
-(a) ``pytest -m gpu tests bench/test_perf.py -x -q`` with a time cap, (b) ``python -m
+(a) ``pytest -m gpu tests bench/test_perf.py -x -q`` with a time cap; on request (--profile,
+--convs) a kernel breakdown of a case and split-vs-cat convolution timings; (b) ``python -m
 triton_convlstm bench`` (eager, compiled, compiled-ro, layer, convs-only; S, M, L; bf16, fp32;
 fwd, train; peak memory; compile times at T=8 and 64) with what is left, skipping what would not
 fit and saying so, (c) a table and ``bench/results/<gpu-name>.json`` (or --out), copied with the
@@ -165,6 +166,33 @@ def run_bench(cap: float, work: Path, dry_run: bool, extra: list[str] = ()) -> d
     return result
 
 
+def run_extra(name: str, cmd: list[str], cap: float, work: Path) -> dict:
+    """One of the optional phases (a script writing JSON to work/<name>.json), capped."""
+    out = work / f"{name}.json"
+    cmd = [sys.executable, *cmd, "--out", str(out)]
+    print(f"== {name} (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
+    t0 = time.monotonic()
+    rc, output = run_capped(cmd, cap, work / f"{name}.log")
+    result = {"exit_code": rc, "seconds": round(time.monotonic() - t0, 1),
+              "output_tail": output[-3000:]}
+    if out.exists():
+        result["results"] = json.loads(out.read_text())
+    return result
+
+
+def extra_phases(args) -> list[tuple[str, list[str]]]:
+    """The optional phases asked for: (name, script and its arguments)."""
+    phases = []
+    if args.profile:
+        cases = [a for c in args.profile for a in ("--case", c)]
+        phases.append(("profile", ["bench/profile_step.py", *cases,
+                                   *(["--dry-run"] if args.dry_run else [])]))
+    if args.convs:
+        phases.append(("convs", ["bench/bench_convs.py",
+                                 *(["--dry-run"] if args.dry_run else shlex.split(args.convs))]))
+    return phases
+
+
 def goals(rows: list[dict]) -> list[dict]:
     """The fast-path goals read off the benchmark rows: layer vs the best compile mode. "met" is
     None unless both compile modes were measured (one alone may not be the best)."""
@@ -203,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra options for the bench command, e.g. '--impls layer,eager'")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--profile", action="append", metavar="CASE",
+                   help="also profile SHAPE:DTYPE:MODE:IMPL (bench/profile_step.py), e.g. "
+                        "M:bf16:train:layer-nographs; repeatable; runs before the benchmark")
+    p.add_argument("--convs", nargs="?", const="--shapes S,M,L", default=None, metavar="ARGS",
+                   help="also time split vs cat convolutions (bench/bench_convs.py) with ARGS "
+                        "(default '--shapes S,M,L'); runs before the benchmark")
+    p.add_argument("--extras-share", type=float, default=0.25,
+                   help="share of the budget the optional phases may use together")
     args = p.parse_args(argv)
     left = lambda: args.budget_s - MARGIN_S - (time.monotonic() - START)
     if not args.dry_run and not torch.cuda.is_available():
@@ -221,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         share = 1.0 if args.skip_bench else args.tests_share
         report["tests"] = run_tests(min(args.budget_s * share, left()), work, args.test_paths,
                                     args.marker)
+    phases = extra_phases(args)
+    for phase, cmd in phases:  # each gets an equal part of its share, never more than is left
+        cap = min(args.budget_s * args.extras_share / len(phases), left())
+        if cap > 5:
+            report[phase] = run_extra(phase, cmd, cap, work)
     if not args.skip_bench and left() > 5:
         report["bench"] = run_bench(left(), work, args.dry_run, shlex.split(args.bench_args))
         report["goals"] = goals(report["bench"]["rows"])

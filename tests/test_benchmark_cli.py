@@ -117,9 +117,9 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run(
         # Only the perf suite is collected: collecting all of tests/ again costs time, not cover.
-        [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "90", "--out", str(out),
-         "--test-paths", "bench/test_perf.py"],
-        cwd=ROOT, capture_output=True, text=True, timeout=150,
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "120", "--out", str(out),
+         "--test-paths", "bench/test_perf.py", "--profile", "cpu-s:fp32:fwd:layer", "--convs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
         env=dict(os.environ, OUT=str(tmp_path / "out")),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -128,6 +128,9 @@ def test_gpu_check_dry_run(tmp_path):
     counts = report["tests"]["counts"]
     assert counts.get("skipped", 0) > 0 and "failed" not in counts  # the gpu cases, skipped
     assert {r["impl"] for r in report["bench"]["rows"]} == {"eager", "layer", "convs-only"}
+    (profiled,) = report["profile"]["results"]  # the optional phases, asked for
+    assert profiled["case"] == "cpu-s:fp32:fwd:layer" and profiled["rows"]
+    assert {r["verdict"] for r in report["convs"]["results"]["rows"]} <= {"cat", "split", "same"}
     copied = {p.name for p in (tmp_path / "out").iterdir()}
     assert "check.json" in copied and "cpu-dry-run-speedup.png" in copied
 
