@@ -106,11 +106,24 @@ def test_tiny_cpu_run_writes_table_json_and_plots(tmp_path, capsys):
     assert all(r["error"] is None and r["median_ms"] > 0 for r in result["rows"])
     assert all(r["speedup_vs_eager"] > 0 for r in result["rows"])
     assert sorted({r["steps"] for r in result["sweep"]}) == [2, 3]
+    assert result["meta"]["cudnn_benchmark"] is False  # the default leaves cuDNN's heuristics
     for png in ("time_vs_T.png", "speedup.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The same file feeds `compare` (cases named impl/shape/dtype/mode).
     assert main(["compare", str(out / "results.json"), str(out / "results.json")]) == 0
     assert "layer/cpu-s/fp32/train" in capsys.readouterr().out
+
+
+def test_cudnn_benchmark_flag_is_set_and_recorded(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--shapes", "cpu-s", "--modes", "fwd", "--impls", "layer",
+            "--repeats", "1", "--sweep", "2", "--threads", "1", "--quiet", "--no-plots",
+            "--cudnn-benchmark", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["meta"]["cudnn_benchmark"] is True
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="first-call time of torch.compile(fullgraph=True) at T=8 and T=64; "
                         "default on (cuda), off (cpu: the C++ compiler takes minutes)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadiest on a busy box)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every implementation: cuDNN "
+                        "times its algorithms per shape instead of picking by heuristics")
     p.add_argument("--budget-s", type=float,
                    help="skip cases (and say so) once they would not fit in this many seconds")
     p.add_argument("--no-plots", action="store_true")
@@ -217,6 +220,7 @@ def environment(device: torch.device, args=None) -> dict:
         "triton": triton_version, "device": device.type, "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "argv": getattr(args, "argv", None),
     }
 
@@ -320,6 +324,7 @@ def bench_main(argv: list[str]) -> int:
     args.argv = argv
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # the run's files say which
     result = run_benchmark(args)
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(result, indent=1))
