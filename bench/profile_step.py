@@ -1,7 +1,7 @@
 """Where one step's time goes: the top kernels (CUDA) or ops (CPU) of a benchmark case.
 
     python bench/profile_step.py --case M:bf16:train:layer-nographs --out m.json
-    python bench/profile_step.py --dry-run                # CPU, tiny shape: the same plumbing
+    python bench/profile_step.py --dry-run                # CPU, cpu-s fp32: the same plumbing
 
 A case is SHAPE:DTYPE:MODE:IMPL as in ``python -m triton_convlstm bench``. The step is built and
 warmed up exactly as the benchmark does (triton_convlstm.bench_cases.build_step), then run
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--dry-run", action="store_true", help="CPU, cpu-s: test the plumbing")
     args = p.parse_args(argv)
-    if args.dry_run:
-        device, cases = torch.device("cpu"), args.case or ["cpu-s:fp32:train:layer"]
+    if args.dry_run:  # the cases' modes and impls, at the CPU shape and dtype
+        cases = [":".join(["cpu-s", "fp32", *parse_case(c)[2:]]) for c in args.case or []]
+        device, cases = torch.device("cpu"), cases or ["cpu-s:fp32:train:layer"]
         torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         print("error: no CUDA device visible; use --dry-run to try this on CPU", file=sys.stderr)
