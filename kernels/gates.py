@@ -126,14 +126,19 @@ def _gates_fwd_kernel(
 
 
 @triton.jit
+def _accumulate(ptr, value, mask):
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
 def _gates_bwd_kernel(
-    z_ptr, cp_ptr, c_ptr, pe_ptr, dh_ptr, dh2_ptr, dc_ptr, dz_ptr, dcp_ptr, part_ptr,
+    z_ptr, cp_ptr, c_ptr, pe_ptr, dh_ptr, dh2_ptr, dc_ptr, dz_ptr, dcp_ptr, part_ptr, db_ptr,
     HW, HID, NPB, NROWS,
     s_z_b, s_z_c, s_z_p, s_cp_b, s_cp_c, s_cp_p, s_c_b, s_c_c, s_c_p, s_pe_k, s_pe_c,
     s_dh_b, s_dh_c, s_dh_p, s_dh2_b, s_dh2_c, s_dh2_p, s_dc_b, s_dc_c, s_dc_p,
     s_dz_b, s_dz_c, s_dz_p, s_dcp_b, s_dcp_c, s_dcp_p,
     HAS_PEEP: tl.constexpr, HAS_DH: tl.constexpr, HAS_DH2: tl.constexpr, HAS_DC: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DB: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b, p, ch, mask = _tile(HW, HID, NPB, WIDE, BLOCK_P, BLOCK_C)
     cmask = ch < HID
@@ -193,6 +198,17 @@ def _gates_bwd_kernel(
                  mask=cmask)  # fmt: skip
         tl.store(part + 2 * NROWS * HID, tl.sum(tl.where(mask, dzo * c, zero), axis=0),
                  mask=cmask)  # fmt: skip
+
+    if HAS_DB:
+        # The bias gradient without another pass over dz: this tile's column sums, added to
+        # its program's row of an accumulator that lives across all steps (each row belongs to
+        # one program position, and steps run in stream order: no atomics, reproducible).
+        row = db_ptr + tl.program_id(0) * (4 * HID) + ch
+        zero = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        _accumulate(row, tl.sum(tl.where(mask, dzi, zero), axis=0), cmask)
+        _accumulate(row + HID, tl.sum(tl.where(mask, dzf, zero), axis=0), cmask)
+        _accumulate(row + 2 * HID, tl.sum(tl.where(mask, dzo, zero), axis=0), cmask)
+        _accumulate(row + 3 * HID, tl.sum(tl.where(mask, dzg, zero), axis=0), cmask)
 
     # dc_prev may overwrite dc in place: every read of dc above is done.
     tl.store(dcp_ptr + b * s_dcp_b + p2 * s_dcp_p + c2 * s_dcp_c, dc_prev, mask=mask)
@@ -351,7 +367,24 @@ def gates_forward(zx, zh, bias, c_prev, peephole, *, h_out=None, c_out=None, z_o
     return h_out, c_out, (z_out if save_z else None)
 
 
-def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_out=None):
+def _rows(z_, hid: int) -> tuple[int, int, int]:
+    """(rows, BLOCK_P, BLOCK_C) of the backward's grid for z_ as the kernel reads it."""
+    hw = z_.shape[2] * z_.shape[3]
+    bp, bc = _blocks(z_.stride(1) == 1 and hid > 1, hid, hw)
+    return z_.shape[0] * triton.cdiv(hw, bp), bp, bc
+
+
+def bias_grad_accumulator(z, device=None) -> torch.Tensor:
+    """Zeros for :func:`gates_backward`'s ``dbias_acc`` for gates shaped and laid out like z
+    (which may be a meta tensor; then pass ``device``): one fp32 row of 4*hidden partial sums
+    per program. ``.sum(0)`` is the bias gradient."""
+    b, hid, hh, ww = _dims("z", z)
+    rows = _rows(_input(z)[0], hid)[0] if z.numel() else 0
+    return torch.zeros((rows, 4 * hid), dtype=torch.float32, device=device or z.device)
+
+
+def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_out=None,
+                   dbias_acc=None):
     """Gradients of :func:`gates_forward` from its saved z: returns (dz, dc_prev, dpeephole).
 
     z: (B, 4*hidden, H, W) fp32/bf16/fp16; c_prev, c: (B, hidden, H, W) fp32; peephole: (3,
@@ -359,6 +392,8 @@ def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_
     w.r.t. c or None. dz (z's dtype) goes to dz_out (any strides), dc_prev (fp32) to dc_prev_out,
     which may be dc itself (in place). dpeephole is (3, hidden) fp32, None without peepholes;
     its batch/pixel reduction is deterministic (per-program partials summed by torch).
+    dbias_acc (from :func:`bias_grad_accumulator`): dz's sums over batch and pixels are added
+    to it, so one accumulator over all steps holds the bias gradient, without a pass over dz.
     """
     b, hid, hh, ww = _dims("z", z)
     dev, state = z.device, (b, hid, hh, ww)
@@ -370,6 +405,11 @@ def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_
     _check("dc", dc, state, SERVED_DTYPES, dev, optional=True)
     _check("dz_out", dz_out, tuple(z.shape), (z.dtype,), dev, optional=True)
     _check("dc_prev_out", dc_prev_out, state, (torch.float32,), dev, optional=True)
+    if dbias_acc is not None:
+        rows = _rows(_input(z)[0], hid)[0] if z.numel() else 0
+        _check("dbias_acc", dbias_acc, (rows, 4 * hid), (torch.float32,), dev)
+        if not dbias_acc.is_contiguous():
+            raise ValueError("dbias_acc: expected a contiguous tensor (bias_grad_accumulator's)")
     dz_out = _new(z, 4 * hid, z.dtype) if dz_out is None else dz_out
     dc_prev_out = _new(z, hid, torch.float32) if dc_prev_out is None else dc_prev_out
     has_peep = peephole is not None
@@ -387,9 +427,8 @@ def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_
     dz_, s_dz = _output(dz_out, fixups)
     dcp_, s_dcp = _output(dc_prev_out, fixups)
     hw = hh * ww
-    bp, bc = _blocks(z_.stride(1) == 1 and hid > 1, hid, hw)
-    npb = triton.cdiv(hw, bp)
-    nrows = b * npb
+    nrows, bp, bc = _rows(z_, hid)
+    npb = nrows // b
     part = torch.empty((3, nrows, hid) if has_peep else (1,), dtype=torch.float32, device=dev)
     pe_ = peephole if has_peep else c_
     s_pe = peephole.stride() if has_peep else (0, 0)
@@ -398,10 +437,12 @@ def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_
     grid = (nrows, triton.cdiv(hid, bc))
     with _device_of(z_):
         _gates_bwd_kernel[grid](
-            z_, cp_, c_, pe_, dh_, dh2_, dc_, dz_, dcp_, part, hw, hid, npb, nrows,
+            z_, cp_, c_, pe_, dh_, dh2_, dc_, dz_, dcp_, part,
+            part if dbias_acc is None else dbias_acc, hw, hid, npb, nrows,
             *s_z, *s_cp, *s_c, *s_pe, *s_dh, *s_dh2, *s_dc, *s_dz, *s_dcp,
             HAS_PEEP=has_peep, HAS_DH=dh is not None, HAS_DH2=dh2 is not None,
-            HAS_DC=dc is not None, WIDE=_wide(used), BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+            HAS_DC=dc is not None, HAS_DB=dbias_acc is not None, WIDE=_wide(used), BLOCK_P=bp,
+            BLOCK_C=bc, num_warps=NUM_WARPS,
         )  # fmt: skip
     for tmp, out in fixups:
         out.copy_(tmp)

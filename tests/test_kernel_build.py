@@ -75,7 +75,7 @@ def _compile(vid):
     bp, bc = gates._blocks(layout == "nhwc", 64, 64 * 64)
     on = flags == "on"
     names = (["HAS_ZH", "HAS_BIAS", "HAS_PEEP", "SAVE_Z"] if kernel == "fwd"
-             else ["HAS_PEEP", "HAS_DH", "HAS_DH2", "HAS_DC"])  # fmt: skip
+             else ["HAS_PEEP", "HAS_DH", "HAS_DH2", "HAS_DC", "HAS_DB"])  # fmt: skip
     const.update({n: on for n in names}, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc)
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[2:]), 32),

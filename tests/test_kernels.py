@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from triton_convlstm.kernels.gates import gates_backward, gates_forward
+from triton_convlstm.kernels.gates import bias_grad_accumulator, gates_backward, gates_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -267,6 +267,25 @@ def test_backward_is_bitwise_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bias_gradient_accumulates_over_steps(layout, dtype):
+    """dbias_acc sums dz over batch and pixels, adding across calls (one accumulator for all
+    steps of a sequence): its row sum is the bias gradient, without a pass over dz."""
+    acc, want = None, torch.zeros(4 * 6, dtype=F64, device=DEVICE)
+    for step in range(3):
+        zx, zh, bias, c_prev, pe = sample(2, 6, 5, 7, layout, dtype, peep=step == 1)
+        h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+        dh, dh2, dc = grads_in(c, layout, True, step > 0, True)
+        acc = bias_grad_accumulator(z) if acc is None else acc
+        dz, _, _ = gates_backward(z, c_prev, c, pe, dh, dh2, dc, dbias_acc=acc)
+        # The accumulator sums the fp32 values before dz is rounded to its dtype.
+        want += oracle_backward(z, c_prev, pe, summed(c, dh, dh2), dc)[0].sum((0, 2, 3))
+    assert torch.isfinite(acc).all()
+    # bf16: the saved c came from the unrounded pre-activations, the oracle's from the rounded z.
+    assert rel_err(acc.sum(0), want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def _bad_calls():
     zx, _, _, c_prev, pe = sample(1, 2, 3, 3, "nchw", torch.float32, True)
     meta = torch.empty(c_prev.shape, device="meta")
@@ -289,6 +308,10 @@ def _bad_calls():
     yield "z-fp64", TypeError, "fp64", bwd(z=zx.double())
     yield "dh-shape", ValueError, "dh", bwd(dh=zx)
     yield "dz_out-dtype", TypeError, "dz_out", bwd(dz_out=zx.half())
+    acc = bias_grad_accumulator(zx)
+    yield "dbias_acc-shape", ValueError, "dbias_acc", bwd(dbias_acc=acc[:, :4])
+    yield "dbias_acc-dtype", TypeError, "dbias_acc", bwd(dbias_acc=acc.double())
+    yield "dbias_acc-strides", ValueError, "dbias_acc", bwd(dbias_acc=acc.repeat(1, 2)[:, ::2])
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()), ids=lambda c: c[0])

@@ -115,7 +115,8 @@ def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=
     return h_out, c_out, z_out
 
 
-def _torch_gates_backward(gates, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc_prev_out):
+def _torch_gates_backward(gates, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc_prev_out,
+                          dbias_acc=None):  # the bias gradient: summed from dz by the caller
     if dh is None:
         dh, dh2 = dh2, None
     if dh2 is not None:
@@ -346,6 +347,13 @@ def layer_backward(
         dc.copy_(grad_c_last)
     c_zero = torch.zeros_like(c_last) if c0 is None else None
     dpeep, dw_x, dw_h, dbias = _Sum(sdt), _Sum(sdt), _Sum(sdt), _Sum(sdt)
+    # The kernels sum the bias gradient as they go (no pass over dz); torch sums dz per chunk.
+    db_acc = None
+    if need_b and spec.backend == "triton" and t > 0:
+        from .kernels.gates import bias_grad_accumulator
+
+        gates_like = empty_seq(1, b, 4 * hid, hh, ww, dtype=x.dtype, device="meta")[0]
+        db_acc = bias_grad_accumulator(gates_like, device=x.device)
     dx_chunks = []
     dh_rec = None
     for t1 in range(t, 0, -chunk):
@@ -364,7 +372,7 @@ def layer_backward(
                 gate_bias, c_prev, peephole, spec, gdt, h_scratch[0], c_scratch)
             _, _, dp = gates_backward(
                 z, c_prev, c_t, peephole, dh_out, dh_rec, dc,
-                dz_out=dz[step - t0], dc_prev_out=dc,
+                dz_out=dz[step - t0], dc_prev_out=dc, dbias_acc=db_acc,
             )
             dpeep.add(dp)
             if step > 0 or (need_h0 and h0 is not None):
@@ -384,7 +392,7 @@ def layer_backward(
             if t0 == 0 and h0 is not None:
                 h0_cl = h0.contiguous(memory_format=MEMORY_FORMAT)
                 dw_h.add(conv_same_weight_grad(dz[0], h0_cl, w_h, spec.dilation))
-        if need_b:
+        if need_b and db_acc is None:
             dbias.add(dz.sum(dim=(0, 1, 3, 4), dtype=sdt))
 
     dx = dweight = None
@@ -394,6 +402,8 @@ def layer_backward(
         dweight = torch.empty_like(weight)
         dweight[:, :cin] = dw_x.value
         dweight[:, cin:] = 0 if dw_h.value is None else dw_h.value
+    if db_acc is not None:
+        dbias.add(db_acc.sum(0))
     dbias = dbias.value.to(weight.dtype) if need_b else None
     dh0 = dh_rec.to(h0.dtype) if need_h0 and h0 is not None else None
     dc0 = dc.to(c0.dtype) if need_c0 and c0 is not None else None
