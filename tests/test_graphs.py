@@ -237,3 +237,42 @@ def test_static_inputs_are_kept_in_the_sequence_layout(device):
     assert len(statics) >= 3  # the two layers' forwards, at least one backward
     for t in statics:
         assert t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta").stride()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "train"])
+def test_returned_tensors_survive_later_replays_even_where_layouts_coincide(device, train):
+    """The last layer (and every layer in inference) hands back the capture's own buffers and
+    the module copies them. At 1x1 frames channels_last is also contiguous, where
+    ``.contiguous()`` would have returned the capture's buffer itself."""
+    torch.manual_seed(0)
+    m = ConvLSTM(3, [4, 5], 3, 2, batch_first=True, return_all_layers=True).to(device)
+    xs = [torch.randn(1, 3, 3, 1, 1, device=device) for _ in range(4)]
+
+    def returned(x):  # exactly what the module returns, not copies of it
+        with torch.set_grad_enabled(train):
+            outs, last = m(x.requires_grad_(train))
+        return [t.detach() for t in outs + [t for pair in last for t in pair]]
+
+    held = [returned(x) for x in xs]  # each call after the first two replays
+    snapshots = [[t.clone() for t in ts] for ts in held]
+    returned(torch.randn(1, 3, 3, 1, 1, device=device))
+    for got, want in zip(held, snapshots):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_frozen_first_layer_output_saved_by_the_next_is_not_overwritten(device):
+    """A layer that saves nothing may still feed one that saves its input: that input must not
+    be a capture's buffer, which a second forward would overwrite before the backward."""
+    eager, graphed = _pair(device=device, peephole=False)
+    for m in (eager, graphed):
+        m.cell_list[0].requires_grad_(False)
+    for call in range(3):
+        x1, x2 = (torch.randn(3, 5, 4, 12, 10, device=device) for _ in range(2))
+        grads = []
+        for m in (eager, graphed):
+            loss1 = m(x1)[0][-1].square().mean()
+            m(x2)  # replays the first layer's capture with other data
+            grads.append(torch.autograd.grad(loss1, list(m.cell_list[1].parameters())))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, msg=f"call {call}")

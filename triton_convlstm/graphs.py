@@ -100,7 +100,9 @@ class _Entry:
                 with torch.autograd._unsafe_preserve_version_counter(dst):
                     dst.copy_(src)
         self.generation += 1
-        return [t if i in keep else t.clone() for i, t in enumerate(self.static_out)]
+        # An empty output (a gradient nobody asked for) holds no data a replay could change.
+        return [t if i in keep or t.numel() == 0 else t.clone()
+                for i, t in enumerate(self.static_out)]
 
 
 class GraphCache:
@@ -123,10 +125,11 @@ class GraphCache:
         run, a capture and a synchronisation each), so new signatures run uncaptured instead."""
         return self.evictions > self.max_entries
 
-    def run(self, fn: Callable, args, key, layouts=None):
+    def run(self, fn: Callable, args, key, layouts=None, keep=()):
         """fn(*args), replayed from a capture from the second call with this key and signature
-        on. Returns fresh tensors (clones of the static outputs)."""
-        return self.run_with_entry(fn, args, key, layouts=layouts)[0]
+        on. Returns fresh tensors (clones of the static outputs), except positions in ``keep``:
+        the static outputs themselves, valid until the next replay of the entry."""
+        return self.run_with_entry(fn, args, key, layouts=layouts, keep=keep)[0]
 
     def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=(), layouts=None,
                        before_replay=None):

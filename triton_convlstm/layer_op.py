@@ -52,23 +52,24 @@ _GRAD_LAYOUT = {0: like_seq}
 def _on_device(fn):
     """Run fn with x's CUDA device current: Triton launches, streams and graph captures all
     follow the current device, not the tensors'."""
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         x = next(a for a in args if isinstance(a, Tensor))
         if not x.is_cuda:
-            return fn(*args)
+            return fn(*args, **kwargs)
         with torch.cuda.device(x.device):
-            return fn(*args)
+            return fn(*args, **kwargs)
     return wrapped
 
 
 @_on_device
 def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                  keep_gates=True):
+                  keep_gates=True, static_outputs=False):
     spec = LayerSpec(tuple(dilation), backend, keep_gates)
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
-        return graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args, key=(spec, save),
-                                  layouts=_X_LAYOUT)
+        return tuple(graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args,
+                                        key=(spec, save), layouts=_X_LAYOUT,
+                                        keep=range(4) if static_outputs else ()))
     return tuple(layer_forward(*args, spec, save))
 
 
@@ -199,7 +200,7 @@ class _EagerLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):  # the op's 11 inputs, then the graph slot
+    def forward(ctx, *inputs):  # the op's 11 inputs, the graph slot, static_outputs
         output, ctx.graph = _eager_forward(*inputs)
         ctx.consumed = False
         _setup_context(ctx, inputs[:11], output)
@@ -208,25 +209,26 @@ class _EagerLayer(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # a clear error for double backward
     def backward(ctx, *grads):
-        return (*_backward(ctx, *grads, backward_fn=_eager_backward), None)
+        return (*_backward(ctx, *grads, backward_fn=_eager_backward), None, None)
 
 
 @_on_device
 def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                   keep_gates=True, slot=None):
+                   keep_gates=True, slot=None, static_outputs=False):
     if not (save and use_graphs and graphs.can_capture(x)):
         return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save,
                              use_graphs, keep_gates), None
     spec = LayerSpec(tuple(dilation), backend, keep_gates)
     out, entry = graphs.FORWARD.run_with_entry(
         lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
-        key=(spec, save, slot), keep=(2, 3), layouts=_X_LAYOUT,
+        key=(spec, save, slot), keep=range(4) if static_outputs else (2, 3),
+        layouts=_X_LAYOUT,
     )
     if entry is None:  # the uncaptured warm-up call: its outputs are fresh tensors
         return tuple(out), None
-    h_seq, c_last, c_seq, z_seq = out
-    # Aliases, so autograd never touches the static tensors' own metadata.
-    return (h_seq, c_last, c_seq.detach(), z_seq.detach()), (entry, entry.generation)
+    # Aliases, so autograd never touches the static tensors' own metadata (nor hands the same
+    # tensor object to two calls).
+    return tuple(t.detach() for t in out), (entry, entry.generation)
 
 
 @_on_device
@@ -265,14 +267,19 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
 
 
 def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-              keep_gates=True, slot=None):
+              keep_gates=True, slot=None, static_outputs=False):
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
     loop is not unrolled), else the same code called directly. Arguments as the op's; ``slot``
-    (e.g. the calling module's id) gives each layer its own captured forward in training."""
+    (e.g. the calling module's id) gives each layer its own captured forward in training.
+
+    ``static_outputs``: with a captured loop, h_seq and c_last may be the capture's own buffers
+    (no clone), which its next replay overwrites: for a caller that copies what it keeps at
+    once. In training the backward still finds them (the entry's generation tells when to
+    replay); a later layer that saves its input must not get them."""
     args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs,
             keep_gates)
     if torch.compiler.is_compiling():
         return layer_forward_op(*args)
     if not save:
-        return _forward_impl(*args)
-    return _EagerLayer.apply(*args, slot)
+        return _forward_impl(*args, static_outputs=static_outputs)
+    return _EagerLayer.apply(*args, slot, static_outputs)

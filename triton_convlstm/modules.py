@@ -96,6 +96,10 @@ class ConvLSTMCell(nn.Module):
         return gate_update(z, c, bias=bias, peephole=peep, backend=self.backend)
 
 
+def _copy(t: Tensor) -> Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class ConvLSTM(nn.Module):
     """A multi-layer ConvLSTM, a drop-in for the popular PyTorch module.
 
@@ -164,7 +168,8 @@ class ConvLSTM(nn.Module):
         backend = resolve_backend(self.backend, x.device, dtype)
         seq = seq.to(dtype)
         outputs, last = [], []
-        for cell, (h0, c0) in zip(self.cell_list, states):
+        n = len(self.cell_list)
+        for idx, (cell, (h0, c0)) in enumerate(zip(self.cell_list, states)):
             weight, bias, peep = validation.cast_params(cell.conv.weight, cell.conv.bias,
                                                         cell.peephole, dtype)
             save = torch.is_grad_enabled() and any(
@@ -172,20 +177,22 @@ class ConvLSTM(nn.Module):
             )
             use_graphs = self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim,
                                                                      height, width)
+            returned = self.return_all_layers or idx == n - 1
             h_seq, c_last, _, _ = run_layer(
                 seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
                 keep_gates=not self.recompute_gates, slot=id(cell),
+                # A captured loop's own output buffers, no clone: this method copies what it
+                # returns right away. Not where a later layer may save this one's output.
+                static_outputs=idx == n - 1 or not torch.is_grad_enabled(),
             )
             seq = h_seq
-            outputs.append(h_seq)
-            last.append((h_seq[-1], c_last))
-        if not self.return_all_layers:
-            outputs, last = outputs[-1:], last[-1:]
-        # Contiguous (B, T, hidden, H, W) and (B, hidden, H, W), as the popular module returns:
-        # code that calls .view() on them keeps working. One copy of each returned tensor (the
-        # internal buffers are time-major and channels_last).
-        return ([o.transpose(0, 1).contiguous() for o in outputs],
-                [(h.contiguous(), c.contiguous()) for h, c in last])
+            if returned:
+                # Contiguous (B, T, hidden, H, W) and (B, hidden, H, W), as the popular module
+                # returns: code that calls .view() on them keeps working. Always a copy (the
+                # internal buffers are time-major channels_last, and may be a capture's).
+                outputs.append(_copy(h_seq.transpose(0, 1)))
+                last.append((_copy(h_seq[-1]), _copy(c_last)))
+        return outputs, last
 
     def extra_repr(self) -> str:
         return f"batch_first={self.batch_first}, return_all_layers={self.return_all_layers}"
