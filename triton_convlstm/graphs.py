@@ -4,10 +4,15 @@ A layer's forward (or backward) over T steps is 2T+ small launches; replaying th
 removes the per-launch CPU cost that dominates small shapes. Each entry owns static copies of its
 inputs and outputs: a call copies its inputs in, replays, and clones the outputs out, so nothing a
 caller holds is overwritten by a later replay, and one entry can serve every call with the same
-shapes. The one exception is asked for by name (``keep``): eager training keeps the saved
-activations in the forward entry's buffers and checks the entry's ``generation`` before reading.
-The first call for a new signature runs eagerly (that compiles the Triton kernels and lets cuDNN
-pick its algorithms); the second captures.
+shapes. The exceptions are asked for by name (``keep``): eager training keeps the saved
+activations in the forward entry's buffers and checks the entry's ``generation`` before reading,
+and ConvLSTM.forward takes the last layer's outputs (every layer's, in inference) uncloned and
+copies what it returns at once. The first call for a new signature runs eagerly (that compiles
+the Triton kernels and lets cuDNN pick its algorithms); the second captures.
+
+Not thread-safe: one entry serves every call with its signature (inference entries are shared by
+all layers and modules with the same shapes), so a model called from several threads at once
+should run with ``cuda_graphs=False``.
 """
 
 from __future__ import annotations

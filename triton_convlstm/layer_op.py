@@ -273,9 +273,10 @@ def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_gr
     (e.g. the calling module's id) gives each layer its own captured forward in training.
 
     ``static_outputs``: with a captured loop, h_seq and c_last may be the capture's own buffers
-    (no clone), which its next replay overwrites: for a caller that copies what it keeps at
-    once. In training the backward still finds them (the entry's generation tells when to
-    replay); a later layer that saves its input must not get them."""
+    (no clone), which the entry's next replay overwrites (in inference an entry serves every
+    layer and module with the same signature: any such call): for a caller that copies what it
+    keeps at once. In training the backward still finds them (the entry's generation tells when
+    to replay); a later layer that saves its input must not get them."""
     args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs,
             keep_gates)
     if torch.compiler.is_compiling():
