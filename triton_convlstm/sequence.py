@@ -183,14 +183,17 @@ def _z_strides_match(z: Tensor) -> bool:
 
 def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool):
     """x: (T, B, C, H, W); weight: (4*hid, C+hid, kh, kw); bias (4*hid,) or None; peephole
-    (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype.
+    (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype. ``save``:
+    keep what the backward reads (see output_buffers and LayerSpec.keep_gates).
 
     Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
     """
+    frames = _frames(x)
+    if cat_convs(spec, x):
+        return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
     gates_forward, _ = gate_functions(spec.backend)
     t, b, cin, hh, ww = x.shape
     w_x, w_h = _split(weight, cin)
-    frames = _frames(x)
     # The kernels add the bias themselves (a bias on a bf16 channels_last cuDNN convolution ran
     # 2-3x slower); on CPU oneDNN adds it for free inside the input convolution, a pass saved.
     conv_bias, gate_bias = (bias, None) if spec.backend == "torch" else (None, bias)
@@ -200,8 +203,6 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     # (and no reason to chunk). Otherwise (inference, or torch gates in fp32 for bf16 inputs)
     # zx is a temporary, computed in chunks of steps to bound its size.
     save_z = save and spec.keep_gates
-    if cat_convs(spec, x):
-        return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
     zx_all = None
     if save_z and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
         zx_all = _as_seq(conv_same(frames, w_x, spec.dilation, conv_bias), t, b)
