@@ -234,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="append", metavar="CASE",
                    help="also profile SHAPE:DTYPE:MODE:IMPL (bench/profile_step.py), e.g. "
                         "M:bf16:train:layer-nographs; repeatable; runs before the benchmark")
-    p.add_argument("--convs", nargs="?", const="--shapes S,M,L", default=None, metavar="ARGS",
+    p.add_argument("--convs", nargs="?", const="--shapes S,M,L --rounds 5 --reps 5", default=None,
+                   metavar="ARGS",
                    help="also time split vs cat convolutions (bench/bench_convs.py) with ARGS "
-                        "(default '--shapes S,M,L'); runs before the benchmark")
+                        "(default '--shapes S,M,L --rounds 5 --reps 5'); runs before the benchmark")
     p.add_argument("--extras-share", type=float, default=0.25,
                    help="share of the budget the optional phases may use together")
     args = p.parse_args(argv)
