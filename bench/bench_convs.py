@@ -25,7 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from triton_convlstm.bench_cases import DTYPES, SHAPES, Shape, interleaved, ratio_of
+from triton_convlstm.bench_cases import DTYPES, SHAPES, Shape, graphed, interleaved, ratio_of
 
 CL = torch.channels_last
 ONE, PAD = [1, 1], [1, 1]  # stride/dilation and the padding of a 3x3 'same' conv
@@ -96,22 +96,6 @@ def cat_train(c) -> None:
     _grad(c["dz"], c["xh"], c["w"], DW)  # dW over the stored cat frames, batched
 
 
-def _graphed(body, device: torch.device):
-    """On CUDA, ``body`` captured in one graph (its replay is what gets timed); else ``body``."""
-    if device.type != "cuda":
-        return body
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream picks the cuDNN algorithms
-        body()
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph.replay
-
-
 def verdict(speedup: float) -> str:
     return "cat" if speedup > MARGIN else "split" if speedup < 1 / MARGIN else "same"
 
@@ -128,7 +112,7 @@ def run(shapes, dtypes, modes, device, rounds: int = 7, reps: int = 10) -> list[
                 bodies = {"split": split_forward, "cat": cat_forward} if mode == "fwd" else \
                     {"split": split_train, "cat": cat_train}
                 with torch.no_grad():
-                    steps = {k: _graphed(partial(f, case), device) for k, f in bodies.items()}
+                    steps = {k: graphed(partial(f, case), device) for k, f in bodies.items()}
                     times = interleaved(steps, device, rounds=rounds, reps=reps)
                 speedup = ratio_of(times["cat"], times["split"])  # split_ms / cat_ms per round
                 rows.append({
