@@ -379,8 +379,12 @@ def bias_grad_accumulator(z, device=None) -> torch.Tensor:
     (which may be a meta tensor; then pass ``device``): one fp32 row of 4*hidden partial sums
     per program. ``.sum(0)`` is the bias gradient."""
     b, hid, hh, ww = _dims("z", z)
-    rows = _rows(_input(z)[0], hid)[0] if z.numel() else 0
-    return torch.zeros((rows, 4 * hid), dtype=torch.float32, device=device or z.device)
+    return torch.zeros(_bias_acc_shape(z, hid), dtype=torch.float32, device=device or z.device)
+
+
+def _bias_acc_shape(z, hid: int) -> tuple[int, int]:
+    """The bias accumulator's shape: a row per backward program for z as the kernel reads it."""
+    return (_rows(_input(z)[0], hid)[0] if z.numel() else 0), 4 * hid
 
 
 def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_out=None,
@@ -406,8 +410,7 @@ def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_
     _check("dz_out", dz_out, tuple(z.shape), (z.dtype,), dev, optional=True)
     _check("dc_prev_out", dc_prev_out, state, (torch.float32,), dev, optional=True)
     if dbias_acc is not None:
-        rows = _rows(_input(z)[0], hid)[0] if z.numel() else 0
-        _check("dbias_acc", dbias_acc, (rows, 4 * hid), (torch.float32,), dev)
+        _check("dbias_acc", dbias_acc, _bias_acc_shape(z, hid), (torch.float32,), dev)
         if not dbias_acc.is_contiguous():
             raise ValueError("dbias_acc: expected a contiguous tensor (bias_grad_accumulator's)")
     dz_out = _new(z, 4 * hid, z.dtype) if dz_out is None else dz_out

@@ -45,8 +45,7 @@ def layer_forward_op(
 # the copy into the static buffer, made every call anyway, then also converts the layout, and
 # the loops need no copy of their own (x's frames are read by both the forward and the
 # backward's weight gradient; the gate kernels read the gradient per step).
-_X_LAYOUT = {0: like_seq}
-_GRAD_LAYOUT = {0: like_seq}
+_ARG0_SEQ_LAYOUT = {0: like_seq}
 
 
 def _on_device(fn):
@@ -68,7 +67,7 @@ def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, us
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
         return tuple(graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args,
-                                        key=(spec, save), layouts=_X_LAYOUT,
+                                        key=(spec, save), layouts=_ARG0_SEQ_LAYOUT,
                                         keep=range(4) if static_outputs else ()))
     return tuple(layer_forward(*args, spec, save))
 
@@ -125,7 +124,7 @@ def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, 
             bias)
     run = _backward_runner(spec, needs)
     if use_graphs and graphs.can_capture(x):
-        return graphs.BACKWARD.run(run, args, key=(spec, needs), layouts=_GRAD_LAYOUT)
+        return graphs.BACKWARD.run(run, args, key=(spec, needs), layouts=_ARG0_SEQ_LAYOUT)
     return run(*args)
 
 
@@ -222,7 +221,7 @@ def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, u
     out, entry = graphs.FORWARD.run_with_entry(
         lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
         key=(spec, save, slot), keep=range(4) if static_outputs else (2, 3),
-        layouts=_X_LAYOUT,
+        layouts=_ARG0_SEQ_LAYOUT,
     )
     if entry is None:  # the uncaptured warm-up call: its outputs are fresh tensors
         return tuple(out), None
@@ -261,7 +260,7 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
     restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
     with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
         return graphs.BACKWARD.run_with_entry(
-            run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_GRAD_LAYOUT,
+            run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_ARG0_SEQ_LAYOUT,
             before_replay=restore,
         )[0]
 

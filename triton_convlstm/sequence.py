@@ -58,6 +58,11 @@ def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
     return dtype if backend == "triton" else reference.state_dtype(dtype)
 
 
+def in_seq_layout(t: Tensor) -> bool:
+    """Whether a (T, B, C, H, W) tensor has exactly :func:`empty_seq`'s strides."""
+    return t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta").stride()
+
+
 def like_seq(t: Tensor) -> Tensor:
     """A copy of a (T, B, C, H, W) tensor in the sequence layout (:func:`empty_seq`): what the
     loops read without further copies. CUDA graphs keep their static inputs in it."""
@@ -141,10 +146,7 @@ def gate_functions(backend: str):
 def _frames(x: Tensor) -> Tensor:
     """(T, B, C, H, W) -> (T*B, C, H, W) in the device's layout: a view when x already is one
     (a later layer's input), else one copy (not a reshape copy and then a layout copy)."""
-    t, b, c, hh, ww = x.shape
-    if empty_seq(t, b, c, hh, ww, dtype=x.dtype, device="meta").stride() == x.stride():
-        return x.flatten(0, 1)
-    return empty_seq(t, b, c, hh, ww, dtype=x.dtype, device=x.device).copy_(x).flatten(0, 1)
+    return (x if in_seq_layout(x) else like_seq(x)).flatten(0, 1)
 
 
 # The input convolution's output (forward) and the gate gradients (backward) span 4*hidden
@@ -175,12 +177,6 @@ def _as_seq(frames_out: Tensor, t: int, b: int) -> Tensor:
     return frames_out.unflatten(0, (t, b))
 
 
-def _z_strides_match(z: Tensor) -> bool:
-    """Whether z (T, B, 4*hid, H, W) has the strides z_seq promises (the fake kernels allocate
-    with those)."""
-    return z.stride() == empty_seq(*z.shape, dtype=z.dtype, device="meta").stride()
-
-
 def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool):
     """x: (T, B, C, H, W); weight: (4*hid, C+hid, kh, kw); bias (4*hid,) or None; peephole
     (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype. ``save``:
@@ -206,7 +202,8 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     zx_all = None
     if save_z and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
         zx_all = _as_seq(conv_same(frames, w_x, spec.dilation, conv_bias), t, b)
-    given = zx_all if zx_all is not None and _z_strides_match(zx_all) else None
+    # z_seq must have the strides the fake kernels promise (they allocate with empty_seq).
+    given = zx_all if zx_all is not None and in_seq_layout(zx_all) else None
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend, given,
                                                  spec.keep_gates)
     if zx_all is not None and given is None:  # an unusual layout came back: one copy
