@@ -1,5 +1,5 @@
-"""The layer inside the tools models are trained and shipped with: activation checkpointing
-(both implementations), torch.func.functional_call, torch.export.
+"""The layer inside the tools models are trained with: activation checkpointing (both
+implementations) and torch.func.functional_call (exporting: test_export.py).
 
 Checkpointing reruns the forward during the backward, which replays the layer's captured loops
 again and can overwrite what an earlier call saved: the gradients must still be exact. On CPU
@@ -109,17 +109,3 @@ def test_functional_call_uses_the_given_parameters(mode):
     _assert_same(got[0], want[0])
     _assert_same([t for pair in got[1] for t in pair], [t for pair in want[1] for t in pair])
 
-
-def test_torch_export_runs_the_layer_op():
-    """torch.export keeps each layer as one op (no unrolled time loop) and the exported
-    program computes what the module does."""
-    m = _model("cpu", False)
-    (x,) = _inputs("cpu")
-    with torch.no_grad():
-        exported = torch.export.export(m, (x,))
-        got = exported.module()(x)
-        want = m(x)
-    ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
-    assert ops.count("triton_convlstm.layer_forward.default") == 2
-    assert not any("convolution" in op for op in ops)
-    _assert_same(got[0], want[0])

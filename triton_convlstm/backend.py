@@ -34,6 +34,15 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def exporting() -> bool:
+    """Whether an exporter (torch.export, torch.onnx.export, torch.jit.trace) is capturing the
+    call rather than running it. Exported programs run where this package's Python ops cannot
+    (ONNX Runtime, AOTInductor, ExecuTorch, TensorRT): they get standard torch ops only.
+    (torch.onnx.export captures through one of the other two; asking torch.onnx itself would
+    import it, 30 ms, on the first forward of every program.)"""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def check_backend_name(backend: str) -> None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -44,10 +53,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
 
     "auto" picks Triton on CUDA when it imports, torch otherwise. "triton" raises a RuntimeError
     naming the reason when it cannot run (no Triton, or CPU tensors outside the interpreter).
-    float64 always runs the torch path: the kernels compute in float32.
+    float64 always runs the torch path: the kernels compute in float32. So does a call being
+    exported (:func:`exporting`), whatever was asked for.
     """
     check_backend_name(backend)
-    if backend == "torch" or dtype == torch.float64:
+    if backend == "torch" or dtype == torch.float64 or exporting():
         return "torch"
     err = triton_import_error()
     on_cuda = device.type == "cuda"

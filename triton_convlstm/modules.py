@@ -10,10 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from . import graphs, validation
-from .backend import check_backend_name, resolve_backend, triton_import_error
+from .backend import check_backend_name, exporting, resolve_backend, triton_import_error
 from .conv import conv_same
 from .layer_op import run_layer
 from .reference import state_dtype
+from .unrolled import layer_unrolled
 
 State = tuple[Tensor, Tensor]
 
@@ -178,13 +179,16 @@ class ConvLSTM(nn.Module):
             use_graphs = self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim,
                                                                      height, width)
             returned = self.return_all_layers or idx == n - 1
-            h_seq, c_last, _, _ = run_layer(
-                seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
-                keep_gates=not self.recompute_gates, slot=id(cell),
-                # A captured loop's own output buffers, no clone: this method copies what it
-                # returns right away. Not where a later layer may save this one's output.
-                static_outputs=idx == n - 1 or not torch.is_grad_enabled(),
-            )
+            if exporting():  # standard ops only, step by step (see unrolled.py)
+                h_seq, c_last = layer_unrolled(seq, weight, bias, peep, h0, c0, cell.dilation)
+            else:
+                h_seq, c_last, _, _ = run_layer(
+                    seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
+                    keep_gates=not self.recompute_gates, slot=id(cell),
+                    # A captured loop's own output buffers, no clone: this method copies what it
+                    # returns right away. Not where a later layer may save this one's output.
+                    static_outputs=idx == n - 1 or not torch.is_grad_enabled(),
+                )
             seq = h_seq
             if returned:
                 # Contiguous (B, T, hidden, H, W) and (B, hidden, H, W), as the popular module

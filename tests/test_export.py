@@ -1,0 +1,127 @@
+"""Exporting a model that uses the layer: torch.export, ONNX (both exporters, run in ONNX
+Runtime) and torch.jit.trace capture standard ops only, and compute what the module does.
+
+The popular ConvLSTM exports this way (its loop is plain ops); a drop-in must not break a
+user's export pipeline. Each layer is unrolled over T while exporting (unrolled.py)."""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from triton_convlstm import ConvLSTM, ConvLSTMCell
+from triton_convlstm.backend import exporting
+
+
+class _Flat(torch.nn.Module):
+    """Tensors out, not nested lists (what jit.trace and the ONNX exporters accept)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x, h0, c0, h1, c1):
+        outs, last = self.m(x, [(h0, c0), (h1, c1)])
+        return (*outs, *(t for pair in last for t in pair))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = ConvLSTM(3, [5, 4], [3, (2, 3)], 2, batch_first=True, peephole=True,
+                 return_all_layers=True, dilation=[1, 2])
+    with torch.no_grad():
+        for cell in m.cell_list:
+            cell.peephole.normal_(0, 0.5)
+    return _Flat(m).to(DEVICE).eval()
+
+
+def _inputs(batch=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 3, 6, 7, generator=g)
+    h0, c0 = torch.randn(2, batch, 5, 6, 7, generator=g)
+    h1, c1 = torch.randn(2, batch, 4, 6, 7, generator=g)
+    return tuple(t.to(DEVICE) for t in (x, h0, c0, h1, c1))
+
+
+def _assert_close(got, want):
+    assert len(got) == len(want) == 6
+    for a, b in zip(got, want):
+        a = torch.as_tensor(a, device=b.device)
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _call_targets(graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if n.op == "call_function"]
+
+
+def test_not_exporting_while_running():
+    assert not exporting()
+
+
+def test_torch_export_captures_standard_ops_unrolled():
+    m, args = _model(), _inputs()
+    with torch.no_grad():
+        want = m(*args)
+        exported = torch.export.export(m, args)
+        got = exported.module()(*args)
+    targets = _call_targets(exported.graph)
+    assert not [t for t in targets if "triton_convlstm" in t]
+    # One convolution per step and layer (T = 4, two layers).
+    assert sum("convolution" in t or "conv2d" in t for t in targets) == 4 + 4
+    _assert_close(got, want)
+
+
+def test_torch_export_with_a_dynamic_batch():
+    m, args = _model(), _inputs()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        exported = torch.export.export(m, args, dynamic_shapes=({0: batch},) * 5)
+        other = _inputs(batch=3)
+        _assert_close(exported.module()(*other), m(*other))
+
+
+def test_torch_export_of_a_training_model_keeps_gradients():
+    m, args = _model(), _inputs()
+    m.train()
+    exported = torch.export.export(m, args)
+    x = args[0].clone().requires_grad_()
+    out = exported.module()(x, *args[1:])
+    torch.autograd.grad(sum(o.sum() for o in out), x)
+    assert not [t for t in _call_targets(exported.graph) if "triton_convlstm" in t]
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
+def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo):
+    pytest.importorskip("onnxscript")  # the test extra installs it, with onnx and onnxruntime
+    ort = pytest.importorskip("onnxruntime")
+    m, args = _model().cpu(), tuple(t.cpu() for t in _inputs())
+    path = tmp_path / "convlstm.onnx"
+    names = ["x", "h0", "c0", "h1", "c1"]
+    torch.onnx.export(m, args, str(path), dynamo=dynamo, input_names=names)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})
+    with torch.no_grad():
+        _assert_close(got, m(*args))
+
+
+def test_jit_trace_has_no_python_ops():
+    m, args = _model(), _inputs()
+    with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):  # the shape checks' warnings
+        traced = torch.jit.trace(m, args)
+        got = traced(*args)
+        want = m(*args)
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert "prim::PythonOp" not in kinds
+    _assert_close(got, want)
+
+
+def test_cell_with_the_triton_backend_exports_the_torch_math():
+    torch.manual_seed(0)
+    cell = ConvLSTMCell(3, 4, 3, backend="triton").to(DEVICE).eval()
+    x = torch.randn(2, 3, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        exported = torch.export.export(cell, (x,))
+        targets = _call_targets(exported.graph)
+        assert not [t for t in targets if "triton_convlstm" in t]
+        for a, b in zip(exported.module()(x), cell(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
