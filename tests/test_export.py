@@ -91,17 +91,22 @@ def test_torch_export_of_a_training_model_keeps_gradients():
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
-def test_onnx_export_runs_in_onnxruntime(tmp_path, dynamo):
+def test_onnx_export_with_a_dynamic_batch_runs_in_onnxruntime(tmp_path, dynamo):
     pytest.importorskip("onnxscript")  # the test extra installs it, with onnx and onnxruntime
     ort = pytest.importorskip("onnxruntime")
     m, args = _model().cpu(), tuple(t.cpu() for t in _inputs())
     path = tmp_path / "convlstm.onnx"
     names = ["x", "h0", "c0", "h1", "c1"]
-    torch.onnx.export(m, args, str(path), dynamo=dynamo, input_names=names)
+    if dynamo:
+        dynamic = dict(dynamic_shapes=({0: torch.export.Dim("batch")},) * len(names))
+    else:
+        dynamic = dict(dynamic_axes={n: {0: "batch"} for n in names})
+    torch.onnx.export(m, args, str(path), dynamo=dynamo, input_names=names, **dynamic)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})
+    other = tuple(t.cpu() for t in _inputs(batch=3))  # not the batch it was exported with
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, other)})
     with torch.no_grad():
-        _assert_close(got, m(*args))
+        _assert_close(got, m(*other))
 
 
 def test_jit_trace_has_no_python_ops():
