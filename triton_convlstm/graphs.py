@@ -10,13 +10,16 @@ and ConvLSTM.forward takes the last layer's outputs (every layer's, in inference
 copies what it returns at once. The first call for a new signature runs eagerly (that compiles
 the Triton kernels and lets cuDNN pick its algorithms); the second captures.
 
-Not thread-safe: one entry serves every call with its signature (inference entries are shared by
-all layers and modules with the same shapes), so a model called from several threads at once
-should run with ``cuda_graphs=False``.
+One entry serves every call with its signature (inference entries are shared by all layers and
+modules with the same shapes), so calls from several threads take turns: :data:`LOCK` is held
+from copy-in to clone-out, and by callers while they read static outputs they kept. A call on
+another CUDA stream than the entry's last waits for that stream's work on the buffers first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,6 +35,19 @@ MAX_STATE_ELEMENTS = 1 << 23
 # overwrite the static outputs in place, as a real replay does), so the caching, copying and
 # cloning logic is exercised where there is no GPU.
 EMULATE_ON_CPU = False
+
+
+# One lock for every entry of both caches. Reentrant: a backward holding it may replay the forward.
+LOCK = threading.RLock()
+
+
+def exclusive(x: torch.Tensor, use_graphs: bool):
+    """LOCK for a caller that will read static outputs of captured loops on x (kept ones, not
+    clones) after the call that replayed them; a no-op context otherwise, and while
+    torch.compile traces (its path gets clones, and the lock is taken inside the op)."""
+    if use_graphs and not torch.compiler.is_compiling() and can_capture(x):
+        return LOCK
+    return contextlib.nullcontext()
 
 
 def can_capture(x: torch.Tensor) -> bool:
@@ -77,7 +93,7 @@ class _Entry:
             if isinstance(a, torch.Tensor) and i not in self.shared else a
             for i, a in enumerate(args)
         ]
-        self.fn, self.graph, self.generation = fn, None, 0
+        self.fn, self.graph, self.generation, self.stream = fn, None, 0, None
         first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
         if not first.is_cuda:  # EMULATE_ON_CPU
             self.static_out = fn(*self.static_args)
@@ -90,11 +106,17 @@ class _Entry:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_out = fn(*self.static_args)
+        self.stream = torch.cuda.current_stream()
 
     def replay(self, args, keep=()):
         """Copy args in, replay, and return the outputs: clones, except positions in ``keep``,
         which are the static buffers themselves (valid until the next replay: ``generation``
         counts replays so a reader can tell)."""
+        if self.graph is not None:
+            stream = torch.cuda.current_stream()
+            if stream != self.stream:  # the last user's reads and writes of the buffers first
+                stream.wait_stream(self.stream)
+                self.stream = stream
         for i, (dst, src) in enumerate(zip(self.static_args, args)):
             if isinstance(dst, torch.Tensor) and i not in self.shared and dst is not src:
                 dst.copy_(src)
@@ -142,6 +164,10 @@ class GraphCache:
         ``shared``, ``keep`` and ``layouts`` as in :class:`_Entry`. ``before_replay`` is called
         between a capture and its first replay: capturing runs fn once, which matters for fns
         that consume their (shared) inputs."""
+        with LOCK:
+            return self._run_with_entry(fn, args, key, shared, keep, layouts, before_replay)
+
+    def _run_with_entry(self, fn, args, key, shared, keep, layouts, before_replay):
         full_key = (key, _backend_flags(), _signature(args))
         entry = self.entries.get(full_key)
         if entry is None:

@@ -218,16 +218,17 @@ def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, u
         return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save,
                              use_graphs, keep_gates), None
     spec = LayerSpec(tuple(dilation), backend, keep_gates)
-    out, entry = graphs.FORWARD.run_with_entry(
-        lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
-        key=(spec, save, slot), keep=range(4) if static_outputs else (2, 3),
-        layouts=_ARG0_SEQ_LAYOUT,
-    )
-    if entry is None:  # the uncaptured warm-up call: its outputs are fresh tensors
-        return tuple(out), None
-    # Aliases, so autograd never touches the static tensors' own metadata (nor hands the same
-    # tensor object to two calls).
-    return tuple(t.detach() for t in out), (entry, entry.generation)
+    with graphs.LOCK:  # the generation read must be this call's replay's
+        out, entry = graphs.FORWARD.run_with_entry(
+            lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
+            key=(spec, save, slot), keep=range(4) if static_outputs else (2, 3),
+            layouts=_ARG0_SEQ_LAYOUT,
+        )
+        if entry is None:  # the uncaptured warm-up call: its outputs are fresh tensors
+            return tuple(out), None
+        # Aliases, so autograd never touches the static tensors' own metadata (nor hands the
+        # same tensor object to two calls).
+        return tuple(t.detach() for t in out), (entry, entry.generation)
 
 
 @_on_device
@@ -250,19 +251,20 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
         with torch.autograd._unsafe_preserve_version_counter(saved[3]):
             return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved, bias)
     entry, generation = ctx.graph
-    if entry.generation != generation:  # replayed or consumed since: restore this call's buffers
-        entry.replay(inputs, keep=range(4))
-    if consumes:  # before running: a backward that fails half-way leaves them garbage too
-        entry.generation += 1
-    xs, ws, bs, ps, h0s, c0s = entry.static_args
-    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out, bs)
-    # Capturing runs the backward once (warm-up), which consumes the forward's buffers.
-    restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
-    with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
-        return graphs.BACKWARD.run_with_entry(
-            run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_ARG0_SEQ_LAYOUT,
-            before_replay=restore,
-        )[0]
+    with graphs.LOCK:  # no other thread's replay between the check and the backward's reads
+        if entry.generation != generation:  # replayed or consumed since: restore this call's
+            entry.replay(inputs, keep=range(4))
+        if consumes:  # before running: a backward that fails half-way leaves them garbage too
+            entry.generation += 1
+        xs, ws, bs, ps, h0s, c0s = entry.static_args
+        args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out, bs)
+        # Capturing runs the backward once (warm-up), which consumes the forward's buffers.
+        restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
+        with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
+            return graphs.BACKWARD.run_with_entry(
+                run, args, key=(spec, needs, entry), shared=range(2, 12),
+                layouts=_ARG0_SEQ_LAYOUT, before_replay=restore,
+            )[0]
 
 
 def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,

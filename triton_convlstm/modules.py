@@ -161,13 +161,20 @@ class ConvLSTM(nn.Module):
         validation.sequence_input(x, self.input_dim, first, self.batch_first)
         dtype = validation.compute_dtype(x, first)
         seq = x.transpose(0, 1) if self.batch_first else x  # time-major view
-        t, b, _, height, width = seq.shape
+        _, b, _, height, width = seq.shape
         states = validation.hidden_state(
             hidden_state, [(b, c.hidden_dim, height, width) for c in self.cell_list], dtype,
             x.device,
         )
         backend = resolve_backend(self.backend, x.device, dtype)
-        seq = seq.to(dtype)
+        # Held while captured loops' static outputs are read (until _layers' copies): calls
+        # from other threads replay the same entries.
+        with graphs.exclusive(x, self.cuda_graphs):
+            return self._layers(seq.to(dtype), states, backend, dtype)
+
+    def _layers(self, seq, states, backend, dtype):
+        """Each layer over the time-major sequence in turn: (layer_outputs, last_states)."""
+        _, b, _, height, width = seq.shape
         outputs, last = [], []
         n = len(self.cell_list)
         for idx, (cell, (h0, c0)) in enumerate(zip(self.cell_list, states)):
