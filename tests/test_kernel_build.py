@@ -1,4 +1,5 @@
-"""Every gate kernel builds for real GPUs (sm_90, sm_80), even on a machine without one.
+"""Every kernel builds for real GPUs (sm_90, sm_80), even on a machine without one: the gate
+kernels (kernels/gates.py) and the fused forward step (kernels/fused_step.py).
 
 The interpreter tests run the kernels' Python, which accepts code that would not compile for a
 GPU; this builds PTX and cubin with triton.compile for each load dtype and the constexpr
@@ -28,9 +29,14 @@ SM80 = ["fwd-nchw-on-fp32", "fwd-nhwc-off-bf16", "fwd-nhwc-on-fp16", "bwd-nhwc-o
 WIDE = ["fwd-nhwc-on-bf16", "bwd-nchw-on-fp32"]
 
 
+# The fused forward step (kernels/fused_step.py): every dtype on both targets, flags on and off.
+FUSED = [f"fused-x-{flags}-{dt}-{arch}" for dt in DTYPES for flags, arch in
+         (("on", "sm90"), ("off", "sm90"), ("on" if dt != "bf16" else "off", "sm80"))]
+
+
 def variant_ids():
     ids = [f"{k}-{lay}-{flags}-{dt}-sm90" for dt in DTYPES for k, lay, flags in SHAPES]
-    return ids + [f"{v}-sm80" for v in SM80] + [f"{v}-sm90-wide" for v in WIDE]
+    return ids + [f"{v}-sm80" for v in SM80] + [f"{v}-sm90-wide" for v in WIDE] + FUSED
 
 
 def tile_accesses(vid):
@@ -46,12 +52,57 @@ def tile_accesses(vid):
 # ---- the build, run as a script (no TRITON_INTERPRET) ------------------------------------------
 
 
+def _fused_precision(dtype, on):
+    """fp32 dots as TF32 (cuDNN's default for convolutions), or IEEE (allow_tf32 off)."""
+    return ("tf32" if on else "ieee") if dtype == "fp32" else "ieee"
+
+
+def _compile_fused(vid):
+    """The fused step at the M layer's sizes (C 32, hidden 64, 3x3), channels_last strides."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton_convlstm.kernels import fused_step
+
+    _, _, flags, dtype, arch = vid.split("-")
+    fn = fused_step._fused_step_kernel
+    lowp = {"x_ptr", "h_ptr", "w_ptr", "bias_ptr", "pe_ptr", "ho_ptr", "z_ptr"}
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in lowp else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.startswith("s_") and (name.endswith("_c") or name == "s_bias"):
+            sig[name], const[name] = "constexpr", 1  # channels_last: channels contiguous
+        else:
+            sig[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    on = flags == "on"
+    bm, bc = fused_step._blocks(64, 64 * 64)
+    dot = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
+    const.update({n: on for n in ("HAS_H", "HAS_BIAS", "HAS_PEEP", "SAVE_Z")},
+                 CIN=32, HID=64, KH=3, KW=3, PREC=_fused_precision(dtype, on),
+                 DOT_TY=dot, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=fused_step.BLOCK_K)
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[2:]), 32),
+                              options={"num_warps": fused_step.NUM_WARPS})
+    ptx = compiled.asm.get("ptx", "")
+    return {"ptx": len(ptx), "cubin": len(compiled.asm.get("cubin", b"")),
+            "tensor_core_ops": ptx.count("wgmma.mma_async") + ptx.count("mma.sync")}
+
+
 def _compile(vid):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton_convlstm.kernels import gates
 
+    if vid.startswith("fused-"):
+        return _compile_fused(vid)
     kernel, layout, flags, dtype, arch, *wide = vid.split("-")
     wide = bool(wide)
     fn = gates._gates_fwd_kernel if kernel == "fwd" else gates._gates_bwd_kernel
@@ -120,6 +171,11 @@ def test_kernel_builds(builds, vid):
     res = builds[vid]
     assert "error" not in res, res.get("error")
     assert res["ptx"] > 0 and res["cubin"] > 0
+    if vid.startswith("fused-"):  # its dots run on tensor cores (but IEEE fp32's)
+        _, _, flags, dtype, _ = vid.split("-")
+        if _fused_precision(dtype, flags == "on") != "ieee" or dtype != "fp32":
+            assert res["tensor_core_ops"] > 0, res
+        return
     # Coalesced 16-byte accesses on the contiguous axis, in both layouts and every dtype.
     loads, stores = tile_accesses(vid)
     assert res["vector_loads"] >= loads and res["vector_stores"] >= stores, res

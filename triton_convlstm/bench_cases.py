@@ -61,8 +61,9 @@ SHAPES = {
 GPU_SHAPES = ("S", "M", "L")
 CPU_SHAPES = ("cpu-s", "cpu-m")
 # "layer-nographs": the layer with its CUDA-graph replay off (what the graphs buy, per shape);
-# "layer-recompute": with recompute_gates=True (what the memory it saves costs in time).
-LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute")
+# "layer-recompute": with recompute_gates=True (what the memory it saves costs in time);
+# "layer-fused": one Triton kernel per forward step (LayerSpec.fused; on CPU the same as layer).
+LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute", "layer-fused")
 IMPLS = ("eager", "compiled", "compiled-ro", *LAYER_IMPLS, "convs-only")
 COMPILED_IMPLS = ("compiled", "compiled-ro")
 CUDA_ONLY_IMPLS = ("compiled-ro",)  # reduce-overhead means CUDA graphs
@@ -86,6 +87,13 @@ def make_models(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
                            batch_first=True)
     layer.load_state_dict(eager.state_dict())
     return eager.to(device, dtype), layer.to(device, dtype)
+
+
+def _configure(layer, impl: str) -> None:
+    """The layer's switches for a LAYER_IMPLS name (the others get the plain layer)."""
+    layer.cuda_graphs = impl != "layer-nographs"
+    layer.recompute_gates = impl == "layer-recompute"
+    layer.fused_forward = impl == "layer-fused"
 
 
 def _sequence_of(impl: str, model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -115,8 +123,7 @@ def build_step(
         return _convs_only_step(shape, dt, mode, device, seed)
     eager, layer = make_models(shape, device, dt, seed)
     model = layer if impl in LAYER_IMPLS else eager
-    layer.cuda_graphs = impl != "layer-nographs"
-    layer.recompute_gates = impl == "layer-recompute"
+    _configure(layer, impl)
     if impl in COMPILED_IMPLS:
         model = torch.compile(model, mode="reduce-overhead" if impl == "compiled-ro" else None)
     seq_of = _sequence_of(impl, model)
@@ -343,8 +350,7 @@ def compile_seconds(impl: str, shape: Shape, dtype: str, device: torch.device) -
     loop the compiler unrolls) or "layer"."""
     eager, layer = make_models(shape, device, DTYPES[dtype])
     model = layer if impl in LAYER_IMPLS else eager
-    layer.cuda_graphs = impl != "layer-nographs"
-    layer.recompute_gates = impl == "layer-recompute"
+    _configure(layer, impl)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)

@@ -34,11 +34,13 @@ def layer_forward_op(
     save: bool,
     use_graphs: bool,
     keep_gates: bool = True,
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: (T, B, C, H, W) -> (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq).
-    ``keep_gates=False``: z_seq stays empty and the backward recomputes the gates."""
+    ``keep_gates=False``: z_seq stays empty and the backward recomputes the gates. ``fused``:
+    see LayerSpec."""
     return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                         keep_gates)
+                         keep_gates, fused)
 
 
 # Captured loops keep x (forward) and the gradient of h_seq (backward) in the sequence layout:
@@ -62,8 +64,8 @@ def _on_device(fn):
 
 @_on_device
 def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                  keep_gates=True, static_outputs=False):
-    spec = LayerSpec(tuple(dilation), backend, keep_gates)
+                  keep_gates=True, fused=False, static_outputs=False):
+    spec = LayerSpec(tuple(dilation), backend, keep_gates, fused)
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
         return tuple(graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args,
@@ -73,7 +75,8 @@ def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, us
 
 
 @layer_forward_op.register_fake
-def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates=True):
+def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates=True,
+      fused=False):
     return output_buffers(x, weight, save, backend, keep_gates=keep_gates)
 
 
@@ -152,7 +155,7 @@ def _in_layout(grad: Tensor, like: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates = inputs
+    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates, _ = inputs
     h_seq, c_last, c_seq, z_seq = output
     ctx.mark_non_differentiable(c_seq, z_seq)
     # Otherwise autograd hands the backward zero-filled (T, B, 4*hid, H, W) gradients for the
@@ -182,7 +185,7 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_f
                             h_seq, c_last, c_seq, z_seq, spec,
                             tuple(bool(n) for n in needs), use_graphs)
     grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -199,10 +202,10 @@ class _EagerLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):  # the op's 11 inputs, the graph slot, static_outputs
+    def forward(ctx, *inputs):  # the op's 12 inputs, the graph slot, static_outputs
         output, ctx.graph = _eager_forward(*inputs)
         ctx.consumed = False
-        _setup_context(ctx, inputs[:11], output)
+        _setup_context(ctx, inputs[:12], output)
         return output
 
     @staticmethod
@@ -213,11 +216,11 @@ class _EagerLayer(torch.autograd.Function):
 
 @_on_device
 def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                   keep_gates=True, slot=None, static_outputs=False):
+                   keep_gates=True, fused=False, slot=None, static_outputs=False):
     if not (save and use_graphs and graphs.can_capture(x)):
         return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save,
-                             use_graphs, keep_gates), None
-    spec = LayerSpec(tuple(dilation), backend, keep_gates)
+                             use_graphs, keep_gates, fused), None
+    spec = LayerSpec(tuple(dilation), backend, keep_gates, fused)
     with graphs.LOCK:  # the generation read must be this call's replay's
         out, entry = graphs.FORWARD.run_with_entry(
             lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
@@ -268,7 +271,7 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
 
 
 def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-              keep_gates=True, slot=None, static_outputs=False):
+              keep_gates=True, fused=False, slot=None, static_outputs=False):
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
     loop is not unrolled), else the same code called directly. Arguments as the op's; ``slot``
     (e.g. the calling module's id) gives each layer its own captured forward in training.
@@ -279,7 +282,7 @@ def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_gr
     keeps at once. In training the backward still finds them (the entry's generation tells when
     to replay); a later layer that saves its input must not get them."""
     args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs,
-            keep_gates)
+            keep_gates, fused)
     if torch.compiler.is_compiling():
         return layer_forward_op(*args)
     if not save:

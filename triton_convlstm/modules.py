@@ -146,6 +146,9 @@ class ConvLSTM(nn.Module):
         self.backend = backend
         self.cuda_graphs = validation.flag("cuda_graphs", cuda_graphs)
         self.recompute_gates = validation.flag("recompute_gates", recompute_gates)
+        # Experimental, off until measured on a GPU: with the Triton backend, one kernel per
+        # forward step (convolution and gate update fused; sequence.LayerSpec.fused).
+        self.fused_forward = False
         self.cell_list = nn.ModuleList(
             ConvLSTMCell(input_dim if i == 0 else hidden[i - 1], hidden[i], kernels[i], bias,
                          peephole=peephole, dilation=dilations[i], backend=backend)
@@ -191,7 +194,8 @@ class ConvLSTM(nn.Module):
             else:
                 h_seq, c_last, _, _ = run_layer(
                     seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
-                    keep_gates=not self.recompute_gates, slot=id(cell),
+                    keep_gates=not self.recompute_gates, fused=self.fused_forward,
+                    slot=id(cell),
                     # A captured loop's own output buffers, no clone: this method copies what it
                     # returns right away. Not where a later layer may save this one's output.
                     static_outputs=idx == n - 1 or not torch.is_grad_enabled(),

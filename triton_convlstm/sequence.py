@@ -36,6 +36,10 @@ class LayerSpec:
     # False: training saves only h and c; the backward recomputes the gates chunk by chunk
     # (one more input convolution and T hidden convolutions, for no (T, B, 4*hid) saved buffer).
     keep_gates: bool = True
+    # With the Triton backend: each forward step is one kernel, the convolution of [x_t, h]
+    # with the gate update as its epilogue (kernels/fused_step.py; experimental, unmeasured on
+    # a GPU). The backward is the split path's.
+    fused: bool = False
 
 
 # channels_last frames everywhere: cuDNN bf16 convolutions ran ~2x faster in it, and oneDNN on
@@ -185,6 +189,8 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
     """
     frames = _frames(x)
+    if spec.fused and spec.backend == "triton":
+        return _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec, save, frames)
     if cat_convs(spec, x):
         return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
     gates_forward, _ = gate_functions(spec.backend)
@@ -293,6 +299,32 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
         c_out = c_seq[step] if save and step < t - 1 else c_last
         _torch_gates_forward(z, None, None, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
                              z_out=z_seq[step] if save_z else None, save_z=save_z)
+        c_prev, h_prev = c_out, h_seq[step]
+    return h_seq, c_last, c_seq, z_seq
+
+
+def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool,
+                         frames):
+    """:func:`layer_forward` with one fused kernel per step (see LayerSpec.fused): no input
+    convolution over all steps, no pre-activations in memory but the saved ones. Saves the same
+    tensors, so the backward is shared."""
+    from .kernels.fused_step import fused_step, pack_weight
+
+    t, b, cin, hh, ww = x.shape
+    save_z = save and spec.keep_gates
+    h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
+                                                 keep_gates=spec.keep_gates)
+    w_packed = pack_weight(weight, cin)
+    if c0 is None:
+        c_last.zero_()
+    else:
+        c_last.copy_(c0)
+    c_prev, h_prev = c_last, h0
+    for step in range(t):
+        c_out = c_seq[step] if save and step < t - 1 else c_last
+        fused_step(frames[step * b : (step + 1) * b], h_prev, w_packed, bias, c_prev, peephole,
+                   h_out=h_seq[step], c_out=c_out, z_out=z_seq[step] if save_z else None,
+                   kernel=tuple(weight.shape[2:]), dilation=spec.dilation)
         c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
 

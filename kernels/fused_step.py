@@ -1,0 +1,211 @@
+"""One whole ConvLSTM step forward in one Triton kernel: the convolution of [x_t, h_{t-1}] as an
+implicit GEMM, with the gate update as its epilogue (experimental; see docs/PERF_NOTES.md).
+
+The split path (cuDNN convolutions, then kernels/gates.py) writes each step's pre-activations
+to memory and reads them back: per hidden element 16 of the ~34 bytes a step moves, and at
+M inference that pass is most of the distance to the convolutions alone. Here each program
+accumulates the four gates' pre-activations of a [BLOCK_M pixels x BLOCK_C channels] tile in
+registers (four dots sharing one input patch), then adds the bias and peepholes, updates the
+cell and writes h and c (and z, the pre-activations, when the backward needs them: the same
+buffer the split path saves, so the backward is shared). No x-convolution over all steps, no
+zx, no zh.
+
+The weight is read packed (:func:`pack_weight`): row (segment, ky, kx, channel), column
+gate * hidden + c, with segment x first, then h. "Same" padding as triton_convlstm.conv (an even
+kernel pads one more at the bottom/right): taps outside the image read zero.
+
+>>> w = pack_weight(weight, input_dim)
+>>> fused_step(x_t, h_prev, w, bias, c_prev, None, h_out=h, c_out=c, z_out=z, kernel=(3, 3),
+...            dilation=(1, 1))
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .gates import SERVED_DTYPES, _check, _peep, _sigmoid, _tanh
+
+BLOCK_K = 16  # input channels per dot: tl.dot's smallest; wider K slices come with tuning
+NUM_WARPS = 4
+
+
+@triton.jit
+def _segment(acc_i, acc_f, acc_o, acc_g, src, s_b, s_c, s_h, s_w, w_ptr, s_wk,
+             b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
+             CH: tl.constexpr, ROW0: tl.constexpr, HID: tl.constexpr, KH: tl.constexpr,
+             KW: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+             DOT_TY: tl.constexpr):  # fmt: skip
+    """acc_* += this segment's (x_t's or h's) taps: for each of the KH*KW shifts, the pixels'
+    shifted CH-channel rows (zero outside the image) times the weight's rows for that shift."""
+    # Loops, not unrolled: 9 taps x CH / BLOCK_K unrolled dots took a minute to compile.
+    for tap in range(KH * KW):
+        iy = py - PAD_H + (tap // KW) * DIL_H
+        ix = px - PAD_W + (tap % KW) * DIL_W
+        inside = pmask & (iy >= 0) & (iy < HH) & (ix >= 0) & (ix < WW)
+        base = src + b * s_b + iy * s_h + ix * s_w
+        row0 = ROW0 + tap * CH
+        for k0 in range(0, CH, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < CH
+            a = tl.load(base[:, None] + kk[None, :] * s_c,
+                        mask=inside[:, None] & kmask[None, :], other=0.0).to(DOT_TY)
+            wp = w_ptr + (row0 + kk)[:, None] * s_wk + ch[None, :]
+            wmask = kmask[:, None] & cmask[None, :]
+            acc_i += tl.dot(a, tl.load(wp, mask=wmask, other=0.0).to(DOT_TY),
+                            input_precision=PREC)  # fmt: skip
+            acc_f += tl.dot(a, tl.load(wp + HID, mask=wmask, other=0.0).to(DOT_TY),
+                            input_precision=PREC)  # fmt: skip
+            acc_o += tl.dot(a, tl.load(wp + 2 * HID, mask=wmask, other=0.0).to(DOT_TY),
+                            input_precision=PREC)  # fmt: skip
+            acc_g += tl.dot(a, tl.load(wp + 3 * HID, mask=wmask, other=0.0).to(DOT_TY),
+                            input_precision=PREC)  # fmt: skip
+    return acc_i, acc_f, acc_o, acc_g
+
+
+@triton.jit
+def _fused_step_kernel(
+    x_ptr, h_ptr, w_ptr, bias_ptr, cp_ptr, pe_ptr, ho_ptr, co_ptr, z_ptr,
+    HH, WW, NPB, PAD_H, PAD_W, DIL_H, DIL_W,
+    s_x_b, s_x_c, s_x_h, s_x_w, s_h_b, s_h_c, s_h_h, s_h_w, s_wk, s_bias,
+    s_cp_b, s_cp_c, s_cp_p, s_pe_k, s_pe_c, s_ho_b, s_ho_c, s_ho_p, s_co_b, s_co_c, s_co_p,
+    s_z_b, s_z_c, s_z_p,
+    CIN: tl.constexpr, HID: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PEEP: tl.constexpr, SAVE_Z: tl.constexpr, PREC: tl.constexpr, DOT_TY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = (pid // NPB).to(tl.int64)  # batch offsets 64-bit: frames of (T, B, ...) buffers
+    p = (pid % NPB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pmask = p < HH * WW
+    py, px = p // WW, p % WW
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < HID
+    mask = pmask[:, None] & cmask[None, :]
+
+    zero = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    acc_i, acc_f, acc_o, acc_g = _segment(
+        zero, zero, zero, zero, x_ptr, s_x_b, s_x_c, s_x_h, s_x_w, w_ptr, s_wk,
+        b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
+        CIN, 0, HID, KH, KW, BLOCK_K, PREC, DOT_TY)  # fmt: skip
+    if HAS_H:  # no h at the first step of a zero initial state: its taps are all zero
+        acc_i, acc_f, acc_o, acc_g = _segment(
+            acc_i, acc_f, acc_o, acc_g, h_ptr, s_h_b, s_h_c, s_h_h, s_h_w, w_ptr, s_wk,
+            b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
+            HID, KH * KW * CIN, HID, KH, KW, BLOCK_K, PREC, DOT_TY)  # fmt: skip
+    if HAS_BIAS:
+        acc_i += tl.load(bias_ptr + ch * s_bias, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_f += tl.load(bias_ptr + (ch + HID) * s_bias, mask=cmask,
+                         other=0.0).to(tl.float32)[None, :]  # fmt: skip
+        acc_o += tl.load(bias_ptr + (ch + 2 * HID) * s_bias, mask=cmask,
+                         other=0.0).to(tl.float32)[None, :]  # fmt: skip
+        acc_g += tl.load(bias_ptr + (ch + 3 * HID) * s_bias, mask=cmask,
+                         other=0.0).to(tl.float32)[None, :]  # fmt: skip
+    p2, c2 = p[:, None], ch[None, :]
+    if SAVE_Z:  # the pre-activations, as the split path saves them for the shared backward
+        zp = z_ptr + b * s_z_b + p2 * s_z_p
+        z_ty = z_ptr.dtype.element_ty
+        tl.store(zp + c2 * s_z_c, acc_i.to(z_ty), mask=mask)
+        tl.store(zp + (c2 + HID) * s_z_c, acc_f.to(z_ty), mask=mask)
+        tl.store(zp + (c2 + 2 * HID) * s_z_c, acc_o.to(z_ty), mask=mask)
+        tl.store(zp + (c2 + 3 * HID) * s_z_c, acc_g.to(z_ty), mask=mask)
+
+    # Read c_prev before c is written: c_out may be c_prev (same offsets, same program).
+    c_prev = tl.load(cp_ptr + b * s_cp_b + p2 * s_cp_p + c2 * s_cp_c, mask=mask,
+                     other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_PEEP:
+        acc_i += _peep(pe_ptr, 0, ch, cmask, s_pe_k, s_pe_c) * c_prev
+        acc_f += _peep(pe_ptr, 1, ch, cmask, s_pe_k, s_pe_c) * c_prev
+    c = _sigmoid(acc_f) * c_prev + _sigmoid(acc_i) * _tanh(acc_g)
+    if HAS_PEEP:
+        acc_o += _peep(pe_ptr, 2, ch, cmask, s_pe_k, s_pe_c) * c  # the NEW cell
+    h = _sigmoid(acc_o) * _tanh(c)
+    tl.store(co_ptr + b * s_co_b + p2 * s_co_p + c2 * s_co_c, c, mask=mask)
+    tl.store(ho_ptr + b * s_ho_b + p2 * s_ho_p + c2 * s_ho_c,
+             h.to(ho_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+def pack_weight(weight: torch.Tensor, input_dim: int) -> torch.Tensor:
+    """(4*hid, input_dim + hid, KH, KW) -> (KH*KW*(input_dim + hid), 4*hid), contiguous: the x
+    segment's rows (ky, kx, channel), then the h segment's; columns in gate order."""
+    w_x, w_h = weight[:, :input_dim], weight[:, input_dim:]
+    rows = [w.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]) for w in (w_x, w_h)]
+    return torch.cat(rows).contiguous()
+
+
+def _pixel_strides(name, t):
+    """(batch, channel, pixel) strides with H and W merged; a ValueError where they cannot be."""
+    sb, sc, sh, sw = t.stride()
+    if t.shape[3] > 1 and t.shape[2] > 1 and sh != t.shape[3] * sw:
+        raise ValueError(f"{name}: expected H and W mergeable (stride_h == W * stride_w), "
+                         f"got strides {t.stride()}")  # fmt: skip
+    return sb, sc, sw
+
+
+def _blocks(hid: int, hw: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C): tl.dot needs 16 at least; 4 fp32 accumulators of 64 x 32 is 64
+    registers a thread at 4 warps. Untuned (no GPU yet)."""
+    bm = max(16, min(64, triton.next_power_of_2(hw)))
+    return bm, max(16, min(32, triton.next_power_of_2(hid)))
+
+
+def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
+               kernel, dilation):  # fmt: skip
+    """One step: h_out, c_out (and z_out, the pre-activations) from x_t (B, C, H, W), h_prev
+    (B, hid, H, W) or None (a zero state), w_packed (:func:`pack_weight`), bias (4*hid,) or
+    None, c_prev (B, hid, H, W) fp32 (c_out may be c_prev), peephole (3, hid) or None.
+    x_t, h_prev, h_out and z_out share a dtype (fp32, bf16 or fp16); any strides whose H and W
+    merge. fp32 uses TF32 dots where torch.backends.cudnn.allow_tf32 lets cuDNN convolutions."""
+    b, cin, hh, ww = x_t.shape
+    hid = w_packed.shape[1] // 4
+    kh, kw = kernel
+    dev, dt, state = x_t.device, x_t.dtype, (b, hid, hh, ww)
+    _check("x_t", x_t, x_t.shape, SERVED_DTYPES, dev)
+    _check("h_prev", h_prev, state, (dt,), dev, optional=True)
+    _check("w_packed", w_packed, (kh * kw * (cin + hid), 4 * hid), (dt,), dev)
+    _check("bias", bias, (4 * hid,), SERVED_DTYPES, dev, optional=True)
+    _check("c_prev", c_prev, state, (torch.float32,), dev)
+    _check("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
+    _check("h_out", h_out, state, (dt,), dev)
+    _check("c_out", c_out, state, (torch.float32,), dev)
+    _check("z_out", z_out, (b, 4 * hid, hh, ww), (dt,), dev, optional=True)
+    if not w_packed.is_contiguous():
+        raise ValueError("w_packed: expected a contiguous tensor (pack_weight's)")
+    if x_t.numel() == 0 or h_out.numel() == 0:
+        return h_out, c_out, z_out
+    if max(t.numel() for t in (x_t, h_out, z_out) if t is not None) >= 2**31:
+        raise ValueError("fused_step: tensors of 2**31 elements or more are not served "
+                         "(the split path serves them)")  # fmt: skip
+    th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+    hh_ = h_prev if h_prev is not None else h_out
+    z_ = z_out if z_out is not None else h_out
+    bias_ = bias if bias is not None else c_prev
+    pe_ = peephole if peephole is not None else c_prev
+    s_pe = peephole.stride() if peephole is not None else (0, 0)
+    bm, bc = _blocks(hid, hh * ww)
+    npb = triton.cdiv(hh * ww, bm)
+    prec = "tf32" if dt == torch.float32 and torch.backends.cudnn.allow_tf32 and x_t.is_cuda \
+        else "ieee"
+    # The operands' own dtype on a GPU; fp32 in Triton's CPU interpreter, whose dot is wrong
+    # for bf16 (numpy has no bf16).
+    dot_ty = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    dot_ty = dot_ty[dt] if x_t.is_cuda else tl.float32
+    grid = (b * npb, triton.cdiv(hid, bc))
+    with torch.cuda.device(dev) if x_t.is_cuda else contextlib.nullcontext():
+        _fused_step_kernel[grid](
+            x_t, hh_, w_packed, bias_, c_prev, pe_, h_out, c_out, z_,
+            hh, ww, npb, th // 2, tw // 2, dilation[0], dilation[1],
+            *x_t.stride(), *hh_.stride(), w_packed.stride(0),
+            bias.stride(0) if bias is not None else 0,
+            *_pixel_strides("c_prev", c_prev), *s_pe, *_pixel_strides("h_out", h_out),
+            *_pixel_strides("c_out", c_out), *_pixel_strides("z_out", z_),
+            CIN=cin, HID=hid, KH=kh, KW=kw, HAS_H=h_prev is not None, HAS_BIAS=bias is not None,
+            HAS_PEEP=peephole is not None, SAVE_Z=z_out is not None, PREC=prec,
+            DOT_TY=dot_ty,
+            BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return h_out, c_out, z_out
