@@ -7,8 +7,21 @@ import torch
 from reference_fp64 import LayerParams, cell_step, conv_same, convlstm, params_from_module, rel_err
 from triton_convlstm.kernels.fused_step import fused_step, pack_weight
 
-from conftest import DEVICE
 from triton_convlstm import ConvLSTM, graphs
+
+DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    # fp32 dots follow cuDNN's TF32 switch (on by default): the fp32 tolerance needs it off.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 CASES = [  # (B, C, hidden, H, W, kernel, dilation, has_h, peephole, bias, channels_last)
@@ -20,13 +33,13 @@ CASES = [  # (B, C, hidden, H, W, kernel, dilation, has_h, peephole, bias, chann
 ]
 
 
-def _case_tensors(case, dtype):
+def _case_tensors(case, dtype, device):
     b, cin, hid, hh, ww, k, dil, has_h, peep, bias, cl = case
     fmt = torch.channels_last if cl else torch.contiguous_format
     g = torch.Generator().manual_seed(3)
 
     def r(*shape, scale=1.0, dt=dtype):
-        return (scale * torch.randn(*shape, generator=g)).to(DEVICE, dt)
+        return (scale * torch.randn(*shape, generator=g)).to(device, dt)
 
     x = r(b, cin, hh, ww).contiguous(memory_format=fmt)
     h = r(b, hid, hh, ww).contiguous(memory_format=fmt) if has_h else None
@@ -38,10 +51,10 @@ def _case_tensors(case, dtype):
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])))
-def test_fused_step_matches_the_oracle(case, dtype):
-    x, h, c, p, fmt = _case_tensors(case, dtype)
+def test_fused_step_matches_the_oracle(case, dtype, device):
+    x, h, c, p, fmt = _case_tensors(case, dtype, device)
     b, _, hid, hh, ww = case[:5]
-    out = [torch.empty(b, ch, hh, ww, dtype=dt, device=DEVICE).contiguous(memory_format=fmt)
+    out = [torch.empty(b, ch, hh, ww, dtype=dt, device=device).contiguous(memory_format=fmt)
            for ch, dt in ((hid, dtype), (hid, torch.float32), (4 * hid, dtype))]
     fused_step(x, h, pack_weight(p.weight, x.shape[1]), p.bias, c, p.peephole, h_out=out[0],
                c_out=out[1], z_out=out[2], kernel=tuple(p.weight.shape[2:]), dilation=p.dilation)
@@ -55,8 +68,8 @@ def test_fused_step_matches_the_oracle(case, dtype):
         assert rel_err(got, want) <= TOL[dtype]
 
 
-def test_c_may_be_updated_in_place():
-    x, h, c, p, fmt = _case_tensors(CASES[0], torch.float32)
+def test_c_may_be_updated_in_place(device):
+    x, h, c, p, fmt = _case_tensors(CASES[0], torch.float32, device)
     h_out = torch.empty_like(h)
     want = c.clone()
     fused_step(x, h, pack_weight(p.weight, 3), p.bias, want, p.peephole, h_out=h_out.clone(),
@@ -70,7 +83,7 @@ def test_c_may_be_updated_in_place():
 
 
 def test_bad_arguments_raise():
-    x, h, c, p, _ = _case_tensors(CASES[0], torch.float32)
+    x, h, c, p, _ = _case_tensors(CASES[0], torch.float32, "cpu")
     w = pack_weight(p.weight, 3)
     ok = dict(h_out=torch.empty_like(h), c_out=torch.empty_like(c), kernel=(3, 3),
               dilation=(1, 1))
@@ -84,24 +97,24 @@ def test_bad_arguments_raise():
         fused_step(x, h, w, p.bias, c.double(), None, **ok)
 
 
-@pytest.mark.parametrize("use_graphs", [False, True], ids=["eager", "emulated-graphs"])
-def test_layer_with_the_fused_forward_matches_the_oracle(monkeypatch, use_graphs):
+@pytest.mark.parametrize("use_graphs", [False, True], ids=["eager", "graphs"])
+def test_layer_with_the_fused_forward_matches_the_oracle(monkeypatch, use_graphs, device):
     """Outputs, final states and every gradient of a 2-layer model (peepholes, an even kernel,
     dilation, a given initial state) with fused_forward on: the backward is the split path's,
     reading what the fused forward saved."""
-    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", use_graphs)
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", use_graphs)  # on CPU; real ones on CUDA
     graphs.clear()
     torch.manual_seed(4)
     m = ConvLSTM(3, [5, 4], [3, (2, 3)], 2, batch_first=True, peephole=True,
                  return_all_layers=True, dilation=[1, 2], backend="triton",
-                 cuda_graphs=use_graphs).to(DEVICE)
+                 cuda_graphs=use_graphs).to(device)
     with torch.no_grad():
         for cell in m.cell_list:
             cell.peephole.normal_(0, 0.5)
     m.fused_forward = True
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 3, 6, 5, generator=g).to(DEVICE)
-    state = [tuple(torch.randn(2, hid, 6, 5, generator=g).to(DEVICE) for _ in "hc")
+    x = torch.randn(2, 3, 3, 6, 5, generator=g).to(device)
+    state = [tuple(torch.randn(2, hid, 6, 5, generator=g).to(device) for _ in "hc")
              for hid in (5, 4)]
 
     def run(model, x, state, params):
