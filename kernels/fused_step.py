@@ -29,7 +29,6 @@ import triton.language as tl
 
 from .gates import SERVED_DTYPES, _check, _peep, _sigmoid, _tanh
 
-BLOCK_K = 16  # input channels per dot: tl.dot's smallest; wider K slices come with tuning
 NUM_WARPS = 4
 
 
@@ -76,7 +75,8 @@ def _fused_step_kernel(
     CIN: tl.constexpr, HID: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_H: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PEEP: tl.constexpr, SAVE_Z: tl.constexpr, PREC: tl.constexpr, DOT_TY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_KX: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = (pid // NPB).to(tl.int64)  # batch offsets 64-bit: frames of (T, B, ...) buffers
@@ -91,12 +91,12 @@ def _fused_step_kernel(
     acc_i, acc_f, acc_o, acc_g = _segment(
         zero, zero, zero, zero, x_ptr, s_x_b, s_x_c, s_x_h, s_x_w, w_ptr, s_wk,
         b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
-        CIN, 0, HID, KH, KW, BLOCK_K, PREC, DOT_TY)  # fmt: skip
+        CIN, 0, HID, KH, KW, BLOCK_KX, PREC, DOT_TY)  # fmt: skip
     if HAS_H:  # no h at the first step of a zero initial state: its taps are all zero
         acc_i, acc_f, acc_o, acc_g = _segment(
             acc_i, acc_f, acc_o, acc_g, h_ptr, s_h_b, s_h_c, s_h_h, s_h_w, w_ptr, s_wk,
             b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
-            HID, KH * KW * CIN, HID, KH, KW, BLOCK_K, PREC, DOT_TY)  # fmt: skip
+            HID, KH * KW * CIN, HID, KH, KW, BLOCK_KH, PREC, DOT_TY)  # fmt: skip
     if HAS_BIAS:
         acc_i += tl.load(bias_ptr + ch * s_bias, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc_f += tl.load(bias_ptr + (ch + HID) * s_bias, mask=cmask,
@@ -153,6 +153,12 @@ def _blocks(hid: int, hw: int) -> tuple[int, int]:
     return bm, max(16, min(32, triton.next_power_of_2(hid)))
 
 
+def _block_k(channels: int) -> int:
+    """Input channels per dot for a segment: all of them up to 64 (fewer loop trips, longer
+    contiguous rows per pixel), at least tl.dot's 16."""
+    return max(16, min(64, triton.next_power_of_2(channels)))
+
+
 def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
                kernel, dilation):  # fmt: skip
     """One step: h_out, c_out (and z_out, the pre-activations) from x_t (B, C, H, W), h_prev
@@ -206,6 +212,7 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
             CIN=cin, HID=hid, KH=kh, KW=kw, HAS_H=h_prev is not None, HAS_BIAS=bias is not None,
             HAS_PEEP=peephole is not None, SAVE_Z=z_out is not None, PREC=prec,
             DOT_TY=dot_ty,
-            BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+            BLOCK_M=bm, BLOCK_C=bc, BLOCK_KX=_block_k(cin), BLOCK_KH=_block_k(hid),
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return h_out, c_out, z_out

@@ -29,7 +29,8 @@ CASES = [  # (B, C, hidden, H, W, kernel, dilation, has_h, peephole, bias, chann
     (1, 3, 4, 6, 5, (2, 3), (2, 1), True, True, False, True),  # even kernels, dilation
     (1, 2, 3, 5, 4, (3, 2), (1, 2), True, True, True, True),
     (2, 2, 3, 4, 4, (3, 3), (1, 1), False, False, True, False),  # zero state, NCHW
-    (1, 20, 18, 5, 3, (1, 1), (1, 1), True, False, True, True),  # channels > one dot's 16
+    (1, 20, 18, 5, 3, (1, 1), (1, 1), True, False, True, True),  # one masked K slice
+    (1, 70, 66, 3, 4, (3, 3), (1, 1), True, False, True, True),  # two K slices per segment
 ]
 
 

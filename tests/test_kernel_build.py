@@ -86,7 +86,8 @@ def _compile_fused(vid):
     dot = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
     const.update({n: on for n in ("HAS_H", "HAS_BIAS", "HAS_PEEP", "SAVE_Z")},
                  CIN=32, HID=64, KH=3, KW=3, PREC=_fused_precision(dtype, on),
-                 DOT_TY=dot, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=fused_step.BLOCK_K)
+                 DOT_TY=dot, BLOCK_M=bm, BLOCK_C=bc, BLOCK_KX=fused_step._block_k(32),
+                 BLOCK_KH=fused_step._block_k(64))
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[2:]), 32),
                               options={"num_warps": fused_step.NUM_WARPS})
