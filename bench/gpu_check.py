@@ -5,7 +5,8 @@
     python bench/gpu_check.py --dry-run          # on CPU, tiny shapes: the same plumbing
 
 (a) ``pytest -m gpu tests bench/test_perf.py -x -q`` with a time cap; on request (--profile,
---convs) a kernel breakdown of a case and split-vs-cat convolution timings; (b) ``python -m
+--convs, --fused) a kernel breakdown of a case, split-vs-cat convolution timings and the fused
+forward step's tile sweep; (b) ``python -m
 triton_convlstm bench`` (eager, compiled, compiled-ro, layer, convs-only; S, M, L; bf16, fp32;
 fwd, train; peak memory; compile times at T=8 and 64) with what is left, skipping what would not
 fit and saying so, (c) a table and ``bench/results/<gpu-name>.json`` (or --out), copied with the
@@ -190,6 +191,9 @@ def extra_phases(args) -> list[tuple[str, list[str]]]:
     if args.convs:
         phases.append(("convs", ["bench/bench_convs.py",
                                  *(["--dry-run"] if args.dry_run else shlex.split(args.convs))]))
+    if args.fused:
+        phases.append(("fused", ["bench/bench_fused_step.py",
+                                 *(["--dry-run"] if args.dry_run else shlex.split(args.fused))]))
     return phases
 
 
@@ -238,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="ARGS",
                    help="also time split vs cat convolutions (bench/bench_convs.py) with ARGS "
                         "(default '--shapes S,M,L --rounds 5 --reps 5'); runs before the benchmark")
+    p.add_argument("--fused", nargs="?", const="--shapes M,S,L --dtype bf16 --sweep --rounds 3 "
+                   "--reps 5", default=None, metavar="ARGS",
+                   help="also time the fused forward step against the split one, sweeping its "
+                        "tiles (bench/bench_fused_step.py) with ARGS (default '--shapes M,S,L "
+                        "--dtype bf16 --sweep --rounds 3 --reps 5': M first, the goal it "
+                        "targets); runs before the benchmark")
     p.add_argument("--extras-share", type=float, default=0.25,
                    help="share of the budget the optional phases may use together")
     args = p.parse_args(argv)
@@ -290,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         dest.mkdir(parents=True, exist_ok=True)
         extra = report.get("bench", {}).get("plots", []) + [str(work / "tests.log")]
         for src in [out, *map(Path, extra)]:
-            if src.exists():
-                copies.append(Path(shutil.copy(src, dest / f"{name}-{src.name}"
-                                               if src != out else dest / out.name)))
+            target = dest / (out.name if src == out else f"{name}-{src.name}")
+            # --out may already be in $OUT (copying a file onto itself raises).
+            if src.exists() and src.resolve() != target.resolve():
+                copies.append(Path(shutil.copy(src, target)))
     print(f"wrote {', '.join(map(str, copies))} in {report['elapsed_s']} s")
     failed = report.get("tests", {}).get("status") == "failed"
     broken = any(r.get("error") for r in report.get("bench", {}).get("rows", []))

@@ -160,12 +160,14 @@ def _block_k(channels: int) -> int:
 
 
 def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
-               kernel, dilation):  # fmt: skip
+               kernel, dilation, config: dict | None = None):  # fmt: skip
     """One step: h_out, c_out (and z_out, the pre-activations) from x_t (B, C, H, W), h_prev
     (B, hid, H, W) or None (a zero state), w_packed (:func:`pack_weight`), bias (4*hid,) or
     None, c_prev (B, hid, H, W) fp32 (c_out may be c_prev), peephole (3, hid) or None.
     x_t, h_prev, h_out and z_out share a dtype (fp32, bf16 or fp16); any strides whose H and W
-    merge. fp32 uses TF32 dots where torch.backends.cudnn.allow_tf32 lets cuDNN convolutions."""
+    merge. fp32 uses TF32 dots where torch.backends.cudnn.allow_tf32 lets cuDNN convolutions.
+    ``config`` (for tuning, bench/bench_fused_step.py) overrides any of BLOCK_M, BLOCK_C (powers
+    of two, 16 or more), num_warps, num_stages."""
     b, cin, hh, ww = x_t.shape
     hid = w_packed.shape[1] // 4
     kh, kw = kernel
@@ -192,7 +194,9 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
     bias_ = bias if bias is not None else c_prev
     pe_ = peephole if peephole is not None else c_prev
     s_pe = peephole.stride() if peephole is not None else (0, 0)
-    bm, bc = _blocks(hid, hh * ww)
+    tiles = dict(zip(("BLOCK_M", "BLOCK_C"), _blocks(hid, hh * ww)), num_warps=NUM_WARPS)
+    tiles.update(config or {})
+    bm, bc = tiles["BLOCK_M"], tiles["BLOCK_C"]
     npb = triton.cdiv(hh * ww, bm)
     prec = "tf32" if dt == torch.float32 and torch.backends.cudnn.allow_tf32 and x_t.is_cuda \
         else "ieee"
@@ -212,7 +216,6 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
             CIN=cin, HID=hid, KH=kh, KW=kw, HAS_H=h_prev is not None, HAS_BIAS=bias is not None,
             HAS_PEEP=peephole is not None, SAVE_Z=z_out is not None, PREC=prec,
             DOT_TY=dot_ty,
-            BLOCK_M=bm, BLOCK_C=bc, BLOCK_KX=_block_k(cin), BLOCK_KH=_block_k(hid),
-            num_warps=NUM_WARPS,
+            BLOCK_KX=_block_k(cin), BLOCK_KH=_block_k(hid), **tiles,
         )  # fmt: skip
     return h_out, c_out, z_out

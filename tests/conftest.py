@@ -16,3 +16,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    """Float32 is compared with float64 (or with another path) at ~1e-5: cuDNN's default TF32
+    convolutions (the default nn.Conv2d runs with, and the fused step's fp32 dots follow) are
+    ~1e-3 off, so every test runs without them."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

@@ -130,9 +130,10 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run(
         # Only the perf suite is collected: collecting all of tests/ again costs time, not cover.
-        [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "120", "--out", str(out),
-         "--test-paths", "bench/test_perf.py", "--profile", "cpu-s:fp32:fwd:layer", "--convs"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "150", "--out", str(out),
+         "--test-paths", "bench/test_perf.py", "--profile", "cpu-s:fp32:fwd:layer", "--convs",
+         "--fused", "--extras-share", "0.45"],
+        cwd=ROOT, capture_output=True, text=True, timeout=220,
         env=dict(os.environ, OUT=str(tmp_path / "out")),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -144,8 +145,22 @@ def test_gpu_check_dry_run(tmp_path):
     (profiled,) = report["profile"]["results"]  # the optional phases, asked for
     assert profiled["case"] == "cpu-s:fp32:fwd:layer" and profiled["rows"]
     assert {r["verdict"] for r in report["convs"]["results"]["rows"]} <= {"cat", "split", "same"}
+    (fused,) = report["fused"]["results"]["rows"]
+    assert fused["shape"] == "dry" and fused["speedup"] > 0 and not fused["errors"]
     copied = {p.name for p in (tmp_path / "out").iterdir()}
     assert "check.json" in copied and "cpu-dry-run-speedup.png" in copied
+
+
+def test_gpu_check_out_inside_OUT(tmp_path):
+    """The documented call writes --out into $OUT itself: no copy onto itself at the end."""
+    dest = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "60", "--skip-tests",
+         "--out", str(dest / "h200.json"), "--bench-args", "--shapes cpu-s --impls layer"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, OUT=str(dest)),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((dest / "h200.json").read_text())["dry_run"]
 
 
 def _results(path: Path, date: str, rows: list[tuple]) -> Path:

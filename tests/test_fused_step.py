@@ -17,12 +17,6 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    # fp32 dots follow cuDNN's TF32 switch (on by default): the fp32 tolerance needs it off.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 CASES = [  # (B, C, hidden, H, W, kernel, dilation, has_h, peephole, bias, channels_last)
     (2, 3, 5, 5, 6, (3, 3), (1, 1), True, True, True, True),

@@ -10,13 +10,6 @@ from triton_convlstm.layer_op import layer_forward_op
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    """Float32 is compared with float64 at 2e-5 here: cuDNN's default TF32 convolutions (the
-    same default nn.Conv2d runs with) are ~1e-3 off, so they are turned off for these tests."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 def _model(backend, peephole=True, **kw):
     torch.manual_seed(1)
     m = ConvLSTM(2, [3, 5], [3, (2, 3)], 2, batch_first=True, return_all_layers=True,
