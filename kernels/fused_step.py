@@ -33,13 +33,13 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _segment(acc_i, acc_f, acc_o, acc_g, src, s_b, s_c, s_h, s_w, w_ptr, s_wk,
-             b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
-             CH: tl.constexpr, ROW0: tl.constexpr, HID: tl.constexpr, KH: tl.constexpr,
-             KW: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+def _segment(acc, src, s_b, s_c, s_h, s_w, w_ptr, s_wk, b, py, px, pmask, HH, WW, cols,
+             cols_mask, PAD_H, PAD_W, DIL_H, DIL_W, CH: tl.constexpr, ROW0: tl.constexpr,
+             KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
              DOT_TY: tl.constexpr):  # fmt: skip
-    """acc_* += this segment's (x_t's or h's) taps: for each of the KH*KW shifts, the pixels'
-    shifted CH-channel rows (zero outside the image) times the weight's rows for that shift."""
+    """acc += this segment's (x_t's or h's) taps: for each of the KH*KW shifts, the pixels'
+    shifted CH-channel rows (zero outside the image) times the weight's rows for that shift,
+    at the weight columns ``cols`` (the tile's channels, four gates each)."""
     # Loops, not unrolled: 9 taps x CH / BLOCK_K unrolled dots took a minute to compile.
     for tap in range(KH * KW):
         iy = py - PAD_H + (tap // KW) * DIL_H
@@ -52,17 +52,10 @@ def _segment(acc_i, acc_f, acc_o, acc_g, src, s_b, s_c, s_h, s_w, w_ptr, s_wk,
             kmask = kk < CH
             a = tl.load(base[:, None] + kk[None, :] * s_c,
                         mask=inside[:, None] & kmask[None, :], other=0.0).to(DOT_TY)
-            wp = w_ptr + (row0 + kk)[:, None] * s_wk + ch[None, :]
-            wmask = kmask[:, None] & cmask[None, :]
-            acc_i += tl.dot(a, tl.load(wp, mask=wmask, other=0.0).to(DOT_TY),
-                            input_precision=PREC)  # fmt: skip
-            acc_f += tl.dot(a, tl.load(wp + HID, mask=wmask, other=0.0).to(DOT_TY),
-                            input_precision=PREC)  # fmt: skip
-            acc_o += tl.dot(a, tl.load(wp + 2 * HID, mask=wmask, other=0.0).to(DOT_TY),
-                            input_precision=PREC)  # fmt: skip
-            acc_g += tl.dot(a, tl.load(wp + 3 * HID, mask=wmask, other=0.0).to(DOT_TY),
-                            input_precision=PREC)  # fmt: skip
-    return acc_i, acc_f, acc_o, acc_g
+            w = tl.load(w_ptr + (row0 + kk)[:, None] * s_wk + cols[None, :],
+                        mask=kmask[:, None] & cols_mask[None, :], other=0.0).to(DOT_TY)
+            acc = tl.dot(a, w, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
@@ -87,16 +80,22 @@ def _fused_step_kernel(
     cmask = ch < HID
     mask = pmask[:, None] & cmask[None, :]
 
-    zero = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc_i, acc_f, acc_o, acc_g = _segment(
-        zero, zero, zero, zero, x_ptr, s_x_b, s_x_c, s_x_h, s_x_w, w_ptr, s_wk,
-        b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
-        CIN, 0, HID, KH, KW, BLOCK_KX, PREC, DOT_TY)  # fmt: skip
+    # One [BLOCK_M, 4*BLOCK_C] accumulator, one dot per K slice (not four narrow ones): the
+    # packed weight's columns run channel-major, gate-minor, so the tile's are contiguous.
+    cols = tl.program_id(1) * (4 * BLOCK_C) + tl.arange(0, 4 * BLOCK_C)
+    cols_mask = cols < 4 * HID
+    acc = tl.zeros([BLOCK_M, 4 * BLOCK_C], dtype=tl.float32)
+    acc = _segment(acc, x_ptr, s_x_b, s_x_c, s_x_h, s_x_w, w_ptr, s_wk, b, py, px, pmask, HH,
+                   WW, cols, cols_mask, PAD_H, PAD_W, DIL_H, DIL_W, CIN, 0, KH, KW, BLOCK_KX,
+                   PREC, DOT_TY)  # fmt: skip
     if HAS_H:  # no h at the first step of a zero initial state: its taps are all zero
-        acc_i, acc_f, acc_o, acc_g = _segment(
-            acc_i, acc_f, acc_o, acc_g, h_ptr, s_h_b, s_h_c, s_h_h, s_h_w, w_ptr, s_wk,
-            b, py, px, pmask, HH, WW, ch, cmask, PAD_H, PAD_W, DIL_H, DIL_W,
-            HID, KH * KW * CIN, HID, KH, KW, BLOCK_KH, PREC, DOT_TY)  # fmt: skip
+        acc = _segment(acc, h_ptr, s_h_b, s_h_c, s_h_h, s_h_w, w_ptr, s_wk, b, py, px, pmask,
+                       HH, WW, cols, cols_mask, PAD_H, PAD_W, DIL_H, DIL_W, HID, KH * KW * CIN,
+                       KH, KW, BLOCK_KH, PREC, DOT_TY)  # fmt: skip
+    # Column 4*c + gate -> [BLOCK_M, BLOCK_C, gate // 2, gate % 2] -> the four gates.
+    even, odd = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_C, 2, 2]))
+    acc_i, acc_o = tl.split(even)
+    acc_f, acc_g = tl.split(odd)
     if HAS_BIAS:
         acc_i += tl.load(bias_ptr + ch * s_bias, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc_f += tl.load(bias_ptr + (ch + HID) * s_bias, mask=cmask,
@@ -131,10 +130,12 @@ def _fused_step_kernel(
 
 def pack_weight(weight: torch.Tensor, input_dim: int) -> torch.Tensor:
     """(4*hid, input_dim + hid, KH, KW) -> (KH*KW*(input_dim + hid), 4*hid), contiguous: the x
-    segment's rows (ky, kx, channel), then the h segment's; columns in gate order."""
+    segment's rows (ky, kx, channel), then the h segment's; column 4*c + gate (gates i, f, o,
+    g), so a tile of channels holds its four gates side by side."""
+    hid = weight.shape[0] // 4
     w_x, w_h = weight[:, :input_dim], weight[:, input_dim:]
-    rows = [w.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]) for w in (w_x, w_h)]
-    return torch.cat(rows).contiguous()
+    rows = torch.cat([w.permute(2, 3, 1, 0).reshape(-1, 4 * hid) for w in (w_x, w_h)])
+    return rows.view(-1, 4, hid).transpose(1, 2).reshape(-1, 4 * hid).contiguous()
 
 
 def _pixel_strides(name, t):
@@ -153,10 +154,12 @@ def _blocks(hid: int, hw: int) -> tuple[int, int]:
     return bm, max(16, min(32, triton.next_power_of_2(hid)))
 
 
-def _block_k(channels: int) -> int:
-    """Input channels per dot for a segment: all of them up to 64 (fewer loop trips, longer
-    contiguous rows per pixel), at least tl.dot's 16."""
-    return max(16, min(64, triton.next_power_of_2(channels)))
+def _block_k(channels: int, itemsize: int) -> int:
+    """Input channels per dot for a segment: all of them up to 128 bytes a pixel row (fewer
+    loop trips, whole cache lines), at least tl.dot's 16. The bytes bound also bounds shared
+    memory: 3 stages of an fp32 64 x 32 input tile and 32 x 128 weight tile are 72 KB, which
+    every GPU from sm_80 on has (sm_86/89: 99 KB)."""
+    return max(16, min(128 // itemsize, triton.next_power_of_2(channels)))
 
 
 def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
@@ -216,6 +219,7 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
             CIN=cin, HID=hid, KH=kh, KW=kw, HAS_H=h_prev is not None, HAS_BIAS=bias is not None,
             HAS_PEEP=peephole is not None, SAVE_Z=z_out is not None, PREC=prec,
             DOT_TY=dot_ty,
-            BLOCK_KX=_block_k(cin), BLOCK_KH=_block_k(hid), **tiles,
+            BLOCK_KX=_block_k(cin, x_t.element_size()),
+            BLOCK_KH=_block_k(hid, x_t.element_size()), **tiles,
         )  # fmt: skip
     return h_out, c_out, z_out

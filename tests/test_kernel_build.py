@@ -86,14 +86,16 @@ def _compile_fused(vid):
     dot = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
     const.update({n: on for n in ("HAS_H", "HAS_BIAS", "HAS_PEEP", "SAVE_Z")},
                  CIN=32, HID=64, KH=3, KW=3, PREC=_fused_precision(dtype, on),
-                 DOT_TY=dot, BLOCK_M=bm, BLOCK_C=bc, BLOCK_KX=fused_step._block_k(32),
-                 BLOCK_KH=fused_step._block_k(64))
+                 DOT_TY=dot, BLOCK_M=bm, BLOCK_C=bc,
+                 BLOCK_KX=fused_step._block_k(32, 2 if dtype != "fp32" else 4),
+                 BLOCK_KH=fused_step._block_k(64, 2 if dtype != "fp32" else 4))
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[2:]), 32),
                               options={"num_warps": fused_step.NUM_WARPS})
     ptx = compiled.asm.get("ptx", "")
     return {"ptx": len(ptx), "cubin": len(compiled.asm.get("cubin", b"")),
-            "tensor_core_ops": ptx.count("wgmma.mma_async") + ptx.count("mma.sync")}
+            "tensor_core_ops": ptx.count("wgmma.mma_async") + ptx.count("mma.sync"),
+            "shared_bytes": compiled.metadata.shared}
 
 
 def _compile(vid):
@@ -174,6 +176,8 @@ def test_kernel_builds(builds, vid):
     assert res["ptx"] > 0 and res["cubin"] > 0
     if vid.startswith("fused-"):  # its dots run on tensor cores (but IEEE fp32's)
         _, _, flags, dtype, _ = vid.split("-")
+        # Launchable on every GPU from sm_80 on (sm_86/89 allow 99 KB of shared memory a block).
+        assert res["shared_bytes"] <= 99 * 1024, res
         if _fused_precision(dtype, flags == "on") != "ieee" or dtype != "fp32":
             assert res["tensor_core_ops"] > 0, res
         return
