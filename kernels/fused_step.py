@@ -5,13 +5,13 @@ The split path (cuDNN convolutions, then kernels/gates.py) writes each step's pr
 to memory and reads them back: per hidden element 16 of the ~34 bytes a step moves, and at
 M inference that pass is most of the distance to the convolutions alone. Here each program
 accumulates the four gates' pre-activations of a [BLOCK_M pixels x BLOCK_C channels] tile in
-registers (four dots sharing one input patch), then adds the bias and peepholes, updates the
-cell and writes h and c (and z, the pre-activations, when the backward needs them: the same
-buffer the split path saves, so the backward is shared). No x-convolution over all steps, no
-zx, no zh.
+registers (one [BLOCK_M, 4*BLOCK_C] dot per K slice), then adds the bias and peepholes,
+updates the cell and writes h and c (and z, the pre-activations, when the backward needs them:
+the same buffer the split path saves, so the backward is shared). No x-convolution over all
+steps, no zx, no zh.
 
 The weight is read packed (:func:`pack_weight`): row (segment, ky, kx, channel), column
-gate * hidden + c, with segment x first, then h. "Same" padding as triton_convlstm.conv (an even
+4 * c + gate, with segment x first, then h. "Same" padding as triton_convlstm.conv (an even
 kernel pads one more at the bottom/right): taps outside the image read zero.
 
 >>> w = pack_weight(weight, input_dim)
@@ -148,8 +148,8 @@ def _pixel_strides(name, t):
 
 
 def _blocks(hid: int, hw: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C): tl.dot needs 16 at least; 4 fp32 accumulators of 64 x 32 is 64
-    registers a thread at 4 warps. Untuned (no GPU yet)."""
+    """(BLOCK_M, BLOCK_C): tl.dot needs 16 at least; the fp32 accumulator of 64 x (4 x 32) is
+    64 registers a thread at 4 warps. Untuned (no GPU yet)."""
     bm = max(16, min(64, triton.next_power_of_2(hw)))
     return bm, max(16, min(32, triton.next_power_of_2(hid)))
 
