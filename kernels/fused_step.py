@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gates import SERVED_DTYPES, _check, _peep, _sigmoid, _tanh
+from .gates import SERVED_DTYPES, _check, _peep, _sigmoid, _strides, _tanh
 
 NUM_WARPS = 4
 
@@ -139,12 +139,19 @@ def pack_weight(weight: torch.Tensor, input_dim: int) -> torch.Tensor:
 
 
 def _pixel_strides(name, t):
-    """(batch, channel, pixel) strides with H and W merged; a ValueError where they cannot be."""
-    sb, sc, sh, sw = t.stride()
-    if t.shape[3] > 1 and t.shape[2] > 1 and sh != t.shape[3] * sw:
+    """(batch, channel, pixel) strides with H and W merged (gates._strides: at W == 1 the
+    pixel stride is H's); a ValueError where they cannot be."""
+    st = _strides(t)
+    if st is None:
         raise ValueError(f"{name}: expected H and W mergeable (stride_h == W * stride_w), "
                          f"got strides {t.stride()}")  # fmt: skip
-    return sb, sc, sw
+    return st
+
+
+def _image_extent(t) -> int:
+    """The largest offset inside one image of t (B, C, H, W), from its strides: the kernel
+    computes in-image offsets in int32 (batch offsets are 64-bit)."""
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:]))
 
 
 def _blocks(hid: int, hw: int) -> tuple[int, int]:
@@ -188,9 +195,10 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
         raise ValueError("w_packed: expected a contiguous tensor (pack_weight's)")
     if x_t.numel() == 0 or h_out.numel() == 0:
         return h_out, c_out, z_out
-    if max(t.numel() for t in (x_t, h_out, z_out) if t is not None) >= 2**31:
-        raise ValueError("fused_step: tensors of 2**31 elements or more are not served "
-                         "(the split path serves them)")  # fmt: skip
+    used = [t for t in (x_t, h_prev, c_prev, h_out, c_out, z_out) if t is not None]
+    if max(_image_extent(t) for t in used) >= 2**31:
+        raise ValueError("fused_step: images of 2**31 elements or more are not served (the "
+                         "split path serves them)")  # fmt: skip
     th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
     hh_ = h_prev if h_prev is not None else h_out
     z_ = z_out if z_out is not None else h_out

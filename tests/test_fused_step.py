@@ -25,6 +25,7 @@ CASES = [  # (B, C, hidden, H, W, kernel, dilation, has_h, peephole, bias, chann
     (2, 2, 3, 4, 4, (3, 3), (1, 1), False, False, True, False),  # zero state, NCHW
     (1, 20, 18, 5, 3, (1, 1), (1, 1), True, False, True, True),  # one masked K slice
     (1, 70, 66, 3, 4, (3, 3), (1, 1), True, False, True, True),  # two K slices per segment
+    (2, 3, 4, 9, 10, (3, 3), (1, 1), True, True, True, True),  # two pixel blocks per image
 ]
 
 
@@ -75,6 +76,64 @@ def test_c_may_be_updated_in_place(device):
     fused_step(x, h, pack_weight(p.weight, 3), p.bias, want, p.peephole,
                h_out=torch.empty_like(h), c_out=expected, kernel=(3, 3), dilation=(1, 1))
     torch.testing.assert_close(c, expected, rtol=0, atol=0)
+
+
+def test_width_one_images_use_the_row_stride():
+    """At W == 1 H and W merge with H's stride as the pixel stride (a state sliced from a wider
+    buffer has stride_w != stride_h there)."""
+    x, h, c, p, _ = _case_tensors((1, 3, 4, 5, 1, (3, 3), (1, 1), True, True, True, True),
+                                  torch.float32, "cpu")
+    wide = torch.randn(1, 4, 5, 3)  # c_prev: its first column, strides (60, 15, 3, 60)
+    c_prev = torch.as_strided(wide, (1, 4, 5, 1), (60, 15, 3, 60))
+    out_h, out_c = torch.empty_like(h), torch.empty(1, 4, 5, 1)
+    fused_step(x, h, pack_weight(p.weight, 3), p.bias, c_prev, p.peephole, h_out=out_h,
+               c_out=out_c, kernel=(3, 3), dilation=(1, 1))
+    p64 = LayerParams(p.weight.double(), p.bias.double(), p.peephole.double(), (1, 1))
+    want_h, want_c = cell_step(x.double(), h.double(), c_prev.double(), p64)
+    assert rel_err(out_h, want_h) <= 1e-5 and rel_err(out_c, want_c) <= 1e-5
+
+
+def test_images_past_int32_offsets_are_refused_and_the_layer_takes_the_split_path():
+    from triton_convlstm.sequence import _fused_fits
+
+    meta = dict(device="meta")
+    big = (1, 3, 30000, 30000)
+    kw = dict(kernel=(3, 3), dilation=(1, 1))
+    with pytest.raises(ValueError, match="images of 2\\*\\*31"):
+        fused_step(torch.empty(big, **meta), None, torch.empty(9 * 7, 16, **meta), None,
+                   torch.empty(1, 4, 30000, 30000, **meta), None,
+                   h_out=torch.empty(1, 4, 30000, 30000, **meta),
+                   c_out=torch.empty(1, 4, 30000, 30000, **meta), **kw)
+    weight = torch.empty(16, 7, 3, 3, **meta)
+    assert _fused_fits(torch.empty(2, *big, **meta), weight) is False
+    assert _fused_fits(torch.empty(2, 1, 3, 64, 64, **meta), weight) is True
+
+
+@pytest.mark.gpu
+def test_fp32_with_tf32_dots_stays_close(monkeypatch):
+    """cuDNN's default (allow_tf32) switches the fp32 dots to TF32: looser, still close."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    x, h, c, p, fmt = _case_tensors(CASES[0], torch.float32, "cuda")
+    h_out, c_out = torch.empty_like(h), torch.empty_like(c)
+    fused_step(x, h, pack_weight(p.weight, 3), p.bias, c, p.peephole, h_out=h_out,
+               c_out=c_out, kernel=(3, 3), dilation=(1, 1))
+    p64 = LayerParams(p.weight.double(), p.bias.double(), p.peephole.double(), (1, 1))
+    want_h, want_c = cell_step(x.double(), h.double(), c.double(), p64)
+    assert rel_err(h_out, want_h) <= 5e-3 and rel_err(c_out, want_c) <= 5e-3
+
+
+def test_a_second_backward_reruns_the_fused_forward(device):
+    """retain_graph: the first backward overwrote the saved gates, so the second reruns the
+    forward; it must be the fused one again (same rounding): identical gradients."""
+    torch.manual_seed(6)
+    m = ConvLSTM(3, 4, 3, 1, batch_first=True, backend="triton", cuda_graphs=False).to(device)
+    m.fused_forward = True
+    x = torch.randn(1, 3, 3, 5, 5, device=device, requires_grad=True)
+    loss = (m(x)[0][0] ** 2).sum()
+    first = torch.autograd.grad(loss, [x, *m.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *m.parameters()])
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_bad_arguments_raise():

@@ -7,6 +7,7 @@ compared. The package's torch path is used except in the two small Triton-vs-tor
 from __future__ import annotations
 
 import copy
+import pickle
 from dataclasses import dataclass, field
 
 import pytest
@@ -548,3 +549,17 @@ def test_module_copy_and_to_keep_working():
     o1, _ = m(x)
     o2, _ = m2(x.double())
     assert rel_err(o1[0], o2[0]) <= 1e-5
+
+
+def test_a_model_pickled_before_a_switch_existed_still_runs():
+    """torch.save(model) pickles instance attributes; one saved by an older version lacks the
+    switches added since (recompute_gates, fused_forward): their class defaults apply."""
+    cfg = Cfg(B=1, T=2, C=2, hidden=3, H=3, W=3)
+    m = make_module(cfg)
+    x = torch.randn(1, 2, 2, 3, 3)
+    want = m(x)[0][0]
+    del m.recompute_gates
+    assert "fused_forward" not in vars(m) and "recompute_gates" not in vars(m)
+    old = pickle.loads(pickle.dumps(m))
+    assert rel_err(old(x)[0][0], want) <= 1e-6
+    assert old.recompute_gates is False and old.fused_forward is False

@@ -104,7 +104,9 @@ class _Entry:
             fn(*self.static_args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls other threads make meanwhile (their own uncaptured models,
+        # allocations) do not invalidate this capture; this thread makes none that would.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_out = fn(*self.static_args)
         self.stream = torch.cuda.current_stream()
 
@@ -143,9 +145,10 @@ class GraphCache:
         self.evictions = 0
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.seen.clear()
-        self.evictions = 0
+        with LOCK:  # not under another thread's replay
+            self.entries.clear()
+            self.seen.clear()
+            self.evictions = 0
 
     def thrashing(self) -> bool:
         """More signatures in rotation than entries: every call would capture anew (a warm-up

@@ -155,14 +155,17 @@ def _in_layout(grad: Tensor, like: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates, _ = inputs
+    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates, fused = (
+        inputs)
     h_seq, c_last, c_seq, z_seq = output
     ctx.mark_non_differentiable(c_seq, z_seq)
     # Otherwise autograd hands the backward zero-filled (T, B, 4*hid, H, W) gradients for the
     # saved buffers nobody differentiates, and zeros for unused outputs.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
-    ctx.config = (LayerSpec(tuple(dilation), backend, keep_gates), save, use_graphs,
+    # fused too: a forward the backward reruns (after a replay overwrote what it saved) must
+    # round as the first run did.
+    ctx.config = (LayerSpec(tuple(dilation), backend, keep_gates, fused), save, use_graphs,
                   bias is not None)
 
 

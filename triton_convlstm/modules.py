@@ -146,9 +146,6 @@ class ConvLSTM(nn.Module):
         self.backend = backend
         self.cuda_graphs = validation.flag("cuda_graphs", cuda_graphs)
         self.recompute_gates = validation.flag("recompute_gates", recompute_gates)
-        # Experimental, off until measured on a GPU: with the Triton backend, one kernel per
-        # forward step (convolution and gate update fused; sequence.LayerSpec.fused).
-        self.fused_forward = False
         self.cell_list = nn.ModuleList(
             ConvLSTMCell(input_dim if i == 0 else hidden[i - 1], hidden[i], kernels[i], bias,
                          peephole=peephole, dilation=dilations[i], backend=backend)
@@ -158,6 +155,12 @@ class ConvLSTM(nn.Module):
             with torch.no_grad():
                 for cell in self.cell_list:
                     cell.conv.bias[cell.hidden_dim : 2 * cell.hidden_dim] += forget_bias
+
+    # Class defaults as well: a whole model pickled before a switch existed still runs.
+    recompute_gates = False
+    # Experimental, off until measured on a GPU: with the Triton backend, one kernel per forward
+    # step (convolution and gate update fused; sequence.LayerSpec.fused).
+    fused_forward = False
 
     def forward(self, x: Tensor, hidden_state: list[State] | None = None):
         first = self.cell_list[0].conv.weight
@@ -172,7 +175,10 @@ class ConvLSTM(nn.Module):
         backend = resolve_backend(self.backend, x.device, dtype)
         # Held while captured loops' static outputs are read (until _layers' copies): calls
         # from other threads replay the same entries.
-        with graphs.exclusive(x, self.cuda_graphs):
+        # (Not asked while exporting: with a dynamic batch the size test would be a guard.)
+        captures = self.cuda_graphs and not exporting() and any(
+            graphs.worth_capturing(b, cell.hidden_dim, height, width) for cell in self.cell_list)
+        with graphs.exclusive(x, captures):
             return self._layers(seq.to(dtype), states, backend, dtype)
 
     def _layers(self, seq, states, backend, dtype):

@@ -189,7 +189,7 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
     """
     frames = _frames(x)
-    if spec.fused and spec.backend == "triton":
+    if spec.fused and spec.backend == "triton" and _fused_fits(x, weight):
         return _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec, save, frames)
     if cat_convs(spec, x):
         return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
@@ -301,6 +301,13 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
                              z_out=z_seq[step] if save_z else None, save_z=save_z)
         c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
+
+
+def _fused_fits(x: Tensor, weight: Tensor) -> bool:
+    """Whether the fused step serves these images (its in-image offsets are int32); larger
+    ones take the split path."""
+    _, _, cin, hh, ww = x.shape
+    return max(cin, weight.shape[0]) * hh * ww < 2**31
 
 
 def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool,
