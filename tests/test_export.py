@@ -7,7 +7,6 @@ user's export pipeline. Each layer is unrolled over T while exporting (unrolled.
 import pytest
 import torch
 
-from conftest import DEVICE
 from triton_convlstm import ConvLSTM, ConvLSTMCell
 from triton_convlstm.backend import exporting
 
@@ -24,22 +23,30 @@ class _Flat(torch.nn.Module):
         return (*outs, *(t for pair in last for t in pair))
 
 
-def _model():
+DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _model(device="cpu"):
     torch.manual_seed(0)
     m = ConvLSTM(3, [5, 4], [3, (2, 3)], 2, batch_first=True, peephole=True,
                  return_all_layers=True, dilation=[1, 2])
     with torch.no_grad():
         for cell in m.cell_list:
             cell.peephole.normal_(0, 0.5)
-    return _Flat(m).to(DEVICE).eval()
+    return _Flat(m).to(device).eval()
 
 
-def _inputs(batch=2):
+def _inputs(batch=2, device="cpu"):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, 3, 6, 7, generator=g)
     h0, c0 = torch.randn(2, batch, 5, 6, 7, generator=g)
     h1, c1 = torch.randn(2, batch, 4, 6, 7, generator=g)
-    return tuple(t.to(DEVICE) for t in (x, h0, c0, h1, c1))
+    return tuple(t.to(device) for t in (x, h0, c0, h1, c1))
 
 
 def _assert_close(got, want):
@@ -58,8 +65,8 @@ def test_not_exporting_while_running():
     assert not exporting()
 
 
-def test_torch_export_captures_standard_ops_unrolled():
-    m, args = _model(), _inputs()
+def test_torch_export_captures_standard_ops_unrolled(device):
+    m, args = _model(device), _inputs(device=device)
     with torch.no_grad():
         want = m(*args)
         exported = torch.export.export(m, args)
@@ -71,17 +78,17 @@ def test_torch_export_captures_standard_ops_unrolled():
     _assert_close(got, want)
 
 
-def test_torch_export_with_a_dynamic_batch():
-    m, args = _model(), _inputs()
+def test_torch_export_with_a_dynamic_batch(device):
+    m, args = _model(device), _inputs(device=device)
     batch = torch.export.Dim("batch", min=1, max=64)
     with torch.no_grad():
         exported = torch.export.export(m, args, dynamic_shapes=({0: batch},) * 5)
-        other = _inputs(batch=3)
+        other = _inputs(batch=3, device=device)
         _assert_close(exported.module()(*other), m(*other))
 
 
-def test_torch_export_of_a_training_model_keeps_gradients():
-    m, args = _model(), _inputs()
+def test_torch_export_of_a_training_model_keeps_gradients(device):
+    m, args = _model(device), _inputs(device=device)
     m.train()
     exported = torch.export.export(m, args)
     x = args[0].clone().requires_grad_()
@@ -94,7 +101,7 @@ def test_torch_export_of_a_training_model_keeps_gradients():
 def test_onnx_export_with_a_dynamic_batch_runs_in_onnxruntime(tmp_path, dynamo):
     pytest.importorskip("onnxscript")  # the test extra installs it, with onnx and onnxruntime
     ort = pytest.importorskip("onnxruntime")
-    m, args = _model().cpu(), tuple(t.cpu() for t in _inputs())
+    m, args = _model(), _inputs()
     path = tmp_path / "convlstm.onnx"
     names = ["x", "h0", "c0", "h1", "c1"]
     if dynamo:
@@ -103,7 +110,7 @@ def test_onnx_export_with_a_dynamic_batch_runs_in_onnxruntime(tmp_path, dynamo):
         dynamic = dict(dynamic_axes={n: {0: "batch"} for n in names})
     torch.onnx.export(m, args, str(path), dynamo=dynamo, input_names=names, **dynamic)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    other = tuple(t.cpu() for t in _inputs(batch=3))  # not the batch it was exported with
+    other = _inputs(batch=3)  # not the batch it was exported with
     got = session.run(None, {n: a.numpy() for n, a in zip(names, other)})
     with torch.no_grad():
         _assert_close(got, m(*other))
@@ -120,10 +127,10 @@ def test_jit_trace_has_no_python_ops():
     _assert_close(got, want)
 
 
-def test_cell_with_the_triton_backend_exports_the_torch_math():
+def test_cell_with_the_triton_backend_exports_the_torch_math(device):
     torch.manual_seed(0)
-    cell = ConvLSTMCell(3, 4, 3, backend="triton").to(DEVICE).eval()
-    x = torch.randn(2, 3, 5, 5, device=DEVICE)
+    cell = ConvLSTMCell(3, 4, 3, backend="triton").to(device).eval()
+    x = torch.randn(2, 3, 5, 5, device=device)
     with torch.no_grad():
         exported = torch.export.export(cell, (x,))
         targets = _call_targets(exported.graph)
