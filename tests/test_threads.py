@@ -4,6 +4,7 @@ A captured entry's static buffers serve every call with its signature: without m
 a second thread's copy-in could land between the first thread's copy-in and its replay, and the
 first would silently get the second's result (a web server's thread pool sharing one model)."""
 
+import contextlib
 import threading
 import time
 
@@ -96,6 +97,48 @@ def test_a_call_paused_between_copy_in_and_replay_keeps_its_inputs(monkeypatch):
     for key, want in (("A", want_a), ("B", want_b)):
         for a, b in zip(got[key], want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backward_does_not_unpack_while_another_thread_updates_the_buffers(monkeypatch):
+    """Thread B pauses inside a replay's in-place update of the shared buffers (whose version
+    counters are restored only at the end of it) while thread A runs its backward: A must
+    wait, not see a bumped version ("modified by an inplace operation")."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    m = _model("cpu")
+    xa, xb = _inputs("cpu", 2)
+    want = _train(m, xa)
+    for _ in range(2):  # capture the entries
+        _train(m, xa)
+    b_in_window, a_done = threading.Event(), threading.Event()
+    preserve = torch.autograd._unsafe_preserve_version_counter
+
+    @contextlib.contextmanager
+    def slow_preserve(t):
+        with preserve(t):
+            yield
+            # The pause on the last layer's saved gates (T, B, 4*4, H, W): the first buffers
+            # A's backward reads from the shared ones.
+            if (threading.current_thread().name == "B" and not b_in_window.is_set()
+                    and t.dim() == 5 and t.shape[2] == 16):
+                b_in_window.set()
+                a_done.wait(timeout=0.5)  # A runs its backward now, unless it must wait for B
+
+    x = xa.clone().requires_grad_()
+    outs, last = m(x)  # A's forward, on this thread
+    loss = (outs[0] ** 2).mean() + last[0][1].mean()
+    monkeypatch.setattr(torch.autograd, "_unsafe_preserve_version_counter", slow_preserve)
+    thread_b = threading.Thread(target=lambda: _train(m, xb), name="B")
+    thread_b.start()
+    assert b_in_window.wait(timeout=10)
+    try:
+        got = torch.autograd.grad(loss, [x, *m.parameters()])
+    finally:
+        a_done.set()
+        thread_b.join(timeout=30)
+        graphs.clear()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("step", [_infer, _train], ids=["inference", "training"])

@@ -12,6 +12,7 @@ machinery, which at small shapes is longer than the whole CUDA-graph replay of a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -214,7 +215,10 @@ class _EagerLayer(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # a clear error for double backward
     def backward(ctx, *grads):
-        return (*_backward(ctx, *grads, backward_fn=_eager_backward), None, None)
+        # Unpacking the saved tensors checks their versions: not while another thread's replay
+        # or backward is updating the shared buffers (their counters are restored only after).
+        with graphs.LOCK if ctx.graph is not None else contextlib.nullcontext():
+            return (*_backward(ctx, *grads, backward_fn=_eager_backward), None, None)
 
 
 @_on_device
