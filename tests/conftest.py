@@ -24,3 +24,16 @@ def _no_tf32(monkeypatch):
     convolutions (the default nn.Conv2d runs with, and the fused step's fp32 dots follow) are
     ~1e-3 off, so every test runs without them."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "cpu"])
+def graph_device(request, monkeypatch):
+    """Each device with CUDA graphs: real ones on CUDA (marked gpu), the emulated cache
+    (graphs.EMULATE_ON_CPU) on CPU; the cache starts and ends empty."""
+    from triton_convlstm import graphs
+
+    if request.param == "cpu":
+        monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    yield request.param
+    graphs.clear()

@@ -6,16 +6,10 @@ import torch
 
 from triton_convlstm import ConvLSTM, graphs
 
-DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu), "cpu"]
 
-
-@pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
-    if request.param == "cpu":
-        monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
-    graphs.clear()
-    yield request.param
-    graphs.clear()
+@pytest.fixture
+def device(graph_device):  # conftest: CUDA with real graphs, CPU with emulated ones
+    return graph_device
 
 
 def _pair(dtype=torch.float32, peephole=True, device="cuda", **kw):

@@ -52,6 +52,26 @@ def tile_accesses(vid):
 # ---- the build, run as a script (no TRITON_INTERPRET) ------------------------------------------
 
 
+def _launch_signature(fn, dtype, lowp, unit_stride, wide=False):
+    """(signature, constants, attributes) as a real launch specializes them: pointers 16-byte
+    aligned (``lowp`` ones in ``dtype``, the rest fp32), strides ``unit_stride`` names turned
+    into the constant 1, other integers divisible by 16 (64-bit strides when ``wide``)."""
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in lowp else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.startswith("s_") and unit_stride(name):
+            sig[name], const[name] = "constexpr", 1
+        else:
+            sig[name] = "i64" if wide and name.startswith("s_") else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
 def _fused_precision(dtype, on):
     """fp32 dots as TF32 (cuDNN's default for convolutions), or IEEE (allow_tf32 off)."""
     return ("tf32" if on else "ieee") if dtype == "fp32" else "ieee"
@@ -68,19 +88,9 @@ def _compile_fused(vid):
     _, _, flags, dtype, arch = vid.split("-")
     fn = fused_step._fused_step_kernel
     lowp = {"x_ptr", "h_ptr", "w_ptr", "bias_ptr", "pe_ptr", "ho_ptr", "z_ptr"}
-    sig, const, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        name = p.name
-        if p.is_constexpr:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in lowp else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name.startswith("s_") and (name.endswith("_c") or name == "s_bias"):
-            sig[name], const[name] = "constexpr", 1  # channels_last: channels contiguous
-        else:
-            sig[name] = "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    # channels_last: every channel stride is 1
+    sig, const, attrs = _launch_signature(
+        fn, dtype, lowp, lambda name: name.endswith("_c") or name == "s_bias")
     on = flags == "on"
     bm, bc = fused_step._blocks(64, 64 * 64)
     dot = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
@@ -113,19 +123,8 @@ def _compile(vid):
             "dh2_ptr"}  # fmt: skip
     # The axis that is contiguous: Triton turns a stride argument equal to 1 into a constant.
     unit = ("_p", "s_bias") if layout == "nchw" else ("_c", "s_bias")
-    sig, const, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        name = p.name
-        if p.is_constexpr:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in lowp else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name.startswith("s_") and (name.endswith(unit) or name == "s_pe_c"):
-            sig[name], const[name] = "constexpr", 1
-        else:
-            sig[name] = "i64" if wide and name.startswith("s_") else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, const, attrs = _launch_signature(
+        fn, dtype, lowp, lambda name: name.endswith(unit) or name == "s_pe_c", wide)
     bp, bc = gates._blocks(layout == "nhwc", 64, 64 * 64)
     on = flags == "on"
     names = (["HAS_ZH", "HAS_BIAS", "HAS_PEEP", "SAVE_Z"] if kernel == "fwd"

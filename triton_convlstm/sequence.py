@@ -181,6 +181,12 @@ def _as_seq(frames_out: Tensor, t: int, b: int) -> Tensor:
     return frames_out.unflatten(0, (t, b))
 
 
+def _initial_cell(c_last: Tensor, c0: Tensor | None) -> Tensor:
+    """c_last holding the initial cell (zeros without c0): the first step's c_prev. The loops
+    then update it in place in inference, or leave it for the last step's cell in training."""
+    return c_last.zero_() if c0 is None else c_last.copy_(c0)
+
+
 def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool):
     """x: (T, B, C, H, W); weight: (4*hid, C+hid, kh, kw); bias (4*hid,) or None; peephole
     (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype. ``save``:
@@ -222,11 +228,7 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     else:
         chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
 
-    if c0 is None:
-        c_last.zero_()
-    else:
-        c_last.copy_(c0)
-    c_prev, h_prev = c_last, h0
+    c_prev, h_prev = _initial_cell(c_last, c0), h0
     for t0 in range(0, t, chunk):
         t1 = min(t, t0 + chunk)
         if in_place:
@@ -284,11 +286,7 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
                                                  keep_gates=spec.keep_gates)
     w_x = weight[:, :cin].contiguous(memory_format=MEMORY_FORMAT)
     w_all = weight.contiguous(memory_format=MEMORY_FORMAT)
-    if c0 is None:
-        c_last.zero_()
-    else:
-        c_last.copy_(c0)
-    c_prev, h_prev = c_last, h0
+    c_prev, h_prev = _initial_cell(c_last, c0), h0
     for step in range(t):
         x_t = frames[step * b : (step + 1) * b]
         if h_prev is None:
@@ -322,11 +320,7 @@ def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, sav
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)
     w_packed = pack_weight(weight, cin)
-    if c0 is None:
-        c_last.zero_()
-    else:
-        c_last.copy_(c0)
-    c_prev, h_prev = c_last, h0
+    c_prev, h_prev = _initial_cell(c_last, c0), h0
     for step in range(t):
         c_out = c_seq[step] if save and step < t - 1 else c_last
         fused_step(frames[step * b : (step + 1) * b], h_prev, w_packed, bias, c_prev, peephole,
