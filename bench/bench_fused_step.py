@@ -30,10 +30,14 @@ import statistics  # noqa: E402
 from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
-from triton_convlstm.kernels.fused_step import fused_step, pack_weight  # noqa: E402
 
 from triton_convlstm.bench_cases import DTYPES, SHAPES, Shape, graphed, interleaved  # noqa: E402
-from triton_convlstm.sequence import LayerSpec, _frames, layer_forward, output_buffers  # noqa: E402
+from triton_convlstm.sequence import (  # noqa: E402
+    LayerSpec,
+    _frames,
+    _layer_forward_fused,
+    layer_forward,
+)
 
 CL = torch.channels_last
 SWEEP = {"BLOCK_M": (64, 128), "BLOCK_C": (32, 64), "num_warps": (4, 8), "num_stages": (2, 3)}
@@ -61,20 +65,11 @@ def split_forward(case) -> torch.Tensor:
 
 
 def fused_forward(case, config=None) -> torch.Tensor:
-    """layer_forward's fused loop (sequence._layer_forward_fused, inference), tiles given."""
-    x, weight = case["x"], case["weight"]
-    t, b, cin = x.shape[:3]
-    frames = _frames(x)
-    h_seq, c_last, _, _ = output_buffers(x, weight, False, "triton")
-    w = pack_weight(weight, cin)
-    c_last.zero_()
-    h_prev = None
-    for step in range(t):
-        fused_step(frames[step * b:(step + 1) * b], h_prev, w, case["bias"], c_last, None,
-                   h_out=h_seq[step], c_out=c_last, kernel=tuple(weight.shape[2:]),
-                   dilation=(1, 1), config=config)
-        h_prev = h_seq[step]
-    return h_seq
+    """The layer's fused inference loop (sequence._layer_forward_fused) with tiles ``config``."""
+    spec = LayerSpec((1, 1), "triton", fused=True)
+    x = case["x"]
+    return _layer_forward_fused(x, case["weight"], case["bias"], None, None, None, spec, False,
+                                _frames(x), config)[0]
 
 
 def configs(hidden: int, sweep: bool, grid=None) -> list[dict | None]:

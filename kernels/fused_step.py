@@ -21,13 +21,11 @@ kernel pads one more at the bottom/right): taps outside the image read zero.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .gates import SERVED_DTYPES, _check, _peep, _sigmoid, _strides, _tanh
+from .gates import SERVED_DTYPES, _check, _device_of, _peep, _sigmoid, _strides, _tanh
 
 NUM_WARPS = 4
 
@@ -216,7 +214,7 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
     dot_ty = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     dot_ty = dot_ty[dt] if x_t.is_cuda else tl.float32
     grid = (b * npb, triton.cdiv(hid, bc))
-    with torch.cuda.device(dev) if x_t.is_cuda else contextlib.nullcontext():
+    with _device_of(x_t):
         _fused_step_kernel[grid](
             x_t, hh_, w_packed, bias_, c_prev, pe_, h_out, c_out, z_,
             hh, ww, npb, th // 2, tw // 2, dilation[0], dilation[1],

@@ -260,21 +260,22 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
         # Torch's in-place math bumps z_seq's version; autograd must still unpack it later.
         with torch.autograd._unsafe_preserve_version_counter(saved[3]):
             return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved, bias)
+    # From here on under graphs.LOCK (_EagerLayer.backward holds it whenever ctx.graph is set):
+    # no other thread's replay between the generation check and the backward's reads.
     entry, generation = ctx.graph
-    with graphs.LOCK:  # no other thread's replay between the check and the backward's reads
-        if entry.generation != generation:  # replayed or consumed since: restore this call's
-            entry.replay(inputs, keep=range(4))
-        if consumes:  # before running: a backward that fails half-way leaves them garbage too
-            entry.generation += 1
-        xs, ws, bs, ps, h0s, c0s = entry.static_args
-        args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out, bs)
-        # Capturing runs the backward once (warm-up), which consumes the forward's buffers.
-        restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
-        with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
-            return graphs.BACKWARD.run_with_entry(
-                run, args, key=(spec, needs, entry), shared=range(2, 12),
-                layouts=_ARG0_SEQ_LAYOUT, before_replay=restore,
-            )[0]
+    if entry.generation != generation:  # replayed or consumed since: restore this call's buffers
+        entry.replay(inputs, keep=range(4))
+    if consumes:  # before running: a backward that fails half-way leaves them garbage too
+        entry.generation += 1
+    xs, ws, bs, ps, h0s, c0s = entry.static_args
+    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out, bs)
+    # Capturing runs the backward once (warm-up), which consumes the forward's buffers.
+    restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
+    with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
+        return graphs.BACKWARD.run_with_entry(
+            run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_ARG0_SEQ_LAYOUT,
+            before_replay=restore,
+        )[0]
 
 
 def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,

@@ -173,17 +173,18 @@ class ConvLSTM(nn.Module):
             x.device,
         )
         backend = resolve_backend(self.backend, x.device, dtype)
+        use_graphs = [self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim, height,
+                                                                  width)
+                      for cell in self.cell_list]
         # Held while captured loops' static outputs are read (until _layers' copies): calls
-        # from other threads replay the same entries.
-        # (Not asked while exporting: with a dynamic batch the size test would be a guard.)
-        captures = self.cuda_graphs and not exporting() and any(
-            graphs.worth_capturing(b, cell.hidden_dim, height, width) for cell in self.cell_list)
+        # from other threads replay the same entries. (Not asked while exporting: with a
+        # dynamic batch, turning the size tests into a bool would be a guard.)
+        captures = not exporting() and any(use_graphs)
         with graphs.exclusive(x, captures):
-            return self._layers(seq.to(dtype), states, backend, dtype)
+            return self._layers(seq.to(dtype), states, backend, dtype, use_graphs)
 
-    def _layers(self, seq, states, backend, dtype):
+    def _layers(self, seq, states, backend, dtype, use_graphs):
         """Each layer over the time-major sequence in turn: (layer_outputs, last_states)."""
-        _, b, _, height, width = seq.shape
         outputs, last = [], []
         n = len(self.cell_list)
         for idx, (cell, (h0, c0)) in enumerate(zip(self.cell_list, states)):
@@ -192,15 +193,13 @@ class ConvLSTM(nn.Module):
             save = torch.is_grad_enabled() and any(
                 p is not None and p.requires_grad for p in (seq, weight, bias, peep, h0, c0)
             )
-            use_graphs = self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim,
-                                                                     height, width)
             returned = self.return_all_layers or idx == n - 1
             if exporting():  # standard ops only, step by step (see unrolled.py)
                 h_seq, c_last = layer_unrolled(seq, weight, bias, peep, h0, c0, cell.dilation)
             else:
                 h_seq, c_last, _, _ = run_layer(
-                    seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
-                    keep_gates=not self.recompute_gates, fused=self.fused_forward,
+                    seq, weight, bias, peep, h0, c0, cell.dilation, backend, save,
+                    use_graphs[idx], keep_gates=not self.recompute_gates, fused=self.fused_forward,
                     slot=id(cell),
                     # A captured loop's own output buffers, no clone: this method copies what it
                     # returns right away. Not where a later layer may save this one's output.

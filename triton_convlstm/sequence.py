@@ -309,10 +309,10 @@ def _fused_fits(x: Tensor, weight: Tensor) -> bool:
 
 
 def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool,
-                         frames):
+                         frames, config=None):
     """:func:`layer_forward` with one fused kernel per step (see LayerSpec.fused): no input
     convolution over all steps, no pre-activations in memory but the saved ones. Saves the same
-    tensors, so the backward is shared."""
+    tensors, so the backward is shared. ``config``: fused_step's tile override (tuning)."""
     from .kernels.fused_step import fused_step, pack_weight
 
     t, b, cin, hh, ww = x.shape
@@ -325,7 +325,7 @@ def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, sav
         c_out = c_seq[step] if save and step < t - 1 else c_last
         fused_step(frames[step * b : (step + 1) * b], h_prev, w_packed, bias, c_prev, peephole,
                    h_out=h_seq[step], c_out=c_out, z_out=z_seq[step] if save_z else None,
-                   kernel=tuple(weight.shape[2:]), dilation=spec.dilation)
+                   kernel=tuple(weight.shape[2:]), dilation=spec.dilation, config=config)
         c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
 
