@@ -85,8 +85,8 @@ def gate_forward_(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *, h_o
     from ``pre`` costs no extra pass: each activation writes its slot of ``gates`` directly."""
     hid = gates.shape[1] // 4
     src = gates if pre is None else pre
-    i, f, o, g = (gates[:, k * hid : (k + 1) * hid] for k in range(4))
-    zi, zf, zo, zg = (src[:, k * hid : (k + 1) * hid] for k in range(4))
+    i, f, o, g = gates.unflatten(1, (4, hid)).unbind(1)
+    zi, zf, zo, zg = src.unflatten(1, (4, hid)).unbind(1)
     p = _peephole_terms(peephole, gates.dtype)
     if p is None:
         torch.sigmoid(src[:, : 3 * hid], out=gates[:, : 3 * hid])
@@ -123,7 +123,7 @@ def gate_backward_from_gates(
     """
     math = gates.dtype
     hid = gates.shape[1] // 4
-    i, f, o, g = (gates[:, k * hid : (k + 1) * hid] for k in range(4))
+    i, f, o, g = gates.unflatten(1, (4, hid)).unbind(1)
     c_prev, c = c_prev.to(math), c.to(math)
     p = _peephole_terms(peephole, math)
     tc = torch.tanh(c)
@@ -133,11 +133,12 @@ def gate_backward_from_gates(
     # The gradients before the activation derivatives go to ``pre``: dz itself, unless dz is
     # the gates' own memory, which must stay readable until the derivatives are taken.
     pre = torch.empty_like(gates) if dz.data_ptr() == gates.data_ptr() else dz
-    pre_i, pre_f, pre_o, pre_g = (pre[:, k * hid : (k + 1) * hid] for k in range(4))
-    dzi, dzf, dzo, dzg = (dz[:, k * hid : (k + 1) * hid] for k in range(4))
+    pre_i, pre_f, pre_o, pre_g = pre.unflatten(1, (4, hid)).unbind(1)
+    dzi, dzf, dzo, dzg = dz.unflatten(1, (4, hid)).unbind(1)
     torch.mul(dh, tc, out=pre_o)
     # dc_total = dc + dh*o*(1 - tanh(c)^2) (+ dzo*p_o): the gradient reaching c this step.
-    dct = torch.ops.aten.tanh_backward(dh * o, tc)
+    dct = torch.mul(dh, o)
+    torch.ops.aten.tanh_backward.grad_input(dct, tc, grad_input=dct)
     if dc is not None:
         dct += dc
     if p is not None:

@@ -126,10 +126,12 @@ def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=
 
 def _torch_gates_backward(gates, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc_prev_out,
                           dbias_acc=None):  # the bias gradient: summed from dz by the caller
+    # dh: the output's gradient (the caller's, read only); dh2: the recurrent one, a scratch
+    # of the loop's, which takes the sum (no allocation).
     if dh is None:
         dh, dh2 = dh2, None
     if dh2 is not None:
-        dh = torch.add(dh2, dh)
+        dh = dh2.add_(dh)
     _, _, dpeep = reference.gate_backward_from_gates(
         gates, c_prev, c, peephole, dh, dc, dz_out=dz_out, dc_prev_out=dc_prev_out
     )
