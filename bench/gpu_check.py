@@ -4,7 +4,8 @@
     python bench/gpu_check.py --budget-s 200 --out /tmp/h200.json
     python bench/gpu_check.py --dry-run          # on CPU, tiny shapes: the same plumbing
 
-(a) ``pytest -m gpu tests bench/test_perf.py -x -q`` with a time cap; on request (--profile,
+(a) ``pytest -m gpu tests -n 8`` (xdist where installed), then ``pytest -m gpu
+bench/test_perf.py`` alone (the perf gates), within a time cap; on request (--profile,
 --convs, --fused) a kernel breakdown of a case, split-vs-cat convolution timings and the fused
 forward step's tile sweep; (b) ``python -m
 triton_convlstm bench`` (eager, compiled, compiled-ro, layer, convs-only; S, M, L; bf16, fp32;
@@ -17,6 +18,7 @@ benchmark streams its rows to disk, so a cut-off run still reports what it measu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -41,6 +43,7 @@ from triton_convlstm.benchmark import add_ratios, environment, format_table  # n
 GOALS = {("train", "S"): 2.0, ("train", "M"): 2.0, ("train", "L"): 1.7,
          ("fwd", "S"): 1.3, ("fwd", "M"): 1.3, ("fwd", "L"): 1.05}
 MARGIN_S = 10.0  # kept back for writing results after the last child is stopped
+TEST_TIMEOUT_S = 120  # per test, where pytest-timeout is installed
 
 
 def child_env() -> dict:
@@ -110,25 +113,72 @@ def parse_pytest(output: str, rc: int | None) -> dict:
             "output_tail": output[-4000:]}
 
 
-def run_tests(cap: float, work: Path, paths: list[str], marker: str = "gpu") -> dict:
+def has_plugin(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def default_workers() -> int:
+    """Parallel pytest workers for the unit tests: their time on a bare box is mostly Triton
+    and inductor compiling on the CPU, which spreads over cores (pytest-xdist, in the GPU
+    image); one where xdist is missing."""
+    return min(8, max(1, (os.cpu_count() or 1) // 2)) if has_plugin("xdist") else 1
+
+
+def run_tests(cap: float, work: Path, paths: list[str], marker: str = "gpu", workers: int = 1,
+              name: str = "tests") -> dict:
     # Benchmark storage in the scratch folder: pytest-benchmark would litter the checkout.
     # No -x: one device call is precious, so every failure is reported, not just the first.
     select = ["-m", marker] if marker else []
+    spread = ["-n", str(workers)] if workers > 1 else []
+    # A hung test (a deadlock on real streams, say) must not eat the whole phase.
+    guard = ["--timeout", str(TEST_TIMEOUT_S)] if has_plugin("pytest_timeout") else []
     cmd = [sys.executable, "-m", "pytest", *select, *paths, "-q", "-p",
-           "no:cacheprovider", f"--benchmark-json={work / 'tests_benchmark.json'}",
+           "no:cacheprovider", *spread, *guard, f"--benchmark-json={work / f'{name}_bench.json'}",
            f"--benchmark-storage=file://{work / 'storage'}"]
-    print(f"== gpu tests (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
+    print(f"== gpu {name} (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
     t0 = time.monotonic()
-    rc, output = run_capped(cmd, cap, work / "tests.log")
-    result = parse_pytest(output, rc)
+    rc, output = run_capped(cmd, cap, work / f"{name}.log")
+    result = {"name": name, **parse_pytest(output, rc), "workers": workers}
     result["seconds"] = round(time.monotonic() - t0, 1)
-    bench_json = work / "tests_benchmark.json"
+    bench_json = work / f"{name}_bench.json"
     text = bench_json.read_text() if bench_json.exists() else ""
     if text.strip():  # empty when no benchmark ran; the gates' measured ratios ride in extra_info
         data = json.loads(text)
         result["benchmarks"] = [{"name": b["name"], "median_s": b["stats"]["median"],
                                  **b.get("extra_info", {})} for b in data["benchmarks"]]
     return result
+
+
+def merge_tests(parts: list[dict]) -> dict:
+    """One report of the unit tests and the perf gates: counts added, the worst status."""
+    counts: dict[str, int] = {}
+    for part in parts:
+        for what, n in part["counts"].items():
+            counts[what] = counts.get(what, 0) + n
+    statuses = [part["status"] for part in parts]
+    status = next((s for s in ("failed", "timeout") if s in statuses), "passed")
+    return {"status": status, "counts": counts,
+            "failures": [f for part in parts for f in part["failures"]],
+            "seconds": round(sum(part["seconds"] for part in parts), 1),
+            "benchmarks": [b for part in parts for b in part.get("benchmarks", [])],
+            "parts": parts}
+
+
+def run_all_tests(cap: float, work: Path, paths: list[str], marker: str, workers: int) -> dict:
+    """The unit tests first, spread over ``workers``; then the perf gates (paths under bench/)
+    alone, one process, so that nothing else runs on the GPU while they time it."""
+    deadline = time.monotonic() + cap
+    units = [p for p in paths if not Path(p).parts[:1] == ("bench",)]
+    gates = [p for p in paths if p not in units]
+    parts = []
+    for name, group, n in (("tests", units, workers), ("perf-gates", gates, 1)):
+        left = deadline - time.monotonic()
+        if group and left > 5:
+            parts.append(run_tests(left, work, group, marker, n, name))
+        elif group:
+            parts.append({"name": name, "status": "timeout", "counts": {}, "seconds": 0.0,
+                          "failures": [f"{name}: not run, no time left in the tests' share"]})
+    return merge_tests(parts)
 
 
 def bench_args(dry_run: bool) -> list[str]:
@@ -231,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="what pytest -m gpu runs (default: tests bench/test_perf.py)")
     p.add_argument("--marker", default="gpu",
                    help="pytest -m expression for the tests ('' runs everything in the paths)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="pytest-xdist workers for the unit tests (default: half the cores, at "
+                        "most 8, where xdist is installed; else 1); the perf gates run alone")
     p.add_argument("--bench-args", default="",
                    help="extra options for the bench command, e.g. '--impls layer,eager'")
     p.add_argument("--skip-tests", action="store_true")
@@ -266,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_tests:
         share = 1.0 if args.skip_bench else args.tests_share
-        report["tests"] = run_tests(min(args.budget_s * share, left()), work, args.test_paths,
-                                    args.marker)
+        report["tests"] = run_all_tests(min(args.budget_s * share, left()), work,
+                                        args.test_paths, args.marker, args.workers)
     phases = extra_phases(args)
     for phase, cmd in phases:  # each gets an equal part of its share, never more than is left
         cap = min(args.budget_s * args.extras_share / len(phases), left())
@@ -298,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):  # the device runner returns what lands in $OUT
         dest = Path(os.environ["OUT"])
         dest.mkdir(parents=True, exist_ok=True)
-        extra = report.get("bench", {}).get("plots", []) + [str(work / "tests.log")]
+        extra = report.get("bench", {}).get("plots", []) + [
+            str(work / f"{part}.log") for part in ("tests", "perf-gates")]
         for src in [out, *map(Path, extra)]:
             target = dest / (out.name if src == out else f"{name}-{src.name}")
             # --out may already be in $OUT (copying a file onto itself raises).

@@ -10,6 +10,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# For modules whose tests run on DEVICE (`pytestmark = DEVICE_MARKS`): on a CUDA machine they
+# are GPU tests, so `pytest -m gpu` (bench/gpu_check.py) runs them there; on CPU they are not.
+DEVICE_MARKS = [pytest.mark.gpu] if DEVICE == "cuda" else []
 
 
 @pytest.fixture(autouse=True)

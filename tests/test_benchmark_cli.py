@@ -129,9 +129,11 @@ def test_cudnn_benchmark_flag_is_set_and_recorded(tmp_path, monkeypatch):
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run(
-        # Only the perf suite is collected: collecting all of tests/ again costs time, not cover.
+        # One small unit-test module and the perf suite: collecting all of tests/ again costs
+        # time, not cover.
         [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "150", "--out", str(out),
-         "--test-paths", "bench/test_perf.py", "--profile", "cpu-s:fp32:fwd:layer", "--convs",
+         "--test-paths", "tests/test_gates_in_place.py", "bench/test_perf.py",
+         "--profile", "cpu-s:fp32:fwd:layer", "--convs",
          "--fused", "--extras-share", "0.45"],
         cwd=ROOT, capture_output=True, text=True, timeout=220,
         env=dict(os.environ, OUT=str(tmp_path / "out")),
@@ -141,6 +143,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["dry_run"] and report["tests"]["status"] == "passed"
     counts = report["tests"]["counts"]
     assert counts.get("skipped", 0) > 0 and "failed" not in counts  # the gpu cases, skipped
+    # The unit tests, then the perf gates alone (nothing else on the GPU while they time).
+    assert [p["name"] for p in report["tests"]["parts"]] == ["tests", "perf-gates"]
+    assert report["tests"]["parts"][1]["workers"] == 1
     assert {r["impl"] for r in report["bench"]["rows"]} == {"eager", "layer", "convs-only"}
     (profiled,) = report["profile"]["results"]  # the optional phases, asked for
     assert profiled["case"] == "cpu-s:fp32:fwd:layer" and profiled["rows"]
@@ -149,6 +154,27 @@ def test_gpu_check_dry_run(tmp_path):
     assert fused["shape"] == "dry" and fused["speedup"] > 0 and not fused["errors"]
     copied = {p.name for p in (tmp_path / "out").iterdir()}
     assert "check.json" in copied and "cpu-dry-run-speedup.png" in copied
+
+
+def test_gpu_check_merges_test_parts():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_check import merge_tests
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    units = {"name": "tests", "status": "passed", "counts": {"passed": 5, "skipped": 1},
+             "failures": [], "seconds": 3.0}
+    gates = {"name": "perf-gates", "status": "failed", "counts": {"passed": 1, "failed": 1},
+             "failures": ["FAILED bench/test_perf.py::x"], "seconds": 2.5,
+             "benchmarks": [{"name": "x"}]}
+    cut = {"name": "perf-gates", "status": "timeout", "counts": {}, "failures": [],
+           "seconds": 0.0}
+    merged = merge_tests([units, gates])
+    assert merged["status"] == "failed" and merged["seconds"] == 5.5
+    assert merged["counts"] == {"passed": 6, "skipped": 1, "failed": 1}
+    assert merged["failures"] == gates["failures"] and merged["benchmarks"] == [{"name": "x"}]
+    assert merge_tests([units, cut])["status"] == "timeout"
+    assert merge_tests([units])["status"] == "passed"
 
 
 def test_gpu_check_out_inside_OUT(tmp_path):

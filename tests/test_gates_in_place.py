@@ -6,10 +6,12 @@ second buffer."""
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, DEVICE_MARKS
 from triton_convlstm import sequence
 from triton_convlstm.memory import TensorMemoryTracker
 from triton_convlstm.sequence import LayerSpec, empty_seq, layer_forward
+
+pytestmark = DEVICE_MARKS
 
 
 def _args(t, b):

@@ -11,7 +11,9 @@ import pytest
 import torch
 from triton_convlstm.kernels.gates import bias_grad_accumulator, gates_backward, gates_forward
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from conftest import DEVICE, DEVICE_MARKS
+
+pytestmark = DEVICE_MARKS
 F64 = torch.float64
 
 

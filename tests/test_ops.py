@@ -6,11 +6,12 @@ On CPU the Triton path runs in the interpreter (conftest), so it is exercised he
 import pytest
 import torch
 
+from conftest import DEVICE, DEVICE_MARKS
 from triton_convlstm import ops
 from triton_convlstm.backend import interpreter_enabled
 from triton_convlstm.ops import gate_backward_op, gate_forward_op, gate_update
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = DEVICE_MARKS
 TRITON_HERE = DEVICE == "cuda" or interpreter_enabled()
 needs_triton = pytest.mark.skipif(not TRITON_HERE, reason="Triton cannot run on this device")
 DEVICES = [

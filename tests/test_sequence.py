@@ -4,10 +4,11 @@ interpreter, the real kernels; checked against a float64 run of the same module.
 import pytest
 import torch
 
+from conftest import DEVICE, DEVICE_MARKS
 from triton_convlstm import ConvLSTM, sequence
 from triton_convlstm.layer_op import layer_forward_op
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = DEVICE_MARKS
 
 
 def _model(backend, peephole=True, **kw):
