@@ -321,12 +321,14 @@ def run_case(
     a compile error) become a row with ``error`` set instead of ending the run."""
     row = {"impl": impl, "shape": shape.name, "steps": shape.steps, "dtype": dtype, "mode": mode,
            "device": device.type, "median_ms": None, "min_ms": None, "reps": 0,
-           "peak_mem_mb": None, "first_call_s": None, "error": None}
+           "peak_mem_mb": None, "peak_reserved_mb": None, "first_call_s": None, "error": None}
     try:
         # A fresh dynamo cache per case: the recompile limit (8) would otherwise make later
         # shapes and dtypes fall back to eager without a word.
         torch._dynamo.reset()
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        cuda = device.type == "cuda"
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        base_reserved = torch.cuda.memory_reserved(device) if cuda else 0
         step = build_step(impl, shape, dtype, mode, device)
         t0 = time.perf_counter()
         step()  # compiles / captures / autotunes: reported apart, never timed with the rest
@@ -334,8 +336,14 @@ def run_case(
         row["first_call_s"] = round(time.perf_counter() - t0, 3)
         timing = time_step(step, device, reps=reps, warmup=2, target_s=target_s)
         row.update(median_ms=timing.median_ms, min_ms=timing.min_ms, reps=timing.reps)
-        if device.type == "cuda" or impl not in COMPILED_IMPLS:  # see peak_memory_mb
+        if cuda or impl not in COMPILED_IMPLS:  # see peak_memory_mb
             row["peak_mem_mb"] = peak_memory_mb(step, device, base)
+        if cuda:
+            # What the allocator holds from the driver at the step's peak: the allocated bytes
+            # plus CUDA-graph private pools (a capture's freed temporaries stay reserved for
+            # its replays) and cache slack: the footprint that decides an out-of-memory.
+            reserved = torch.cuda.max_memory_reserved(device) - base_reserved
+            row["peak_reserved_mb"] = round(reserved / 2**20, 1)
     except Exception as exc:  # one broken case must not cost the whole table
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
