@@ -11,10 +11,9 @@ from torch import Tensor, nn
 
 from . import graphs, validation
 from .backend import check_backend_name, exporting, resolve_backend, triton_import_error
-from .conv import conv_same
 from .layer_op import run_layer
 from .reference import state_dtype
-from .unrolled import layer_unrolled
+from .unrolled import cell_step, layer_unrolled
 
 State = tuple[Tensor, Tensor]
 
@@ -79,8 +78,6 @@ class ConvLSTMCell(nn.Module):
 
     def forward(self, x: Tensor, cur_state: State | None = None) -> State:
         """x: (B, input_dim, H, W); cur_state: (h, c) or None (zeros). Returns (h, c)."""
-        from .ops import gate_update  # the single-step gate ops (Triton or torch)
-
         validation.frame_input(x, self.input_dim, self.conv.weight)
         dtype = validation.compute_dtype(x, self.conv.weight)
         b, _, height, width = x.shape
@@ -93,8 +90,7 @@ class ConvLSTMCell(nn.Module):
             )
         weight, bias, peep = validation.cast_params(self.conv.weight, self.conv.bias,
                                                     self.peephole, dtype)
-        z = conv_same(torch.cat([x.to(dtype), h], dim=1), weight, self.dilation)
-        return gate_update(z, c, bias=bias, peephole=peep, backend=self.backend)
+        return cell_step(x.to(dtype), h, c, weight, bias, peep, self.dilation, self.backend)
 
 
 def _copy(t: Tensor) -> Tensor:

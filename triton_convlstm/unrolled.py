@@ -17,20 +17,28 @@ from .ops import gate_update
 from .reference import state_dtype
 
 
+def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Tensor | None,
+              peephole: Tensor | None, dilation, backend: str = "torch") -> tuple[Tensor, Tensor]:
+    """One step, as the popular module's cell: the convolution of [x_t, h] with the combined
+    weight (of x_t alone when h is None, the zero state: only the input part contributes), then
+    :func:`~triton_convlstm.ops.gate_update`. Returns (h, c)."""
+    if h is None:
+        z = conv_same(x_t, weight[:, : x_t.shape[1]], dilation)
+    else:
+        z = conv_same(torch.cat([x_t, h], dim=1), weight, dilation)
+    return gate_update(z, c, bias=bias, peephole=peephole, backend=backend)
+
+
 def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
                    h0: Tensor | None, c0: Tensor | None, dilation) -> tuple[Tensor, Tensor]:
     """x (T, B, C, H, W) -> h_seq (T, B, hidden, H, W) and c_last (B, hidden, H, W); arguments
     as :func:`triton_convlstm.sequence.layer_forward`'s (h0/c0 None: zeros)."""
-    t, b, cin, hh, ww = x.shape
+    t, b, _, hh, ww = x.shape
     hid = weight.shape[0] // 4
     h = h0
     c = c0 if c0 is not None else x.new_zeros((b, hid, hh, ww), dtype=state_dtype(x.dtype))
     hs = []
     for step in range(t):
-        if h is None:  # zero state: only the input part of the weight contributes
-            z = conv_same(x[step], weight[:, :cin], dilation)
-        else:
-            z = conv_same(torch.cat([x[step], h], dim=1), weight, dilation)
-        h, c = gate_update(z, c, bias=bias, peephole=peephole, backend="torch")
+        h, c = cell_step(x[step], h, c, weight, bias, peephole, dilation)
         hs.append(h)
     return torch.stack(hs), c
