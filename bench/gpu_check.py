@@ -269,7 +269,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-s", type=float, default=330.0, help="wall-clock cap for everything")
@@ -303,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                         "targets); runs before the benchmark")
     p.add_argument("--extras-share", type=float, default=0.25,
                    help="share of the budget the optional phases may use together")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     left = lambda: args.budget_s - MARGIN_S - (time.monotonic() - START)
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device visible; use --dry-run to try this on CPU", file=sys.stderr)

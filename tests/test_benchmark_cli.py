@@ -3,6 +3,7 @@ a tiny CPU run end to end, and bench/gpu_check.py's --dry-run. No timing is asse
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,34 @@ def test_table_merges_runs_later_rows_win(tmp_path, capsys):
 
 def test_table_without_files_is_usage_error(capsys):
     assert main(["table"]) == 2
+
+
+def _documented_gpu_calls() -> list[list[str]]:
+    """gpu_check's arguments in the two calls docs/PERF_NOTES.md prescribes for a GPU session:
+    the fenced command, and the second call's options quoted inline after '--skip-tests'."""
+    import re
+
+    text = (ROOT / "docs" / "PERF_NOTES.md").read_text()
+    fenced = re.search(r"```bash\n(python3 bench/gpu_check.py.*?)\n```", text, re.S).group(1)
+    first = shlex.split(fenced.replace("\\\n", " "))[2:]
+    second = re.search(r"`(--skip-tests [^`]*)`", text).group(1)
+    return [first, shlex.split(second)]
+
+
+def test_documented_gpu_calls_parse():
+    """A typo in the prescribed command would cost a lent GPU's one call: its options, and the
+    options it hands the bench command, must be ones the scripts take."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_check import bench_args, parser
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from triton_convlstm.benchmark import _parser as bench_parser
+
+    first, second = _documented_gpu_calls()
+    assert "--skip-tests" in second and "--budget-s" in first
+    for argv in (first, second):
+        args = parser().parse_args([a.replace("$OUT", "/tmp/out") for a in argv])
+        bench = bench_parser().parse_args(bench_args(False) + shlex.split(args.bench_args))
+        assert bench.shapes and bench.impls
+    assert parser().parse_args(first).test_paths == ["tests"]
