@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import cudnn_conv_tf32
 from .gates import SERVED_DTYPES, _check, _device_of, _peep, _sigmoid, _strides, _tanh
 
 NUM_WARPS = 4
@@ -173,7 +174,7 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
     (B, hid, H, W) or None (a zero state), w_packed (:func:`pack_weight`), bias (4*hid,) or
     None, c_prev (B, hid, H, W) fp32 (c_out may be c_prev), peephole (3, hid) or None.
     x_t, h_prev, h_out and z_out share a dtype (fp32, bf16 or fp16); any strides whose H and W
-    merge. fp32 uses TF32 dots where torch.backends.cudnn.allow_tf32 lets cuDNN convolutions.
+    merge. fp32 uses TF32 dots where cuDNN convolutions may (backend.cudnn_conv_tf32).
     ``config`` (for tuning, bench/bench_fused_step.py) overrides any of BLOCK_M, BLOCK_C (powers
     of two, 16 or more), num_warps, num_stages."""
     b, cin, hh, ww = x_t.shape
@@ -207,8 +208,7 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
     tiles.update(config or {})
     bm, bc = tiles["BLOCK_M"], tiles["BLOCK_C"]
     npb = triton.cdiv(hh * ww, bm)
-    prec = "tf32" if dt == torch.float32 and torch.backends.cudnn.allow_tf32 and x_t.is_cuda \
-        else "ieee"
+    prec = "tf32" if dt == torch.float32 and x_t.is_cuda and cudnn_conv_tf32() else "ieee"
     # The operands' own dtype on a GPU; fp32 in Triton's CPU interpreter, whose dot is wrong
     # for bf16 (numpy has no bf16).
     dot_ty = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

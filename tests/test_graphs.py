@@ -1,6 +1,8 @@
 """CUDA-graph replay of whole time loops. On a GPU the real graphs; on CPU the same cache with
 an emulated graph (graphs.EMULATE_ON_CPU), so its copy-in / clone-out logic is tested in CI."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -270,3 +272,37 @@ def test_frozen_first_layer_output_saved_by_the_next_is_not_overwritten(device):
             grads.append(torch.autograd.grad(loss1, list(m.cell_list[1].parameters())))
         for a, b in zip(*grads):
             torch.testing.assert_close(b, a, msg=f"call {call}")
+
+
+@contextlib.contextmanager
+def _conv_rnn_precision(conv: str, rnn: str):
+    """cuDNN's per-op TF32 flags set, and restored after (monkeypatch cannot undo these)."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = conv, rnn
+    try:
+        yield
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+
+
+def test_tf32_set_through_the_newer_api_alone(device):
+    """A user who sets only cudnn.conv.fp32_precision leaves the RNN flag as it was, and the
+    legacy cudnn.allow_tf32 then raises when read: the captured path must not read it (it
+    did, per call, for the cache key), and the key must follow the convolution's flag."""
+    from triton_convlstm.backend import cudnn_conv_tf32
+
+    with _conv_rnn_precision("ieee", "tf32"):
+        with pytest.raises(RuntimeError):
+            torch.backends.cudnn.allow_tf32  # noqa: B018  (the mixed state this test is about)
+        assert cudnn_conv_tf32() is False
+        eager, graphed = _pair(device=device)
+        x = torch.randn(3, 5, 4, 12, 10, device=device)
+        want = _step(eager, x)
+        for _ in range(3):  # warm-up, capture, replay
+            got = _step(graphed, x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        flags = graphs._backend_flags()
+    with _conv_rnn_precision("tf32", "ieee"):
+        assert cudnn_conv_tf32() is True and graphs._backend_flags() != flags

@@ -43,6 +43,24 @@ def exporting() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def cudnn_conv_tf32() -> bool:
+    """Whether cuDNN convolutions may use TF32 for fp32, whichever API set it.
+
+    The legacy ``torch.backends.cudnn.allow_tf32`` raises once a user set the per-op flags of
+    the newer API to disagree (``torch.backends.cudnn.conv.fp32_precision = "ieee"`` alone
+    leaves the RNN flag at "tf32"); then the convolution's own flag decides, "none" deferring
+    to cuDNN's and then to the global one."""
+    cudnn = torch.backends.cudnn
+    try:
+        return bool(cudnn.allow_tf32)
+    except RuntimeError:
+        for scope in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+            precision = getattr(scope, "fp32_precision", "none")
+            if precision != "none":
+                return precision == "tf32"
+        return False
+
+
 def check_backend_name(backend: str) -> None:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

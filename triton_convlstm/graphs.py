@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from .backend import cudnn_conv_tf32
+
 # Above this many state elements per step (B*hidden*H*W), the GPU work of a step hides its launch
 # cost, so replaying a graph saves little and its static buffers cost memory.
 MAX_STATE_ELEMENTS = 1 << 23
@@ -75,7 +77,7 @@ def _signature(args) -> tuple:
 def _backend_flags() -> tuple:
     """Settings that change which convolution algorithms a capture bakes in."""
     cudnn = torch.backends.cudnn
-    return (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32,
+    return (cudnn.enabled, cudnn.deterministic, cudnn.benchmark, cudnn_conv_tf32(),
             torch.are_deterministic_algorithms_enabled())
 
 
