@@ -193,7 +193,8 @@ def test_backward_graph_reads_the_forward_buffers_without_copies(monkeypatch):
         for a, b in zip(_step(graphed, x), _step(eager, x)):
             torch.testing.assert_close(a, b)
     forward = [e for k, e in graphs.FORWARD.entries.items() if k[0][1]]  # save=True entries
-    bound = [e for k, e in graphs.BACKWARD.entries.items() if len(k[0]) == 3]
+    bound = [e for k, e in graphs.BACKWARD.entries.items()  # keyed on a forward entry
+             if any(isinstance(part, graphs._Entry) for part in k[0])]
     assert forward and bound
     for b in bound:
         f = next(f for f in forward if any(t is f.static_out[3] for t in b.static_args))
@@ -306,3 +307,29 @@ def test_tf32_set_through_the_newer_api_alone(device):
         flags = graphs._backend_flags()
     with _conv_rnn_precision("tf32", "ieee"):
         assert cudnn_conv_tf32() is True and graphs._backend_flags() != flags
+
+
+def test_a_collected_module_drops_its_captured_loops(device):
+    """Training keeps a module's saved activations in its own forward entry, which the backward
+    entries read: when the module goes, both go with it (their buffers freed), and a new module
+    that happens to get the same id does not find them."""
+    import gc
+
+    _, graphed = _pair(device=device)
+    x = torch.randn(3, 5, 4, 12, 10, device=device)
+    for _ in range(3):  # warm-up, capture, replay
+        _step(graphed, x)
+    owned = [e for e in graphs.FORWARD.entries.values() if e.owner is not None]
+    assert len(owned) == 2 and len(graphs.BACKWARD.entries) == 2  # one of each per layer
+    slots = {e.owner for e in owned}
+    assert slots == {graphs.slot_of(cell) for cell in graphed.cell_list}
+    del graphed, owned
+    gc.collect()
+    assert not any(e.owner in slots for e in graphs.FORWARD.entries.values())
+    assert not graphs.BACKWARD.entries
+    assert not any(own in slots for own in graphs.FORWARD.seen.values())
+    # The cache still works for a new model (its first call runs eagerly, then it captures).
+    _, again = _pair(device=device)
+    for _ in range(3):
+        _step(again, x)
+    assert len(graphs.BACKWARD.entries) == 2

@@ -302,7 +302,10 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) ->
 
 def release(device: torch.device) -> None:
     """Drop what a finished case left behind (compiled graphs, CUDA-graph pools, cached blocks)."""
+    from . import graphs
+
     torch._dynamo.reset()
+    graphs.clear()  # inference entries are shared by signature, not owned by a module
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -8,7 +8,8 @@ shapes. The exceptions are asked for by name (``keep``): eager training keeps th
 activations in the forward entry's buffers and checks the entry's ``generation`` before reading,
 and ConvLSTM.forward takes the last layer's outputs (every layer's, in inference) uncloned and
 copies what it returns at once. The first call for a new signature runs eagerly (that compiles
-the Triton kernels and lets cuDNN pick its algorithms); the second captures.
+the Triton kernels and lets cuDNN pick its algorithms); the second captures. A module's own
+training entries (:func:`slot_of`) are dropped when the module is collected.
 
 One entry serves every call with its signature (inference entries are shared by all layers and
 modules with the same shapes), so calls from several threads take turns: :data:`LOCK` is held
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -96,6 +98,7 @@ class _Entry:
             for i, a in enumerate(args)
         ]
         self.fn, self.graph, self.generation, self.stream = fn, None, 0, None
+        self.owner = None  # GraphCache.run_with_entry's owner
         first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
         if not first.is_cuda:  # EMULATE_ON_CPU
             self.static_out = fn(*self.static_args)
@@ -142,7 +145,7 @@ class GraphCache:
     def __init__(self, max_entries: int = 32):  # a deep model holds ~3 entries per layer
         self.max_entries = max_entries
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        self.seen: set[tuple] = set()
+        self.seen: dict[tuple, object] = {}  # first (uncaptured) calls: key -> owner
         self.captures = 0  # for tests: how many captures happened
         self.evictions = 0
 
@@ -151,6 +154,17 @@ class GraphCache:
             self.entries.clear()
             self.seen.clear()
             self.evictions = 0
+
+    def drop(self, owner=None, uses=()) -> list[_Entry]:
+        """Forget the entries (and first calls) of ``owner``, and those whose key holds one of
+        the entries in ``uses``; returns the entries dropped (their buffers go with them)."""
+        def match(full_key, own):
+            return (owner is not None and own == owner) or any(
+                part is e for part in full_key[0] for e in uses)
+        with LOCK:
+            gone = [k for k, e in self.entries.items() if match(k, e.owner)]
+            self.seen = {k: own for k, own in self.seen.items() if not match(k, own)}
+            return [self.entries.pop(k) for k in gone]
 
     def thrashing(self) -> bool:
         """More signatures in rotation than entries: every call would capture anew (a warm-up
@@ -164,26 +178,29 @@ class GraphCache:
         return self.run_with_entry(fn, args, key, layouts=layouts, keep=keep)[0]
 
     def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=(), layouts=None,
-                       before_replay=None):
+                       before_replay=None, owner=None):
         """As :meth:`run`, also returning the entry that replayed (None for an uncaptured call).
         ``shared``, ``keep`` and ``layouts`` as in :class:`_Entry`. ``before_replay`` is called
         between a capture and its first replay: capturing runs fn once, which matters for fns
-        that consume their (shared) inputs."""
+        that consume their (shared) inputs. ``owner``: a :func:`slot_of` value, part of the
+        key; the entry is dropped when that module is collected."""
         with LOCK:
-            return self._run_with_entry(fn, args, key, shared, keep, layouts, before_replay)
+            return self._run_with_entry(fn, args, key, shared, keep, layouts, before_replay,
+                                        owner)
 
-    def _run_with_entry(self, fn, args, key, shared, keep, layouts, before_replay):
-        full_key = (key, _backend_flags(), _signature(args))
+    def _run_with_entry(self, fn, args, key, shared, keep, layouts, before_replay, owner):
+        full_key = ((*key, owner), _backend_flags(), _signature(args))
         entry = self.entries.get(full_key)
         if entry is None:
             if full_key not in self.seen or self.thrashing():
-                self.seen.add(full_key)
+                self.seen[full_key] = owner
                 return fn(*args), None
             # Static copies made here must be ordinary tensors even when this call runs under
             # inference_mode: a later call under no_grad copies into them. (inference_mode(False)
             # turns grad mode back on, hence no_grad.)
             with torch.inference_mode(False), torch.no_grad():
                 entry = _Entry(fn, args, shared, layouts)
+            entry.owner = owner
             self.captures += 1
             self.entries[full_key] = entry
             if before_replay is not None:
@@ -211,3 +228,25 @@ def clear() -> None:
     """Drop every captured graph (frees their static buffers)."""
     FORWARD.clear()
     BACKWARD.clear()
+
+
+_WATCHED: set[int] = set()  # slots with a finalizer on their module
+
+
+def slot_of(module) -> int:
+    """The cache slot of a module's own captured loops (training keeps its saved activations in
+    them): its id, valid while it lives. When the module is collected, its entries, and the
+    backward entries that read their buffers, are dropped: their static buffers (several
+    activations' worth) are freed at once, not when the LRU gets to them, and a new module
+    that reuses the id cannot find them."""
+    slot = id(module)
+    if slot not in _WATCHED:
+        _WATCHED.add(slot)
+        weakref.finalize(module, _forget, slot).atexit = False  # nothing to free at exit
+    return slot
+
+
+def _forget(slot: int) -> None:
+    with LOCK:  # reentrant: a collection may run inside this thread's own locked call
+        _WATCHED.discard(slot)
+        BACKWARD.drop(uses=FORWARD.drop(owner=slot))

@@ -231,7 +231,7 @@ def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, u
     with graphs.LOCK:  # the generation read must be this call's replay's
         out, entry = graphs.FORWARD.run_with_entry(
             lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
-            key=(spec, save, slot), keep=range(4) if static_outputs else (2, 3),
+            key=(spec, save), owner=slot, keep=range(4) if static_outputs else (2, 3),
             layouts=_ARG0_SEQ_LAYOUT,
         )
         if entry is None:  # the uncaptured warm-up call: its outputs are fresh tensors
