@@ -333,3 +333,21 @@ def test_a_collected_module_drops_its_captured_loops(device):
     for _ in range(3):
         _step(again, x)
     assert len(graphs.BACKWARD.entries) == 2
+
+
+@pytest.mark.gpu
+def test_captures_on_a_second_gpu_replay_its_work():
+    """After a capture on cuda:0, a model on cuda:1 must capture on cuda:1 (torch's default
+    capture stream lives on the first capture's device): replays with fresh data must give
+    fresh results, equal to the uncaptured model's."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    _, first = _pair(device="cuda:0")
+    for _ in range(3):
+        _step(first, torch.randn(3, 5, 4, 12, 10, device="cuda:0"))
+    eager, graphed = _pair(device="cuda:1")
+    for train in (False, True):
+        for call in range(4):
+            x = torch.randn(3, 5, 4, 12, 10, device="cuda:1")
+            for a, b in zip(_step(graphed, x, train), _step(eager, x, train)):
+                torch.testing.assert_close(a, b, msg=f"train={train} call {call}")

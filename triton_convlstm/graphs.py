@@ -103,7 +103,7 @@ class _Entry:
         if not first.is_cuda:  # EMULATE_ON_CPU
             self.static_out = fn(*self.static_args)
             return
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream(device=first.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture, on the capture's stream kind
             fn(*self.static_args)
@@ -111,7 +111,10 @@ class _Entry:
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls other threads make meanwhile (their own uncaptured models,
         # allocations) do not invalidate this capture; this thread makes none that would.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # On the warm-up's stream, which is on x's device: without a stream torch captures on
+        # one process-wide stream made on the device of the first capture ever, so a capture
+        # on another GPU would record nothing (its kernels would run uncaptured).
+        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.static_out = fn(*self.static_args)
         self.stream = torch.cuda.current_stream()
 
