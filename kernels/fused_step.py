@@ -39,21 +39,22 @@ def _segment(acc, src, s_b, s_c, s_h, s_w, w_ptr, s_wk, b, py, px, pmask, HH, WW
     """acc += this segment's (x_t's or h's) taps: for each of the KH*KW shifts, the pixels'
     shifted CH-channel rows (zero outside the image) times the weight's rows for that shift,
     at the weight columns ``cols`` (the tile's channels, four gates each)."""
-    # Loops, not unrolled: 9 taps x CH / BLOCK_K unrolled dots took a minute to compile.
-    for tap in range(KH * KW):
+    # One flat loop over (tap, K slice), not unrolled (9 taps x CH / BLOCK_K unrolled dots took
+    # a minute to compile) and not nested: Triton pipelines the innermost loop only (the
+    # num_stages loads in flight), and per tap the K loop mostly runs once.
+    NK: tl.constexpr = (CH + BLOCK_K - 1) // BLOCK_K
+    for it in range(KH * KW * NK):
+        tap = it // NK
+        kk = (it % NK) * BLOCK_K + tl.arange(0, BLOCK_K)
         iy = py - PAD_H + (tap // KW) * DIL_H
         ix = px - PAD_W + (tap % KW) * DIL_W
         inside = pmask & (iy >= 0) & (iy < HH) & (ix >= 0) & (ix < WW)
-        base = src + b * s_b + iy * s_h + ix * s_w
-        row0 = ROW0 + tap * CH
-        for k0 in range(0, CH, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < CH
-            a = tl.load(base[:, None] + kk[None, :] * s_c,
-                        mask=inside[:, None] & kmask[None, :], other=0.0).to(DOT_TY)
-            w = tl.load(w_ptr + (row0 + kk)[:, None] * s_wk + cols[None, :],
-                        mask=kmask[:, None] & cols_mask[None, :], other=0.0).to(DOT_TY)
-            acc = tl.dot(a, w, acc, input_precision=PREC)
+        kmask = kk < CH
+        a = tl.load((src + b * s_b + iy * s_h + ix * s_w)[:, None] + kk[None, :] * s_c,
+                    mask=inside[:, None] & kmask[None, :], other=0.0).to(DOT_TY)
+        w = tl.load(w_ptr + (ROW0 + tap * CH + kk)[:, None] * s_wk + cols[None, :],
+                    mask=kmask[:, None] & cols_mask[None, :], other=0.0).to(DOT_TY)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
     return acc
 
 
