@@ -4,8 +4,9 @@ CPU interpreter on a tiny shape, to test the plumbing.)
 split: what the layer's inference forward runs now: one input convolution over all T*B frames,
        then per step the hidden convolution (cuDNN, channels_last, no bias) and the gate kernel.
 fused: per step one kernels/fused_step.py launch, for each tile configuration tried.
-Each variant is the whole sequence captured in one CUDA graph; variants take turns round by
-round; times are medians per sequence. ``speedup`` is split_ms / fused_ms of the best config.
+Each variant is the whole sequence captured in one CUDA graph; each fused config takes turns
+with the split step, round by round; times are medians per sequence (split_ms over all its
+rounds). ``speedup`` is split_ms / fused_ms of the best config.
 
     python bench/bench_fused_step.py [--shapes S,M,L] [--dtype bf16,fp32] [--sweep]
         [--rounds N] [--reps N] [--out FILE.json] [--dry-run]
@@ -93,39 +94,56 @@ def _name(cfg) -> str:
 
 
 def run(shapes, dtypes, device, sweep=False, rounds=5, reps=10, grid=None, on_row=None):
-    """One row per (shape, dtype); ``on_row(rows)`` after each (a capped run keeps them)."""
+    """One row per (shape, dtype), filled in one tile config at a time: each config is
+    captured, then timed against the split step in rounds that take turns, and ``on_row(rows)``
+    is called after each, so a run cut off mid-sweep keeps every config it finished (a sweep at
+    M compiles ~30 kernels, longer than a GPU session's phase may be)."""
     device = torch.device(device)
     rows = []
     for shape in shapes:
         for dname in dtypes:
             case = make_case(shape, DTYPES[dname], device)
-            bodies = {"split": partial(split_forward, case)}
-            for cfg in configs(shape.hidden, sweep, grid):
-                bodies[_name(cfg)] = partial(fused_forward, case, cfg)
+            row = {"shape": shape.name, "label": shape.label, "dtype": dname, "split_ms": None,
+                   "fused_default_ms": None, "best": None, "best_ms": None, "speedup": None,
+                   "configs_ms": {}, "errors": {}, "rounds": rounds, "reps": reps}
+            rows.append(row)
+            split_times: list[float] = []
             with torch.no_grad():
-                steps, errors = {}, {}
-                for name, body in bodies.items():
-                    try:
-                        steps[name] = graphed(body, device)
-                    except Exception as exc:  # a config that does not fit (shared memory...)
-                        errors[name] = f"{type(exc).__name__}: {exc}"[:300]
-                times = interleaved(steps, device, rounds=rounds, reps=reps)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            fused = {k: v for k, v in med.items() if k != "split"}
-            best = min(fused, key=fused.get) if fused else None
-            rows.append({
-                "shape": shape.name, "label": shape.label, "dtype": dname,
-                "split_ms": med.get("split"), "fused_default_ms": med.get("default"),
-                "best": best, "best_ms": fused.get(best),
-                "speedup": med["split"] / fused[best] if best and "split" in med else None,
-                "configs_ms": fused, "errors": errors, "rounds": rounds, "reps": reps,
-            })
-            if on_row is not None:
-                on_row(rows)
-            del steps, case
+                try:
+                    split = graphed(partial(split_forward, case), device)
+                except Exception as exc:
+                    row["errors"]["split"] = f"{type(exc).__name__}: {exc}"[:300]
+                    split = None
+                for cfg in configs(shape.hidden, sweep, grid):
+                    name = _name(cfg)
+                    try:  # a config that does not fit (shared memory...) is reported, not fatal
+                        step = graphed(partial(fused_forward, case, cfg), device)
+                    except Exception as exc:
+                        row["errors"][name] = f"{type(exc).__name__}: {exc}"[:300]
+                        continue
+                    pair = {name: step} if split is None else {"split": split, name: step}
+                    times = interleaved(pair, device, rounds=rounds, reps=reps)
+                    split_times += times.get("split", [])
+                    row["configs_ms"][name] = statistics.median(times[name])
+                    _summarise(row, split_times)
+                    if on_row is not None:
+                        on_row(rows)
+                    del step, pair
+            del split, case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            if on_row is not None:
+                on_row(rows)
     return rows
+
+
+def _summarise(row: dict, split_times: list[float]) -> None:
+    fused = row["configs_ms"]
+    row["split_ms"] = statistics.median(split_times) if split_times else None
+    row["fused_default_ms"] = fused.get("default")
+    row["best"] = min(fused, key=fused.get)
+    row["best_ms"] = fused[row["best"]]
+    row["speedup"] = row["split_ms"] / row["best_ms"] if row["split_ms"] else None
 
 
 def main(argv=None) -> int:

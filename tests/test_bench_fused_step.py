@@ -37,3 +37,20 @@ def test_dry_run_writes_rows(tmp_path, capsys):
     assert not r["errors"] and set(r["configs_ms"]) == {"default", "m16-c16-w4-s2"}
     assert r["split_ms"] > 0 and r["best_ms"] > 0 and r["speedup"] > 0
     assert "split/best" in capsys.readouterr().out
+
+
+def test_rows_grow_one_config_at_a_time():
+    """A GPU phase cut off mid-sweep keeps what it finished: the row is written after each
+    config, and a config that cannot run is reported without stopping the others."""
+    import copy
+
+    snapshots = []
+    grid = {"BLOCK_M": (16, 24), "BLOCK_C": (16,), "num_warps": (4,), "num_stages": (2,)}
+    bench.run([bench.DRY], ["fp32"], "cpu", sweep=True, rounds=1, reps=1, grid=grid,
+              on_row=lambda rows: snapshots.append(copy.deepcopy(rows)))
+    first = snapshots[0][0]
+    assert set(first["configs_ms"]) == {"default"} and first["split_ms"] > 0
+    assert first["best"] == "default" and first["speedup"] > 0
+    last = snapshots[-1][0]
+    assert set(last["configs_ms"]) == {"default", "m16-c16-w4-s2"}
+    assert set(last["errors"]) == {"m24-c16-w4-s2"}  # tl.arange: powers of two only

@@ -192,8 +192,10 @@ def _convs_only_step(shape: Shape, dt, mode: str, device: torch.device, seed: in
 
 
 def graphed(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """On CUDA, ``body`` captured in one graph (its replay is what gets timed); else ``body``."""
+    """On CUDA, ``body`` captured in one graph (its replay is what gets timed); else ``body``,
+    run once here all the same, so that a body that cannot run fails in this call anywhere."""
     if device.type != "cuda":
+        body()
         return body
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
