@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from triton_convlstm.benchmark import main
 
@@ -250,3 +251,18 @@ def test_documented_gpu_calls_parse():
         # Two calls and the machine's start fit the session's 15 minutes of device time.
         assert args.budget_s <= 400
     assert parser().parse_args(calls[0]).test_paths == ["tests"]
+
+
+def test_layer_impl_names_set_the_layer_switches():
+    from triton_convlstm.bench_cases import LAYER_IMPLS, SHAPES, _configure, make_models
+
+    want = {  # cuda_graphs, recompute_gates, fused_forward
+        "layer": (True, False, False), "layer-nographs": (False, False, False),
+        "layer-recompute": (True, True, False), "layer-fused": (True, False, True),
+        "layer-fused-nographs": (False, False, True),
+    }
+    assert set(want) == set(LAYER_IMPLS)
+    _, layer = make_models(SHAPES["cpu-s"], torch.device("cpu"), torch.float32)
+    for impl, switches in want.items():
+        _configure(layer, impl)
+        assert (layer.cuda_graphs, layer.recompute_gates, layer.fused_forward) == switches, impl

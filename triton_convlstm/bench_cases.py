@@ -62,8 +62,10 @@ GPU_SHAPES = ("S", "M", "L")
 CPU_SHAPES = ("cpu-s", "cpu-m")
 # "layer-nographs": the layer with its CUDA-graph replay off (what the graphs buy, per shape);
 # "layer-recompute": with recompute_gates=True (what the memory it saves costs in time);
-# "layer-fused": one Triton kernel per forward step (LayerSpec.fused; on CPU the same as layer).
-LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute", "layer-fused")
+# "layer-fused": one Triton kernel per forward step (LayerSpec.fused; on CPU the same as layer);
+# "layer-fused-nographs": that without graphs (a profile then sees each kernel).
+LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute", "layer-fused",
+               "layer-fused-nographs")
 IMPLS = ("eager", "compiled", "compiled-ro", *LAYER_IMPLS, "convs-only")
 COMPILED_IMPLS = ("compiled", "compiled-ro")
 CUDA_ONLY_IMPLS = ("compiled-ro",)  # reduce-overhead means CUDA graphs
@@ -91,9 +93,10 @@ def make_models(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 
 def _configure(layer, impl: str) -> None:
     """The layer's switches for a LAYER_IMPLS name (the others get the plain layer)."""
-    layer.cuda_graphs = impl != "layer-nographs"
-    layer.recompute_gates = impl == "layer-recompute"
-    layer.fused_forward = impl == "layer-fused"
+    switches = set(impl.split("-")[1:]) if impl in LAYER_IMPLS else set()
+    layer.cuda_graphs = "nographs" not in switches
+    layer.recompute_gates = "recompute" in switches
+    layer.fused_forward = "fused" in switches
 
 
 def _sequence_of(impl: str, model) -> Callable[[torch.Tensor], torch.Tensor]:
