@@ -351,3 +351,22 @@ def test_captures_on_a_second_gpu_replay_its_work():
             x = torch.randn(3, 5, 4, 12, 10, device="cuda:1")
             for a, b in zip(_step(graphed, x, train), _step(eager, x, train)):
                 torch.testing.assert_close(a, b, msg=f"train={train} call {call}")
+
+
+def test_an_evicted_forward_entry_takes_its_backward_entries_along(monkeypatch):
+    """Backward entries (and first-call keys) hold the forward entry whose buffers they read:
+    left behind, they would keep an evicted entry's static buffers alive."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    monkeypatch.setattr(graphs.FORWARD, "max_entries", 2)
+    _, graphed = _pair(device="cpu", peephole=False)
+    for shape in [(2, 3, 4, 6 + i, 5) for i in range(2)]:  # 4 entries: 2 evicted
+        x = torch.randn(shape)
+        for _ in range(3):  # warm-up, capture, replay: forward and backward entries
+            _step(graphed, x)
+    assert graphs.FORWARD.evictions > 0
+    live = set(map(id, graphs.FORWARD.entries.values()))
+    keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
+    held = {id(p) for k in keys for p in k[0] if isinstance(p, graphs._Entry)}
+    assert held and held <= live
+    graphs.clear()

@@ -151,6 +151,9 @@ class GraphCache:
         self.seen: dict[tuple, object] = {}  # first (uncaptured) calls: key -> owner
         self.captures = 0  # for tests: how many captures happened
         self.evictions = 0
+        # The cache whose keys hold this one's entries (the backward's hold the forward entry
+        # whose buffers they read): entries dropped here take theirs along.
+        self.dependents: GraphCache | None = None
 
     def clear(self) -> None:
         with LOCK:  # not under another thread's replay
@@ -167,7 +170,10 @@ class GraphCache:
         with LOCK:
             gone = [k for k, e in self.entries.items() if match(k, e.owner)]
             self.seen = {k: own for k, own in self.seen.items() if not match(k, own)}
-            return [self.entries.pop(k) for k in gone]
+            dropped = [self.entries.pop(k) for k in gone]
+            if dropped and self.dependents is not None:
+                self.dependents.drop(uses=dropped)
+            return dropped
 
     def thrashing(self) -> bool:
         """More signatures in rotation than entries: every call would capture anew (a warm-up
@@ -209,8 +215,10 @@ class GraphCache:
             if before_replay is not None:
                 before_replay()
             while len(self.entries) > self.max_entries:
-                self.entries.popitem(last=False)
+                _, evicted = self.entries.popitem(last=False)
                 self.evictions += 1
+                if self.dependents is not None:  # their keys would keep its buffers alive
+                    self.dependents.drop(uses=[evicted])
                 if self.thrashing():
                     warnings.warn(
                         f"triton_convlstm: more than {self.max_entries} input signatures are in "
@@ -225,6 +233,7 @@ class GraphCache:
 
 FORWARD = GraphCache()
 BACKWARD = GraphCache()
+FORWARD.dependents = BACKWARD
 
 
 def clear() -> None:
@@ -252,4 +261,4 @@ def slot_of(module) -> int:
 def _forget(slot: int) -> None:
     with LOCK:  # reentrant: a collection may run inside this thread's own locked call
         _WATCHED.discard(slot)
-        BACKWARD.drop(uses=FORWARD.drop(owner=slot))
+        FORWARD.drop(owner=slot)  # and, through FORWARD.dependents, the backward entries
