@@ -237,6 +237,28 @@ def test_popular_calling_conventions():
     assert isinstance(ours.cell_list, nn.ModuleList)
 
 
+def test_popular_keyword_names_and_helpers():
+    """Code written against the popular module calls forward with its argument names, reads
+    the cells' padding and builds zero states with _init_hidden."""
+    torch.manual_seed(15)
+    theirs = PopularConvLSTM(3, [4, 2], [(3, 3), (5, 3)], 2, True, True, True)
+    ours = ConvLSTM(3, [4, 2], [(3, 3), (5, 3)], 2, True, True, True, backend="torch")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 3, 6, 5)
+    by_keyword, _ = ours(input_tensor=x, hidden_state=None)
+    torch.testing.assert_close(by_keyword[-1], theirs(input_tensor=x)[0][-1])
+    states = ours._init_hidden(batch_size=2, image_size=(6, 5))
+    want = theirs._init_hidden(batch_size=2, image_size=(6, 5))
+    assert [tuple(t.shape) for p in states for t in p] == [tuple(t.shape) for p in want for t in p]
+    assert all(not t.any() for p in states for t in p)
+    torch.testing.assert_close(ours(x, states)[0][-1], by_keyword[-1])
+    for mine, popular in zip(ours.cell_list, theirs.cell_list):
+        assert mine.padding == popular.padding
+        h, c = mine(input_tensor=x[:, 0] if mine.input_dim == 3 else by_keyword[0][:, 0],
+                    cur_state=mine.init_hidden(2, (6, 5)))
+        assert h.shape == (2, mine.hidden_dim, 6, 5)
+
+
 def test_same_seed_same_init():
     """Construction draws the parameters exactly as the popular module does (nn.Conv2d's init in
     the same order), so the same seed gives identical state_dicts."""

@@ -394,3 +394,24 @@ def test_op_recorder_sees_a_real_forward():
     with rec:
         m(x)
     assert rec.computed(), rec.ops
+
+
+def test_state_hints_name_the_likely_mistake():
+    m1 = ConvLSTM(3, 4, 3, 1, batch_first=True)
+    h, c = torch.zeros(2, 4, 5, 6), torch.zeros(2, 4, 5, 6)
+    with pytest.raises(ValueError, match=r"\[\(h, c\)\]"):  # a bare pair for a one-layer model
+        m1(x_ok(), (h, c))
+    m2 = ConvLSTM(3, [4, 4], 3, 2, batch_first=True)  # last_states of the last layer only
+    _, last = m2(x_ok())
+    with pytest.raises(ValueError, match="return_all_layers=True"):
+        m2(x_ok(), last)
+
+
+def test_numpy_integers_are_ints():
+    np = pytest.importorskip("numpy")
+    m = ConvLSTM(np.int64(3), np.int64(4), (np.int32(3), 3), np.int64(1), batch_first=True)
+    h, c = m.cell_list[0].init_hidden(np.int64(2), (np.int64(5), 6))
+    outs, _ = m(x_ok(), [(h, c)])
+    assert outs[0].shape == (2, 3, 4, 5, 6)
+    with pytest.raises(TypeError, match="hidden_dim"):
+        ConvLSTM(3, np.float64(4.0), 3, 1)

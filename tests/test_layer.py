@@ -563,3 +563,27 @@ def test_a_model_pickled_before_a_switch_existed_still_runs():
     old = pickle.loads(pickle.dumps(m))
     assert rel_err(old(x)[0][0], want) <= 1e-6
     assert old.recompute_gates is False and old.fused_forward is False
+
+
+def test_autocast_casts_given_states_and_leaves_float64_alone():
+    """Under autocast, states made outside it (float32 h, as init_hidden gives for a float32
+    model) are cast as autocast casts an op's inputs; float64 work is not autocast at all."""
+    torch.manual_seed(8)
+    m = ConvLSTM(2, [3, 4], 3, 2, batch_first=True, return_all_layers=True, backend="torch")
+    x = torch.randn(2, 3, 2, 5, 6)
+    h0 = [torch.randn(2, hid, 5, 6, requires_grad=True) for hid in (3, 4)]
+    c0 = [torch.randn(2, hid, 5, 6, requires_grad=True) for hid in (3, 4)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs, last = m(x, list(zip(h0, c0)))
+        want, _ = m(x, [(h.bfloat16(), c) for h, c in zip(h0, c0)])
+        cell = m.cell_list[0]
+        h1, c1 = cell(x[:, 0], cell.init_hidden(2, (5, 6)))  # the README's pattern
+    assert outs[-1].dtype == torch.bfloat16 and last[-1][1].dtype == torch.float32
+    torch.testing.assert_close(outs[-1], want[-1], rtol=0, atol=0)
+    assert h1.dtype == torch.bfloat16 and c1.dtype == torch.float32
+    grads = torch.autograd.grad(outs[-1].float().sum(), h0 + c0)
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+    m64 = m.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out64, last64 = m64(x.double())
+    assert out64[-1].dtype == torch.float64 and last64[-1][1].dtype == torch.float64

@@ -213,8 +213,15 @@ class _EagerLayer(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a clear error for double backward
     def backward(ctx, *grads):
+        # The engine runs a backward with grad mode on exactly when create_graph=True: a second
+        # derivative through this one would silently miss its terms (once_differentiable
+        # raises only when an incoming gradient requires grad; a .sum() loss's does not).
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "ConvLSTM: double backward is not supported: its backward is not itself "
+                "differentiable, so create_graph=True through the layer (gradient penalties, "
+                "Hessian-vector products, MAML) would miss its second-order terms")
         # Unpacking the saved tensors checks their versions: not while another thread's replay
         # or backward is updating the shared buffers (their counters are restored only after).
         with graphs.LOCK if ctx.graph is not None else contextlib.nullcontext():

@@ -76,8 +76,16 @@ class ConvLSTMCell(nn.Module):
         h = torch.zeros(batch_size, self.hidden_dim, height, width, device=w.device, dtype=w.dtype)
         return h, torch.zeros_like(h, dtype=state_dtype(w.dtype))
 
-    def forward(self, x: Tensor, cur_state: State | None = None) -> State:
-        """x: (B, input_dim, H, W); cur_state: (h, c) or None (zeros). Returns (h, c)."""
+    @property
+    def padding(self) -> tuple[int, int]:
+        """The popular cell's attribute: (kh // 2, kw // 2), "same" for odd kernels (even ones
+        pad one more at the bottom/right here; see conv.same_padding)."""
+        return self.kernel_size[0] // 2, self.kernel_size[1] // 2
+
+    def forward(self, input_tensor: Tensor, cur_state: State | None = None) -> State:
+        """input_tensor: (B, input_dim, H, W); cur_state: (h, c) or None (zeros). Returns (h, c).
+        (Argument names as the popular cell's, so keyword calls keep working.)"""
+        x = input_tensor
         validation.frame_input(x, self.input_dim, self.conv.weight)
         dtype = validation.compute_dtype(x, self.conv.weight)
         b, _, height, width = x.shape
@@ -86,7 +94,8 @@ class ConvLSTMCell(nn.Module):
             h, c = h.to(dtype), c.to(state_dtype(dtype))
         else:
             h, c = validation.state_pair(
-                "cur_state", cur_state, (b, self.hidden_dim, height, width), dtype, x.device
+                "cur_state", cur_state, (b, self.hidden_dim, height, width), dtype, x.device,
+                cast=validation.autocasting(x),
             )
         weight, bias, peep = validation.cast_params(self.conv.weight, self.conv.bias,
                                                     self.peephole, dtype)
@@ -158,7 +167,9 @@ class ConvLSTM(nn.Module):
     # step (convolution and gate update fused; sequence.LayerSpec.fused).
     fused_forward = False
 
-    def forward(self, x: Tensor, hidden_state: list[State] | None = None):
+    def forward(self, input_tensor: Tensor, hidden_state: list[State] | None = None):
+        # Argument names as the popular module's, so keyword calls keep working.
+        x = input_tensor
         first = self.cell_list[0].conv.weight
         validation.sequence_input(x, self.input_dim, first, self.batch_first)
         dtype = validation.compute_dtype(x, first)
@@ -166,7 +177,7 @@ class ConvLSTM(nn.Module):
         _, b, _, height, width = seq.shape
         states = validation.hidden_state(
             hidden_state, [(b, c.hidden_dim, height, width) for c in self.cell_list], dtype,
-            x.device,
+            x.device, cast=validation.autocasting(x),
         )
         backend = resolve_backend(self.backend, x.device, dtype)
         use_graphs = [self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim, height,
@@ -178,6 +189,10 @@ class ConvLSTM(nn.Module):
         captures = not exporting() and any(use_graphs)
         with graphs.exclusive(x, captures):
             return self._layers(seq.to(dtype), states, backend, dtype, use_graphs)
+
+    def _init_hidden(self, batch_size: int, image_size) -> list[State]:
+        """Zero (h, c) per layer, as the popular module's method of this name."""
+        return [cell.init_hidden(batch_size, image_size) for cell in self.cell_list]
 
     def _layers(self, seq, states, backend, dtype, use_graphs):
         """Each layer over the time-major sequence in turn: (layer_outputs, last_states)."""

@@ -3,15 +3,29 @@ actual, before anything is computed (never a crash deep in a kernel)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
 from .reference import state_dtype
 
 
+def _is_int(value) -> bool:
+    """An int, or an integer type that says it is one (NumPy's int64, ...); not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, Tensor) or value.dim() == 0
+
+
 def positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not _is_int(value):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    value = operator.index(value)
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     return value
@@ -27,13 +41,11 @@ def flag(name: str, value) -> bool:
 
 def pair(name: str, value) -> tuple[int, int]:
     """An int or a 2-sequence of positive ints -> (a, b)."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name}: expected an int or a pair (h, w) of ints, got {value!r}")
-    for v in value:
-        positive_int(name, v)
-    return tuple(value)
+    return tuple(positive_int(name, v) for v in value)
 
 
 def per_layer(name: str, value, num_layers: int, scalar=None) -> list:
@@ -41,16 +53,16 @@ def per_layer(name: str, value, num_layers: int, scalar=None) -> list:
 
     ``scalar=int`` (hidden_dim) takes ints; otherwise (kernel_size, dilation) each entry is an
     int or an (h, w) pair, and a tuple of two ints is one pair for every layer."""
-    one = (isinstance(value, int) and not isinstance(value, bool)) or (
+    one = _is_int(value) or (
         scalar is None and isinstance(value, tuple) and len(value) == 2
-        and all(isinstance(v, int) for v in value)
+        and all(_is_int(v) for v in value)
     )
     if one:
         values = [value] * num_layers
     elif isinstance(value, (list, tuple)):
         if len(value) != num_layers:
             hint = ""
-            if scalar is None and len(value) == 2 and all(isinstance(v, int) for v in value):
+            if scalar is None and len(value) == 2 and all(_is_int(v) for v in value):
                 hint = f"; for one (h, w) for every layer pass a tuple: {tuple(value)}"
             raise ValueError(
                 f"{name}: expected one value or a list of num_layers={num_layers} values, "
@@ -91,43 +103,56 @@ def _nonempty(name: str, x: Tensor, what: str) -> None:
 
 
 def frame_input(x, input_dim: int, weight: Tensor) -> None:
-    """x: (B, input_dim, H, W)."""
-    _float_tensor("x", x)
+    """input_tensor: (B, input_dim, H, W)."""
+    _float_tensor("input_tensor", x)
     if x.dim() != 4:
-        raise ValueError(f"x: expected 4 dims (B, C, H, W), got {x.dim()} (shape {tuple(x.shape)})")
-    _channels("x", x, 1, input_dim)
-    _nonempty("x", x, "(B, C, H, W)")
-    _same_device("x", x, weight)
+        raise ValueError(f"input_tensor: expected 4 dims (B, C, H, W), got {x.dim()} "
+                         f"(shape {tuple(x.shape)})")
+    _channels("input_tensor", x, 1, input_dim)
+    _nonempty("input_tensor", x, "(B, C, H, W)")
+    _same_device("input_tensor", x, weight)
 
 
 def sequence_input(x, input_dim: int, weight: Tensor, batch_first: bool) -> None:
-    """x: (B, T, C, H, W) if batch_first else (T, B, C, H, W)."""
-    _float_tensor("x", x)
+    """input_tensor: (B, T, C, H, W) if batch_first else (T, B, C, H, W)."""
+    _float_tensor("input_tensor", x)
     layout = "(B, T, C, H, W)" if batch_first else "(T, B, C, H, W)"
     if x.dim() != 5:
-        raise ValueError(f"x: expected 5 dims {layout}, got {x.dim()} (shape {tuple(x.shape)})")
-    _channels("x", x, 2, input_dim)
+        raise ValueError(f"input_tensor: expected 5 dims {layout}, got {x.dim()} "
+                         f"(shape {tuple(x.shape)})")
+    _channels("input_tensor", x, 2, input_dim)
     steps = x.shape[1] if batch_first else x.shape[0]
     if steps == 0:
-        raise ValueError(f"x: expected sequence length T >= 1, got T == 0 (shape {tuple(x.shape)})")
-    _nonempty("x", x, layout)
-    _same_device("x", x, weight)
+        raise ValueError(f"input_tensor: expected sequence length T >= 1, got T == 0 "
+                         f"(shape {tuple(x.shape)})")
+    _nonempty("input_tensor", x, layout)
+    _same_device("input_tensor", x, weight)
+
+
+def autocasting(x: Tensor) -> bool:
+    """Whether autocast applies to x, as it would to a convolution's input: on for x's device,
+    and x not float64 (autocast leaves float64 alone)."""
+    return torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype the layer computes in: autocast's where it is on, else x's (which must then
+    """The dtype the layer computes in: autocast's where it applies, else x's (which must then
     equal the parameters')."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocasting(x):
         return torch.get_autocast_dtype(x.device.type)
     if x.dtype != weight.dtype:
         raise TypeError(
-            f"x: expected dtype {weight.dtype} (the parameters' dtype), got {x.dtype}; "
-            "convert the module with .to(dtype) or use torch.autocast"
+            f"input_tensor: expected dtype {weight.dtype} (the parameters' dtype), got "
+            f"{x.dtype}; convert the module with .to(dtype) or use torch.autocast"
         )
     return x.dtype
 
 
-def state_pair(name: str, pair_, shape, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+def state_pair(name: str, pair_, shape, dtype: torch.dtype, device,
+               cast: bool = False) -> tuple[Tensor, Tensor]:
+    """(h, c) checked: h in the compute dtype, c in the state dtype. ``cast`` (under autocast):
+    float states of other dtypes are cast to those, as autocast casts an op's inputs (zeros
+    made outside autocast, or states a run outside it returned, then work)."""
     if not isinstance(pair_, (tuple, list)) or len(pair_) != 2:
         raise TypeError(f"{name}: expected a pair (h, c) of tensors, got {type(pair_).__name__}")
     out = []
@@ -137,6 +162,8 @@ def state_pair(name: str, pair_, shape, dtype: torch.dtype, device) -> tuple[Ten
             raise TypeError(f"{label}: expected a torch.Tensor, got {type(part).__name__}")
         if tuple(part.shape) != tuple(shape):
             raise ValueError(f"{label}: expected shape {tuple(shape)}, got {tuple(part.shape)}")
+        if cast and part.is_floating_point():
+            part = part.to(want)
         if part.dtype != want:
             raise TypeError(f"{label}: expected dtype {want}, got {part.dtype}")
         if part.device != device:
@@ -145,18 +172,25 @@ def state_pair(name: str, pair_, shape, dtype: torch.dtype, device) -> tuple[Ten
     return out[0], out[1]
 
 
-def hidden_state(states, shapes, dtype: torch.dtype, device) -> list:
-    """None -> zeros (None, None) per layer; else one (h, c) per layer, checked."""
+def hidden_state(states, shapes, dtype: torch.dtype, device, cast: bool = False) -> list:
+    """None -> zeros (None, None) per layer; else one (h, c) per layer, checked (``cast``: see
+    :func:`state_pair`)."""
     if states is None:
         return [(None, None)] * len(shapes)
     if not isinstance(states, (list, tuple)) or len(states) != len(shapes):
         got = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
+        hint = ""
+        if isinstance(states, (list, tuple)) and all(isinstance(t, Tensor) for t in states):
+            hint = "; for one layer pass [(h, c)], a list holding the pair"
+        elif isinstance(states, (list, tuple)) and len(states) < len(shapes):
+            hint = ("; to continue a sequence, pass last_states from a model built with "
+                    "return_all_layers=True (it returns every layer's)")
         raise ValueError(
             f"hidden_state: expected a list of {len(shapes)} (h, c) pairs (one per layer), "
-            f"got {got}"
+            f"got {got}{hint}"
         )
     return [
-        state_pair(f"hidden_state[{i}]", s, shape, dtype, device)
+        state_pair(f"hidden_state[{i}]", s, shape, dtype, device, cast)
         for i, (s, shape) in enumerate(zip(states, shapes))
     ]
 
