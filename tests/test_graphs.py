@@ -2,6 +2,7 @@
 an emulated graph (graphs.EMULATE_ON_CPU), so its copy-in / clone-out logic is tested in CI."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -369,4 +370,24 @@ def test_an_evicted_forward_entry_takes_its_backward_entries_along(monkeypatch):
     keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
     held = {id(p) for k in keys for p in k[0] if isinstance(p, graphs._Entry)}
     assert held and held <= live
+    graphs.clear()
+
+
+def test_moving_on_from_well_used_shapes_is_not_thrashing(monkeypatch):
+    """Evicting entries that were replayed many times (a sweep over sizes, models made one
+    after another) must not turn capturing off for good; only entries never reused count."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    monkeypatch.setattr(graphs.FORWARD, "max_entries", 2)
+    _, graphed = _pair(device="cpu", peephole=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "signatures are in rotation" warning
+        for i in range(6):  # 6 shapes x 2 layers, one after another, each used 4 times
+            x = torch.randn(2, 3, 4, 6 + i, 5)
+            before = graphs.FORWARD.captures
+            for _ in range(4):
+                graphed(x)
+            assert graphs.FORWARD.captures - before == 2, i  # both layers captured anew
+    assert graphs.FORWARD.evictions > graphs.FORWARD.max_entries
+    assert not graphs.FORWARD.thrashing()
     graphs.clear()

@@ -99,6 +99,7 @@ class _Entry:
         ]
         self.fn, self.graph, self.generation, self.stream = fn, None, 0, None
         self.owner = None  # GraphCache.run_with_entry's owner
+        self.replays = 0
         first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
         if not first.is_cuda:  # EMULATE_ON_CPU
             self.static_out = fn(*self.static_args)
@@ -137,6 +138,7 @@ class _Entry:
                 with torch.autograd._unsafe_preserve_version_counter(dst):
                     dst.copy_(src)
         self.generation += 1
+        self.replays += 1
         # An empty output (a gradient nobody asked for) holds no data a replay could change.
         return [t if i in keep or t.numel() == 0 else t.clone()
                 for i, t in enumerate(self.static_out)]
@@ -151,6 +153,7 @@ class GraphCache:
         self.seen: dict[tuple, object] = {}  # first (uncaptured) calls: key -> owner
         self.captures = 0  # for tests: how many captures happened
         self.evictions = 0
+        self.wasted = 0  # evictions of entries never replayed after the call that captured them
         # The cache whose keys hold this one's entries (the backward's hold the forward entry
         # whose buffers they read): entries dropped here take theirs along.
         self.dependents: GraphCache | None = None
@@ -159,7 +162,7 @@ class GraphCache:
         with LOCK:  # not under another thread's replay
             self.entries.clear()
             self.seen.clear()
-            self.evictions = 0
+            self.evictions = self.wasted = 0
 
     def drop(self, owner=None, uses=()) -> list[_Entry]:
         """Forget the entries (and first calls) of ``owner``, and those whose key holds one of
@@ -177,8 +180,11 @@ class GraphCache:
 
     def thrashing(self) -> bool:
         """More signatures in rotation than entries: every call would capture anew (a warm-up
-        run, a capture and a synchronisation each), so new signatures run uncaptured instead."""
-        return self.evictions > self.max_entries
+        run, a capture and a synchronisation each), so new signatures run uncaptured instead.
+        Told by the entries evicted before they were ever reused: a long-lived process that
+        moves on from shapes it used many times (a sweep, models made one after another) is
+        not thrashing, however many entries it evicts."""
+        return self.wasted > self.max_entries
 
     def run(self, fn: Callable, args, key, layouts=None, keep=()):
         """fn(*args), replayed from a capture from the second call with this key and signature
@@ -217,6 +223,7 @@ class GraphCache:
             while len(self.entries) > self.max_entries:
                 _, evicted = self.entries.popitem(last=False)
                 self.evictions += 1
+                self.wasted += evicted.replays <= 1
                 if self.dependents is not None:  # their keys would keep its buffers alive
                     self.dependents.drop(uses=[evicted])
                 if self.thrashing():
