@@ -28,9 +28,14 @@ fi
 if [ "$cmd" = demo ]; then
   exec python -m triton_convlstm demo "$@"
 fi
+python -m ruff check .
+if [ $# -gt 0 ]; then
+  # Arguments select unit tests (`-k cell`, `tests/test_cell.py`): those alone, as pytest runs
+  # them (testpaths is tests/), not the whole suite plus a perf run that selects nothing.
+  exec python -m pytest -q "$@"
+fi
 # The unit tests, then the CPU part of the performance-regression suite (same-run ratio gates),
 # whose pytest-benchmark JSON is kept in bench_out/ as history.
 mkdir -p bench_out
-python -m ruff check .
-python -m pytest tests -q "$@"
-python -m pytest bench/test_perf.py -q --benchmark-json=bench_out/perf-cpu.json "$@"
+python -m pytest tests -q
+python -m pytest bench/test_perf.py -q --benchmark-json=bench_out/perf-cpu.json
