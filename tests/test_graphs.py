@@ -326,6 +326,7 @@ def test_a_collected_module_drops_its_captured_loops(device):
     assert slots == {graphs.slot_of(cell) for cell in graphed.cell_list}
     del graphed, owned
     gc.collect()
+    graphs.release_collected()  # (the next graph call would do it too)
     assert not any(e.owner in slots for e in graphs.FORWARD.entries.values())
     assert not graphs.BACKWARD.entries
     assert not any(own in slots for own in graphs.FORWARD.seen.values())
@@ -391,3 +392,23 @@ def test_moving_on_from_well_used_shapes_is_not_thrashing(monkeypatch):
     assert graphs.FORWARD.evictions > graphs.FORWARD.max_entries
     assert not graphs.FORWARD.thrashing()
     graphs.clear()
+
+
+def test_a_module_collected_mid_iteration_is_dropped_later(device):
+    """The collector may free a module while this thread loops over a cache: its finalizer only
+    takes note, and the next call into the cache drops the module's entries."""
+    import gc
+
+    _, graphed = _pair(device=device)
+    x = torch.randn(3, 5, 4, 12, 10, device=device)
+    for _ in range(3):
+        _step(graphed, x)
+    slots = {graphs.slot_of(cell) for cell in graphed.cell_list}
+    del graphed
+    gc.collect()
+    entries = list(graphs.FORWARD.entries.values())  # nothing dropped yet, nothing mutated
+    assert {e.owner for e in entries} >= slots
+    _, other = _pair(device=device)
+    _step(other, x)  # the next call into the cache
+    assert not any(e.owner in slots for e in graphs.FORWARD.entries.values())
+    assert not graphs.BACKWARD.entries

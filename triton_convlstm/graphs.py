@@ -9,7 +9,7 @@ activations in the forward entry's buffers and checks the entry's ``generation``
 and ConvLSTM.forward takes the last layer's outputs (every layer's, in inference) uncloned and
 copies what it returns at once. The first call for a new signature runs eagerly (that compiles
 the Triton kernels and lets cuDNN pick its algorithms); the second captures. A module's own
-training entries (:func:`slot_of`) are dropped when the module is collected.
+training entries (:func:`slot_of`) are dropped once the module is collected.
 
 One entry serves every call with its signature (inference entries are shared by all layers and
 modules with the same shapes), so calls from several threads take turns: :data:`LOCK` is held
@@ -200,6 +200,8 @@ class GraphCache:
         that consume their (shared) inputs. ``owner``: a :func:`slot_of` value, part of the
         key; the entry is dropped when that module is collected."""
         with LOCK:
+            if _COLLECTED:
+                release_collected()
             return self._run_with_entry(fn, args, key, shared, keep, layouts, before_replay,
                                         owner)
 
@@ -250,22 +252,32 @@ def clear() -> None:
 
 
 _WATCHED: set[int] = set()  # slots with a finalizer on their module
+_COLLECTED: list[int] = []  # slots of collected modules whose entries are still to drop
 
 
 def slot_of(module) -> int:
     """The cache slot of a module's own captured loops (training keeps its saved activations in
-    them): its id, valid while it lives. When the module is collected, its entries, and the
-    backward entries that read their buffers, are dropped: their static buffers (several
-    activations' worth) are freed at once, not when the LRU gets to them, and a new module
-    that reuses the id cannot find them."""
+    them): its id, valid while it lives. Once the module is collected, its entries, and the
+    backward entries that read their buffers, are dropped at the next call into the cache (or
+    by :func:`release_collected`): their static buffers (several activations' worth) go then,
+    not when the LRU gets to them, and a new module that reuses the id cannot find them."""
     slot = id(module)
     if slot not in _WATCHED:
         _WATCHED.add(slot)
-        weakref.finalize(module, _forget, slot).atexit = False  # nothing to free at exit
+        weakref.finalize(module, _collected, slot).atexit = False  # nothing to free at exit
     return slot
 
 
-def _forget(slot: int) -> None:
-    with LOCK:  # reentrant: a collection may run inside this thread's own locked call
-        _WATCHED.discard(slot)
-        FORWARD.drop(owner=slot)  # and, through FORWARD.dependents, the backward entries
+def _collected(slot: int) -> None:
+    # Runs when the collector frees the module: possibly in the middle of a loop over the
+    # caches in this very thread, so it only takes note (list and set operations are atomic).
+    _WATCHED.discard(slot)
+    _COLLECTED.append(slot)
+
+
+def release_collected() -> None:
+    """Drop the entries of modules collected since the last call (every graph call starts with
+    this; call it to free their memory before then)."""
+    with LOCK:
+        while _COLLECTED:
+            FORWARD.drop(owner=_COLLECTED.pop())  # the backward's go through FORWARD.dependents
