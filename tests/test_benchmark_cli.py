@@ -260,9 +260,17 @@ def test_layer_impl_names_set_the_layer_switches():
         "layer": (True, False, False), "layer-nographs": (False, False, False),
         "layer-recompute": (True, True, False), "layer-fused": (True, False, True),
         "layer-fused-nographs": (False, False, True),
+        "layer-compiled-ro": (False, False, False),  # cudagraph trees capture it instead
     }
     assert set(want) == set(LAYER_IMPLS)
     _, layer = make_models(SHAPES["cpu-s"], torch.device("cpu"), torch.float32)
     for impl, switches in want.items():
         _configure(layer, impl)
         assert (layer.cuda_graphs, layer.recompute_gates, layer.fused_forward) == switches, impl
+
+
+def test_layer_under_reduce_overhead_needs_cuda():
+    from triton_convlstm.bench_cases import SHAPES, build_step
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        build_step("layer-compiled-ro", SHAPES["cpu-s"], "fp32", "train", torch.device("cpu"))

@@ -63,12 +63,14 @@ CPU_SHAPES = ("cpu-s", "cpu-m")
 # "layer-nographs": the layer with its CUDA-graph replay off (what the graphs buy, per shape);
 # "layer-recompute": with recompute_gates=True (what the memory it saves costs in time);
 # "layer-fused": one Triton kernel per forward step (LayerSpec.fused; on CPU the same as layer);
-# "layer-fused-nographs": that without graphs (a profile then sees each kernel).
+# "layer-fused-nographs": that without graphs (a profile then sees each kernel);
+# "layer-compiled-ro": the layer under torch.compile(mode="reduce-overhead"), its own graphs off:
+# cudagraph trees capture the op, the loss and the backward around it, which a user can do too.
 LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute", "layer-fused",
-               "layer-fused-nographs")
+               "layer-fused-nographs", "layer-compiled-ro")
 IMPLS = ("eager", "compiled", "compiled-ro", *LAYER_IMPLS, "convs-only")
-COMPILED_IMPLS = ("compiled", "compiled-ro")
-CUDA_ONLY_IMPLS = ("compiled-ro",)  # reduce-overhead means CUDA graphs
+COMPILED_IMPLS = ("compiled", "compiled-ro")  # the formulation compiled: the goals' baselines
+CUDA_ONLY_IMPLS = ("compiled-ro", "layer-compiled-ro")  # reduce-overhead means CUDA graphs
 MODES = ("fwd", "train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,7 +96,7 @@ def make_models(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 def _configure(layer, impl: str) -> None:
     """The layer's switches for a LAYER_IMPLS name (the others get the plain layer)."""
     switches = set(impl.split("-")[1:]) if impl in LAYER_IMPLS else set()
-    layer.cuda_graphs = "nographs" not in switches
+    layer.cuda_graphs = not switches & {"nographs", "compiled"}
     layer.recompute_gates = "recompute" in switches
     layer.fused_forward = "fused" in switches
 
@@ -127,14 +129,14 @@ def build_step(
     eager, layer = make_models(shape, device, dt, seed)
     model = layer if impl in LAYER_IMPLS else eager
     _configure(layer, impl)
-    if impl in COMPILED_IMPLS:
-        model = torch.compile(model, mode="reduce-overhead" if impl == "compiled-ro" else None)
+    if impl in COMPILED_IMPLS or impl == "layer-compiled-ro":
+        model = torch.compile(model, mode="reduce-overhead" if impl.endswith("-ro") else None)
     seq_of = _sequence_of(impl, model)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)
     x = torch.randn(size, generator=gen).to(device, dt)
     # cudagraph trees reuse their output memory: tell them where one step ends.
-    mark = torch.compiler.cudagraph_mark_step_begin if impl == "compiled-ro" else (lambda: None)
+    mark = torch.compiler.cudagraph_mark_step_begin if impl.endswith("-ro") else (lambda: None)
 
     if mode == "fwd":
 
