@@ -413,5 +413,9 @@ def test_numpy_integers_are_ints():
     h, c = m.cell_list[0].init_hidden(np.int64(2), (np.int64(5), 6))
     outs, _ = m(x_ok(), [(h, c)])
     assert outs[0].shape == (2, 3, 4, 5, 6)
+    # stored as plain ints, as the popular module's attributes are
+    assert type(m.num_layers) is int and type(m.input_dim) is int
+    assert m.hidden_dim == [4] and all(type(v) is int for v in m.hidden_dim)
+    assert type(m.cell_list[0].input_dim) is int and m.cell_list[0].kernel_size == (3, 3)
     with pytest.raises(TypeError, match="hidden_dim"):
         ConvLSTM(3, np.float64(4.0), 3, 1)

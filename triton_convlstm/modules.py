@@ -41,8 +41,8 @@ class ConvLSTMCell(nn.Module):
     def __init__(self, input_dim, hidden_dim, kernel_size, bias=True, *, peephole=False,
                  dilation=1, backend="auto"):
         super().__init__()
-        validation.positive_int("input_dim", input_dim)
-        validation.positive_int("hidden_dim", hidden_dim)
+        input_dim = validation.positive_int("input_dim", input_dim)
+        hidden_dim = validation.positive_int("hidden_dim", hidden_dim)
         check_backend_name(backend)
         if backend != "torch":
             triton_import_error()  # probe now, eagerly, not while torch.compile traces forward
@@ -70,7 +70,7 @@ class ConvLSTMCell(nn.Module):
 
     def init_hidden(self, batch_size: int, image_size) -> State:
         """Zero (h, c) of shape (batch_size, hidden, H, W) for ``image_size`` = (H, W)."""
-        validation.positive_int("batch_size", batch_size)
+        batch_size = validation.positive_int("batch_size", batch_size)
         height, width = validation.pair("image_size", image_size)
         w = self.conv.weight
         h = torch.zeros(batch_size, self.hidden_dim, height, width, device=w.device, dtype=w.dtype)
@@ -134,8 +134,8 @@ class ConvLSTM(nn.Module):
                  bias=True, return_all_layers=False, *, peephole=False, dilation=1,
                  forget_bias=0.0, backend="auto", cuda_graphs=True, recompute_gates=False):
         super().__init__()
-        validation.positive_int("num_layers", num_layers)
-        validation.positive_int("input_dim", input_dim)
+        num_layers = validation.positive_int("num_layers", num_layers)
+        input_dim = validation.positive_int("input_dim", input_dim)
         check_backend_name(backend)
         if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)):
             raise TypeError(f"forget_bias: expected a number, got {forget_bias!r}")
