@@ -412,3 +412,31 @@ def test_a_module_collected_mid_iteration_is_dropped_later(device):
     _step(other, x)  # the next call into the cache
     assert not any(e.owner in slots for e in graphs.FORWARD.entries.values())
     assert not graphs.BACKWARD.entries
+
+
+def test_shared_inference_captures_go_with_their_last_user(device):
+    """Inference entries are shared by every module with the same signature: one module going
+    leaves them to the other; when both are gone, so are they."""
+    import gc
+
+    first, second = _pair(device=device)  # same shapes: they share the inference entries
+    second.cuda_graphs = first.cuda_graphs = True
+    x = torch.randn(3, 5, 4, 12, 10, device=device)
+    with torch.no_grad():
+        for _ in range(3):
+            first(x)
+            second(x)
+    shared = [e for e in graphs.FORWARD.entries.values() if e.users]
+    assert len(shared) == 2 and all(len(e.users) == 2 for e in shared)  # one entry per layer
+    del first
+    gc.collect()
+    graphs.release_collected()
+    assert all(len(e.users) == 1 for e in shared)
+    assert all(any(e is kept for kept in graphs.FORWARD.entries.values()) for e in shared)
+    with torch.no_grad():
+        second(x)  # still replays
+    del second, shared
+    gc.collect()
+    graphs.release_collected()
+    assert not any(e.users for e in graphs.FORWARD.entries.values())
+    assert not graphs.FORWARD.entries

@@ -9,7 +9,8 @@ activations in the forward entry's buffers and checks the entry's ``generation``
 and ConvLSTM.forward takes the last layer's outputs (every layer's, in inference) uncloned and
 copies what it returns at once. The first call for a new signature runs eagerly (that compiles
 the Triton kernels and lets cuDNN pick its algorithms); the second captures. A module's own
-training entries (:func:`slot_of`) are dropped once the module is collected.
+training entries (:func:`slot_of`) are dropped once the module is collected, and shared
+(inference) entries once all the modules that used them are.
 
 One entry serves every call with its signature (inference entries are shared by all layers and
 modules with the same shapes), so calls from several threads take turns: :data:`LOCK` is held
@@ -99,6 +100,7 @@ class _Entry:
         ]
         self.fn, self.graph, self.generation, self.stream = fn, None, 0, None
         self.owner = None  # GraphCache.run_with_entry's owner
+        self.users: set[int] | None = None  # and its users (slots), for entries shared by them
         self.replays = 0
         first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
         if not first.is_cuda:  # EMULATE_ON_CPU
@@ -165,13 +167,20 @@ class GraphCache:
             self.evictions = self.wasted = 0
 
     def drop(self, owner=None, uses=()) -> list[_Entry]:
-        """Forget the entries (and first calls) of ``owner``, and those whose key holds one of
-        the entries in ``uses``; returns the entries dropped (their buffers go with them)."""
+        """Forget the entries (and first calls) of ``owner``, the shared entries it was the last
+        user of, and those whose key holds one of the entries in ``uses``; returns the entries
+        dropped (their buffers go with them)."""
         def match(full_key, own):
             return (owner is not None and own == owner) or any(
                 part is e for part in full_key[0] for e in uses)
+
+        def last_user_gone(e):
+            if owner is None or not e.users or owner not in e.users:
+                return False
+            e.users.discard(owner)
+            return not e.users
         with LOCK:
-            gone = [k for k, e in self.entries.items() if match(k, e.owner)]
+            gone = [k for k, e in self.entries.items() if last_user_gone(e) or match(k, e.owner)]
             self.seen = {k: own for k, own in self.seen.items() if not match(k, own)}
             dropped = [self.entries.pop(k) for k in gone]
             if dropped and self.dependents is not None:
@@ -186,14 +195,16 @@ class GraphCache:
         not thrashing, however many entries it evicts."""
         return self.wasted > self.max_entries
 
-    def run(self, fn: Callable, args, key, layouts=None, keep=()):
+    def run(self, fn: Callable, args, key, layouts=None, keep=(), user=None):
         """fn(*args), replayed from a capture from the second call with this key and signature
         on. Returns fresh tensors (clones of the static outputs), except positions in ``keep``:
-        the static outputs themselves, valid until the next replay of the entry."""
-        return self.run_with_entry(fn, args, key, layouts=layouts, keep=keep)[0]
+        the static outputs themselves, valid until the next replay of the entry. ``user``: a
+        :func:`slot_of` value, not part of the key; the entry is dropped once all its users
+        are collected."""
+        return self.run_with_entry(fn, args, key, layouts=layouts, keep=keep, user=user)[0]
 
     def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=(), layouts=None,
-                       before_replay=None, owner=None):
+                       before_replay=None, owner=None, user=None):
         """As :meth:`run`, also returning the entry that replayed (None for an uncaptured call).
         ``shared``, ``keep`` and ``layouts`` as in :class:`_Entry`. ``before_replay`` is called
         between a capture and its first replay: capturing runs fn once, which matters for fns
@@ -202,8 +213,11 @@ class GraphCache:
         with LOCK:
             if _COLLECTED:
                 release_collected()
-            return self._run_with_entry(fn, args, key, shared, keep, layouts, before_replay,
-                                        owner)
+            out, entry = self._run_with_entry(fn, args, key, shared, keep, layouts,
+                                              before_replay, owner)
+            if entry is not None and user is not None:
+                entry.users = (entry.users or set()) | {user}
+            return out, entry
 
     def _run_with_entry(self, fn, args, key, shared, keep, layouts, before_replay, owner):
         full_key = ((*key, owner), _backend_flags(), _signature(args))

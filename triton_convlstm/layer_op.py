@@ -65,13 +65,13 @@ def _on_device(fn):
 
 @_on_device
 def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                  keep_gates=True, fused=False, static_outputs=False):
+                  keep_gates=True, fused=False, static_outputs=False, user=None):
     spec = LayerSpec(tuple(dilation), backend, keep_gates, fused)
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
         return tuple(graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args,
                                         key=(spec, save), layouts=_ARG0_SEQ_LAYOUT,
-                                        keep=range(4) if static_outputs else ()))
+                                        keep=range(4) if static_outputs else (), user=user))
     return tuple(layer_forward(*args, spec, save))
 
 
@@ -289,7 +289,8 @@ def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_gr
               keep_gates=True, fused=False, slot=None, static_outputs=False):
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
     loop is not unrolled), else the same code called directly. Arguments as the op's; ``slot``
-    (e.g. the calling module's id) gives each layer its own captured forward in training.
+    (graphs.slot_of of the calling module) gives each layer its own captured forward in
+    training, and counts it among the users of the inference captures it shares with others.
 
     ``static_outputs``: with a captured loop, h_seq and c_last may be the capture's own buffers
     (no clone), which the entry's next replay overwrites (in inference an entry serves every
@@ -301,5 +302,5 @@ def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_gr
     if torch.compiler.is_compiling():
         return layer_forward_op(*args)
     if not save:
-        return _forward_impl(*args, static_outputs=static_outputs)
+        return _forward_impl(*args, static_outputs=static_outputs, user=slot)
     return _EagerLayer.apply(*args, slot, static_outputs)
