@@ -440,3 +440,58 @@ def test_shared_inference_captures_go_with_their_last_user(device):
     graphs.release_collected()
     assert not any(e.users for e in graphs.FORWARD.entries.values())
     assert not graphs.FORWARD.entries
+
+
+@pytest.mark.filterwarnings("ignore:triton_convlstm. more than")  # thrashing, on purpose
+def test_a_hot_signature_is_captured_while_thrashing(monkeypatch):
+    """Thrashing stops capturing new signatures, but one that keeps coming back (the workload
+    settled on new shapes) is captured after HOT_CALLS uncaptured calls."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    monkeypatch.setattr(graphs.FORWARD, "max_entries", 2)
+    eager, graphed = _pair(device="cpu", peephole=False)
+    with torch.no_grad():
+        for _ in range(2):
+            for i in range(5):
+                graphed(torch.randn(2, 3, 4, 6 + i, 5))
+    assert graphs.FORWARD.thrashing()
+    x = torch.randn(2, 3, 4, 20, 5)  # a new shape, from now on the only one
+    with torch.no_grad():
+        before = graphs.FORWARD.captures
+        for _ in range(graphs.HOT_CALLS + 1):
+            graphed(x)
+        assert graphs.FORWARD.captures - before == 2  # both layers, once hot
+        torch.testing.assert_close(graphed(x)[0][-1], eager(x)[0][-1], rtol=0, atol=0)
+    graphs.clear()
+
+
+def test_a_backward_after_its_module_was_collected(device):
+    """A loss can outlive its model: the forward entry is dropped before the backward runs,
+    which must still be right and must not make new cache keys that keep the entry alive."""
+    import gc
+
+    eager, graphed = _pair(device=device)
+    x = torch.randn(3, 5, 4, 12, 10, device=device)
+    for _ in range(3):
+        _step(graphed, x)
+    want = _step(eager, x)
+    xg = x.clone().requires_grad_()
+    outs, last = graphed(xg)
+    loss = sum((o.float() ** 2).mean() for o in outs) + last[-1][1].mean()
+    params = list(graphed.parameters())
+    del graphed, outs, last
+    gc.collect()
+    graphs.release_collected()
+    got = torch.autograd.grad(loss, [xg] + params)
+    for a, b in zip(got, want[-len(got):]):
+        torch.testing.assert_close(a, b)
+    keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
+    assert not any(isinstance(p, graphs._Entry) and p.dropped for k in keys for p in k[0])
+
+
+def test_modules_without_captures_register_no_finalizer():
+    before = len(graphs._WATCHED)
+    for _ in range(3):
+        m = ConvLSTM(2, 3, 3, 1, batch_first=True, backend="torch")  # CPU: nothing captured
+        m(torch.randn(1, 2, 2, 4, 4))
+    assert len(graphs._WATCHED) == before

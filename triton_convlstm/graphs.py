@@ -36,6 +36,10 @@ from .backend import cudnn_conv_tf32
 MAX_STATE_ELEMENTS = 1 << 23
 
 
+# While a cache is thrashing, a signature called this many times uncaptured is captured anyway.
+HOT_CALLS = 8
+
+
 # Tests set this to run the cache on CPU with an emulated graph (replay = rerun the function and
 # overwrite the static outputs in place, as a real replay does), so the caching, copying and
 # cloning logic is exercised where there is no GPU.
@@ -102,6 +106,9 @@ class _Entry:
         self.owner = None  # GraphCache.run_with_entry's owner
         self.users: set[int] | None = None  # and its users (slots), for entries shared by them
         self.replays = 0
+        # Out of its cache (evicted, or its module collected) while someone still holds it (a
+        # pending backward): such a holder must not make new cache keys on it.
+        self.dropped = False
         first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
         if not first.is_cuda:  # EMULATE_ON_CPU
             self.static_out = fn(*self.static_args)
@@ -155,7 +162,8 @@ class GraphCache:
         self.seen: dict[tuple, object] = {}  # first (uncaptured) calls: key -> owner
         self.captures = 0  # for tests: how many captures happened
         self.evictions = 0
-        self.wasted = 0  # evictions of entries never replayed after the call that captured them
+        self.wasted = 0  # evictions in a row of entries never replayed after their capture
+        self.uncaptured: dict[tuple, int] = {}  # calls left uncaptured while thrashing, per key
         # The cache whose keys hold this one's entries (the backward's hold the forward entry
         # whose buffers they read): entries dropped here take theirs along.
         self.dependents: GraphCache | None = None
@@ -164,6 +172,7 @@ class GraphCache:
         with LOCK:  # not under another thread's replay
             self.entries.clear()
             self.seen.clear()
+            self.uncaptured.clear()
             self.evictions = self.wasted = 0
 
     def drop(self, owner=None, uses=()) -> list[_Entry]:
@@ -182,18 +191,28 @@ class GraphCache:
         with LOCK:
             gone = [k for k, e in self.entries.items() if last_user_gone(e) or match(k, e.owner)]
             self.seen = {k: own for k, own in self.seen.items() if not match(k, own)}
+            self.uncaptured = {k: n for k, n in self.uncaptured.items() if k in self.seen}
             dropped = [self.entries.pop(k) for k in gone]
+            for e in dropped:
+                e.dropped = True
             if dropped and self.dependents is not None:
                 self.dependents.drop(uses=dropped)
             return dropped
 
     def thrashing(self) -> bool:
         """More signatures in rotation than entries: every call would capture anew (a warm-up
-        run, a capture and a synchronisation each), so new signatures run uncaptured instead.
-        Told by the entries evicted before they were ever reused: a long-lived process that
-        moves on from shapes it used many times (a sweep, models made one after another) is
-        not thrashing, however many entries it evicts."""
+        run, a capture and a synchronisation each), so new signatures run uncaptured instead
+        (but for hot ones, :meth:`_hot`). Told by more than max_entries evictions in a row of
+        entries never reused: a process that moves on from shapes it used many times (a sweep,
+        models made one after another) is not thrashing, however many it evicts."""
         return self.wasted > self.max_entries
+
+    def _hot(self, full_key) -> bool:
+        """While thrashing, a signature called HOT_CALLS times uncaptured is captured all the
+        same: the workload may have settled on new shapes, which would otherwise never be."""
+        calls = self.uncaptured.get(full_key, 0) + 1
+        self.uncaptured[full_key] = calls
+        return calls >= HOT_CALLS
 
     def run(self, fn: Callable, args, key, layouts=None, keep=(), user=None):
         """fn(*args), replayed from a capture from the second call with this key and signature
@@ -223,9 +242,11 @@ class GraphCache:
         full_key = ((*key, owner), _backend_flags(), _signature(args))
         entry = self.entries.get(full_key)
         if entry is None:
-            if full_key not in self.seen or self.thrashing():
+            first = full_key not in self.seen
+            if first or (self.thrashing() and not self._hot(full_key)):
                 self.seen[full_key] = owner
                 return fn(*args), None
+            self.uncaptured.pop(full_key, None)
             # Static copies made here must be ordinary tensors even when this call runs under
             # inference_mode: a later call under no_grad copies into them. (inference_mode(False)
             # turns grad mode back on, hence no_grad.)
@@ -238,8 +259,10 @@ class GraphCache:
                 before_replay()
             while len(self.entries) > self.max_entries:
                 _, evicted = self.entries.popitem(last=False)
+                evicted.dropped = True
                 self.evictions += 1
-                self.wasted += evicted.replays <= 1
+                # In a row: one evicted after paying off says the entries do get reused.
+                self.wasted = self.wasted + 1 if evicted.replays <= 1 else 0
                 if self.dependents is not None:  # their keys would keep its buffers alive
                     self.dependents.drop(uses=[evicted])
                 if self.thrashing():

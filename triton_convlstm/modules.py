@@ -211,8 +211,10 @@ class ConvLSTM(nn.Module):
                 h_seq, c_last, _, _ = run_layer(
                     seq, weight, bias, peep, h0, c0, cell.dilation, backend, save,
                     use_graphs[idx], keep_gates=not self.recompute_gates, fused=self.fused_forward,
-                    # (The compiled path runs the op, which keeps no per-module entries.)
-                    slot=None if torch.compiler.is_compiling() else graphs.slot_of(cell),
+                    # Only where it captures (the compiled path runs the op, which keeps no
+                    # per-module entries; without graphs there are none to release).
+                    slot=graphs.slot_of(cell) if use_graphs[idx] and graphs.can_capture(seq)
+                    and not torch.compiler.is_compiling() else None,
                     # A captured loop's own output buffers, no clone: this method copies what it
                     # returns right away. Not where a later layer may save this one's output.
                     static_outputs=idx == n - 1 or not torch.is_grad_enabled(),
