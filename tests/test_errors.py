@@ -405,6 +405,8 @@ def test_state_hints_name_the_likely_mistake():
     _, last = m2(x_ok())
     with pytest.raises(ValueError, match="return_all_layers=True"):
         m2(x_ok(), last)
+    with pytest.raises(TypeError, match="one \\(h, c\\) pair per layer"):  # a bare pair, 2 layers
+        m2(x_ok(), (torch.zeros(2, 4, 5, 6), torch.zeros(2, 4, 5, 6)))
 
 
 def test_numpy_integers_are_ints():
@@ -419,3 +421,6 @@ def test_numpy_integers_are_ints():
     assert type(m.cell_list[0].input_dim) is int and m.cell_list[0].kernel_size == (3, 3)
     with pytest.raises(TypeError, match="hidden_dim"):
         ConvLSTM(3, np.float64(4.0), 3, 1)
+    with pytest.raises(TypeError, match="hidden_dim"):  # a bool tensor is no size
+        ConvLSTM(3, torch.tensor(True), 3, 1)
+    assert ConvLSTM(3, torch.tensor(4), 3, 1).hidden_dim == [4]

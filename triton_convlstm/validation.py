@@ -19,7 +19,7 @@ def _is_int(value) -> bool:
         operator.index(value)
     except TypeError:
         return False
-    return not isinstance(value, Tensor) or value.dim() == 0
+    return not isinstance(value, Tensor) or (value.dim() == 0 and value.dtype != torch.bool)
 
 
 def positive_int(name: str, value) -> int:
@@ -141,9 +141,12 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     if autocasting(x):
         return torch.get_autocast_dtype(x.device.type)
     if x.dtype != weight.dtype:
+        fix = ("autocast leaves float64 alone: convert the module with .to(torch.float64) or "
+               "pass float32" if torch.is_autocast_enabled(x.device.type)
+               else "convert the module with .to(dtype) or use torch.autocast")
         raise TypeError(
             f"input_tensor: expected dtype {weight.dtype} (the parameters' dtype), got "
-            f"{x.dtype}; convert the module with .to(dtype) or use torch.autocast"
+            f"{x.dtype}; {fix}"
         )
     return x.dtype
 
@@ -151,10 +154,14 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
 def state_pair(name: str, pair_, shape, dtype: torch.dtype, device,
                cast: bool = False) -> tuple[Tensor, Tensor]:
     """(h, c) checked: h in the compute dtype, c in the state dtype. ``cast`` (under autocast):
-    float states of other dtypes are cast to those, as autocast casts an op's inputs (zeros
-    made outside autocast, or states a run outside it returned, then work)."""
+    float states of any other dtype are cast to those (more leniently than autocast, which
+    leaves float64 alone), so zeros made outside autocast, or states a run outside it
+    returned, work."""
     if not isinstance(pair_, (tuple, list)) or len(pair_) != 2:
-        raise TypeError(f"{name}: expected a pair (h, c) of tensors, got {type(pair_).__name__}")
+        hint = ("; hidden_state takes a list with one (h, c) pair per layer"
+                if name.startswith("hidden_state") else "")
+        raise TypeError(f"{name}: expected a pair (h, c) of tensors, got "
+                        f"{type(pair_).__name__}{hint}")
     out = []
     for part, want in zip(pair_, (dtype, state_dtype(dtype))):
         label = f"{name} {'h' if not out else 'c'}"
