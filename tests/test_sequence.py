@@ -132,6 +132,32 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(last[1][1], ref_last[1][1])
 
 
+def test_compiled_forward_asks_nothing_of_the_graph_cache(monkeypatch):
+    """While dynamo traces, the module must not call into the graph cache: can_capture queries
+    CUDA stream state (which dynamo cannot trace under fullgraph), slot_of registers finalizers;
+    the op's own implementation runs them later, outside the trace."""
+    from triton_convlstm import graphs
+
+    def refuse(name):
+        real = getattr(graphs, name)
+
+        def guarded(*a, **k):
+            if torch.compiler.is_compiling():
+                raise AssertionError(f"graphs.{name} called while compiling")
+            return real(*a, **k)
+        return guarded
+
+    for name in ("can_capture", "slot_of"):
+        monkeypatch.setattr(graphs, name, refuse(name))
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)  # the eager path would capture here
+    torch._dynamo.reset()
+    m = _model("torch", peephole=False)
+    x = torch.randn(2, 3, 2, 5, 6, device=DEVICE)
+    outs, _ = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(outs[1], m(x)[0][1])
+    graphs.clear()
+
+
 def test_compiled_graph_does_not_grow_with_T():
     """The time loop lives inside one op per layer: dynamo's graph has the same size at any T."""
     sizes = {}

@@ -213,8 +213,9 @@ class ConvLSTM(nn.Module):
                     use_graphs[idx], keep_gates=not self.recompute_gates, fused=self.fused_forward,
                     # Only where it captures (the compiled path runs the op, which keeps no
                     # per-module entries; without graphs there are none to release).
-                    slot=graphs.slot_of(cell) if use_graphs[idx] and graphs.can_capture(seq)
-                    and not torch.compiler.is_compiling() else None,
+                    # (is_compiling first: dynamo must not trace can_capture's CUDA query.)
+                    slot=graphs.slot_of(cell) if not torch.compiler.is_compiling()
+                    and use_graphs[idx] and graphs.can_capture(seq) else None,
                     # A captured loop's own output buffers, no clone: this method copies what it
                     # returns right away. Not where a later layer may save this one's output.
                     static_outputs=idx == n - 1 or not torch.is_grad_enabled(),
