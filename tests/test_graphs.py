@@ -467,6 +467,23 @@ def test_a_hot_signature_is_captured_while_thrashing(monkeypatch):
     graphs.clear()
 
 
+def test_a_backward_after_the_cache_was_cleared(device):
+    eager, graphed = _pair(device=device)
+    x = torch.randn(3, 5, 4, 12, 10, device=device)
+    for _ in range(3):
+        _step(graphed, x)
+    want = _step(eager, x)
+    xg = x.clone().requires_grad_()
+    outs, last = graphed(xg)
+    loss = sum((o.float() ** 2).mean() for o in outs) + last[-1][1].mean()
+    graphs.clear()  # between a forward and its backward
+    got = torch.autograd.grad(loss, [xg] + list(graphed.parameters()))
+    for a, b in zip(got, want[-len(got):]):
+        torch.testing.assert_close(a, b)
+    keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
+    assert not any(isinstance(p, graphs._Entry) for k in keys for p in k[0])
+
+
 def test_a_backward_after_its_module_was_collected(device):
     """A loss can outlive its model: the forward entry is dropped before the backward runs,
     which must still be right and must not make new cache keys that keep the entry alive."""

@@ -170,6 +170,8 @@ class GraphCache:
 
     def clear(self) -> None:
         with LOCK:  # not under another thread's replay
+            for e in self.entries.values():  # a pending backward may still hold one
+                e.dropped = True
             self.entries.clear()
             self.seen.clear()
             self.uncaptured.clear()
