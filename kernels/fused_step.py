@@ -40,8 +40,9 @@ def _segment(acc, src, s_b, s_c, s_h, s_w, w_ptr, s_wk, b, py, px, pmask, HH, WW
     shifted CH-channel rows (zero outside the image) times the weight's rows for that shift,
     at the weight columns ``cols`` (the tile's channels, four gates each)."""
     # One flat loop over (tap, K slice), not unrolled (9 taps x CH / BLOCK_K unrolled dots took
-    # a minute to compile) and not nested: Triton pipelines the innermost loop only (the
-    # num_stages loads in flight), and per tap the K loop mostly runs once.
+    # a minute to compile) and not nested, so that Triton's pipelining (num_stages loads in
+    # flight) spans taps also where a segment needs several K slices. (Where it needs one, the
+    # nested form compiled to the same cp.async pipeline.)
     NK: tl.constexpr = (CH + BLOCK_K - 1) // BLOCK_K
     for it in range(KH * KW * NK):
         tap = it // NK

@@ -370,8 +370,7 @@ def test_an_evicted_forward_entry_takes_its_backward_entries_along(monkeypatch):
             _step(graphed, x)
     assert graphs.FORWARD.evictions > 0
     live = set(map(id, graphs.FORWARD.entries.values()))
-    keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
-    held = {id(p) for k in keys for p in k[0] if isinstance(p, graphs._Entry)}
+    held = set(map(id, _forward_entries_in_backward_keys()))
     assert held and held <= live
     graphs.clear()
 
@@ -467,7 +466,15 @@ def test_a_hot_signature_is_captured_while_thrashing(monkeypatch):
     graphs.clear()
 
 
-def test_a_backward_after_the_cache_was_cleared(device):
+def _forward_entries_in_backward_keys() -> list:
+    """The forward entries the backward cache's keys (entries and first calls) hold."""
+    keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
+    return [p for k in keys for p in k[0] if isinstance(p, graphs._Entry)]
+
+
+def _captured_loss(device):
+    """A graphed model captured in training, the eager twin's results for its next step, and
+    that step's input and loss with its backward still to run."""
     eager, graphed = _pair(device=device)
     x = torch.randn(3, 5, 4, 12, 10, device=device)
     for _ in range(3):
@@ -476,12 +483,16 @@ def test_a_backward_after_the_cache_was_cleared(device):
     xg = x.clone().requires_grad_()
     outs, last = graphed(xg)
     loss = sum((o.float() ** 2).mean() for o in outs) + last[-1][1].mean()
+    return graphed, want, xg, loss
+
+
+def test_a_backward_after_the_cache_was_cleared(device):
+    graphed, want, xg, loss = _captured_loss(device)
     graphs.clear()  # between a forward and its backward
     got = torch.autograd.grad(loss, [xg] + list(graphed.parameters()))
     for a, b in zip(got, want[-len(got):]):
         torch.testing.assert_close(a, b)
-    keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
-    assert not any(isinstance(p, graphs._Entry) for k in keys for p in k[0])
+    assert not _forward_entries_in_backward_keys()
 
 
 def test_a_backward_after_its_module_was_collected(device):
@@ -489,23 +500,15 @@ def test_a_backward_after_its_module_was_collected(device):
     which must still be right and must not make new cache keys that keep the entry alive."""
     import gc
 
-    eager, graphed = _pair(device=device)
-    x = torch.randn(3, 5, 4, 12, 10, device=device)
-    for _ in range(3):
-        _step(graphed, x)
-    want = _step(eager, x)
-    xg = x.clone().requires_grad_()
-    outs, last = graphed(xg)
-    loss = sum((o.float() ** 2).mean() for o in outs) + last[-1][1].mean()
+    graphed, want, xg, loss = _captured_loss(device)
     params = list(graphed.parameters())
-    del graphed, outs, last
+    del graphed
     gc.collect()
     graphs.release_collected()
     got = torch.autograd.grad(loss, [xg] + params)
     for a, b in zip(got, want[-len(got):]):
         torch.testing.assert_close(a, b)
-    keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
-    assert not any(isinstance(p, graphs._Entry) and p.dropped for k in keys for p in k[0])
+    assert not any(e.dropped for e in _forward_entries_in_backward_keys())
 
 
 def test_modules_without_captures_register_no_finalizer():

@@ -236,8 +236,10 @@ class GraphCache:
                 release_collected()
             out, entry = self._run_with_entry(fn, args, key, shared, keep, layouts,
                                               before_replay, owner)
-            if entry is not None and user is not None:
-                entry.users = (entry.users or set()) | {user}
+            if entry is not None and user is not None:  # a set made once, not per call
+                if entry.users is None:
+                    entry.users = set()
+                entry.users.add(user)
             return out, entry
 
     def _run_with_entry(self, fn, args, key, shared, keep, layouts, before_replay, owner):
