@@ -200,6 +200,9 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
     if max(_image_extent(t) for t in used) >= 2**31:
         raise ValueError("fused_step: images of 2**31 elements or more are not served (the "
                          "split path serves them)")  # fmt: skip
+    if w_packed.numel() >= 2**31:
+        raise ValueError(f"w_packed: weights of 2**31 elements or more are not served, got "
+                         f"{w_packed.numel()} (the split path serves them)")
     th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
     hh_ = h_prev if h_prev is not None else h_out
     z_ = z_out if z_out is not None else h_out

@@ -126,6 +126,13 @@ def _gates_fwd_kernel(
 
 
 @triton.jit
+def _row_offset(width):
+    """Where this program's row of a per-program partial-sum buffer starts: in int64, since
+    rows x width passes 2^31 at large images (one row per 16 pixels in the sequence layout)."""
+    return tl.program_id(0).to(tl.int64) * width
+
+
+@triton.jit
 def _accumulate(ptr, value, mask):
     tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
 
@@ -191,19 +198,18 @@ def _gates_bwd_kernel(
         dc_prev += dzi * p0 + dzf * p1
         # Per-program partial sums over this tile's pixels; the launcher sums the rows with
         # torch, so the result is bitwise reproducible (no atomics).
-        part = part_ptr + tl.program_id(0) * HID + ch
+        part = part_ptr + _row_offset(HID) + ch
         zero = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         tl.store(part, tl.sum(tl.where(mask, dzi * c_prev, zero), axis=0), mask=cmask)
-        tl.store(part + NROWS * HID, tl.sum(tl.where(mask, dzf * c_prev, zero), axis=0),
-                 mask=cmask)  # fmt: skip
-        tl.store(part + 2 * NROWS * HID, tl.sum(tl.where(mask, dzo * c, zero), axis=0),
-                 mask=cmask)  # fmt: skip
+        plane = tl.cast(NROWS, tl.int64) * HID
+        tl.store(part + plane, tl.sum(tl.where(mask, dzf * c_prev, zero), axis=0), mask=cmask)
+        tl.store(part + 2 * plane, tl.sum(tl.where(mask, dzo * c, zero), axis=0), mask=cmask)
 
     if HAS_DB:
         # The bias gradient without another pass over dz: this tile's column sums, added to
         # its program's row of an accumulator that lives across all steps (each row belongs to
         # one program position, and steps run in stream order: no atomics, reproducible).
-        row = db_ptr + tl.program_id(0) * (4 * HID) + ch
+        row = db_ptr + _row_offset(4 * HID) + ch
         zero = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         _accumulate(row, tl.sum(tl.where(mask, dzi, zero), axis=0), cmask)
         _accumulate(row + HID, tl.sum(tl.where(mask, dzf, zero), axis=0), cmask)

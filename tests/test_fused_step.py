@@ -109,6 +109,22 @@ def test_images_past_int32_offsets_are_refused_and_the_layer_takes_the_split_pat
     assert _fused_fits(torch.empty(2, 1, 3, 64, 64, **meta), weight) is True
 
 
+def test_weights_past_int32_offsets_are_refused_and_the_layer_takes_the_split_path():
+    from triton_convlstm.sequence import _fused_fits
+
+    meta = dict(device="meta")
+    hid, cin = 2400, 2400  # 7x7: 49 * 4800 * 9600 weight elements, past 2**31
+    state = torch.empty(1, hid, 4, 4, **meta)
+    with pytest.raises(ValueError, match="w_packed: weights of 2\\*\\*31"):
+        fused_step(torch.empty(1, cin, 4, 4, **meta), None,
+                   torch.empty(49 * (cin + hid), 4 * hid, **meta), None, state, None,
+                   h_out=torch.empty_like(state), c_out=torch.empty_like(state),
+                   kernel=(7, 7), dilation=(1, 1))
+    x = torch.empty(1, 1, cin, 4, 4, **meta)
+    assert _fused_fits(x, torch.empty(4 * hid, cin + hid, 7, 7, **meta)) is False
+    assert _fused_fits(x, torch.empty(4 * hid, cin + hid, 3, 3, **meta)) is True
+
+
 @pytest.mark.gpu
 def test_fp32_with_tf32_dots_stays_close(monkeypatch):
     """cuDNN's default (allow_tf32) switches the fp32 dots to TF32: looser, still close."""

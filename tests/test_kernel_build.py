@@ -13,6 +13,7 @@ without that variable.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -136,7 +137,16 @@ def _compile(vid):
     ptx = compiled.asm.get("ptx", "")
     return {"ptx": len(ptx), "cubin": len(compiled.asm.get("cubin", b"")),
             "vector_loads": ptx.count("ld.global.v4"),
-            "vector_stores": ptx.count("st.global.v4")}  # fmt: skip
+            "vector_stores": ptx.count("st.global.v4"),
+            "narrow_row_offsets": _narrow_row_offsets(compiled.asm["ttir"])}  # fmt: skip
+
+
+def _narrow_row_offsets(ttir):
+    """int32 products of the program id (axis 0) or NROWS: the backward's per-program rows of
+    partial sums are that far into their buffers, which pass 2^31 elements at large images."""
+    names = set(re.findall(r"(%[\w.]+) = tt.get_program_id x", ttir)) | {"%NROWS"}
+    products = re.findall(r"arith.muli (%[\w.]+), (%[\w.]+) : i32", ttir)
+    return sum(1 for operands in products if names & set(operands))
 
 
 def _main(ids):
@@ -183,6 +193,7 @@ def test_kernel_builds(builds, vid):
     # Coalesced 16-byte accesses on the contiguous axis, in both layouts and every dtype.
     loads, stores = tile_accesses(vid)
     assert res["vector_loads"] >= loads and res["vector_stores"] >= stores, res
+    assert res["narrow_row_offsets"] == 0, res
 
 
 if __name__ == "__main__":

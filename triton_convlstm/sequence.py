@@ -304,10 +304,10 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
 
 
 def _fused_fits(x: Tensor, weight: Tensor) -> bool:
-    """Whether the fused step serves these images (its in-image offsets are int32); larger
-    ones take the split path."""
+    """Whether the fused step serves these images and this weight (its in-image and weight
+    offsets are int32); larger ones take the split path."""
     _, _, cin, hh, ww = x.shape
-    return max(cin, weight.shape[0]) * hh * ww < 2**31
+    return max(cin, weight.shape[0]) * hh * ww < 2**31 and weight.numel() < 2**31
 
 
 def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool,
