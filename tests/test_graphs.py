@@ -395,6 +395,26 @@ def test_moving_on_from_well_used_shapes_is_not_thrashing(monkeypatch):
     graphs.clear()
 
 
+def test_first_calls_remembered_are_bounded(monkeypatch):
+    """A process meeting ever new shapes must not grow the cache's memory of first calls for
+    ever; a forgotten signature that comes back runs uncaptured once more, then is captured."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    monkeypatch.setattr(graphs.FORWARD, "max_seen", 3)
+    m = ConvLSTM(2, 3, 3, 1)
+    before = graphs.FORWARD.captures
+    with torch.no_grad():
+        for i in range(6):  # six one-off shapes
+            m(torch.randn(2, 1, 2, 4 + i, 5))
+        assert len(graphs.FORWARD.seen) == 3 and graphs.FORWARD.captures == before
+        x = torch.randn(2, 1, 2, 4, 5)  # the first shape again: forgotten, so a first call
+        m(x)
+        assert graphs.FORWARD.captures == before
+        m(x)
+        assert graphs.FORWARD.captures == before + 1
+    graphs.clear()
+
+
 def test_a_module_collected_mid_iteration_is_dropped_later(device):
     """The collector may free a module while this thread loops over a cache: its finalizer only
     takes note, and the next call into the cache drops the module's entries."""

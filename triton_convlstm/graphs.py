@@ -156,10 +156,14 @@ class _Entry:
 class GraphCache:
     """LRU cache of captured loops keyed by the call's configuration and argument signature."""
 
-    def __init__(self, max_entries: int = 32):  # a deep model holds ~3 entries per layer
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int = 32, max_seen: int = 4096):
+        self.max_entries = max_entries  # a deep model holds ~3 entries per layer
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        self.seen: dict[tuple, object] = {}  # first (uncaptured) calls: key -> owner
+        # First (uncaptured) calls: key -> owner, oldest first. Bounded, or a long-lived process
+        # that keeps meeting new shapes (a server fed images of any size) would grow it for
+        # ever; a signature forgotten here only runs uncaptured once more when it comes back.
+        self.max_seen = max_seen
+        self.seen: dict[tuple, object] = {}
         self.captures = 0  # for tests: how many captures happened
         self.evictions = 0
         self.wasted = 0  # evictions in a row of entries never replayed after their capture
@@ -249,6 +253,10 @@ class GraphCache:
             first = full_key not in self.seen
             if first or (self.thrashing() and not self._hot(full_key)):
                 self.seen[full_key] = owner
+                while len(self.seen) > self.max_seen:
+                    oldest = next(iter(self.seen))
+                    del self.seen[oldest]
+                    self.uncaptured.pop(oldest, None)
                 return fn(*args), None
             self.uncaptured.pop(full_key, None)
             # Static copies made here must be ordinary tensors even when this call runs under
