@@ -163,6 +163,20 @@ def test_bad_arguments_raise():
         gate_update(a["zx"], a["c_prev"], backend="cudnn")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("arg", ["zx", "c_prev", "zh", "bias", "peephole"])
+def test_arguments_of_an_integer_dtype_or_another_device_raise(arg, backend):
+    """Each named, before anything runs: a meta tensor sent the Triton op to its fake kernel
+    (uninitialised outputs), an integer zx gave integer (truncated) h on the torch path."""
+    a = inputs(grad=False)
+    call = lambda **kw: gate_update(**{**a, **kw}, backend=backend)  # noqa: E731
+    with pytest.raises(TypeError, match=f"{arg}: expected a floating-point tensor, got torch.int"):
+        call(**{arg: a[arg].long()})
+    if arg != "zx":  # the others must be on zx's device
+        with pytest.raises(ValueError, match=f"{arg}: expected a tensor on .*, got meta"):
+            call(**{arg: a[arg].to("meta")})
+
+
 @needs_triton
 def test_state_dtype_and_no_aliasing():
     a = inputs(dtype=torch.float16, grad=False)

@@ -97,18 +97,27 @@ def _backward(ctx, dh, dc, _dz):
 gate_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_shapes(zx, c_prev, zh, bias, peephole):
+def _check_args(zx, c_prev, zh, bias, peephole):
+    """Shapes, floating dtypes and one device, checked here: a meta tensor among the
+    arguments would route the op to its fake kernel (uninitialised outputs), and an integer
+    one would truncate the torch path's results."""
     if not isinstance(zx, Tensor) or zx.dim() != 4 or zx.shape[1] % 4:
         got = tuple(zx.shape) if isinstance(zx, Tensor) else type(zx).__name__
         raise ValueError(f"zx: expected a (B, 4*hidden, H, W) tensor, got {got}")
     b, c4, hh, ww = zx.shape
     hid = c4 // 4
-    for name, t, shape in [("c_prev", c_prev, (b, hid, hh, ww)), ("zh", zh, (b, c4, hh, ww)),
-                           ("bias", bias, (c4,)), ("peephole", peephole, (3, hid))]:  # fmt: skip
-        if name == "c_prev" or t is not None:
+    for name, t, shape in [("zx", zx, (b, c4, hh, ww)), ("c_prev", c_prev, (b, hid, hh, ww)),
+                           ("zh", zh, (b, c4, hh, ww)), ("bias", bias, (c4,)),
+                           ("peephole", peephole, (3, hid))]:  # fmt: skip
+        if name in ("zx", "c_prev") or t is not None:
             if not isinstance(t, Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected shape {shape}, got {got}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            if t.device != zx.device:
+                raise ValueError(f"{name}: expected a tensor on {zx.device} (zx's device), "
+                                 f"got {t.device}")
 
 
 def _torch_gate_update(zx, c_prev, zh, bias, peephole):
@@ -137,7 +146,7 @@ def gate_update(
 
     >>> h, c = gate_update(torch.randn(2, 8, 5, 5), torch.zeros(2, 2, 5, 5), backend="torch")
     """
-    _check_shapes(zx, c_prev, zh, bias, peephole)
+    _check_args(zx, c_prev, zh, bias, peephole)
     check_backend_name(backend)
     if resolve_backend(backend, zx.device, zx.dtype) == "torch":
         return _torch_gate_update(zx, c_prev, zh, bias, peephole)
