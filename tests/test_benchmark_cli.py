@@ -86,11 +86,67 @@ def test_compare_bad_file_is_one_clear_line(tmp_path, old, capsys, content):
     ["--device", "cpu", "--impls", "compiled-ro"],
     ["--sweep", "0,4"],
     ["--no-such-option"],
+    ["--budget-s", "0"], ["--budget-s", "-5"], ["--budget-s", "nan"],
+    ["--target-s", "-1"], ["--target-s", "inf"],
+    ["table", "--no-such-option"],
 ])
 def test_bad_arguments_are_one_line_and_nonzero(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_an_unwritable_out_folder_is_refused_before_any_case_runs(tmp_path, capsys, monkeypatch):
+    import triton_convlstm.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a: pytest.fail("a case ran"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "below"):  # a file where the folder should be; under a file
+        assert main(["--device", "cpu", "--quiet", "--no-plots", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --out {out}: cannot write there") and "\n" not in err
+
+
+@pytest.mark.parametrize(("module", "flag"), [("tqdm", "--quiet"), ("matplotlib", "--no-plots")])
+def test_a_missing_extra_is_named_before_any_case_runs(module, flag, tmp_path, capsys,
+                                                       monkeypatch):
+    import triton_convlstm.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a: pytest.fail("a case ran"))
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    argv = ["--device", "cpu", "--quiet", "--no-plots", "--out", str(tmp_path)]
+    argv.remove(flag)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"needs {module} (in the bench extra)" in err and "\n" not in err
+
+
+def _results_json(path: Path, rows: dict[str, float | None]) -> str:
+    """A bench results.json: impl/shape/dtype/mode -> median ms (None: the case failed)."""
+    path.write_text(json.dumps({"rows": [
+        dict(zip(("impl", "shape", "dtype", "mode"), name.split("/")), median_ms=ms,
+             error=None if ms else "OutOfMemoryError: ...") for name, ms in rows.items()]}))
+    return str(path)
+
+
+def test_compare_fails_on_a_case_that_failed_in_the_new_run(tmp_path, capsys):
+    layer, eager = "layer/S/bf16/train", "eager/S/bf16/train"
+    old = _results_json(tmp_path / "old.json", {layer: 1.0, eager: 9.0})
+    new = _results_json(tmp_path / "new.json", {layer: None, eager: 9.0})
+    assert main(["compare", old, new]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR (failed in the new run)" in out
+    assert "1 of 2 cases failed in the new run: layer/S/bf16/train" in out
+    assert main(["compare", new, old]) == 0  # fixed since: nothing to hold against it
+    assert "(failed in the old run)" in capsys.readouterr().out
+
+
+def test_compare_of_files_sharing_no_case_is_an_error(tmp_path, old, capsys):
+    other = _results_json(tmp_path / "results.json", {"layer/S/bf16/train": 1.0})
+    assert main(["compare", old, other]) == 2  # one file of each format
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "share no case" in err and "\n" not in err
 
 
 def test_tiny_cpu_run_writes_table_json_and_plots(tmp_path, capsys):
@@ -220,6 +276,23 @@ def test_table_merges_runs_later_rows_win(tmp_path, capsys):
 
 def test_table_without_files_is_usage_error(capsys):
     assert main(["table"]) == 2
+
+
+@pytest.mark.parametrize("content", [None, "{not json", "[1, 2]", '{"gates": []}'])
+def test_table_of_a_bad_file_is_one_clear_line(tmp_path, capsys, content):
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main(["table", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}: ") and "\n" not in err
+
+
+def test_table_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["table", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: python -m triton_convlstm bench table" in capsys.readouterr().out
 
 
 def _documented_gpu_calls() -> list[list[str]]:

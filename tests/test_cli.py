@@ -14,7 +14,14 @@ def test_info_prints_versions_and_backend(capsys):
 
 def test_no_command_prints_usage_and_fails(capsys):
     assert main([]) == 2
-    assert "usage" in capsys.readouterr().out
+    assert "usage" in capsys.readouterr().err
+
+
+def test_info_help_and_stray_arguments(capsys):
+    assert main(["info", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m triton_convlstm info")
+    assert main(["info", "--verbose"]) == 2
+    assert "info takes no arguments, got --verbose" in capsys.readouterr().err
 
 
 def test_unknown_command_is_one_clear_error(capsys):

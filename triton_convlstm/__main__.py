@@ -8,7 +8,8 @@ USAGE = """usage: python -m triton_convlstm COMMAND [options]
 
 commands:
   demo     train a small nowcasting model on moving digits (see --help)
-  bench    compare this layer with the common formulation; `bench compare OLD.json NEW.json`
+  bench    compare this layer with the common formulation (see --help); also
+           `bench compare OLD.json NEW.json` and `bench table RESULTS.json ...`
   info     versions, devices and which backend would run
 """
 
@@ -39,9 +40,12 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from .demo import main as demo_main
@@ -52,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(rest)
     if command == "info":
+        if rest in (["-h"], ["--help"]):
+            print("usage: python -m triton_convlstm info\n\nPrints the versions of Python, "
+                  "torch and Triton, the CUDA device and which backend 'auto' picks.")
+            return 0
+        if rest:
+            print(f"error: info takes no arguments, got {' '.join(rest)}", file=sys.stderr)
+            return 2
         return _info()
     print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

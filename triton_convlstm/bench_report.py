@@ -7,16 +7,21 @@ compile baselines measured before) and prints a Markdown table with each file's 
 
 from __future__ import annotations
 
-import json
+import argparse
 from pathlib import Path
+
+from .benchmark import UsageError, _Parser, read_json
 
 COMPILED = ("compiled", "compiled-ro")
 SHAPE_ORDER = {"S": 0, "M": 1, "L": 2}
 
 
 def _load(path: Path) -> tuple[dict, list[dict]]:
-    data = json.loads(path.read_text())
-    bench = data.get("bench", data)  # gpu_check wraps the bench result; bench writes it bare
+    data = read_json(path)
+    # gpu_check wraps the bench result; bench writes it bare
+    bench = data.get("bench", data) if isinstance(data, dict) else None
+    if not isinstance(bench, dict) or not isinstance(bench.get("rows"), list):
+        raise UsageError(f"{path}: not a bench results.json or gpu_check report (no rows)")
     meta = data.get("meta") or bench.get("meta") or {}
     return meta, [r for r in bench.get("rows", []) if r.get("median_ms") and not r.get("error")]
 
@@ -71,8 +76,9 @@ def markdown_table(paths: list[Path]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        print("usage: python -m triton_convlstm bench table RESULTS.json [MORE.json ...]")
-        return 2
-    print(markdown_table([Path(a) for a in argv]))
+    p = _Parser(prog="python -m triton_convlstm bench table", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", type=Path,
+                   help="results.json of the bench command or gpu_check reports, oldest first")
+    print(markdown_table(p.parse_args(argv).results))
     return 0

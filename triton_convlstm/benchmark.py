@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
+import math
 import platform
 import sys
 import time
@@ -68,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m triton_convlstm bench", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    p.add_argument("--dtype", type=_csv(tuple(DTYPES)), help="default: fp32,bf16 (cuda), fp32")
+    p.add_argument("--dtype", type=_csv(tuple(DTYPES)), help="default: bf16,fp32 (cuda), fp32")
     p.add_argument("--shapes", type=_csv(tuple(SHAPES)), help="default: S,M,L (cuda), cpu-s,cpu-m")
-    p.add_argument("--modes", type=_csv(MODES), default=list(MODES))
+    p.add_argument("--modes", type=_csv(MODES), default=list(MODES),
+                   help="fwd (no grad), train (forward and backward); default: fwd,train")
     p.add_argument("--impls", type=_csv(IMPLS), help="default: all (cuda), eager,layer (cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per case (at least)")
     p.add_argument("--target-s", type=float, default=0.3,
@@ -87,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                         "times its algorithms per shape instead of picking by heuristics")
     p.add_argument("--budget-s", type=float,
                    help="skip cases (and say so) once they would not fit in this many seconds")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write no PNGs (needs no matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (needs no tqdm)")
     p.add_argument("--out", default="bench_out", help="folder for results.json, rows.jsonl, PNGs")
     return p
 
@@ -111,6 +114,36 @@ def _resolve(args) -> None:
         raise UsageError("--repeats: expected at least 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads: expected at least 1")
+    if args.budget_s is not None and not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        raise UsageError(f"--budget-s: expected a positive number of seconds, got {args.budget_s}")
+    if not (math.isfinite(args.target_s) and args.target_s >= 0):
+        raise UsageError(f"--target-s: expected a number of seconds >= 0, got {args.target_s}")
+    # Before any case runs, not after minutes of them.
+    if not args.quiet:
+        _need("tqdm", "the progress bar (--quiet runs without it)")
+    if not args.no_plots:
+        _need("matplotlib", "the plots (--no-plots runs without them)")
+    writable_folder("--out", Path(args.out))
+
+
+def _need(module: str, what: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{what} needs {module} (in the bench extra): "
+                         f"pip install -e \".[bench]\"") from None
+
+
+def writable_folder(option: str, folder: Path) -> None:
+    """Create ``folder`` if need be and check that files can be written in it (a UsageError
+    naming ``option`` if not)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _plan(args):
@@ -334,29 +367,36 @@ def bench_main(argv: list[str]) -> int:
     return 1 if any(r.get("error") for r in result["rows"]) else 0
 
 
-def load_medians(path: str) -> dict[str, float]:
-    """Case name -> median seconds, from a pytest-benchmark JSON (``--benchmark-json``) or from a
-    results.json of this command (cases named impl/shape/dtype/mode)."""
+def read_json(path) -> object:
+    """A JSON file's content; a UsageError naming the file if it cannot be read or parsed."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except OSError as exc:
         raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not a JSON file ({exc})") from None
+
+
+def load_medians(path: str) -> dict[str, float | None]:
+    """Case name -> median seconds, from a pytest-benchmark JSON (``--benchmark-json``) or from a
+    results.json of this command (cases named impl/shape/dtype/mode; None for a case that
+    failed there)."""
+    data = read_json(path)
     try:
         if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
             return {b.get("fullname") or b["name"]: float(b["stats"]["median"])
                     for b in data["benchmarks"]}
         if isinstance(data, dict) and isinstance(data.get("rows"), list):
-            return {f"{r['impl']}/{r['shape']}/{r['dtype']}/{r['mode']}": r["median_ms"] / 1e3
-                    for r in data["rows"] if r.get("median_ms")}
+            return {f"{r['impl']}/{r['shape']}/{r['dtype']}/{r['mode']}":
+                    r["median_ms"] / 1e3 if r.get("median_ms") else None for r in data["rows"]}
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{path}: a benchmark entry lacks a median ({exc!r})") from None
     raise UsageError(f"{path}: neither pytest-benchmark JSON nor a bench results.json")
 
 
 def compare_main(argv: list[str]) -> int:
-    """Old and new median per case; exit 1 when a case got slower than 1 + threshold."""
+    """Old and new median per case; exit 1 when a case got slower than 1 + threshold or failed
+    in the new run, 2 when the files share no case."""
     p = _Parser(prog="python -m triton_convlstm bench compare",
                 description="Compare two pytest-benchmark JSON files (or two results.json).")
     p.add_argument("old")
@@ -368,10 +408,21 @@ def compare_main(argv: list[str]) -> int:
         raise UsageError("--threshold: expected a number >= 0")
     old, new = load_medians(args.old), load_medians(args.new)
     common = [n for n in old if n in new]
+    if not common:  # e.g. one file of each format: a pass would say nothing
+        raise UsageError(f"{args.old} and {args.new} share no case: nothing to compare")
     width = max([len(n) for n in common] + [4])
     print(f"{'case':<{width}}  {'old ms':>10}  {'new ms':>10}  {'new/old':>8}")
-    slower = []
+    slower, failed = [], []
     for name in common:
+        if new[name] is None:
+            failed.append(name)
+            print(f"{name:<{width}}  {'-' if old[name] is None else f'{old[name] * 1e3:.3f}':>10}"
+                  f"  {'-':>10}  {'-':>8}  ERROR (failed in the new run)")
+            continue
+        if old[name] is None:
+            print(f"{name:<{width}}  {'-':>10}  {new[name] * 1e3:>10.3f}  {'-':>8}"
+                  "  (failed in the old run)")
+            continue
         ratio = new[name] / old[name] if old[name] > 0 else float("inf")
         flag = ""
         if ratio > 1 + args.threshold:
@@ -383,9 +434,12 @@ def compare_main(argv: list[str]) -> int:
                          ("only in new", [n for n in new if n not in old])):
         for name in names:
             print(f"{label}: {name}")
+    if failed:
+        print(f"{len(failed)} of {len(common)} cases failed in the new run: {', '.join(failed)}")
     if slower:
         print(f"{len(slower)} of {len(common)} cases slower by more than "
               f"{args.threshold:.0%}: {', '.join(slower)}")
+    if failed or slower:
         return 1
     print(f"{len(common)} cases compared, none slower by more than {args.threshold:.0%}")
     return 0
