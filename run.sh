@@ -35,7 +35,8 @@ if [ $# -gt 0 ]; then
   exec python -m pytest -q "$@"
 fi
 # The unit tests, then the CPU part of the performance-regression suite (same-run ratio gates),
-# whose pytest-benchmark JSON is kept in bench_out/ as history.
+# whose pytest-benchmark JSON goes to bench_out/perf-cpu.json (each run replaces it: copy it
+# aside to compare a later run with `python -m triton_convlstm bench compare`).
 mkdir -p bench_out
 python -m pytest tests -q
 python -m pytest bench/test_perf.py -q --benchmark-json=bench_out/perf-cpu.json
