@@ -15,6 +15,7 @@ import torch
 from reference_fp64 import convlstm, params_from_module, rel_err
 
 from triton_convlstm import ConvLSTM
+from triton_convlstm.backend import interpreter_enabled
 
 FP32_TOL = 1e-5
 
@@ -587,3 +588,29 @@ def test_autocast_casts_given_states_and_leaves_float64_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out64, last64 = m64(x.double())
     assert out64[-1].dtype == torch.float64 and last64[-1][1].dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_applies_peepholes_at_full_precision(backend):
+    """Peepholes scale the float32 cell elementwise: under autocast a float32 peephole is used
+    as it is (autocast does not round elementwise work's parameters), not rounded to 16 bits,
+    so a change far below bf16's resolution still reaches c, in the cell and in the layer."""
+    if backend == "triton" and not interpreter_enabled():
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    torch.manual_seed(9)
+    m = ConvLSTM(2, 3, 3, 1, batch_first=True, peephole=True, backend=backend)
+    x = torch.randn(1, 3, 2, 4, 5)
+    state = (torch.randn(1, 3, 4, 5), torch.randn(1, 3, 4, 5))
+    cell = m.cell_list[0]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cell(x[:, 0], state)[1], m(x, [state])[1][-1][1]
+
+    with torch.no_grad():
+        cell.peephole.fill_(0.3)
+        before = run()
+        cell.peephole.add_(1e-4)  # bf16 steps by 2**-9 near 0.3: the same bf16 value
+    after = run()
+    for b, a in zip(before, after):
+        assert a.dtype == torch.float32 and (a - b).abs().max() > 1e-6

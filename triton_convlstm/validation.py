@@ -203,9 +203,11 @@ def hidden_state(states, shapes, dtype: torch.dtype, device, cast: bool = False)
 
 
 def cast_params(weight: Tensor, bias: Tensor | None, peephole: Tensor | None, dtype):
-    """The parameters in the compute dtype (no copy when they already are)."""
+    """The convolution's parameters in the compute dtype (no copy when they already are), the
+    peepholes in the state dtype: they scale the float32 cell, elementwise, where autocast would
+    not round a float32 parameter to 16 bits (and a 16-bit one widens exactly)."""
     return (
         weight.to(dtype),
         None if bias is None else bias.to(dtype),
-        None if peephole is None else peephole.to(dtype),
+        None if peephole is None else peephole.to(state_dtype(dtype)),
     )
