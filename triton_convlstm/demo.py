@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +42,20 @@ PRESETS = {
 }
 # Settings that define the run; on --resume they come from the checkpoint and may not change.
 RUN_KEYS = ("frame_size", "patch", "hidden", "layers", "batch_size", "lr", "val_size", "seed")
+# Settings that do not change what is trained: on --resume they come from the checkpoint unless
+# given again (checkpoints written before a key was carried fall back to its default).
+CARRIED_DEFAULTS = {"eval_every": 0}
+# What checkpoint() writes; --resume refuses a file without all of it.
+CKPT_KEYS = ("args", "model", "optimizer", "step", "history", "rng")
 SMOOTH = 20  # the "final train MSE" is the mean over this many last steps
+# moving_digits mixes seed + 10_000 (validation) with the batch index into a 64-bit generator
+# seed; below 2**32 that stays far inside the range for any reachable step count.
+SEED_LIMIT = 2**32
+# Adam's first step size is lr / (1 - beta1) = 10 * lr, applied as a float32 scalar.
+LR_MAX = torch.finfo(torch.float32).max / 10
+# The [demo] extra in pyproject.toml: (module imported, package to install).
+DEMO_DEPS = (("tqdm", "tqdm"), ("matplotlib.figure", "matplotlib"),
+             ("sklearn.datasets", "scikit-learn"))
 
 
 class ArgError(Exception):
@@ -51,20 +67,36 @@ class _Parser(argparse.ArgumentParser):
         raise ArgError(message)
 
 
+def _per_device(key: str) -> str:
+    """'default: <cpu> on CPU, <cuda> on CUDA', from PRESETS (for --help)."""
+    return f"default: {PRESETS['cpu'][key]:g} on CPU, {PRESETS['cuda'][key]:g} on CUDA"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m triton_convlstm demo", description=__doc__.split("\n")[0])
+    run_flags = ", ".join(f"--{key.replace('_', '-')}" for key in RUN_KEYS)
+    p = _Parser(prog="python -m triton_convlstm demo",
+                description="Train a moving-digit nowcaster in minutes: 10 frames in, 10 "
+                            "predicted; reports MSE against the copy-last-frame baseline and "
+                            "writes predictions.png, loss.png and checkpoint.pt to --out.",
+                epilog=f"On --resume, {run_flags} come from the checkpoint and may not change.")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--steps", type=int, help="optimizer steps to run now (default: per device)")
-    p.add_argument("--batch-size", type=int, help="global batch (split across --ddp ranks)")
-    p.add_argument("--hidden", type=int, help="ConvLSTM hidden channels")
-    p.add_argument("--layers", type=int, help="ConvLSTM layers in encoder and forecaster")
-    p.add_argument("--frame-size", type=int, help="frame height = width (64 on GPU, 32 on CPU)")
-    p.add_argument("--patch", type=int, help="space-to-depth factor before the ConvLSTM")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--val-size", type=int, help="validation sequences")
-    p.add_argument("--seed", type=int, help="seed of weights and data (default 0)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validations and "
-                   "checkpoints (default: 4 per run)")
+    p.add_argument("--steps", type=int, help="optimizer steps to run now, after the checkpoint's "
+                   f"on --resume ({_per_device('steps')})")
+    p.add_argument("--batch-size", type=int, help="global batch, split across --ddp ranks "
+                   f"({_per_device('batch_size')})")
+    p.add_argument("--hidden", type=int, help=f"ConvLSTM hidden channels ({_per_device('hidden')})")
+    p.add_argument("--layers", type=int, help="ConvLSTM layers in encoder and forecaster "
+                   f"({_per_device('layers')})")
+    p.add_argument("--frame-size", type=int, help="frame height = width "
+                   f"({_per_device('frame_size')})")
+    p.add_argument("--patch", type=int, help="space-to-depth factor before the ConvLSTM "
+                   f"({_per_device('patch')})")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate ({_per_device('lr')})")
+    p.add_argument("--val-size", type=int, help=f"validation sequences ({_per_device('val_size')})")
+    p.add_argument("--seed", type=int, help="seed of weights and data, 0 <= SEED < 2**32 "
+                   "(default 0)")
+    p.add_argument("--eval-every", type=int, help="steps between validations and checkpoints "
+                   "(default: 4 per run; on --resume, the checkpoint's)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
     p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
@@ -106,6 +138,9 @@ def _resolve(args: argparse.Namespace, device: torch.device, ckpt: dict | None) 
             setattr(args, key, saved)
         elif given is None:
             setattr(args, key, preset[key])
+    for key, default in CARRIED_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default if ckpt is None else ckpt["args"].get(key, default))
     if args.steps is None:
         args.steps = preset["steps"]
     for key in ("steps", "eval_every"):
@@ -114,8 +149,10 @@ def _resolve(args: argparse.Namespace, device: torch.device, ckpt: dict | None) 
     for key in ("batch_size", "hidden", "layers", "patch", "val_size"):
         if getattr(args, key) < 1:
             raise ArgError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if not args.lr > 0:
-        raise ArgError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.lr <= LR_MAX:  # also refuses inf and nan
+        raise ArgError(f"--lr must be > 0 and <= {LR_MAX:.3g}, got {args.lr}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ArgError(f"--seed must be in 0..{SEED_LIMIT - 1} (below 2**32), got {args.seed}")
     if args.frame_size < 8 or args.frame_size % args.patch:
         raise ArgError(f"--frame-size must be >= 8 and divisible by --patch {args.patch}, "
                        f"got {args.frame_size}")
@@ -134,16 +171,83 @@ def _dist_env(ddp: bool) -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
-def _load_checkpoint(args: argparse.Namespace) -> dict | None:
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _not_a_checkpoint(path: Path, reason: str) -> ArgError:
+    return ArgError(f"--resume {path}: not a demo checkpoint ({reason})")
+
+
+def _load_checkpoint(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
+    """(path, checkpoint) for --resume, (None, None) without it. The checkpoint is checked to
+    hold everything _resolve and _run read from it; anything else is an ArgError."""
     if args.resume is None:
-        return None
+        return None, None
     path = Path(args.resume or Path(args.out) / "checkpoint.pt")
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise ArgError(f"--resume: no checkpoint at {path}")
-    # weights_only=False: the checkpoint holds our own args dict and RNG states (trusted file).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # weights_only=False: the checkpoint holds our own args dict and RNG states (trusted).
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any file at all: unpickling, zip and I/O errors of every kind
+        raise _not_a_checkpoint(path, _one_line(exc)) from None
+    if not isinstance(ckpt, dict):
+        raise _not_a_checkpoint(path, f"holds a {type(ckpt).__name__}, not a dict")
+    missing = [key for key in CKPT_KEYS if key not in ckpt]
+    if missing:
+        raise _not_a_checkpoint(path, f"no {', '.join(missing)}")
+    saved = ckpt["args"]
+    if not isinstance(saved, dict):
+        raise _not_a_checkpoint(path, f"its args are a {type(saved).__name__}, not a dict")
+    missing = [key for key in RUN_KEYS if key not in saved]
+    if missing:
+        raise _not_a_checkpoint(path, f"its args lack {', '.join(missing)}")
+    for key in (*RUN_KEYS, *CARRIED_DEFAULTS):
+        value = saved.get(key, 0)
+        kinds = (int, float) if key == "lr" else int
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise _not_a_checkpoint(path, f"its {key} is {value!r}")
+    history = ckpt["history"]
+    if (not isinstance(ckpt["step"], int) or ckpt["step"] < 0 or not isinstance(history, dict)
+            or not all(isinstance(history.get(k), list) for k in ("train", "train_copy", "val"))
+            or not isinstance(ckpt["rng"], dict) or "torch" not in ckpt["rng"]):
+        raise _not_a_checkpoint(path, "bad step, history or rng entry")
+    return path, ckpt
+
+
+def _check_out(out: Path) -> None:
+    """Create --out and write (and remove) a trial file, so that an unusable folder is reported
+    before training rather than at the first checkpoint."""
+    if out.exists() and not out.is_dir():
+        raise ArgError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, trial = tempfile.mkstemp(prefix=".demo-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(trial)
+    except OSError as exc:
+        raise ArgError(f"--out {out}: cannot create or write to this folder "
+                       f"({exc.strerror or _one_line(exc)})") from None
+
+
+def _check_dependencies() -> None:
+    """Import the [demo] extra up front: a missing package is one line, not a traceback (and
+    not, for matplotlib, a traceback after the whole training run)."""
+    for module, package in DEMO_DEPS:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            top = module.split(".")[0]
+            detail = ("" if isinstance(exc, ModuleNotFoundError) and exc.name in (top, module)
+                      else f" ({_one_line(exc)})")
+            raise ArgError(f'needs {package} (the demo extra): pip install -e ".[demo]"'
+                           f"{detail}") from None
 
 
 @torch.no_grad()
@@ -178,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
+        _check_dependencies()
         return _run(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
@@ -195,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
 
     rank, world, local_rank = _dist_env(args.ddp)
     device = _device(args.device, local_rank)
-    ckpt = _load_checkpoint(args)
+    ckpt_path, ckpt = _load_checkpoint(args)
     _resolve(args, device, ckpt)
     if args.batch_size % world:
         raise ArgError(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
@@ -205,6 +310,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ArgError(f"--backend {args.backend}: {exc}") from None
     lead = rank == 0
     out = Path(args.out)
+    if lead:  # only rank 0 writes
+        _check_out(out)
 
     if args.ddp:
         import torch.distributed as dist
@@ -222,12 +329,15 @@ def _run(args: argparse.Namespace) -> int:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     step, history = 0, {"train": [], "train_copy": [], "val": []}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            raise _not_a_checkpoint(ckpt_path, _one_line(exc)) from None
         step, history = ckpt["step"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     train_model = model
     if args.ddp:
         from torch.nn.parallel import DistributedDataParallel
@@ -241,7 +351,6 @@ def _run(args: argparse.Namespace) -> int:
     if lead:
         val = MovingDigits(T_IN + T_OUT, args.frame_size, split="val", seed=args.seed + 10_000)
         val = val.fixed_set(args.val_size).to(device)
-        out.mkdir(parents=True, exist_ok=True)
     shard = args.batch_size // world
     eval_every = args.eval_every or max(1, args.steps // 4)
 
@@ -250,6 +359,18 @@ def _run(args: argparse.Namespace) -> int:
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         _save(out / "checkpoint.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(),
                                            step=step, args=vars(args), rng=rng, history=history))
+
+    def diverged(at: int, what: str, value: float) -> ArgError:
+        bar.close()
+        return ArgError(f"training diverged at step {at} ({what} {value}); lower --lr")
+
+    def validate() -> None:
+        """Validation MSE into the history, then a checkpoint (never one of a NaN model)."""
+        mse = evaluate(model, val, device)
+        if not math.isfinite(mse):
+            raise diverged(step, "validation MSE", mse)
+        history["val"].append((step, mse))
+        checkpoint()
 
     from tqdm import tqdm
 
@@ -278,6 +399,9 @@ def _run(args: argparse.Namespace) -> int:
             for loss_v, copy_v in torch.stack(pending).tolist():
                 history["train"].append(loss_v)
                 history["train_copy"].append(copy_v)
+                # Under --ddp the loss is all-reduced, so every rank stops at the same step.
+                if not math.isfinite(loss_v):
+                    raise diverged(len(history["train"]), "loss", loss_v)
             pending.clear()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -287,14 +411,12 @@ def _run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{history['train'][-1]:.4f}", seq_s=f"{seen / train_time:.0f}")
         bar.update(1)
         if lead and (step % eval_every == 0 or step == end):
-            history["val"].append((step, evaluate(model, val, device)))
-            checkpoint()
+            validate()
     bar.close()
 
     if lead:
         if not history["val"] or history["val"][-1][0] != step:  # e.g. --steps 0
-            history["val"].append((step, evaluate(model, val, device)))
-            checkpoint()
+            validate()
         _report(args, history, val, model, device, backend, world, seen, train_time, step, out)
     if args.ddp:
         torch.distributed.barrier()
