@@ -45,6 +45,7 @@ def _step(m, x, train=True):
 @pytest.mark.parametrize("train", [False, True], ids=["fwd", "train"])
 def test_replay_equals_eager_with_fresh_data(device, dtype, train):
     eager, graphed = _pair(dtype, device=device)
+    before = graphs.FORWARD.captures, graphs.BACKWARD.captures  # counters are process-wide
     for call in range(4):  # eager warm-up, capture, then replays
         x = torch.randn(3, 5, 4, 12, 10, device=device, dtype=dtype)
         want = _step(eager, x, train)
@@ -54,18 +55,19 @@ def test_replay_equals_eager_with_fresh_data(device, dtype, train):
             # cuDNN's weight-gradient algorithms may sum in any order: exact only without them.
             tol = dict(rtol=0, atol=0) if not train else {}
             torch.testing.assert_close(a, b, **tol, msg=f"call {call}")
-    assert graphs.FORWARD.captures >= 1
+    assert graphs.FORWARD.captures > before[0]
     if train:
-        assert graphs.BACKWARD.captures >= 1
+        assert graphs.BACKWARD.captures > before[1]
 
 
 def test_replay_with_recomputed_gates_equals_eager(device):
     eager, graphed = _pair(device=device, recompute_gates=True)
+    before = graphs.BACKWARD.captures
     for call in range(4):
         x = torch.randn(3, 5, 4, 12, 10, device=device)
         for a, b in zip(_step(graphed, x), _step(eager, x)):
             torch.testing.assert_close(a, b, msg=f"call {call}")
-    assert graphs.BACKWARD.captures >= 1
+    assert graphs.BACKWARD.captures > before
 
 
 def test_shape_change_recaptures_and_outputs_are_not_overwritten(device):
@@ -87,15 +89,17 @@ def test_two_forwards_then_one_backward(device):
     eager, graphed = _pair(device=device)
     for _ in range(2):  # warm up and capture
         _step(graphed, torch.randn(3, 5, 4, 12, 10, device=device))
-    x1, x2 = (torch.randn(3, 5, 4, 12, 10, device=device) for _ in range(2))
-    losses = []
-    for m in (eager, graphed):
-        m.zero_grad()
-        loss = m(x1)[0][-1].pow(2).mean() + m(x2)[0][-1].pow(2).mean()
-        loss.backward()
-        losses.append([p.grad.clone() for p in m.parameters()])
-    for a, b in zip(*losses):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Three times: the first such step also captures the backward; the later ones replay it.
+    for call in range(3):
+        x1, x2 = (torch.randn(3, 5, 4, 12, 10, device=device) for _ in range(2))
+        losses = []
+        for m in (eager, graphed):
+            m.zero_grad()
+            loss = m(x1)[0][-1].pow(2).mean() + m(x2)[0][-1].pow(2).mean()
+            loss.backward()
+            losses.append([p.grad.clone() for p in m.parameters()])
+        for a, b in zip(*losses):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"call {call}")
 
 
 @pytest.mark.gpu
@@ -392,6 +396,26 @@ def test_moving_on_from_well_used_shapes_is_not_thrashing(monkeypatch):
             assert graphs.FORWARD.captures - before == 2, i  # both layers captured anew
     assert graphs.FORWARD.evictions > graphs.FORWARD.max_entries
     assert not graphs.FORWARD.thrashing()
+    graphs.clear()
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "train"])
+def test_graphs_off_and_layers_past_the_size_limit_capture_nothing(monkeypatch, train):
+    """cuda_graphs=False captures nothing; with it on, a layer whose state per step exceeds
+    MAX_STATE_ELEMENTS runs uncaptured while a smaller one in the same model is captured."""
+    monkeypatch.setattr(graphs, "EMULATE_ON_CPU", True)
+    graphs.clear()
+    x = torch.randn(3, 5, 4, 12, 10)  # layer states: 3*8*12*10 = 2880 and 3*6*12*10 = 2160
+    off, on = _pair(device="cpu", peephole=False)  # cuda_graphs=False, True
+    before = graphs.FORWARD.captures, graphs.BACKWARD.captures
+    for _ in range(3):
+        _step(off, x, train)
+    assert (graphs.FORWARD.captures, graphs.BACKWARD.captures) == before
+    monkeypatch.setattr(graphs, "MAX_STATE_ELEMENTS", 2500)  # the first layer is past it
+    for _ in range(3):
+        _step(on, x, train)
+    assert graphs.FORWARD.captures == before[0] + 1  # the second layer's loop alone
+    assert graphs.BACKWARD.captures == before[1] + train
     graphs.clear()
 
 

@@ -278,7 +278,8 @@ def test_huge_preactivations_stay_finite(dtype):
     for t in (h, c, dz, dcp, dpe):
         assert torch.isfinite(t).all()
     h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
-    assert rel_err(c, c_ref) <= 1e-5 and rel_err(h, h_ref) <= 1e-2
+    h_tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 h is rounded on the way out
+    assert rel_err(c, c_ref) <= 1e-5 and rel_err(h, h_ref) <= h_tol
 
 
 def test_backward_is_bitwise_deterministic():
