@@ -309,14 +309,22 @@ def test_forget_bias_shifts_only_f_gate(fb):
         assert torch.equal(m0.cell_list[layer].conv.weight, m1.cell_list[layer].conv.weight)
 
 
-def test_forget_bias_without_bias():
-    """bias=False has no bias to shift; forget_bias must either raise or leave no bias."""
-    try:
-        m = ConvLSTM(3, 4, 3, 1, bias=False, forget_bias=1.0, backend="torch")
-    except (ValueError, TypeError) as exc:
-        assert "bias" in str(exc)
-        return
+@pytest.mark.parametrize("fb", [1.0, -0.5, 2], ids=["1.0", "-0.5", "int2"])
+def test_forget_bias_without_bias(fb):
+    """bias=False has no bias to shift: a non-zero forget_bias raises ValueError."""
+    with pytest.raises(ValueError,
+                       match=rf"^forget_bias: expected 0\.0 with bias=False, got {fb}$"):
+        ConvLSTM(3, 4, 3, 1, bias=False, forget_bias=fb, backend="torch")
+    # zero is no shift: accepted, and there is no bias
+    m = ConvLSTM(3, 4, 3, 1, bias=False, forget_bias=0.0, backend="torch")
     assert all(not k.endswith("bias") for k in m.state_dict())
+
+
+@pytest.mark.parametrize("fb", [True, False, "1.0", None, [1.0], torch.tensor(1.0)],
+                         ids=["True", "False", "str", "None", "list", "tensor"])
+def test_forget_bias_must_be_a_number(fb):
+    with pytest.raises(TypeError, match=r"^forget_bias: expected a number, got "):
+        ConvLSTM(3, 4, 3, 1, forget_bias=fb, backend="torch")
 
 
 def test_peephole_state_dict_extra_key():

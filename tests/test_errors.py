@@ -209,8 +209,11 @@ def test_complex_input():
 
 def test_not_a_tensor():
     m = layer()
-    with pytest.raises(BAD, match=r"\bx\b|input|Tensor|tensor"):
-        m([[1.0]])
+    raises_before_compute(lambda: m([[1.0]]), TypeError,
+                          r"input_tensor: expected a torch\.Tensor, got list")
+    cell = ConvLSTMCell(3, 4, 3, backend="torch")
+    raises_before_compute(lambda: cell(3.0), TypeError,
+                          r"input_tensor: expected a torch\.Tensor, got float")
 
 
 @pytest.mark.parametrize("batch_first", [True, False], ids=["BT", "TB"])
@@ -238,17 +241,30 @@ def test_x_on_cuda_parameters_on_cpu():
         m(x_ok().cuda(), state_ok())
 
 
-def test_x_dtype_differs_from_parameters():
-    """Float x whose dtype differs from the parameters: an error naming dtypes (the popular
-    module raises in conv2d too), or a clean result; never a silent wrong-dtype state."""
-    m = layer()
-    x = x_ok(dtype=torch.float64)
-    try:
-        outs, lasts = m(x)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        assert "dtype" in str(exc) or "float" in str(exc).lower()
-        return
-    assert bool(torch.isfinite(outs[0]).all())
+@pytest.mark.parametrize(
+    "param_dtype, x_dtype",
+    [(torch.float32, torch.float64), (torch.float32, torch.float16),
+     (torch.float64, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=["p32-x64", "p32-x16", "p64-x32", "pbf16-x32"],
+)
+def test_x_dtype_differs_from_parameters(param_dtype, x_dtype):
+    """Outside autocast, a float x whose dtype differs from the parameters raises TypeError
+    naming both dtypes, before anything is computed (never a silent cast or wrong-dtype
+    state)."""
+    assert not torch.is_autocast_enabled("cpu")
+    m = layer().to(param_dtype)
+    x = x_ok(dtype=x_dtype)
+    info = raises_before_compute(lambda: m(x), TypeError, r"input_tensor: expected dtype")
+    msg = str(info.value)
+    assert f"expected dtype {param_dtype}" in msg and f"got {x_dtype}" in msg, msg
+    # with a (correctly typed) state as well, and for the cell
+    st = state_ok(hdt=param_dtype, cdt=torch.float64 if param_dtype == torch.float64
+                  else torch.float32)
+    raises_before_compute(lambda: m(x, st), TypeError,
+                          rf"expected dtype {param_dtype}.*got {x_dtype}")
+    cell = ConvLSTMCell(3, 4, 3, backend="torch").to(param_dtype)
+    raises_before_compute(lambda: cell(x[:, 0]), TypeError,
+                          rf"input_tensor: expected dtype {param_dtype}.*got {x_dtype}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,12 +307,18 @@ def test_state_wrong_shape_first_layer_of_other_width():
 
 def test_state_not_pairs():
     m = layer()
+    x = x_ok()
     st = [torch.zeros(2, 4, 5, 6), torch.zeros(2, 4, 5, 6)]
-    with pytest.raises(BAD, match="hidden_state"):
-        m(x_ok(), st)
-    st = [(torch.zeros(2, 4, 5, 6),), (torch.zeros(2, 4, 5, 6),)]
-    with pytest.raises(BAD, match="hidden_state"):
-        m(x_ok(), st)
+    raises_before_compute(lambda: m(x, st), TypeError,
+                          r"hidden_state\[0\]: expected a pair \(h, c\) of tensors, got Tensor")
+    st1 = [(torch.zeros(2, 4, 5, 6),), (torch.zeros(2, 4, 5, 6),)]
+    raises_before_compute(lambda: m(x, st1), TypeError,
+                          r"hidden_state\[0\]: expected a pair \(h, c\) of tensors, got tuple")
+    # a pair whose part is not a tensor
+    st2 = state_ok()
+    st2[1] = (st2[1][0], 0.0)
+    raises_before_compute(lambda: m(x, st2), TypeError,
+                          r"hidden_state\[1\] c: expected a torch\.Tensor, got float")
 
 
 def test_state_wrong_h_dtype():
@@ -339,8 +361,10 @@ def test_state_on_other_device():
 
 def test_state_not_a_list():
     m = layer()
-    with pytest.raises(BAD, match="hidden_state"):
-        m(x_ok(), torch.zeros(2, 4, 5, 6))
+    x = x_ok()
+    raises_before_compute(
+        lambda: m(x, torch.zeros(2, 4, 5, 6)), ValueError,
+        r"hidden_state: expected a list of 2 \(h, c\) pairs \(one per layer\), got Tensor")
 
 
 # ---------------------------------------------------------------------------------------------

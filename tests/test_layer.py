@@ -278,6 +278,40 @@ def test_default_state_is_zeros():
         torch.testing.assert_close(c1, c3, rtol=0, atol=1e-6)
 
 
+def test_fresh_peepholes_are_zero_so_the_model_starts_as_the_plain_lstm():
+    """Peepholes init to zero and draw no random numbers: a fresh peephole=True model has the
+    same seeded conv weights as a plain one, and computes the same thing (with and without an
+    initial state, outputs, final states and the input gradient)."""
+    torch.manual_seed(11)
+    peep = ConvLSTM(3, [4, 2], [3, 2], 2, batch_first=True, return_all_layers=True,
+                    peephole=True, backend="torch")
+    torch.manual_seed(11)
+    plain = ConvLSTM(3, [4, 2], [3, 2], 2, batch_first=True, return_all_layers=True,
+                     backend="torch")
+    for layer, hd in enumerate((4, 2)):
+        p = peep.cell_list[layer].peephole
+        assert p.shape == (3, hd) and p.dtype == torch.float32
+        assert torch.equal(p, torch.zeros(3, hd)), p
+    conv = {k: v for k, v in peep.state_dict().items() if not k.endswith("peephole")}
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, conv[k]), k
+    # and loading the plain weights into the peephole model leaves it equal to the plain one
+    peep.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 3, 3, 4, 5)
+    st = [(0.5 * torch.randn(2, hd, 4, 5), torch.randn(2, hd, 4, 5)) for hd in (4, 2)]
+    for state in (None, st):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        oa, sa = peep(xa, state)
+        ob, sb = plain(xb, state)
+        for k in range(2):
+            torch.testing.assert_close(oa[k], ob[k], rtol=0, atol=1e-6)
+            torch.testing.assert_close(sa[k][0], sb[k][0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(sa[k][1], sb[k][1], rtol=0, atol=1e-6)
+        (ga,) = torch.autograd.grad(sum(o.sum() for o in oa) + sa[1][1].sum(), xa)
+        (gb,) = torch.autograd.grad(sum(o.sum() for o in ob) + sb[1][1].sum(), xb)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch_first", [True, False], ids=["BT", "TB"])
 def test_batch_first_is_a_transpose(batch_first):
     """Outputs are batch-first either way; batch_first=False only changes how x is read."""
@@ -429,17 +463,22 @@ def test_half_precision_vs_fp64(dtype):
     rb, rbs = convlstm(xb, lb, stateb)
 
     # within a few times the error of plain torch math in this dtype, or about one rounding of
-    # the dtype (~1e-2 relative for bf16)
+    # the dtype (~1e-2 relative for bf16); outputs and h never above 1e-2, and the float32 c
+    # tighter still (measured max over 30 seeds: h/outputs bf16 2.3e-3, fp16 2.8e-4; c bf16
+    # 1.3e-3, fp16 1.6e-4; this seed's c: bf16 8.7e-4, fp16 1.1e-4). A c kept in bf16 between
+    # steps gives bf16 c errors of 2.3e-3 and 3.6e-3 here: the cap catches it.
     floor = 1.3 * torch.finfo(dtype).eps
+    c_cap = {torch.bfloat16: 3e-3, torch.float16: 1e-3}[dtype]
 
-    def ok(ours, base, ref, what):
+    def ok(ours, base, ref, what, cap=float("inf")):
         e, eb = rel_err(ours, ref), rel_err(base, ref)
-        assert e <= max(3 * eb, floor), f"{what}: rel err {e:.3g} (plain {dtype} math {eb:.3g})"
+        limit = min(max(3 * eb, floor), cap)
+        assert e <= limit, f"{what}: rel err {e:.3g} > {limit:.3g} (plain {dtype} math {eb:.3g})"
 
     for k in range(2):
-        ok(outs[k], rb[k], ro[k], f"output {k}")
-        ok(lasts[k][0], rbs[k][0], rs[k][0], f"h {k}")
-        ok(lasts[k][1], rbs[k][1], rs[k][1], f"c {k}")
+        ok(outs[k], rb[k], ro[k], f"output {k}", cap=1e-2)
+        ok(lasts[k][0], rbs[k][0], rs[k][0], f"h {k}", cap=1e-2)
+        ok(lasts[k][1], rbs[k][1], rs[k][1], f"c {k}", cap=c_cap)
 
     cot = [torch.randn(o.shape, dtype=torch.float64) for o in ro] + \
         [torch.randn(c.shape, dtype=torch.float64) for _, c in rs]
