@@ -10,7 +10,11 @@ contiguous gets vectorized, and the launcher shapes the tile so that axis is the
 No autotune: the forward may write the cell state in place (c_out is c_prev), which autotune's
 repeated launches would corrupt, and autotune must never run during CUDA-graph capture.
 
+CUDA tensors (CPU ones under TRITON_INTERPRET=1); hidden 2 here:
+
+>>> zx, bias, c_prev = torch.randn(2, 8, 4, 4), torch.zeros(8), torch.zeros(2, 2, 4, 4)
 >>> h, c, z = gates_forward(zx, None, bias, c_prev, None, save_z=True)
+>>> dh, dc = torch.ones_like(h), torch.zeros_like(c)
 >>> dz, dc_prev, _ = gates_backward(z, c_prev, c, None, dh, None, dc)
 """
 

@@ -6,7 +6,8 @@ kernels let torch.compile trace them without running them (fullgraph, no graph b
 registered autograd makes them differentiable. The torch path is autograd through
 :func:`triton_convlstm.reference.gate_forward`, chosen in Python so CPU models compile too.
 
->>> h, c = gate_update(z, c, bias=bias, peephole=peephole)  # z: (B, 4*hidden, H, W)
+>>> z, c = torch.randn(2, 8, 5, 5), torch.zeros(2, 2, 5, 5)  # z: (B, 4*hidden, H, W)
+>>> h, c = gate_update(z, c)  # bias and peephole optional
 """
 
 # No `from __future__ import annotations`: torch.library infers the op schemas from the hints.
