@@ -6,11 +6,14 @@ import importlib
 import pkgutil
 
 import pytest
+import triton_convlstm.kernels
 
 import triton_convlstm
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(triton_convlstm.__path__,
-                                                       "triton_convlstm."))
+# The kernels live in kernels/ (installed as triton_convlstm.kernels through a package-dir
+# mapping, which pkgutil does not walk from the package): listed from their own package.
+MODULES = sorted(m.name for pkg in (triton_convlstm, triton_convlstm.kernels)
+                 for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."))
 
 
 @pytest.mark.parametrize("name", MODULES)
