@@ -14,11 +14,13 @@ The weight is read packed (:func:`pack_weight`): row (segment, ky, kx, channel),
 4 * c + gate, with segment x first, then h. "Same" padding as triton_convlstm.conv (an even
 kernel pads one more at the bottom/right): taps outside the image read zero.
 
-CUDA tensors (CPU ones under TRITON_INTERPRET=1); 3 input channels, hidden 2, the zero state:
+CUDA tensors (CPU ones only under TRITON_INTERPRET=1); 3 input channels, hidden 2, the zero
+state:
 
->>> x_t, weight = torch.randn(1, 3, 5, 5), torch.randn(4 * 2, 3 + 2, 3, 3)
+>>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+>>> x_t, weight = torch.randn(1, 3, 5, 5, device=dev), torch.randn(8, 5, 3, 3, device=dev)
 >>> w = pack_weight(weight, 3)
->>> c_prev, h, c = (torch.zeros(1, 2, 5, 5) for _ in range(3))
+>>> c_prev, h, c = (torch.zeros(1, 2, 5, 5, device=dev) for _ in range(3))
 >>> h, c, _ = fused_step(x_t, None, w, None, c_prev, None, h_out=h, c_out=c, kernel=(3, 3),
 ...                      dilation=(1, 1))
 """

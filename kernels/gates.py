@@ -10,9 +10,11 @@ contiguous gets vectorized, and the launcher shapes the tile so that axis is the
 No autotune: the forward may write the cell state in place (c_out is c_prev), which autotune's
 repeated launches would corrupt, and autotune must never run during CUDA-graph capture.
 
-CUDA tensors (CPU ones under TRITON_INTERPRET=1); hidden 2 here:
+CUDA tensors (CPU ones only under TRITON_INTERPRET=1); hidden 2 here:
 
->>> zx, bias, c_prev = torch.randn(2, 8, 4, 4), torch.zeros(8), torch.zeros(2, 2, 4, 4)
+>>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+>>> zx, c_prev = torch.randn(2, 8, 4, 4, device=dev), torch.zeros(2, 2, 4, 4, device=dev)
+>>> bias = torch.zeros(8, device=dev)
 >>> h, c, z = gates_forward(zx, None, bias, c_prev, None, save_z=True)
 >>> dh, dc = torch.ones_like(h), torch.zeros_like(c)
 >>> dz, dc_prev, _ = gates_backward(z, c_prev, c, None, dh, None, dc)
@@ -48,7 +50,7 @@ def _tanh(x):
     # No tl.tanh in the interpreter; tanh(x) = 2*sigmoid(2x) - 1 inherits sigmoid's safety, but
     # near 0 the subtraction cancels: its ~1e-7 absolute error is 1e-4 relative at |x| = 1e-3.
     # There the odd Taylor series through x^11 takes over (truncation below 1e-7 relative for
-    # |x| < 0.4, beyond which the sigmoid form is within 4e-7). Both are computed: the kernels
+    # |x| < 0.4, beyond which the sigmoid form is within ~4e-7). Both are computed: the kernels
     # are memory-bound, and a NaN still takes the sigmoid form and stays NaN.
     x2 = x * x
     series = 62.0 / 2835.0 + x2 * (-1382.0 / 155925.0)

@@ -88,7 +88,8 @@ def _compile_fused(vid):
 
     _, _, flags, dtype, arch = vid.split("-")
     fn = fused_step._fused_step_kernel
-    lowp = {"x_ptr", "h_ptr", "w_ptr", "bias_ptr", "pe_ptr", "ho_ptr", "z_ptr"}
+    # Peepholes come in fp32 whatever the data's dtype (validation.cast_params: the state dtype).
+    lowp = {"x_ptr", "h_ptr", "w_ptr", "bias_ptr", "ho_ptr", "z_ptr"}
     # channels_last: every channel stride is 1
     sig, const, attrs = _launch_signature(
         fn, dtype, lowp, lambda name: name.endswith("_c") or name == "s_bias")
@@ -120,7 +121,7 @@ def _compile(vid):
     kernel, layout, flags, dtype, arch, *wide = vid.split("-")
     wide = bool(wide)
     fn = gates._gates_fwd_kernel if kernel == "fwd" else gates._gates_bwd_kernel
-    lowp = {"zx_ptr", "zh_ptr", "h_ptr", "z_ptr", "bias_ptr", "pe_ptr", "dz_ptr", "dh_ptr",
+    lowp = {"zx_ptr", "zh_ptr", "h_ptr", "z_ptr", "bias_ptr", "dz_ptr", "dh_ptr",
             "dh2_ptr"}  # fmt: skip
     # The axis that is contiguous: Triton turns a stride argument equal to 1 into a constant.
     unit = ("_p", "s_bias") if layout == "nchw" else ("_c", "s_bias")

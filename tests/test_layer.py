@@ -466,7 +466,7 @@ def test_half_precision_vs_fp64(dtype):
     # the dtype (~1e-2 relative for bf16); outputs and h never above 1e-2, and the float32 c
     # tighter still (measured max over 30 seeds: h/outputs bf16 2.3e-3, fp16 2.8e-4; c bf16
     # 1.3e-3, fp16 1.6e-4; this seed's c: bf16 8.7e-4, fp16 1.1e-4). A c kept in bf16 between
-    # steps gives bf16 c errors of 2.3e-3 and 3.6e-3 here: the cap catches it.
+    # steps gives bf16 c errors of 2.3e-3 and 3.6e-3 in the two layers: the second passes the cap.
     floor = 1.3 * torch.finfo(dtype).eps
     c_cap = {torch.bfloat16: 3e-3, torch.float16: 1e-3}[dtype]
 

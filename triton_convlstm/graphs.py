@@ -253,7 +253,7 @@ class GraphCache:
             first = full_key not in self.seen
             if first or (self.thrashing() and not self._hot(full_key)):
                 self.seen[full_key] = owner
-                while len(self.seen) > self.max_seen:
+                while len(self.seen) > max(self.max_seen, 1):  # never the key just added
                     oldest = next(iter(self.seen))
                     del self.seen[oldest]
                     self.uncaptured.pop(oldest, None)
