@@ -24,3 +24,34 @@ def test_performance_table_is_generated_from_committed_results(monkeypatch):
 def test_ci_runs_the_readme_test_command():
     assert "bash run.sh demo" in README and "bash run.sh test" in README
     assert "bash run.sh test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_streaming_example_runs_and_holds(monkeypatch):
+    """The README's streaming snippet, run as written; its closing claim checked."""
+    import torch
+
+    from triton_convlstm import ConvLSTM
+
+    block = README.split("### Streaming")[1].split("```python")[1].split("```")[0]
+    scope = {"torch": torch, "ConvLSTM": ConvLSTM}
+    torch.manual_seed(0)
+    exec(block, scope)
+    video, model = scope["video"], scope["model"]
+    whole_outputs, whole_state = model(video)
+    chunks = [model(c, hidden_state=s)[0] for c, s in _streamed(model, video)]
+    streamed = torch.cat([c[-1] for c in chunks], dim=1)
+    torch.testing.assert_close(streamed, whole_outputs[-1], rtol=1e-5, atol=1e-6)
+    for (h, c), (hw, cw) in zip(scope["state"], whole_state):
+        torch.testing.assert_close(h, hw, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, cw, rtol=1e-5, atol=1e-6)
+
+
+def _streamed(model, video):
+    """(chunk, the state it starts from), as the README's loop feeds them."""
+    import torch
+
+    state, pairs = None, []
+    for chunk in torch.split(video, 8, dim=1):
+        pairs.append((chunk, state))
+        _, state = model(chunk, hidden_state=state)
+    return pairs
