@@ -170,7 +170,8 @@ def test_arguments_of_an_integer_dtype_or_another_device_raise(arg, backend):
     (uninitialised outputs), an integer zx gave integer (truncated) h on the torch path."""
     a = inputs(grad=False)
     call = lambda **kw: gate_update(**{**a, **kw}, backend=backend)  # noqa: E731
-    with pytest.raises(TypeError, match=f"{arg}: expected a floating-point tensor, got torch.int"):
+    integer = f"{arg}: expected a floating-point tensor, got dtype torch.int"
+    with pytest.raises(TypeError, match=integer):
         call(**{arg: a[arg].long()})
     if arg != "zx":  # the others must be on zx's device
         with pytest.raises(ValueError, match=f"{arg}: expected a tensor on .*, got meta"):

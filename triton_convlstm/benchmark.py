@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import math
 import platform
@@ -34,6 +33,7 @@ from .bench_cases import (
     compile_seconds,
     run_case,
 )
+from .cli_checks import import_failure, unwritable
 
 
 class UsageError(Exception):
@@ -123,27 +123,16 @@ def _resolve(args) -> None:
         _need("tqdm", "the progress bar (--quiet runs without it)")
     if not args.no_plots:
         _need("matplotlib", "the plots (--no-plots runs without them)")
-    writable_folder("--out", Path(args.out))
+    reason = unwritable(Path(args.out))
+    if reason is not None:
+        raise UsageError(f"--out {args.out}: cannot write there ({reason})")
 
 
 def _need(module: str, what: str) -> None:
-    try:
-        importlib.import_module(module)
-    except ImportError:
+    failure = import_failure(module)
+    if failure is not None:
         raise UsageError(f"{what} needs {module} (in the bench extra): "
-                         f"pip install -e \".[bench]\"") from None
-
-
-def writable_folder(option: str, folder: Path) -> None:
-    """Create ``folder`` if need be and check that files can be written in it (a UsageError
-    naming ``option`` if not)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"{option} {folder}: cannot write there ({exc.strerror or exc})") from None
+                         f"pip install -e \".[bench]\"" + (f" ({failure})" if failure else ""))
 
 
 def _plan(args):

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .cli_checks import import_failure, one_line, unwritable
 from .moving_digits import MovingDigits, copy_last_frame_mse
 
 T_IN = T_OUT = 10
@@ -171,13 +170,6 @@ def _dist_env(ddp: bool) -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: message`` on one line (whitespace collapsed), cut to ``limit`` characters."""
-    text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _not_a_checkpoint(path: Path, reason: str) -> ArgError:
     return ArgError(f"--resume {path}: not a demo checkpoint ({reason})")
 
@@ -196,7 +188,7 @@ def _load_checkpoint(args: argparse.Namespace) -> tuple[Path | None, dict | None
         # weights_only=False: the checkpoint holds our own args dict and RNG states (trusted).
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # any file at all: unpickling, zip and I/O errors of every kind
-        raise _not_a_checkpoint(path, _one_line(exc)) from None
+        raise _not_a_checkpoint(path, one_line(exc)) from None
     if not isinstance(ckpt, dict):
         raise _not_a_checkpoint(path, f"holds a {type(ckpt).__name__}, not a dict")
     missing = [key for key in CKPT_KEYS if key not in ckpt]
@@ -222,32 +214,20 @@ def _load_checkpoint(args: argparse.Namespace) -> tuple[Path | None, dict | None
 
 
 def _check_out(out: Path) -> None:
-    """Create --out and write (and remove) a trial file, so that an unusable folder is reported
-    before training rather than at the first checkpoint."""
-    if out.exists() and not out.is_dir():
-        raise ArgError(f"--out {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, trial = tempfile.mkstemp(prefix=".demo-write-test-", dir=out)
-        os.close(fd)
-        os.unlink(trial)
-    except OSError as exc:
-        raise ArgError(f"--out {out}: cannot create or write to this folder "
-                       f"({exc.strerror or _one_line(exc)})") from None
+    """An unusable --out reported before training rather than at the first checkpoint."""
+    reason = unwritable(out)
+    if reason is not None:
+        raise ArgError(f"--out {out}: cannot create or write to this folder ({reason})")
 
 
 def _check_dependencies() -> None:
     """Import the [demo] extra up front: a missing package is one line, not a traceback (and
     not, for matplotlib, a traceback after the whole training run)."""
     for module, package in DEMO_DEPS:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            top = module.split(".")[0]
-            detail = ("" if isinstance(exc, ModuleNotFoundError) and exc.name in (top, module)
-                      else f" ({_one_line(exc)})")
+        failure = import_failure(module)
+        if failure is not None:
             raise ArgError(f'needs {package} (the demo extra): pip install -e ".[demo]"'
-                           f"{detail}") from None
+                           + (f" ({failure})" if failure else ""))
 
 
 @torch.no_grad()
@@ -336,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
             if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
-            raise _not_a_checkpoint(ckpt_path, _one_line(exc)) from None
+            raise _not_a_checkpoint(ckpt_path, one_line(exc)) from None
         step, history = ckpt["step"], ckpt["history"]
     train_model = model
     if args.ddp:

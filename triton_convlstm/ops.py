@@ -17,6 +17,7 @@ from torch import Tensor
 from . import reference
 from .backend import check_backend_name, resolve_backend
 from .layout import empty_like_layout as _new
+from .validation import float_tensor
 
 __all__ = ["gate_update", "gate_forward_op", "gate_backward_op"]
 
@@ -114,8 +115,7 @@ def _check_args(zx, c_prev, zh, bias, peephole):
             if not isinstance(t, Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected shape {shape}, got {got}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            float_tensor(name, t)
             if t.device != zx.device:
                 raise ValueError(f"{name}: expected a tensor on {zx.device} (zx's device), "
                                  f"got {t.device}")

@@ -75,7 +75,7 @@ def per_layer(name: str, value, num_layers: int, scalar=None) -> list:
     return [check(name, v) for v in values]
 
 
-def _float_tensor(name: str, x) -> None:
+def float_tensor(name: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -104,7 +104,7 @@ def _nonempty(name: str, x: Tensor, what: str) -> None:
 
 def frame_input(x, input_dim: int, weight: Tensor) -> None:
     """input_tensor: (B, input_dim, H, W)."""
-    _float_tensor("input_tensor", x)
+    float_tensor("input_tensor", x)
     if x.dim() != 4:
         raise ValueError(f"input_tensor: expected 4 dims (B, C, H, W), got {x.dim()} "
                          f"(shape {tuple(x.shape)})")
@@ -115,7 +115,7 @@ def frame_input(x, input_dim: int, weight: Tensor) -> None:
 
 def sequence_input(x, input_dim: int, weight: Tensor, batch_first: bool) -> None:
     """input_tensor: (B, T, C, H, W) if batch_first else (T, B, C, H, W)."""
-    _float_tensor("input_tensor", x)
+    float_tensor("input_tensor", x)
     layout = "(B, T, C, H, W)" if batch_first else "(T, B, C, H, W)"
     if x.dim() != 5:
         raise ValueError(f"input_tensor: expected 5 dims {layout}, got {x.dim()} "
