@@ -25,7 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from triton_convlstm.bench_cases import DTYPES, SHAPES, Shape, graphed, interleaved, ratio_of
+from triton_convlstm.apps.bench.cases import DTYPES, SHAPES, Shape, graphed, interleaved, ratio_of
 
 CL = torch.channels_last
 ONE, PAD = [1, 1], [1, 1]  # stride/dilation and the padding of a 3x3 'same' conv

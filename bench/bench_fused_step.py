@@ -32,7 +32,7 @@ from functools import partial  # noqa: E402
 
 import torch  # noqa: E402
 
-from triton_convlstm.bench_cases import (  # noqa: E402
+from triton_convlstm.apps.bench.cases import (  # noqa: E402
     DTYPES,
     SHAPES,
     Shape,

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))  # the GPU box runs from a plain checkout, nothing
 
 import torch  # noqa: E402
 
-from triton_convlstm.benchmark import add_ratios, environment, format_table  # noqa: E402
+from triton_convlstm.apps.bench.command import environment  # noqa: E402
+from triton_convlstm.apps.bench.report import add_ratios, format_table  # noqa: E402
 
 GOALS = {("train", "S"): 2.0, ("train", "M"): 2.0, ("train", "L"): 1.7,
          ("fwd", "S"): 1.3, ("fwd", "M"): 1.3, ("fwd", "L"): 1.05}

@@ -4,7 +4,7 @@
     python bench/profile_step.py --dry-run                # CPU, cpu-s fp32: the same plumbing
 
 A case is SHAPE:DTYPE:MODE:IMPL as in ``python -m triton_convlstm bench``. The step is built and
-warmed up exactly as the benchmark does (triton_convlstm.bench_cases.build_step), then run
+warmed up exactly as the benchmark does (triton_convlstm.apps.bench.cases.build_step), then run
 ``--steps`` times under torch.profiler. On CUDA the rows are kernels by device time; on CPU, ops
 by self CPU time. "layer-nographs" attributes time per kernel most reliably: inside a replayed
 CUDA graph the profiler may see the graph, not its kernels.
@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the GPU box runs from a plain checkout
 
-from triton_convlstm.bench_cases import SHAPES, build_step, sync  # noqa: E402
+from triton_convlstm.apps.bench.cases import SHAPES, build_step, sync  # noqa: E402
 
 
 def parse_case(text: str) -> tuple[str, str, str, str]:

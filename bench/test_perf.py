@@ -7,7 +7,7 @@ Two kinds of test:
   ``python -m triton_convlstm bench compare OLD.json NEW.json``. The eager cases are the control:
   when they move as much as the layer's, the machine changed, not the code.
 * ``test_cpu_train_memory``: the layer's peak training memory over the eager formulation's, on
-  CPU, counted exactly by triton_convlstm.memory (no timing, so no noise).
+  CPU, counted exactly by triton_convlstm.apps.bench.memory (no timing, so no noise).
 * gates: same-run speed ratios, the layer against a baseline measured in the same process,
   in interleaved rounds (median of per-round ratios), so a slow or busy machine slows both sides.
   CPU: the layer's training step against the eager formulation. GPU (marked ``gpu``): the fast-path
@@ -23,7 +23,7 @@ import statistics
 import pytest
 import torch
 
-from triton_convlstm.bench_cases import (
+from triton_convlstm.apps.bench.cases import (
     CPU_SHAPES,
     GPU_SHAPES,
     MODES,

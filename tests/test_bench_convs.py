@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from triton_convlstm.bench_cases import SHAPES
+from triton_convlstm.apps.bench.cases import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_convs", ROOT / "bench" / "bench_convs.py")

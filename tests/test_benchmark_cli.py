@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from triton_convlstm.benchmark import main
+from triton_convlstm.apps.bench.command import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_bad_arguments_are_one_line_and_nonzero(argv, capsys):
 
 
 def test_an_unwritable_out_folder_is_refused_before_any_case_runs(tmp_path, capsys, monkeypatch):
-    import triton_convlstm.benchmark as benchmark
+    import triton_convlstm.apps.bench.command as benchmark
 
     monkeypatch.setattr(benchmark, "run_benchmark", lambda *a: pytest.fail("a case ran"))
     afile = tmp_path / "afile"
@@ -111,7 +111,7 @@ def test_an_unwritable_out_folder_is_refused_before_any_case_runs(tmp_path, caps
 @pytest.mark.parametrize(("module", "flag"), [("tqdm", "--quiet"), ("matplotlib", "--no-plots")])
 def test_a_missing_extra_is_named_before_any_case_runs(module, flag, tmp_path, capsys,
                                                        monkeypatch):
-    import triton_convlstm.benchmark as benchmark
+    import triton_convlstm.apps.bench.command as benchmark
 
     monkeypatch.setattr(benchmark, "run_benchmark", lambda *a: pytest.fail("a case ran"))
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
@@ -313,7 +313,7 @@ def test_documented_gpu_calls_parse():
         from gpu_check import bench_args, parser
     finally:
         sys.path.remove(str(ROOT / "bench"))
-    from triton_convlstm.benchmark import _parser as bench_parser
+    from triton_convlstm.apps.bench.command import _parser as bench_parser
 
     calls = _documented_gpu_calls()
     assert len(calls) == 2 and "--skip-tests" in calls[1]
@@ -328,7 +328,7 @@ def test_documented_gpu_calls_parse():
 
 
 def test_layer_impl_names_set_the_layer_switches():
-    from triton_convlstm.bench_cases import LAYER_IMPLS, SHAPES, _configure, make_models
+    from triton_convlstm.apps.bench.cases import LAYER_IMPLS, SHAPES, _configure, make_models
 
     want = {  # cuda_graphs, recompute_gates, fused_forward
         "layer": (True, False, False), "layer-nographs": (False, False, False),
@@ -344,7 +344,7 @@ def test_layer_impl_names_set_the_layer_switches():
 
 
 def test_layer_under_reduce_overhead_needs_cuda():
-    from triton_convlstm.bench_cases import SHAPES, build_step
+    from triton_convlstm.apps.bench.cases import SHAPES, build_step
 
     with pytest.raises(ValueError, match="needs a CUDA device"):
         build_step("layer-compiled-ro", SHAPES["cpu-s"], "fp32", "train", torch.device("cpu"))

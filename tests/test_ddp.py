@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from triton_convlstm.demo import main
+from triton_convlstm.apps.demo.command import main
 
 ARGS = ["--device", "cpu", "--frame-size", "16", "--hidden", "4", "--layers", "1",
         "--batch-size", "4", "--val-size", "4", "--steps", "3", "--lr", "1e-2", "--quiet"]

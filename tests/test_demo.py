@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from triton_convlstm.demo import PRESETS, main
-from triton_convlstm.moving_digits import MovingDigits
+from triton_convlstm.apps.demo.command import PRESETS, main
+from triton_convlstm.apps.demo.moving_digits import MovingDigits
 
 # Tiny sizes: 16x16 frames, 2x2 patches -> 8x8 ConvLSTM grids; a step takes milliseconds.
 TINY = ["--device", "cpu", "--frame-size", "16", "--hidden", "4", "--layers", "1",
@@ -112,7 +112,7 @@ def test_model_beats_copy_last_frame(tmp_path, capsys):
                  "--seed", "0", "--out", str(out)]) == 0
     report = capsys.readouterr().out
     assert "clearly beats the copy-last-frame baseline" in report
-    from triton_convlstm.moving_digits import MovingDigits, copy_last_frame_mse
+    from triton_convlstm.apps.demo.moving_digits import MovingDigits, copy_last_frame_mse
 
     val = _ckpt(out)["history"]["val"][-1][1]
     seq = MovingDigits(20, 16, split="val", seed=10_000).fixed_set(64)
@@ -174,7 +174,7 @@ def test_unusable_out_fails_before_training(where, tmp_path, capsys, monkeypatch
     def no_data(*args, **kwargs):
         raise AssertionError("the demo built its data before checking --out")
 
-    monkeypatch.setattr("triton_convlstm.demo.MovingDigits", no_data)
+    monkeypatch.setattr("triton_convlstm.apps.demo.command.MovingDigits", no_data)
     assert main([*TINY, "--steps", "1", "--out", str(out)]) == 2
     assert f"--out {out}: " in _error_line(capsys)
     assert afile.read_text() == "not a folder"

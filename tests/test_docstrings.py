@@ -25,7 +25,7 @@ def test_docstring_examples_run(name):
 
 def test_the_examples_are_found():
     """The modules that show usage do have examples (a silent collection of none would pass)."""
-    for name in ("triton_convlstm", "triton_convlstm.modules", "triton_convlstm.ops",
+    for name in ("triton_convlstm", "triton_convlstm.modules", "triton_convlstm.step_op",
                  "triton_convlstm.kernels.gates", "triton_convlstm.kernels.fused_step"):
         finder = doctest.DocTestFinder()
         tests = finder.find(importlib.import_module(name))

@@ -2,7 +2,7 @@
 Runtime) and torch.jit.trace capture standard ops only, and compute what the module does.
 
 The popular ConvLSTM exports this way (its loop is plain ops); a drop-in must not break a
-user's export pipeline. Each layer is unrolled over T while exporting (unrolled.py)."""
+user's export pipeline. Each layer is unrolled over T while exporting (export.py)."""
 
 import pytest
 import torch

@@ -6,8 +6,8 @@ import gc
 import pytest
 import torch
 
-from triton_convlstm.bench_cases import SHAPES, build_step
-from triton_convlstm.memory import TensorMemoryTracker
+from triton_convlstm.apps.bench.cases import SHAPES, build_step
+from triton_convlstm.apps.bench.memory import TensorMemoryTracker
 
 MiB = 2**20
 
@@ -152,7 +152,7 @@ def test_training_step_peak_is_repeatable_and_leaves_nothing_alive():
 
 
 def test_bench_table_says_what_cpu_peak_memory_means():
-    from triton_convlstm.benchmark import format_table
+    from triton_convlstm.apps.bench.report import format_table
 
     row = {"impl": "layer", "shape": "cpu-s", "dtype": "fp32", "mode": "train", "device": "cpu",
            "median_ms": 1.0, "speedup_vs_eager": 1.0, "speedup_vs_compiled": None,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from triton_convlstm.moving_digits import MovingDigits, copy_last_frame_mse, digit_sprites
+from triton_convlstm.apps.demo.moving_digits import MovingDigits, copy_last_frame_mse, digit_sprites
 
 
 def test_shapes_dtype_and_range():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, DEVICE_MARKS
-from triton_convlstm import ops
+from triton_convlstm import step_op
 from triton_convlstm.backend import interpreter_enabled
-from triton_convlstm.ops import gate_backward_op, gate_forward_op, gate_update
+from triton_convlstm.step_op import gate_backward_op, gate_forward_op, gate_update
 
 pytestmark = DEVICE_MARKS
 TRITON_HERE = DEVICE == "cuda" or interpreter_enabled()
@@ -185,4 +185,4 @@ def test_state_dtype_and_no_aliasing():
     h, c = gate_update(a["zx"], a["c_prev"], zh=a["zh"], backend="triton")
     assert h.dtype == torch.float16 and c.dtype == torch.float32
     assert not any(h.data_ptr() == t.data_ptr() for t in a.values() if t is not None)
-    assert ops.__all__ == ["gate_update", "gate_forward_op", "gate_backward_op"]
+    assert step_op.__all__ == ["gate_update", "gate_forward_op", "gate_backward_op", "cell_step"]

@@ -4,7 +4,7 @@ test command it shows."""
 import re
 from pathlib import Path
 
-from triton_convlstm.bench_report import markdown_table
+from triton_convlstm.apps.bench.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
-        from .demo import main as demo_main
+        from .apps.demo.command import main as demo_main
 
         return demo_main(rest)
     if command == "bench":
-        from .benchmark import main as bench_main
+        from .apps.bench.command import main as bench_main
 
         return bench_main(rest)
     if command == "info":

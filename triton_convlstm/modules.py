@@ -11,9 +11,10 @@ from torch import Tensor, nn
 
 from . import graphs, validation
 from .backend import check_backend_name, exporting, resolve_backend, triton_import_error
+from .export import layer_unrolled
 from .layer_op import run_layer
 from .reference import state_dtype
-from .unrolled import cell_step, layer_unrolled
+from .step_op import cell_step
 
 State = tuple[Tensor, Tensor]
 
@@ -205,7 +206,7 @@ class ConvLSTM(nn.Module):
                 p is not None and p.requires_grad for p in (seq, weight, bias, peep, h0, c0)
             )
             returned = self.return_all_layers or idx == n - 1
-            if exporting():  # standard ops only, step by step (see unrolled.py)
+            if exporting():  # standard ops only, step by step (see export.py)
                 h_seq, c_last = layer_unrolled(seq, weight, bias, peep, h0, c0, cell.dilation)
             else:
                 h_seq, c_last, _, _ = run_layer(

@@ -1,9 +1,8 @@
 """The ConvLSTM gate/state math in plain torch.
 
-This is the one place the equations are written for the package: the CPU path runs it, the
-Triton kernels are checked against it, and the benchmarks use :class:`EagerConvLSTM` (the common
-"cat, conv, split" formulation) as their baseline. The tests keep their own float64 oracle so that
-a mistake here cannot hide a mistake in the kernels.
+This is the one place the equations are written for the package: the CPU path runs it and the
+Triton kernels are checked against it. The tests keep their own float64 oracle so that a mistake
+here cannot hide a mistake in the kernels.
 
 Gate order along the channel axis of the pre-activations ``z`` is i, f, o, g (as in the popular
 ConvLSTM). With peepholes ``p`` of shape (3, hidden) (Shi et al. 2015, eq. 3)::
@@ -17,7 +16,7 @@ ConvLSTM). With peepholes ``p`` of shape (3, hidden) (Shi et al. 2015, eq. 3)::
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -180,41 +179,3 @@ def gate_backward(
     gates = gate_activations(z, c_prev, c, peephole)
     dz, dc_prev, dpeep = gate_backward_from_gates(gates, c_prev, c, peephole, dh, dc)
     return dz.to(z.dtype), dc_prev, dpeep
-
-
-class EagerConvLSTM(nn.Module):
-    """The common formulation (one cat-conv-split cell per step, eager), used as a baseline.
-
-    Same parameters and state_dict as :class:`triton_convlstm.ConvLSTM` without peepholes.
-    x: (B, T, C, H, W); returns the last layer's (B, T, hidden, H, W) output and (h, c).
-    """
-
-    def __init__(self, input_dim: int, hidden_dim: int, kernel_size: int, num_layers: int):
-        super().__init__()
-        self.hidden_dim = hidden_dim
-        self.cell_list = nn.ModuleList()
-        for layer in range(num_layers):
-            cell = nn.Module()
-            cell.conv = nn.Conv2d(
-                (input_dim if layer == 0 else hidden_dim) + hidden_dim,
-                4 * hidden_dim,
-                kernel_size,
-                padding=kernel_size // 2,
-            )
-            self.cell_list.append(cell)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        b, t, _, hh, ww = x.shape
-        seq = x
-        for cell in self.cell_list:
-            h = x.new_zeros(b, self.hidden_dim, hh, ww)
-            c = torch.zeros_like(h)
-            outs = []
-            for step in range(t):
-                z = cell.conv(torch.cat([seq[:, step], h], dim=1))
-                zi, zf, zo, zg = torch.split(z, self.hidden_dim, dim=1)
-                c = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
-                h = torch.sigmoid(zo) * torch.tanh(c)
-                outs.append(h)
-            seq = torch.stack(outs, dim=1)
-        return seq, (h, c)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import ConvLSTM
+from ...modules import ConvLSTM
 
 
 class NowcastModel(nn.Module):

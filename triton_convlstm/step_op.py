@@ -1,9 +1,11 @@
-"""The single-step gate update as torch ops: Triton kernels behind torch.library, or plain torch.
+"""The single-step op: one ConvLSTM step's gate update as torch ops (Triton kernels behind
+torch.library, or plain torch), and :func:`cell_step`, a whole step (convolution and update).
 
-:func:`gate_update` is the entry point (ConvLSTMCell calls it). On the Triton path it calls two
-custom ops, ``triton_convlstm::gate_forward`` and ``triton_convlstm::gate_backward``, whose fake
-kernels let torch.compile trace them without running them (fullgraph, no graph break) and whose
-registered autograd makes them differentiable. The torch path is autograd through
+:func:`gate_update` is the entry point (:func:`cell_step`, and so ConvLSTMCell, calls it). On
+the Triton path it calls two custom ops, ``triton_convlstm::gate_forward`` and
+``triton_convlstm::gate_backward``, whose fake kernels let torch.compile trace them without
+running them (fullgraph, no graph break) and whose registered autograd makes them
+differentiable. The torch path is autograd through
 :func:`triton_convlstm.reference.gate_forward`, chosen in Python so CPU models compile too.
 
 >>> z, c = torch.randn(2, 8, 5, 5), torch.zeros(2, 2, 5, 5)  # z: (B, 4*hidden, H, W)
@@ -16,10 +18,11 @@ from torch import Tensor
 
 from . import reference
 from .backend import check_backend_name, resolve_backend
+from .conv import conv_same
 from .layout import empty_like_layout as _new
 from .validation import float_tensor
 
-__all__ = ["gate_update", "gate_forward_op", "gate_backward_op"]
+__all__ = ["gate_update", "gate_forward_op", "gate_backward_op", "cell_step"]
 
 
 def _peephole_grad_buffer(z: Tensor, peephole: Tensor | None) -> Tensor:
@@ -155,3 +158,15 @@ def gate_update(
         c_prev = c_prev.float()
     h, c, _ = gate_forward_op(zx, zh, bias, c_prev, peephole)
     return h, c
+
+
+def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Tensor | None,
+              peephole: Tensor | None, dilation, backend: str = "torch") -> tuple[Tensor, Tensor]:
+    """One step, as the popular module's cell: the convolution of [x_t, h] with the combined
+    weight (of x_t alone when h is None, the zero state: only the input part contributes), then
+    :func:`gate_update`. Returns (h, c)."""
+    if h is None:
+        z = conv_same(x_t, weight[:, : x_t.shape[1]], dilation)
+    else:
+        z = conv_same(torch.cat([x_t, h], dim=1), weight, dilation)
+    return gate_update(z, c, bias=bias, peephole=peephole, backend=backend)

@@ -1,8 +1,8 @@
 """``python -m triton_convlstm demo``: train a moving-digit nowcaster in minutes.
 
-Trains :class:`~triton_convlstm.nowcast_model.NowcastModel` (10 frames in, 10 predicted) on
-:class:`~triton_convlstm.moving_digits.MovingDigits`, then reports train/validation MSE against
-the copy-last-frame baseline and writes predictions.png, loss.png and checkpoint.pt to --out.
+Trains :class:`~.nowcast_model.NowcastModel` (10 frames in, 10 predicted) on
+:class:`~.moving_digits.MovingDigits`, then reports train/validation MSE against the
+copy-last-frame baseline and writes predictions.png, loss.png and checkpoint.pt to --out.
 
     python -m triton_convlstm demo                        # CPU: ~1.5 minutes; GPU: a larger preset
     python -m triton_convlstm demo --steps 200 --resume   # 200 more steps from --out/checkpoint.pt
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cli_checks import import_failure, one_line, unwritable
+from ..cli import ArgumentParser, UsageError, import_failure, one_line, unwritable
 from .moving_digits import MovingDigits, copy_last_frame_mse
 
 T_IN = T_OUT = 10
@@ -57,15 +57,6 @@ DEMO_DEPS = (("tqdm", "tqdm"), ("matplotlib.figure", "matplotlib"),
              ("sklearn.datasets", "scikit-learn"))
 
 
-class ArgError(Exception):
-    """A bad command line or environment: reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and sys.exit(2); we want one line
-        raise ArgError(message)
-
-
 def _per_device(key: str) -> str:
     """'default: <cpu> on CPU, <cuda> on CUDA', from PRESETS (for --help)."""
     return f"default: {PRESETS['cpu'][key]:g} on CPU, {PRESETS['cuda'][key]:g} on CUDA"
@@ -73,7 +64,7 @@ def _per_device(key: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     run_flags = ", ".join(f"--{key.replace('_', '-')}" for key in RUN_KEYS)
-    p = _Parser(prog="python -m triton_convlstm demo",
+    p = ArgumentParser(prog="python -m triton_convlstm demo",
                 description="Train a moving-digit nowcaster in minutes: 10 frames in, 10 "
                             "predicted; reports MSE against the copy-last-frame baseline and "
                             "writes predictions.png, loss.png and checkpoint.pt to --out.",
@@ -111,15 +102,16 @@ def _device(name: str, local_rank: int) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ArgError(f"--device: unknown device {name!r} (expected cpu, cuda, cuda:N)") from None
+        raise UsageError(
+            f"--device: unknown device {name!r} (expected cpu, cuda, cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ArgError(f"--device: {name!r} is not supported (expected cpu, cuda or cuda:N)")
+        raise UsageError(f"--device: {name!r} is not supported (expected cpu, cuda or cuda:N)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ArgError(f"--device {name}: CUDA is not available on this machine")
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
         index = local_rank if dev.index is None else dev.index
         if index >= torch.cuda.device_count():
-            raise ArgError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
         dev = torch.device("cuda", index)
     return dev
 
@@ -132,7 +124,7 @@ def _resolve(args: argparse.Namespace, device: torch.device, ckpt: dict | None) 
         if ckpt is not None:
             saved = ckpt["args"][key]
             if given is not None and given != saved:
-                raise ArgError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's "
+                raise UsageError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's "
                                f"{saved}; leave it out to resume")
             setattr(args, key, saved)
         elif given is None:
@@ -144,16 +136,16 @@ def _resolve(args: argparse.Namespace, device: torch.device, ckpt: dict | None) 
         args.steps = preset["steps"]
     for key in ("steps", "eval_every"):
         if getattr(args, key) < 0:
-            raise ArgError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     for key in ("batch_size", "hidden", "layers", "patch", "val_size"):
         if getattr(args, key) < 1:
-            raise ArgError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+            raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if not 0 < args.lr <= LR_MAX:  # also refuses inf and nan
-        raise ArgError(f"--lr must be > 0 and <= {LR_MAX:.3g}, got {args.lr}")
+        raise UsageError(f"--lr must be > 0 and <= {LR_MAX:.3g}, got {args.lr}")
     if not 0 <= args.seed < SEED_LIMIT:
-        raise ArgError(f"--seed must be in 0..{SEED_LIMIT - 1} (below 2**32), got {args.seed}")
+        raise UsageError(f"--seed must be in 0..{SEED_LIMIT - 1} (below 2**32), got {args.seed}")
     if args.frame_size < 8 or args.frame_size % args.patch:
-        raise ArgError(f"--frame-size must be >= 8 and divisible by --patch {args.patch}, "
+        raise UsageError(f"--frame-size must be >= 8 and divisible by --patch {args.patch}, "
                        f"got {args.frame_size}")
 
 
@@ -164,26 +156,26 @@ def _dist_env(ddp: bool) -> tuple[int, int, int]:
     needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     missing = [k for k in needed if k not in os.environ]
     if missing:
-        raise ArgError(f"--ddp needs torchrun's environment ({', '.join(missing)} not set); "
+        raise UsageError(f"--ddp needs torchrun's environment ({', '.join(missing)} not set); "
                        "launch with: torchrun --nproc_per_node=N -m triton_convlstm demo --ddp")
     return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
             int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
-def _not_a_checkpoint(path: Path, reason: str) -> ArgError:
-    return ArgError(f"--resume {path}: not a demo checkpoint ({reason})")
+def _not_a_checkpoint(path: Path, reason: str) -> UsageError:
+    return UsageError(f"--resume {path}: not a demo checkpoint ({reason})")
 
 
 def _load_checkpoint(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
     """(path, checkpoint) for --resume, (None, None) without it. The checkpoint is checked to
-    hold everything _resolve and _run read from it; anything else is an ArgError."""
+    hold everything _resolve and _run read from it; anything else is an UsageError."""
     if args.resume is None:
         return None, None
     path = Path(args.resume or Path(args.out) / "checkpoint.pt")
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise ArgError(f"--resume: no checkpoint at {path}")
+        raise UsageError(f"--resume: no checkpoint at {path}")
     try:
         # weights_only=False: the checkpoint holds our own args dict and RNG states (trusted).
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -217,7 +209,7 @@ def _check_out(out: Path) -> None:
     """An unusable --out reported before training rather than at the first checkpoint."""
     reason = unwritable(out)
     if reason is not None:
-        raise ArgError(f"--out {out}: cannot create or write to this folder ({reason})")
+        raise UsageError(f"--out {out}: cannot create or write to this folder ({reason})")
 
 
 def _check_dependencies() -> None:
@@ -226,7 +218,7 @@ def _check_dependencies() -> None:
     for module, package in DEMO_DEPS:
         failure = import_failure(module)
         if failure is not None:
-            raise ArgError(f'needs {package} (the demo extra): pip install -e ".[demo]"'
+            raise UsageError(f'needs {package} (the demo extra): pip install -e ".[demo]"'
                            + (f" ({failure})" if failure else ""))
 
 
@@ -266,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    except ArgError as exc:
+    except UsageError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -275,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .backend import resolve_backend
+    from ...backend import resolve_backend
     from .nowcast_model import NowcastModel
 
     rank, world, local_rank = _dist_env(args.ddp)
@@ -283,11 +275,11 @@ def _run(args: argparse.Namespace) -> int:
     ckpt_path, ckpt = _load_checkpoint(args)
     _resolve(args, device, ckpt)
     if args.batch_size % world:
-        raise ArgError(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by {world} ranks")
     try:
         backend = resolve_backend(args.backend, device)
     except RuntimeError as exc:
-        raise ArgError(f"--backend {args.backend}: {exc}") from None
+        raise UsageError(f"--backend {args.backend}: {exc}") from None
     lead = rank == 0
     out = Path(args.out)
     if lead:  # only rank 0 writes
@@ -340,9 +332,9 @@ def _run(args: argparse.Namespace) -> int:
         _save(out / "checkpoint.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(),
                                            step=step, args=vars(args), rng=rng, history=history))
 
-    def diverged(at: int, what: str, value: float) -> ArgError:
+    def diverged(at: int, what: str, value: float) -> UsageError:
         bar.close()
-        return ArgError(f"training diverged at step {at} ({what} {value}); lower --lr")
+        return UsageError(f"training diverged at step {at} ({what} {value}); lower --lr")
 
     def validate() -> None:
         """Validation MSE into the history, then a checkpoint (never one of a NaN model)."""

@@ -1,10 +1,13 @@
-"""Checks the demo and bench commands make before any work, so that what would fail later (an
-output folder that cannot be written, a missing optional package) is one line at the start.
-Each command words its own message around the reason these return."""
+"""What the demo and bench commands share: a parser whose errors are one line (exit status 2),
+and the checks they make before any work, so that what would fail later (an output folder that
+cannot be written, a missing optional package, an unreadable JSON file) is one line at the
+start. Each command words its own message around the reason these return."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +45,25 @@ def import_failure(module: str) -> str | None:
                                                                          module)
         return "" if absent else one_line(exc)
     return None
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument raises :class:`UsageError` (argparse would print the
+    whole usage and exit the process itself)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def read_json(path) -> object:
+    """A JSON file's content; a UsageError naming the file if it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not a JSON file ({exc})") from None

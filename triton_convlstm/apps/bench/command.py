@@ -5,7 +5,8 @@
 
 The first prints a table (median ms, speedup over eager and over the best torch.compile, peak
 memory) and writes DIR/results.json and PNG plots; the second compares two pytest-benchmark JSON
-files (or two results.json) and fails on a slowdown. What one case measures: bench_cases.py.
+files (or two results.json) and fails on a slowdown. What one case measures:
+cases.py; the tables and plots: report.py; the comparison: compare.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .bench_cases import (
+from ..cli import ArgumentParser, UsageError, import_failure, unwritable
+from .cases import (
     COMPILED_IMPLS,
     CPU_SHAPES,
     CUDA_ONLY_IMPLS,
@@ -33,16 +35,7 @@ from .bench_cases import (
     compile_seconds,
     run_case,
 )
-from .cli_checks import import_failure, unwritable
-
-
-class UsageError(Exception):
-    """A bad argument: reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print the whole usage and exit itself
-        raise UsageError(message)
+from .report import add_ratios, format_table, save_plots
 
 
 def _csv(choices):
@@ -67,7 +60,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m triton_convlstm bench", description=__doc__,
+    p = ArgumentParser(prog="python -m triton_convlstm bench", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--dtype", type=_csv(tuple(DTYPES)), help="default: bf16,fp32 (cuda), fp32")
@@ -247,99 +240,6 @@ def environment(device: torch.device, args=None) -> dict:
     }
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """speedup_vs_eager = eager ms / ms and speedup_vs_compiled = best compiled ms / ms, both for
-    the same shape, dtype and mode (None where the other side is missing)."""
-    def best(impls, r):
-        times = [o["median_ms"] for o in rows if o["impl"] in impls and o["median_ms"]
-                 and (o["shape"], o["dtype"], o["mode"]) == (r["shape"], r["dtype"], r["mode"])]
-        return min(times) if times else None
-
-    for r in rows:
-        eager, comp = best(("eager",), r), best(COMPILED_IMPLS, r)
-        ms = r["median_ms"]
-        r["speedup_vs_eager"] = round(eager / ms, 3) if ms and eager else None
-        r["speedup_vs_compiled"] = round(comp / ms, 3) if ms and comp else None
-
-
-# Both measure one warmed-up step but not the same thing: compare within a device only.
-PEAK_MEMORY_MEANS = {
-    "cpu": "most bytes alive at once of tensors created in one step (triton_convlstm.memory); "
-           "no weights, inputs, workspaces or RSS; not for compiled steps",
-    "cuda": "max_memory_allocated in one step above what was allocated before the case",
-}
-
-
-def format_table(result: dict) -> str:
-    """The rows (and compile times, skips) as aligned text."""
-    def f(v, spec):  # spec like "9.2f"; "-" in the same width when missing
-        return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
-
-    lines = [f"{'impl':<16}{'shape':<7}{'dtype':<6}{'mode':<6}{'median ms':>11}"
-             f"{'x eager':>9}{'x compiled':>12}{'peak MiB':>10}"]
-    for r in sorted(result["rows"], key=lambda r: (r["shape"], r["dtype"], r["mode"])):
-        if r.get("error"):
-            lines.append(f"{r['impl']:<16}{r['shape']:<7}{r['dtype']:<6}{r['mode']:<6}"
-                         f"  error: {r['error']}")
-            continue
-        lines.append(f"{r['impl']:<16}{r['shape']:<7}{r['dtype']:<6}{r['mode']:<6}"
-                     f"{f(r['median_ms'], '11.3f')}{f(r['speedup_vs_eager'], '9.2f')}"
-                     f"{f(r['speedup_vs_compiled'], '12.2f')}{f(r['peak_mem_mb'], '10.1f')}")
-    devices = {r.get("device") for r in result["rows"] if r.get("peak_mem_mb") is not None}
-    lines += [f"peak MiB ({d}): {PEAK_MEMORY_MEANS[d]}" for d in sorted(devices)
-              if d in PEAK_MEMORY_MEANS]
-    for c in result.get("compile_times", []):
-        val = f"{c['seconds']:.1f} s" if "seconds" in c else c.get("error")
-        lines.append(f"compile (fullgraph) {c['impl']:<6}{c['shape']} T={c['steps']:<3} "
-                     f"{c['dtype']}: {val}")
-    lines += [f"skipped: {s}" for s in result.get("skipped", [])]
-    return "\n".join(lines)
-
-
-def save_plots(result: dict, out: Path) -> list[Path]:
-    """time_vs_T.png (training step vs T, first shape) and speedup.png (speedup over eager)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI and GPU boxes have no display
-    import matplotlib.pyplot as plt
-
-    paths = []
-    sweep = [r for r in result["sweep"] if r["median_ms"]]
-    if sweep:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for impl in dict.fromkeys(r["impl"] for r in sweep):
-            pts = sorted((r["steps"], r["median_ms"]) for r in sweep if r["impl"] == impl)
-            ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.set(xlabel="sequence length T", ylabel="ms per training step",
-               title=f"training step vs T ({sweep[0]['shape']}, {sweep[0]['dtype']})")
-        ax.legend()
-        paths.append(out / "time_vs_T.png")
-        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    rows = [r for r in result["rows"] if r["speedup_vs_eager"]]
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    if rows:
-        fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
-        for ax, shape in zip(axes[0], shapes):
-            mine = [r for r in rows if r["shape"] == shape]
-            groups = list(dict.fromkeys(f"{r['dtype']}/{r['mode']}" for r in mine))
-            impls = list(dict.fromkeys(r["impl"] for r in mine))
-            width = 0.8 / len(impls)
-            for k, impl in enumerate(impls):
-                vals = {f"{r['dtype']}/{r['mode']}": r["speedup_vs_eager"]
-                        for r in mine if r["impl"] == impl}
-                ax.bar([g + k * width for g in range(len(groups))],
-                       [vals.get(g, 0) for g in groups], width, label=impl)
-            ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
-            ax.axhline(1.0, color="gray", lw=0.8)
-            ax.set(title=f"shape {shape}", ylabel="speedup over eager (x)")
-        axes[0][0].legend(fontsize=8)
-        paths.append(out / "speedup.png")
-        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    return paths
-
-
 def bench_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _resolve(args)
@@ -356,92 +256,16 @@ def bench_main(argv: list[str]) -> int:
     return 1 if any(r.get("error") for r in result["rows"]) else 0
 
 
-def read_json(path) -> object:
-    """A JSON file's content; a UsageError naming the file if it cannot be read or parsed."""
-    try:
-        return json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not a JSON file ({exc})") from None
-
-
-def load_medians(path: str) -> dict[str, float | None]:
-    """Case name -> median seconds, from a pytest-benchmark JSON (``--benchmark-json``) or from a
-    results.json of this command (cases named impl/shape/dtype/mode; None for a case that
-    failed there)."""
-    data = read_json(path)
-    try:
-        if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
-            return {b.get("fullname") or b["name"]: float(b["stats"]["median"])
-                    for b in data["benchmarks"]}
-        if isinstance(data, dict) and isinstance(data.get("rows"), list):
-            return {f"{r['impl']}/{r['shape']}/{r['dtype']}/{r['mode']}":
-                    r["median_ms"] / 1e3 if r.get("median_ms") else None for r in data["rows"]}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{path}: a benchmark entry lacks a median ({exc!r})") from None
-    raise UsageError(f"{path}: neither pytest-benchmark JSON nor a bench results.json")
-
-
-def compare_main(argv: list[str]) -> int:
-    """Old and new median per case; exit 1 when a case got slower than 1 + threshold or failed
-    in the new run, 2 when the files share no case."""
-    p = _Parser(prog="python -m triton_convlstm bench compare",
-                description="Compare two pytest-benchmark JSON files (or two results.json).")
-    p.add_argument("old")
-    p.add_argument("new")
-    p.add_argument("--threshold", type=float, default=0.10,
-                   help="fail when new/old median exceeds 1 + this (default 0.10)")
-    args = p.parse_args(argv)
-    if not args.threshold >= 0:
-        raise UsageError("--threshold: expected a number >= 0")
-    old, new = load_medians(args.old), load_medians(args.new)
-    common = [n for n in old if n in new]
-    if not common:  # e.g. one file of each format: a pass would say nothing
-        raise UsageError(f"{args.old} and {args.new} share no case: nothing to compare")
-    width = max([len(n) for n in common] + [4])
-    print(f"{'case':<{width}}  {'old ms':>10}  {'new ms':>10}  {'new/old':>8}")
-    slower, failed = [], []
-    for name in common:
-        if new[name] is None:
-            failed.append(name)
-            print(f"{name:<{width}}  {'-' if old[name] is None else f'{old[name] * 1e3:.3f}':>10}"
-                  f"  {'-':>10}  {'-':>8}  ERROR (failed in the new run)")
-            continue
-        if old[name] is None:
-            print(f"{name:<{width}}  {'-':>10}  {new[name] * 1e3:>10.3f}  {'-':>8}"
-                  "  (failed in the old run)")
-            continue
-        ratio = new[name] / old[name] if old[name] > 0 else float("inf")
-        flag = ""
-        if ratio > 1 + args.threshold:
-            slower.append(name)
-            flag = "  SLOWER"
-        print(f"{name:<{width}}  {old[name] * 1e3:>10.3f}  {new[name] * 1e3:>10.3f}"
-              f"  {ratio:>8.3f}{flag}")
-    for label, names in (("only in old", [n for n in old if n not in new]),
-                         ("only in new", [n for n in new if n not in old])):
-        for name in names:
-            print(f"{label}: {name}")
-    if failed:
-        print(f"{len(failed)} of {len(common)} cases failed in the new run: {', '.join(failed)}")
-    if slower:
-        print(f"{len(slower)} of {len(common)} cases slower by more than "
-              f"{args.threshold:.0%}: {', '.join(slower)}")
-    if failed or slower:
-        return 1
-    print(f"{len(common)} cases compared, none slower by more than {args.threshold:.0%}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m triton_convlstm bench``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["compare"]:
+            from .compare import main as compare_main
+
             return compare_main(argv[1:])
         if argv[:1] == ["table"]:
-            from .bench_report import main as table_main
+            from .report import main as table_main
 
             return table_main(argv[1:])
         return bench_main(argv)

@@ -1,6 +1,6 @@
 """What the benchmarks measure: shapes, the implementations compared, one step of each, timers.
 
-Shared by the ``bench`` command (:mod:`triton_convlstm.benchmark`), the perf-regression suite
+Shared by the ``bench`` command (:mod:`.command`), the perf-regression suite
 (``bench/test_perf.py``) and ``bench/gpu_check.py``, so all three time the same thing.
 
 >>> step = build_step("layer", SHAPES["cpu-s"], "fp32", "train", torch.device("cpu"))
@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .baseline import EagerConvLSTM
 from .memory import TensorMemoryTracker
-from .reference import EagerConvLSTM
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def _layer_class():
     # Imported late: the bench command's argument checks and `compare` need no layer at all.
-    from .modules import ConvLSTM
+    from ...modules import ConvLSTM
 
     return ConvLSTM
 
@@ -291,8 +291,8 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) ->
     taken just before the call would hide.
 
     CPU: the most bytes of tensors created during the call alive at once, from
-    :class:`~triton_convlstm.memory.TensorMemoryTracker` (``base`` is unused): activations,
-    what autograd saves, gradients; not weights, inputs, kernel workspaces, nor RSS. Exact and
+    :class:`~.memory.TensorMemoryTracker` (``base`` is unused): activations, what autograd
+    saves, gradients; not weights, inputs, kernel workspaces, nor RSS. Exact and
     repeatable, comparable between implementations on CPU, not with the CUDA numbers. Not for
     torch.compile'd steps on CPU: Dynamo runs the uncompiled code under the tracker."""
     if device.type != "cuda":
@@ -309,7 +309,7 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) ->
 
 def release(device: torch.device) -> None:
     """Drop what a finished case left behind (compiled graphs, CUDA-graph pools, cached blocks)."""
-    from . import graphs
+    from ... import graphs
 
     torch._dynamo.reset()
     graphs.clear()  # inference entries are shared by signature, not owned by a module

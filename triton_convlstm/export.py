@@ -1,0 +1,31 @@
+"""For exporters only: the time loop written out step by step in standard torch ops.
+
+While an exporter captures a model (:func:`triton_convlstm.backend.exporting`), each layer is
+the popular module's loop instead of the package's one op per layer: per step one convolution
+of [x_t, h_{t-1}] and the gate math on the torch path (:func:`triton_convlstm.step_op.cell_step`).
+The same function as the fast path (same parameters, same state dtypes), in ops every runtime
+knows; not fast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import state_dtype
+from .step_op import cell_step
+
+
+def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
+                   h0: Tensor | None, c0: Tensor | None, dilation) -> tuple[Tensor, Tensor]:
+    """x (T, B, C, H, W) -> h_seq (T, B, hidden, H, W) and c_last (B, hidden, H, W); arguments
+    as :func:`triton_convlstm.sequence.layer_forward`'s (h0/c0 None: zeros)."""
+    t, b, _, hh, ww = x.shape
+    hid = weight.shape[0] // 4
+    h = h0
+    c = c0 if c0 is not None else x.new_zeros((b, hid, hh, ww), dtype=state_dtype(x.dtype))
+    hs = []
+    for step in range(t):
+        h, c = cell_step(x[step], h, c, weight, bias, peephole, dilation)
+        hs.append(h)
+    return torch.stack(hs), c
