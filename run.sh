@@ -30,7 +30,7 @@ if [ "$cmd" = demo ]; then
 fi
 python -m ruff check .
 if [ $# -gt 0 ]; then
-  # Arguments select unit tests (`-k cell`, `tests/test_cell.py`): those alone, as pytest runs
+  # Arguments select unit tests (`-k cell`, `tests/lib/test_cell.py`): those alone, as pytest runs
   # them (testpaths is tests/), not the whole suite plus a perf run that selects nothing.
   exec python -m pytest -q "$@"
 fi

@@ -14,7 +14,8 @@ def _uses_device(text: str) -> bool:
     return re.search(r"\bDEVICE\b", text) is not None
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in TESTS.glob("test_*.py")))
+@pytest.mark.parametrize("path", sorted(p.relative_to(TESTS).as_posix()
+                                         for p in TESTS.rglob("test_*.py")))
 def test_modules_on_DEVICE_carry_the_gpu_mark(path):
     text = (TESTS / path).read_text()
     if path == Path(__file__).name or not _uses_device(text):
@@ -22,6 +23,11 @@ def test_modules_on_DEVICE_carry_the_gpu_mark(path):
     assert re.search(r"^pytestmark = DEVICE_MARKS$", text, re.M), (
         f"{path} runs on conftest.DEVICE: add `pytestmark = DEVICE_MARKS`")
     assert not re.search(r"^DEVICE = ", text, re.M), f"{path}: import DEVICE from conftest"
+
+
+def test_the_check_walks_every_test_folder():
+    folders = {p.parent.name for p in TESTS.rglob("test_*.py")}
+    assert {"kernels", "lib", "apps"} <= folders
 
 
 def test_the_check_sees_a_module_without_the_mark():

@@ -13,7 +13,7 @@ import torch
 
 from triton_convlstm.apps.bench.command import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench_json(path: Path, medians: dict[str, float]) -> str:
@@ -192,7 +192,7 @@ def test_gpu_check_dry_run(tmp_path):
         # One small unit-test module and the perf suite: collecting all of tests/ again costs
         # time, not cover.
         [sys.executable, "bench/gpu_check.py", "--dry-run", "--budget-s", "150", "--out", str(out),
-         "--test-paths", "tests/test_gates_in_place.py", "bench/test_perf.py",
+         "--test-paths", "tests/lib/test_gates_in_place.py", "bench/test_perf.py",
          "--profile", "cpu-s:fp32:fwd:layer", "--convs",
          "--fused", "--extras-share", "0.45"],
         cwd=ROOT, capture_output=True, text=True, timeout=220,

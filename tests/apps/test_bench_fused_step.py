@@ -10,7 +10,7 @@ import torch
 
 from triton_convlstm.backend import interpreter_enabled
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The dry-run cases run the Triton kernels on CPU tensors: only under the interpreter (set by
 # conftest where there is no CUDA; a full run on a GPU box has it off).
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(),

@@ -9,7 +9,7 @@ import torch
 
 from triton_convlstm.apps.bench.cases import SHAPES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("bench_convs", ROOT / "bench" / "bench_convs.py")
 bench_convs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_convs)
