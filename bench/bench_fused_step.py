@@ -40,9 +40,9 @@ from triton_convlstm.apps.bench.cases import (  # noqa: E402
     interleaved,
     ratio_of,
 )
+from triton_convlstm.layout import seq_frames  # noqa: E402
 from triton_convlstm.sequence import (  # noqa: E402
     LayerSpec,
-    _frames,
     _layer_forward_fused,
     layer_forward,
 )
@@ -77,7 +77,7 @@ def fused_forward(case, config=None) -> torch.Tensor:
     spec = LayerSpec((1, 1), "triton", fused=True)
     x = case["x"]
     return _layer_forward_fused(x, case["weight"], case["bias"], None, None, None, spec, False,
-                                _frames(x), config)[0]
+                                seq_frames(x), config)[0]
 
 
 def configs(hidden: int, sweep: bool, grid=None) -> list[dict | None]:

@@ -46,19 +46,19 @@ def step_bytes(b, hid, hh, ww, elem):
 
 
 def _eager_forward(zx, zh, bias, c_prev):
-    from triton_convlstm.reference import gate_forward
+    from triton_convlstm.reference import gate_forward_ref
 
-    return gate_forward(zx + zh + bias[:, None, None], c_prev)
+    return gate_forward_ref(zx + zh + bias[:, None, None], c_prev)
 
 
 def _eager_backward(z, c_prev, c, dh, dh2, dc):
-    from triton_convlstm.reference import gate_backward
+    from triton_convlstm.reference import gate_backward_ref
 
-    return gate_backward(z, c_prev, c, None, dh + dh2, dc)
+    return gate_backward_ref(z, c_prev, c, None, dh + dh2, dc)
 
 
 def bench_case(b, hid, hh, ww, dtype, layout, compile_baseline=True):
-    from triton_convlstm.kernels.gates import gates_backward, gates_forward
+    from triton_convlstm.kernels.gates import gate_backward, gate_forward
 
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     mk = lambda ch, dt=dtype: torch.randn(b, ch, hh, ww, device="cuda", dtype=dt).contiguous(
@@ -71,12 +71,12 @@ def bench_case(b, hid, hh, ww, dtype, layout, compile_baseline=True):
 
     times = {
         "fwd": {
-            "triton": _bench(lambda: gates_forward(zx, zh, bias, c_prev, None, h_out=h, c_out=c,
+            "triton": _bench(lambda: gate_forward(zx, zh, bias, c_prev, None, h_out=h, c_out=c,
                                                    z_out=z)),
             "eager": _bench(lambda: _eager_forward(zx, zh, bias, c_prev)),
         },
         "bwd": {
-            "triton": _bench(lambda: gates_backward(z, c_prev, c, None, dh, dh2, dc, dz_out=dz,
+            "triton": _bench(lambda: gate_backward(z, c_prev, c, None, dh, dh2, dc, dz_out=dz,
                                                     dc_prev_out=dcp)),
             "eager": _bench(lambda: _eager_backward(z, c_prev, c, dh, dh2, dc)),
         },

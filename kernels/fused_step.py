@@ -32,7 +32,14 @@ import triton
 import triton.language as tl
 
 from ..backend import cudnn_conv_tf32
-from .gates import SERVED_DTYPES, _check, _device_of, _peep, _sigmoid, _strides, _tanh
+from ._common import (
+    SERVED_DTYPES,
+    cell_update,
+    check_tensor,
+    load_peepholes,
+    merged_strides,
+    on_device_of,
+)
 
 NUM_WARPS = 4
 
@@ -123,32 +130,36 @@ def _fused_step_kernel(
     # Read c_prev before c is written: c_out may be c_prev (same offsets, same program).
     c_prev = tl.load(cp_ptr + b * s_cp_b + p2 * s_cp_p + c2 * s_cp_c, mask=mask,
                      other=0.0).to(tl.float32)  # fmt: skip
-    if HAS_PEEP:
-        acc_i += _peep(pe_ptr, 0, ch, cmask, s_pe_k, s_pe_c) * c_prev
-        acc_f += _peep(pe_ptr, 1, ch, cmask, s_pe_k, s_pe_c) * c_prev
-    c = _sigmoid(acc_f) * c_prev + _sigmoid(acc_i) * _tanh(acc_g)
-    if HAS_PEEP:
-        acc_o += _peep(pe_ptr, 2, ch, cmask, s_pe_k, s_pe_c) * c  # the NEW cell
-    h = _sigmoid(acc_o) * _tanh(c)
+    p_i, p_f, p_o = load_peepholes(pe_ptr, ch, cmask, s_pe_k, s_pe_c, HAS_PEEP)
+    h, c = cell_update(acc_i, acc_f, acc_o, acc_g, c_prev, p_i, p_f, p_o, HAS_PEEP)
     tl.store(co_ptr + b * s_co_b + p2 * s_co_p + c2 * s_co_c, c, mask=mask)
     tl.store(ho_ptr + b * s_ho_b + p2 * s_ho_p + c2 * s_ho_c,
              h.to(ho_ptr.dtype.element_ty), mask=mask)  # fmt: skip
 
 
 def pack_weight(weight: torch.Tensor, input_dim: int) -> torch.Tensor:
-    """(4*hid, input_dim + hid, KH, KW) -> (KH*KW*(input_dim + hid), 4*hid), contiguous: the x
-    segment's rows (ky, kx, channel), then the h segment's; column 4*c + gate (gates i, f, o,
-    g), so a tile of channels holds its four gates side by side."""
+    """The convolution weight as :func:`fused_step` reads it: the x segment's rows (ky, kx,
+    channel), then the h segment's; column 4*c + gate (gates i, f, o, g), so a tile of channels
+    holds its four gates side by side.
+
+    Args:
+        weight: (4*hid, input_dim + hid, KH, KW) fp32/bf16/fp16 (fused_step's data dtype),
+            the convolution weight over [x, h], output channels gate-major (i, f, o, g).
+        input_dim: C, x's channel count.
+
+    Returns:
+        (KH*KW*(input_dim + hid), 4*hid), contiguous, in weight's dtype.
+    """
     hid = weight.shape[0] // 4
     w_x, w_h = weight[:, :input_dim], weight[:, input_dim:]
     rows = torch.cat([w.permute(2, 3, 1, 0).reshape(-1, 4 * hid) for w in (w_x, w_h)])
     return rows.view(-1, 4, hid).transpose(1, 2).reshape(-1, 4 * hid).contiguous()
 
 
-def _pixel_strides(name, t):
-    """(batch, channel, pixel) strides with H and W merged (gates._strides: at W == 1 the
-    pixel stride is H's); a ValueError where they cannot be."""
-    st = _strides(t)
+def _pixel_strides(name: str, t: torch.Tensor) -> tuple[int, int, int]:
+    """:func:`merged_strides`, or a ValueError naming ``name`` where H and W cannot be merged
+    (at W == 1 the pixel stride is H's)."""
+    st = merged_strides(t)
     if st is None:
         raise ValueError(f"{name}: expected H and W mergeable (stride_h == W * stride_w), "
                          f"got strides {t.stride()}")  # fmt: skip
@@ -176,28 +187,64 @@ def _block_k(channels: int, itemsize: int) -> int:
     return max(16, min(128 // itemsize, triton.next_power_of_2(channels)))
 
 
-def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
-               kernel, dilation, config: dict | None = None):  # fmt: skip
-    """One step: h_out, c_out (and z_out, the pre-activations) from x_t (B, C, H, W), h_prev
-    (B, hid, H, W) or None (a zero state), w_packed (:func:`pack_weight`), bias (4*hid,) or
-    None, c_prev (B, hid, H, W) fp32 (c_out may be c_prev), peephole (3, hid) or None.
-    x_t, h_prev, h_out and z_out share a dtype (fp32, bf16 or fp16); any strides whose H and W
-    merge. fp32 uses TF32 dots where cuDNN convolutions may (backend.cudnn_conv_tf32).
-    ``config`` (for tuning, bench/bench_fused_step.py) overrides any of BLOCK_M, BLOCK_C (powers
-    of two, 16 or more), num_warps, num_stages."""
+def fused_step(
+    x_t: torch.Tensor,
+    h_prev: torch.Tensor | None,
+    w_packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    c_prev: torch.Tensor,
+    peephole: torch.Tensor | None,
+    *,
+    h_out: torch.Tensor,
+    c_out: torch.Tensor,
+    z_out: torch.Tensor | None = None,
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One whole ConvLSTM step forward in one launch: the convolution of [x_t, h_prev], then
+    the cell update, written to h_out and c_out (and the pre-activations to z_out).
+
+    x_t, h_prev, w_packed, h_out and z_out share a dtype. x_t and h_prev may have any strides;
+    c_prev, h_out, c_out and z_out any whose H and W merge. fp32 uses TF32 dots where cuDNN
+    convolutions may (backend.cudnn_conv_tf32).
+
+    Args:
+        x_t: (B, C, H, W) fp32/bf16/fp16, this step's input.
+        h_prev: (B, hid, H, W) in x_t's dtype, or None (a zero state).
+        w_packed: (KH*KW*(C + hid), 4*hid) in x_t's dtype, contiguous: :func:`pack_weight`'s.
+        bias: (4*hid,) fp32/bf16/fp16 or None.
+        c_prev: (B, hid, H, W) fp32, the previous cell state.
+        peephole: (3, hid) fp32/bf16/fp16 (rows i, f, o) or None.
+        h_out: (B, hid, H, W) in x_t's dtype, where h goes.
+        c_out: (B, hid, H, W) fp32, where c goes; may be c_prev itself (in place).
+        z_out: (B, 4*hid, H, W) in x_t's dtype, where the pre-activations go (as
+            :func:`.gates.gate_forward` saves them for the shared backward), or None.
+        kernel: (KH, KW), the convolution's kernel size ("same" padding).
+        dilation: (dilation_h, dilation_w).
+        config: for tuning (bench/bench_fused_step.py), overrides of BLOCK_M, BLOCK_C (powers
+            of two, 16 or more), num_warps, num_stages; None: the defaults.
+
+    Returns:
+        (h_out, c_out, z_out).
+
+    Raises:
+        TypeError, ValueError: naming the argument of the wrong type, dtype, shape, device or
+            layout; ValueError also for images or weights of 2**31 elements or more.
+    """
     b, cin, hh, ww = x_t.shape
     hid = w_packed.shape[1] // 4
     kh, kw = kernel
     dev, dt, state = x_t.device, x_t.dtype, (b, hid, hh, ww)
-    _check("x_t", x_t, x_t.shape, SERVED_DTYPES, dev)
-    _check("h_prev", h_prev, state, (dt,), dev, optional=True)
-    _check("w_packed", w_packed, (kh * kw * (cin + hid), 4 * hid), (dt,), dev)
-    _check("bias", bias, (4 * hid,), SERVED_DTYPES, dev, optional=True)
-    _check("c_prev", c_prev, state, (torch.float32,), dev)
-    _check("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
-    _check("h_out", h_out, state, (dt,), dev)
-    _check("c_out", c_out, state, (torch.float32,), dev)
-    _check("z_out", z_out, (b, 4 * hid, hh, ww), (dt,), dev, optional=True)
+    check_tensor("x_t", x_t, x_t.shape, SERVED_DTYPES, dev)
+    check_tensor("h_prev", h_prev, state, (dt,), dev, optional=True)
+    check_tensor("w_packed", w_packed, (kh * kw * (cin + hid), 4 * hid), (dt,), dev)
+    check_tensor("bias", bias, (4 * hid,), SERVED_DTYPES, dev, optional=True)
+    check_tensor("c_prev", c_prev, state, (torch.float32,), dev)
+    check_tensor("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
+    check_tensor("h_out", h_out, state, (dt,), dev)
+    check_tensor("c_out", c_out, state, (torch.float32,), dev)
+    check_tensor("z_out", z_out, (b, 4 * hid, hh, ww), (dt,), dev, optional=True)
     if not w_packed.is_contiguous():
         raise ValueError("w_packed: expected a contiguous tensor (pack_weight's)")
     if x_t.numel() == 0 or h_out.numel() == 0:
@@ -225,7 +272,7 @@ def fused_step(x_t, h_prev, w_packed, bias, c_prev, peephole, *, h_out, c_out, z
     dot_ty = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     dot_ty = dot_ty[dt] if x_t.is_cuda else tl.float32
     grid = (b * npb, triton.cdiv(hid, bc))
-    with _device_of(x_t):
+    with on_device_of(x_t):
         _fused_step_kernel[grid](
             x_t, hh_, w_packed, bias_, c_prev, pe_, h_out, c_out, z_,
             hh, ww, npb, th // 2, tw // 2, dilation[0], dilation[1],

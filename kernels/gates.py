@@ -1,11 +1,12 @@
 """Triton kernels for the ConvLSTM gate/state update, forward and backward, and their launchers.
 
-The math is :func:`triton_convlstm.reference.gate_forward` / ``gate_backward``, fused into one pass
-over memory each way. Both kernels see every tensor as (batch, channel, pixel) with a stride per
-axis (H and W merged into one pixel axis), so one kernel serves NCHW, channels_last and slices of
-a larger (T, B, C, H, W) buffer without copies. Each program owns a [BLOCK_P pixels x BLOCK_C
-channels] tile of the hidden state; Triton specializes stride==1 arguments, so whichever axis is
-contiguous gets vectorized, and the launcher shapes the tile so that axis is the long one.
+The math is :func:`triton_convlstm.reference.gate_forward_ref` / ``gate_backward_ref``, fused
+into one pass over memory each way. Both kernels see every tensor as (batch, channel, pixel)
+with a stride per axis (H and W merged into one pixel axis), so one kernel serves NCHW,
+channels_last and slices of a larger (T, B, C, H, W) buffer without copies. Each program owns
+a [BLOCK_P pixels x BLOCK_C channels] tile of the hidden state; Triton specializes stride==1
+arguments, so whichever axis is contiguous gets vectorized, and the launcher shapes the tile so
+that axis is the long one.
 
 No autotune: the forward may write the cell state in place (c_out is c_prev), which autotune's
 repeated launches would corrupt, and autotune must never run during CUDA-graph capture.
@@ -15,47 +16,33 @@ CUDA tensors (CPU ones only under TRITON_INTERPRET=1); hidden 2 here:
 >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
 >>> zx, c_prev = torch.randn(2, 8, 4, 4, device=dev), torch.zeros(2, 2, 4, 4, device=dev)
 >>> bias = torch.zeros(8, device=dev)
->>> h, c, z = gates_forward(zx, None, bias, c_prev, None, save_z=True)
+>>> h, c, z = gate_forward(zx, None, bias, c_prev, None, save_z=True)
 >>> dh, dc = torch.ones_like(h), torch.zeros_like(c)
->>> dz, dc_prev, _ = gates_backward(z, c_prev, c, None, dh, None, dc)
+>>> dz, dc_prev, _ = gate_backward(z, c_prev, c, None, dh, None, dc)
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from ..layout import empty_like_layout as _new
+from ._common import (
+    SERVED_DTYPES,
+    cell_update,
+    check_tensor,
+    gate_activations,
+    load_peepholes,
+    merged_strides,
+    on_device_of,
+)
 
-SERVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Hidden-state elements per program: 8 per thread at 4 warps, enough bytes in flight per SM
 # for a memory-bound kernel while keeping registers (4 gates + state) modest.
 TILE_ELEMS = 1024
 NUM_WARPS = 4
 _INT32_MAX = 2**31 - 1
-
-
-@triton.jit
-def _sigmoid(x):
-    # 1/(1+exp(-x)): for x < -88 exp overflows to +inf and the quotient is exactly 0, so every
-    # finite x is safe (exp(x)/(1+exp(x)) would give inf/inf = NaN for x > 88).
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    # No tl.tanh in the interpreter; tanh(x) = 2*sigmoid(2x) - 1 inherits sigmoid's safety, but
-    # near 0 the subtraction cancels: its ~1e-7 absolute error is 1e-4 relative at |x| = 1e-3.
-    # There the odd Taylor series through x^11 takes over (truncation below 1e-7 relative for
-    # |x| < 0.4, beyond which the sigmoid form is within ~4e-7). Both are computed: the kernels
-    # are memory-bound, and a NaN still takes the sigmoid form and stays NaN.
-    x2 = x * x
-    series = 62.0 / 2835.0 + x2 * (-1382.0 / 155925.0)
-    series = 1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * series)))
-    return tl.where(tl.abs(x) < 0.4, x * series, 2.0 * _sigmoid(2.0 * x) - 1.0)
 
 
 @triton.jit
@@ -70,12 +57,6 @@ def _tile(HW, HID, NPB, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.c
         ch = ch.to(tl.int64)
     mask = (p < HW)[:, None] & (ch < HID)[None, :]
     return b, p, ch, mask
-
-
-@triton.jit
-def _peep(pe_ptr, k, ch, cmask, s_pe_k, s_pe_c):
-    """Row k of the (3, hidden) peepholes as a [1, BLOCK_C] fp32 row."""
-    return tl.load(pe_ptr + k * s_pe_k + ch * s_pe_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -123,16 +104,8 @@ def _gates_fwd_kernel(
     # Read c_prev before c is written: c_out may be c_prev (same offsets, same program).
     c_prev = tl.load(cp_ptr + b * s_cp_b + p2 * s_cp_p + ch[None, :] * s_cp_c, mask=mask,
                      other=0.0).to(tl.float32)  # fmt: skip
-    if HAS_PEEP:
-        p0 = _peep(pe_ptr, 0, ch, cmask, s_pe_k, s_pe_c)
-        p1 = _peep(pe_ptr, 1, ch, cmask, s_pe_k, s_pe_c)
-        pc = _peep(pe_ptr, 2, ch, cmask, s_pe_k, s_pe_c)
-        zi += p0 * c_prev
-        zf += p1 * c_prev
-    c = _sigmoid(zf) * c_prev + _sigmoid(zi) * _tanh(zg)
-    if HAS_PEEP:
-        zo += pc * c  # the output gate peeks at the NEW cell
-    h = _sigmoid(zo) * _tanh(c)
+    p_i, p_f, p_o = load_peepholes(pe_ptr, ch, cmask, s_pe_k, s_pe_c, HAS_PEEP)
+    h, c = cell_update(zi, zf, zo, zg, c_prev, p_i, p_f, p_o, HAS_PEEP)
     tl.store(c_ptr + b * s_c_b + p2 * s_c_p + ch[None, :] * s_c_c, c, mask=mask)
     tl.store(h_ptr + b * s_h_b + p2 * s_h_p + ch[None, :] * s_h_c,
              h.to(h_ptr.dtype.element_ty), mask=mask)  # fmt: skip
@@ -174,18 +147,8 @@ def _gates_bwd_kernel(
     c = tl.load(c_ptr + b * s_c_b + p2 * s_c_p + c2 * s_c_c, mask=mask, other=0.0)
     c_prev = c_prev.to(tl.float32)
     c = c.to(tl.float32)
-    if HAS_PEEP:
-        p0 = _peep(pe_ptr, 0, ch, cmask, s_pe_k, s_pe_c)
-        p1 = _peep(pe_ptr, 1, ch, cmask, s_pe_k, s_pe_c)
-        pc = _peep(pe_ptr, 2, ch, cmask, s_pe_k, s_pe_c)
-        zi += p0 * c_prev
-        zf += p1 * c_prev
-        zo += pc * c
-    i = _sigmoid(zi)
-    f = _sigmoid(zf)
-    o = _sigmoid(zo)
-    g = _tanh(zg)
-    tc = _tanh(c)
+    p_i, p_f, p_o = load_peepholes(pe_ptr, ch, cmask, s_pe_k, s_pe_c, HAS_PEEP)
+    i, f, o, g, tc = gate_activations(zi, zf, zo, zg, c_prev, c, p_i, p_f, p_o, HAS_PEEP)
 
     dh = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     if HAS_DH:
@@ -202,13 +165,13 @@ def _gates_bwd_kernel(
     dzo = dh * tc * o * (1.0 - o)
     dc += dh * o * (1.0 - tc * tc)
     if HAS_PEEP:
-        dc += dzo * pc
+        dc += dzo * p_o
     dzi = dc * g * i * (1.0 - i)
     dzf = dc * c_prev * f * (1.0 - f)
     dzg = dc * i * (1.0 - g * g)
     dc_prev = dc * f
     if HAS_PEEP:
-        dc_prev += dzi * p0 + dzf * p1
+        dc_prev += dzi * p_i + dzf * p_f
         # Per-program partial sums over this tile's pixels; the launcher sums the rows with
         # torch, so the result is bitwise reproducible (no atomics).
         part = part_ptr + _row_offset(HID) + ch
@@ -242,61 +205,24 @@ def _gates_bwd_kernel(
 # Launchers
 
 
-def _device_of(t):
-    """Triton launches on the current CUDA device, not the tensors': make theirs current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _check(name, t, shape, dtypes, device, optional=False):
-    """Raise a TypeError/ValueError naming ``name`` unless t is a tensor of shape/dtype/device."""
-    if t is None:
-        if optional:
-            return
-        raise TypeError(f"{name}: expected a torch.Tensor, got None")
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        hint = ""
-        if t.dtype == torch.float64:
-            hint = " (the kernels do not serve fp64; the torch path does: backend='torch')"
-        names = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name}: expected dtype {names}; got {t.dtype}{hint}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
-
-
-def _strides(t):
-    """(batch, channel, pixel) strides of a 4-D tensor with H and W merged, None if they cannot
-    be (stride_h != W * stride_w, e.g. a crop of a larger image)."""
-    sb, sc, sh, sw = t.stride()
-    _, _, hh, ww = t.shape
-    if ww == 1:
-        return sb, sc, sh
-    if hh == 1 or sh == ww * sw:
-        return sb, sc, sw
-    return None
-
-
 def _input(t):
     """t and its merged strides; an exotic layout is copied once (rare, and correct)."""
-    st = _strides(t)
+    st = merged_strides(t)
     if st is None:
         t = t.contiguous()
-        st = _strides(t)
+        st = merged_strides(t)
     return t, st
 
 
 def _output(out, fixups):
     """The tensor the kernel writes for ``out``: out itself, or a contiguous stand-in that is
     copied into out afterwards (recorded in fixups) when out's H, W cannot be merged."""
-    st = _strides(out)
+    st = merged_strides(out)
     if st is not None:
         return out, st
     tmp = torch.empty(out.shape, dtype=out.dtype, device=out.device)
     fixups.append((tmp, out))
-    return tmp, _strides(tmp)
+    return tmp, merged_strides(tmp)
 
 
 def _wide(tensors_and_strides):
@@ -326,30 +252,55 @@ def _dims(name, z):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(z).__name__}")
     if z.dim() != 4 or z.shape[1] % 4:
         raise ValueError(f"{name}: expected shape (B, 4*hidden, H, W), got {tuple(z.shape)}")
-    _check(name, z, z.shape, SERVED_DTYPES, z.device)
+    check_tensor(name, z, z.shape, SERVED_DTYPES, z.device)
     b, c4, hh, ww = z.shape
     return b, c4 // 4, hh, ww
 
 
-def gates_forward(zx, zh, bias, c_prev, peephole, *, h_out=None, c_out=None, z_out=None,
-                  save_z=False):  # fmt: skip
-    """One fused gate/state update: returns (h, c, z_or_None).
+def gate_forward(
+    zx: torch.Tensor,
+    zh: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    c_prev: torch.Tensor,
+    peephole: torch.Tensor | None,
+    *,
+    h_out: torch.Tensor | None = None,
+    c_out: torch.Tensor | None = None,
+    z_out: torch.Tensor | None = None,
+    save_z: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One fused gate/state update: z = zx + zh + bias, then the cell update, in one launch.
 
-    zx, zh: (B, 4*hidden, H, W) fp32/bf16/fp16 (zh may be None), summed with bias (4*hidden,) or
-    None into z; c_prev: (B, hidden, H, W) fp32; peephole: (3, hidden) or None.
-    h (zx's dtype) goes to h_out, c (fp32) to c_out, which may be c_prev itself (in place);
-    with save_z (or z_out given) z (zx's dtype) goes to z_out. Outputs may have any strides
-    (e.g. slices of a (T, B, hidden, H, W) buffer); missing ones are allocated like zx.
+    Inputs and outputs may have any strides (e.g. slices of a (T, B, hidden, H, W) buffer);
+    missing outputs are allocated laid out like zx.
+
+    Args:
+        zx: (B, 4*hidden, H, W) fp32/bf16/fp16, the input convolution's pre-activations
+            (gates i, f, o, g along channels).
+        zh: (B, 4*hidden, H, W) fp32/bf16/fp16, the recurrent convolution's, or None.
+        bias: (4*hidden,) fp32/bf16/fp16 or None.
+        c_prev: (B, hidden, H, W) fp32, the previous cell state.
+        peephole: (3, hidden) fp32/bf16/fp16 (rows i, f, o) or None.
+        h_out: (B, hidden, H, W) in zx's dtype, where h goes; None allocates it.
+        c_out: (B, hidden, H, W) fp32, where c goes; may be c_prev itself (in place).
+        z_out: (B, 4*hidden, H, W) in zx's dtype, where z goes (implies save_z).
+        save_z: keep z for :func:`gate_backward` (in z_out, or a new tensor).
+
+    Returns:
+        (h, c, z): h_out, c_out and z_out, z None unless saved.
+
+    Raises:
+        TypeError, ValueError: naming the argument of the wrong type, dtype, shape or device.
     """
     b, hid, hh, ww = _dims("zx", zx)
     dev, state, gates = zx.device, (b, hid, hh, ww), tuple(zx.shape)
-    _check("zh", zh, gates, SERVED_DTYPES, dev, optional=True)
-    _check("bias", bias, (4 * hid,), SERVED_DTYPES, dev, optional=True)
-    _check("c_prev", c_prev, state, (torch.float32,), dev)
-    _check("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
-    _check("h_out", h_out, state, (zx.dtype,), dev, optional=True)
-    _check("c_out", c_out, state, (torch.float32,), dev, optional=True)
-    _check("z_out", z_out, gates, (zx.dtype,), dev, optional=True)
+    check_tensor("zh", zh, gates, SERVED_DTYPES, dev, optional=True)
+    check_tensor("bias", bias, (4 * hid,), SERVED_DTYPES, dev, optional=True)
+    check_tensor("c_prev", c_prev, state, (torch.float32,), dev)
+    check_tensor("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
+    check_tensor("h_out", h_out, state, (zx.dtype,), dev, optional=True)
+    check_tensor("c_out", c_out, state, (torch.float32,), dev, optional=True)
+    check_tensor("z_out", z_out, gates, (zx.dtype,), dev, optional=True)
     save_z = save_z or z_out is not None
     h_out = _new(zx, hid, zx.dtype) if h_out is None else h_out
     c_out = _new(zx, hid, torch.float32) if c_out is None else c_out
@@ -373,7 +324,7 @@ def gates_forward(zx, zh, bias, c_prev, peephole, *, h_out=None, c_out=None, z_o
     npb = triton.cdiv(hw, bp)
     wide = _wide([(zx_, s_zx), (zh_, s_zh), (cp_, s_cp), (h_, s_h), (c_, s_c), (z_, s_z)])
     grid = (b * npb, triton.cdiv(hid, bc))
-    with _device_of(zx_):
+    with on_device_of(zx_):
         _gates_fwd_kernel[grid](
             zx_, zh_, bias_, cp_, pe_, h_, c_, z_, hw, hid, npb,
             *s_zx, *s_zh, bias_.stride(0) if bias is not None else 0,
@@ -393,10 +344,19 @@ def _rows(z_, hid: int) -> tuple[int, int, int]:
     return z_.shape[0] * triton.cdiv(hw, bp), bp, bc
 
 
-def bias_grad_accumulator(z, device=None) -> torch.Tensor:
-    """Zeros for :func:`gates_backward`'s ``dbias_acc`` for gates shaped and laid out like z
-    (which may be a meta tensor; then pass ``device``): one fp32 row of 4*hidden partial sums
-    per program. ``.sum(0)`` is the bias gradient."""
+def bias_grad_accumulator(z: torch.Tensor,
+                          device: torch.device | str | None = None) -> torch.Tensor:  # fmt: skip
+    """Zeros for :func:`gate_backward`'s ``dbias_acc``: one fp32 row of 4*hidden partial sums
+    per backward program, for gates shaped and laid out like z.
+
+    Args:
+        z: (B, 4*hidden, H, W) fp32/bf16/fp16, shaped and strided as the z the backward will
+            read (a meta tensor will do; then pass ``device``).
+        device: where to allocate; None: z's device.
+
+    Returns:
+        (rows, 4*hidden) fp32 zeros; after the backward steps ``.sum(0)`` is the bias gradient.
+    """
     b, hid, hh, ww = _dims("z", z)
     return torch.zeros(_bias_acc_shape(z, hid), dtype=torch.float32, device=device or z.device)
 
@@ -406,30 +366,57 @@ def _bias_acc_shape(z, hid: int) -> tuple[int, int]:
     return (_rows(_input(z)[0], hid)[0] if z.numel() else 0), 4 * hid
 
 
-def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_out=None,
-                   dbias_acc=None):
-    """Gradients of :func:`gates_forward` from its saved z: returns (dz, dc_prev, dpeephole).
+def gate_backward(
+    z: torch.Tensor,
+    c_prev: torch.Tensor,
+    c: torch.Tensor,
+    peephole: torch.Tensor | None,
+    dh: torch.Tensor | None,
+    dh2: torch.Tensor | None,
+    dc: torch.Tensor | None,
+    *,
+    dz_out: torch.Tensor | None = None,
+    dc_prev_out: torch.Tensor | None = None,
+    dbias_acc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`gate_forward` from its saved z, in one launch.
 
-    z: (B, 4*hidden, H, W) fp32/bf16/fp16; c_prev, c: (B, hidden, H, W) fp32; peephole: (3,
-    hidden) or None; dh, dh2: gradients w.r.t. h (summed; either may be None); dc: gradient
-    w.r.t. c or None. dz (z's dtype) goes to dz_out (any strides), dc_prev (fp32) to dc_prev_out,
-    which may be dc itself (in place). dpeephole is (3, hidden) fp32, None without peepholes;
-    its batch/pixel reduction is deterministic (per-program partials summed by torch).
-    dbias_acc (from :func:`bias_grad_accumulator`): dz's sums over batch and pixels are added
-    to it, so one accumulator over all steps holds the bias gradient, without a pass over dz.
+    Inputs and outputs may have any strides; missing outputs are allocated laid out like z.
+
+    Args:
+        z: (B, 4*hidden, H, W) fp32/bf16/fp16, the pre-activations the forward saved.
+        c_prev: (B, hidden, H, W) fp32, the forward's previous cell state.
+        c: (B, hidden, H, W) fp32, the cell state the forward returned.
+        peephole: (3, hidden) fp32/bf16/fp16 or None, as in the forward.
+        dh: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. h, or None.
+        dh2: like dh, a second gradient w.r.t. h (the recurrent one), summed with dh; or None.
+        dc: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. c, or None.
+        dz_out: (B, 4*hidden, H, W) in z's dtype, where dz goes; None allocates it.
+        dc_prev_out: (B, hidden, H, W) fp32, where dc_prev goes; may be dc itself (in place).
+        dbias_acc: from :func:`bias_grad_accumulator` (contiguous) or None: dz's sums over
+            batch and pixels are added to it, so one accumulator over all steps holds the bias
+            gradient, without a pass over dz.
+
+    Returns:
+        (dz, dc_prev, dpeephole): dz_out, dc_prev_out and the (3, hidden) fp32 peephole
+        gradient (None without peepholes), reduced deterministically (per-program partials
+        summed by torch).
+
+    Raises:
+        TypeError, ValueError: naming the argument of the wrong type, dtype, shape or device.
     """
     b, hid, hh, ww = _dims("z", z)
     dev, state = z.device, (b, hid, hh, ww)
-    _check("c_prev", c_prev, state, (torch.float32,), dev)
-    _check("c", c, state, (torch.float32,), dev)
-    _check("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
-    _check("dh", dh, state, SERVED_DTYPES, dev, optional=True)
-    _check("dh2", dh2, state, SERVED_DTYPES, dev, optional=True)
-    _check("dc", dc, state, SERVED_DTYPES, dev, optional=True)
-    _check("dz_out", dz_out, tuple(z.shape), (z.dtype,), dev, optional=True)
-    _check("dc_prev_out", dc_prev_out, state, (torch.float32,), dev, optional=True)
+    check_tensor("c_prev", c_prev, state, (torch.float32,), dev)
+    check_tensor("c", c, state, (torch.float32,), dev)
+    check_tensor("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
+    check_tensor("dh", dh, state, SERVED_DTYPES, dev, optional=True)
+    check_tensor("dh2", dh2, state, SERVED_DTYPES, dev, optional=True)
+    check_tensor("dc", dc, state, SERVED_DTYPES, dev, optional=True)
+    check_tensor("dz_out", dz_out, tuple(z.shape), (z.dtype,), dev, optional=True)
+    check_tensor("dc_prev_out", dc_prev_out, state, (torch.float32,), dev, optional=True)
     if dbias_acc is not None:
-        _check("dbias_acc", dbias_acc, _bias_acc_shape(z, hid), (torch.float32,), dev)
+        check_tensor("dbias_acc", dbias_acc, _bias_acc_shape(z, hid), (torch.float32,), dev)
         if not dbias_acc.is_contiguous():
             raise ValueError("dbias_acc: expected a contiguous tensor (bias_grad_accumulator's)")
     dz_out = _new(z, 4 * hid, z.dtype) if dz_out is None else dz_out
@@ -457,7 +444,7 @@ def gates_backward(z, c_prev, c, peephole, dh, dh2, dc, *, dz_out=None, dc_prev_
     used = [(z_, s_z), (cp_, s_cp), (c_, s_c), (dh_, s_dh), (dh2_, s_dh2), (dc_, s_dc),
             (dz_, s_dz), (dcp_, s_dcp)]  # fmt: skip
     grid = (nrows, triton.cdiv(hid, bc))
-    with _device_of(z_):
+    with on_device_of(z_):
         _gates_bwd_kernel[grid](
             z_, cp_, c_, pe_, dh_, dh2_, dc_, dz_, dcp_, part,
             part if dbias_acc is None else dbias_acc, hw, hid, npb, nrows,

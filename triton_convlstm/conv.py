@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layout import memory_format_of
+
 _aten = torch.ops.aten
 
 
@@ -29,11 +31,6 @@ def _split_padding(weight: Tensor, dilation) -> tuple[tuple[int, ...] | None, li
     if left == right and top == bottom:
         return None, [top, left]
     return (left, right, top, bottom), [0, 0]
-
-
-def _layout(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not \
-        t.is_contiguous() else torch.contiguous_format
 
 
 def conv_same(x: Tensor, weight: Tensor, dilation, bias: Tensor | None = None) -> Tensor:
@@ -55,7 +52,7 @@ def conv_same_input_grad(grad: Tensor, x_shape, weight: Tensor, dilation) -> Ten
     # gradient is not requested; an uninitialised tensor (not an expanded scalar, which some
     # backends materialise with a fill) stands in for it.
     like = torch.empty((n, c, h, w), dtype=grad.dtype, device=grad.device,
-                       memory_format=_layout(grad))
+                       memory_format=memory_format_of(grad))
     dx = _aten.convolution_backward(
         grad, like, weight, None, [1, 1], padding, list(dilation), False, [0, 0], 1,
         [True, False, False],

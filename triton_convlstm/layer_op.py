@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from . import graphs
-from .sequence import LayerSpec, layer_backward, layer_forward, like_seq, output_buffers
+from .layout import in_layout_of, like_seq
+from .sequence import LayerSpec, layer_backward, layer_forward, output_buffers
 
 
 @torch.library.custom_op("triton_convlstm::layer_forward", mutates_args=())
@@ -114,7 +115,7 @@ def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = F
     def run(*a):
         grads = layer_backward(*a[:11], spec, needs, consume, bias=a[11])
         likes = _grad_likes(*a[2:7])
-        return [a[2].new_empty(0) if g is None else _in_layout(g, like)
+        return [a[2].new_empty(0) if g is None else in_layout_of(g, like)
                 for g, like in zip(grads, likes)]
     return run
 
@@ -145,14 +146,6 @@ def _(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq
 def _grad_likes(x, weight, peephole, h0, c0):
     """The tensors each gradient takes its shape and strides from (fake and real alike)."""
     return (x, weight, weight.new_empty(weight.shape[0]), peephole, h0, c0)
-
-
-def _in_layout(grad: Tensor, like: Tensor) -> Tensor:
-    """The gradient with exactly the strides the fake kernel promised (a copy only if not)."""
-    promised = torch.empty_like(like, device="meta").stride()  # strides without an allocation
-    if promised == grad.stride() and like.dtype == grad.dtype:
-        return grad
-    return torch.empty_like(like).copy_(grad)
 
 
 def _setup_context(ctx, inputs, output):

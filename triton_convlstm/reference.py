@@ -24,13 +24,34 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def preactivation_ref(zx: Tensor, zh: Tensor | None = None, bias: Tensor | None = None, *,
+                      out: Tensor | None = None) -> Tensor:
+    """z = zx + zh + bias, summed in the state dtype (as the kernels sum in fp32).
+
+    Args:
+        zx, zh: (B, 4*hidden, H, W) pre-activations of the input and hidden convolutions (zh
+            may be None). bias: (4*hidden,) or None.
+        out: None for a new, differentiable tensor; else a (B, 4*hidden, H, W) state-dtype
+            buffer the sum is written into (not differentiable). Where zx already is in the
+            state dtype and nothing is added, zx itself comes back (out left alone).
+    """
+    math = state_dtype(zx.dtype)
+    z = zx.to(math) if out is None or zx.dtype == math else out.copy_(zx)
+    terms = (None if zh is None else zh.to(math),
+             None if bias is None else bias.to(math)[:, None, None])
+    for term in terms:
+        if term is not None:
+            z = z + term if out is None else torch.add(z, term, out=out)
+    return z
+
+
 def _peephole_terms(peephole: Tensor | None, dtype: torch.dtype):
     if peephole is None:
         return None
     return peephole.to(dtype)[:, None, :, None, None]  # (3, 1, hidden, 1, 1)
 
 
-def gate_forward(
+def gate_forward_ref(
     z: Tensor, c_prev: Tensor, peephole: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """One gate/state update in functional torch (differentiable, traceable by torch.compile).
@@ -64,7 +85,7 @@ def _activations(z, c_prev, c, peephole, forward=False):
     return (i, f, o, g, c) if forward else (i, f, o, g)
 
 
-def gate_activations(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None) -> Tensor:
+def gate_activations_ref(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None) -> Tensor:
     """The activated gates i, f, o, g (B, 4*hidden, H, W) recomputed from pre-activations and
     cells, in the state dtype."""
     return torch.cat(_activations(z, c_prev, c, peephole), dim=1)
@@ -76,9 +97,9 @@ def gate_activations(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | No
 # differentiable (the sequence op supplies its own backward) and not traced by dynamo.
 
 
-def gate_forward_(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *, h_out: Tensor,
-                  c_out: Tensor, pre: Tensor | None = None) -> None:
-    """:func:`gate_forward` in place: ``gates`` (B, 4*hidden, H, W, state dtype) holds the
+def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *,
+                             h_out: Tensor, c_out: Tensor, pre: Tensor | None = None) -> None:
+    """:func:`gate_forward_ref` in place: ``gates`` (B, 4*hidden, H, W, state dtype) holds the
     pre-activations (or ``pre``, same shape and dtype, does) and is overwritten with the
     activated i, f, o, g; h goes to h_out, c to c_out (which may be c_prev itself). Reading
     from ``pre`` costs no extra pass: each activation writes its slot of ``gates`` directly."""
@@ -99,7 +120,7 @@ def gate_forward_(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *, h_o
     torch.mul(o, torch.tanh(c), out=h_out)
 
 
-def gate_backward_from_gates(
+def gate_backward_from_gates_ref(
     gates: Tensor,
     c_prev: Tensor,
     c: Tensor,
@@ -110,7 +131,7 @@ def gate_backward_from_gates(
     dz_out: Tensor | None = None,
     dc_prev_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gradients of :func:`gate_forward` given its activated gates (B, 4*hidden, H, W).
+    """Gradients of :func:`gate_forward_ref` given its activated gates (B, 4*hidden, H, W).
 
     dh: gradient w.r.t. h (or None), dc: gradient w.r.t. c (or None). Returns dz (into
     ``dz_out`` when given), dc_prev (into ``dc_prev_out``, which may be dc itself) and the
@@ -163,7 +184,7 @@ def gate_backward_from_gates(
     return dz, dc_prev, dpeep
 
 
-def gate_backward(
+def gate_backward_ref(
     z: Tensor,
     c_prev: Tensor,
     c: Tensor,
@@ -171,11 +192,11 @@ def gate_backward(
     dh: Tensor | None,
     dc: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gradients of :func:`gate_forward`, recomputing the gates from the saved ``z`` and cells.
+    """Gradients of :func:`gate_forward_ref`, recomputing the gates from the saved ``z`` and cells.
 
     Returns dz (z's dtype, (B, 4*hidden, H, W)), dc_prev (state dtype) and the peephole gradient
     (3, hidden) in the state dtype (None without peepholes).
     """
-    gates = gate_activations(z, c_prev, c, peephole)
-    dz, dc_prev, dpeep = gate_backward_from_gates(gates, c_prev, c, peephole, dh, dc)
+    gates = gate_activations_ref(z, c_prev, c, peephole)
+    dz, dc_prev, dpeep = gate_backward_from_gates_ref(gates, c_prev, c, peephole, dh, dc)
     return dz.to(z.dtype), dc_prev, dpeep

@@ -25,6 +25,14 @@ from torch import Tensor
 
 from . import reference
 from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
+from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
+from .layout import (
+    MEMORY_FORMAT,
+    empty_seq,
+    frames_as_seq,
+    in_seq_layout,
+    seq_frames,
+)
 
 
 @dataclass(frozen=True)
@@ -40,37 +48,6 @@ class LayerSpec:
     # with the gate update as its epilogue (kernels/fused_step.py; experimental, unmeasured on
     # a GPU). The backward is the split path's.
     fused: bool = False
-
-
-# channels_last frames everywhere: cuDNN bf16 convolutions ran ~2x faster in it, and oneDNN on
-# CPU ran this layer's training step 1.4x faster than in NCHW (74.9 vs 104.4 ms, B4 T8 C8 hid32
-# 24x24, one thread).
-MEMORY_FORMAT = torch.channels_last
-
-
-def empty_seq(t: int, b: int, ch: int, h: int, w: int, *, dtype, device) -> Tensor:
-    """A (t, b, ch, h, w) buffer, time-major, each frame channels_last.
-
-    The fake (meta) kernels allocate through this too, so compiled graphs see the same strides
-    as the real outputs."""
-    return torch.empty(t, b, h, w, ch, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
-
-
-def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
-    """The dtype z_seq is saved in: the Triton kernels keep pre-activations in the compute dtype,
-    the torch path activated gates in the state dtype."""
-    return dtype if backend == "triton" else reference.state_dtype(dtype)
-
-
-def in_seq_layout(t: Tensor) -> bool:
-    """Whether a (T, B, C, H, W) tensor has exactly :func:`empty_seq`'s strides."""
-    return t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta").stride()
-
-
-def like_seq(t: Tensor) -> Tensor:
-    """A copy of a (T, B, C, H, W) tensor in the sequence layout (:func:`empty_seq`): what the
-    loops read without further copies. CUDA graphs keep their static inputs in it."""
-    return empty_seq(*t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
@@ -99,60 +76,7 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
     return h_seq, c_last, c_seq, z_seq
 
 
-# ---- gate update implementations with one calling convention --------------------------------
-
-
-def _torch_gates_forward(zx, zh, bias, c_prev, peephole, *, h_out, c_out, z_out=None,
-                         save_z=False):
-    # What is saved differs from the kernels: the activated gates (state dtype, z_out), so the
-    # CPU backward need not recompute them. The sum is formed in the math dtype, as the kernel's.
-    # Without saving, zx itself is the scratch when its dtype allows (the caller's temporary).
-    sdt = reference.state_dtype(zx.dtype)
-    if save_z:
-        gates = z_out
-    else:
-        gates = zx if zx.dtype == sdt else torch.empty_like(zx, dtype=sdt)
-    pre = zx if zx.dtype == sdt else gates.copy_(zx)
-    if zh is not None:
-        pre = torch.add(pre, zh.to(sdt), out=gates)
-    if bias is not None:
-        pre = torch.add(pre, bias.to(sdt)[:, None, None], out=gates)
-    h = h_out if h_out.dtype == sdt else torch.empty_like(h_out, dtype=sdt)
-    reference.gate_forward_(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre)
-    if h is not h_out:
-        h_out.copy_(h)
-    return h_out, c_out, z_out
-
-
-def _torch_gates_backward(gates, c_prev, c, peephole, dh, dh2, dc, *, dz_out, dc_prev_out,
-                          dbias_acc=None):  # the bias gradient: summed from dz by the caller
-    # dh: the output's gradient (the caller's, read only); dh2: the recurrent one, a scratch
-    # of the loop's, which takes the sum (no allocation).
-    if dh is None:
-        dh, dh2 = dh2, None
-    if dh2 is not None:
-        dh = dh2.add_(dh)
-    _, _, dpeep = reference.gate_backward_from_gates(
-        gates, c_prev, c, peephole, dh, dc, dz_out=dz_out, dc_prev_out=dc_prev_out
-    )
-    return dz_out, dc_prev_out, dpeep
-
-
-def gate_functions(backend: str):
-    if backend == "triton":
-        from .kernels.gates import gates_backward, gates_forward
-
-        return gates_forward, gates_backward
-    return _torch_gates_forward, _torch_gates_backward
-
-
 # ---- the loops ---------------------------------------------------------------------------------
-
-
-def _frames(x: Tensor) -> Tensor:
-    """(T, B, C, H, W) -> (T*B, C, H, W) in the device's layout: a view when x already is one
-    (a later layer's input), else one copy (not a reshape copy and then a layout copy)."""
-    return (x if in_seq_layout(x) else like_seq(x)).flatten(0, 1)
 
 
 # The input convolution's output (forward) and the gate gradients (backward) span 4*hidden
@@ -174,15 +98,6 @@ def _split(weight: Tensor, cin: int):
             weight[:, cin:].contiguous(memory_format=MEMORY_FORMAT))
 
 
-def _as_seq(frames_out: Tensor, t: int, b: int) -> Tensor:
-    """(T*B, ch, H, W) -> (T, B, ch, H, W), with exactly empty_seq's strides when the frames are
-    channels_last (unflatten would give a size-1 batch axis another stride)."""
-    nhwc = frames_out.permute(0, 2, 3, 1)
-    if nhwc.is_contiguous():
-        return nhwc.view(t, b, *nhwc.shape[1:]).permute(0, 1, 4, 2, 3)
-    return frames_out.unflatten(0, (t, b))
-
-
 def _initial_cell(c_last: Tensor, c0: Tensor | None) -> Tensor:
     """c_last holding the initial cell (zeros without c0): the first step's c_prev. The loops
     then update it in place in inference, or leave it for the last step's cell in training."""
@@ -196,12 +111,12 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
 
     Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
     """
-    frames = _frames(x)
+    frames = seq_frames(x)
     if spec.fused and spec.backend == "triton" and _fused_fits(x, weight):
         return _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec, save, frames)
     if cat_convs(spec, x):
         return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
-    gates_forward, _ = gate_functions(spec.backend)
+    gate_forward, _ = gate_launchers(spec.backend)
     t, b, cin, hh, ww = x.shape
     w_x, w_h = _split(weight, cin)
     # The kernels add the bias themselves (a bias on a bf16 channels_last cuDNN convolution ran
@@ -215,7 +130,7 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
     save_z = save and spec.keep_gates
     zx_all = None
     if save_z and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
-        zx_all = _as_seq(conv_same(frames, w_x, spec.dilation, conv_bias), t, b)
+        zx_all = frames_as_seq(conv_same(frames, w_x, spec.dilation, conv_bias), t, b)
     # z_seq must have the strides the fake kernels promise (they allocate with empty_seq).
     given = zx_all if zx_all is not None and in_seq_layout(zx_all) else None
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend, given,
@@ -243,7 +158,7 @@ def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool
             # Saving: c_t goes to its slot in c_seq (the last one to c_last); inference: c is
             # updated in place in c_last (the kernels read each element before writing it).
             c_out = c_seq[step] if save and step < t - 1 else c_last
-            gates_forward(
+            gate_forward(
                 zx[step - t0], zh, gate_bias, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
                 z_out=z_seq[step] if save_z else None, save_z=save_z,
             )
@@ -260,13 +175,13 @@ def recompute_steps(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dty
     return max(1, min(steps_per_chunk(t, b, hid, hh, ww, dtype), -(-t // RECOMPUTE_FRACTION)))
 
 
-def _recompute_gates(gates_forward, zx, h_prev, w_h, gate_bias, c_prev, peephole, spec, gdt,
+def _recompute_gates(gate_forward, zx, h_prev, w_h, gate_bias, c_prev, peephole, spec, gdt,
                      h_scratch, c_scratch):
     """One step's saved gates again, by the forward's own code (so the same values): from zx
     (the step's input-convolution output, overwritten with them when the dtypes agree)."""
     zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
     z = zx if gdt == zx.dtype else torch.empty_like(zx, dtype=gdt)
-    gates_forward(zx, zh, gate_bias, c_prev, peephole, h_out=h_scratch, c_out=c_scratch,
+    gate_forward(zx, zh, gate_bias, c_prev, peephole, h_out=h_scratch, c_out=c_scratch,
                   z_out=z, save_z=True)
     return z
 
@@ -297,7 +212,7 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
             z = conv_same(torch.cat([x_t, h_prev.to(x_t.dtype)], dim=1), w_all, spec.dilation,
                           bias)
         c_out = c_seq[step] if save and step < t - 1 else c_last
-        _torch_gates_forward(z, None, None, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
+        gate_forward_torch(z, None, None, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
                              z_out=z_seq[step] if save_z else None, save_z=save_z)
         c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
@@ -355,14 +270,14 @@ def layer_backward(
     of writing them to a new buffer; z_seq is garbage afterwards, so a second backward over the
     same forward needs the forward run again. ``bias`` is read only to recompute the gates
     (``spec.keep_gates`` False)."""
-    gates_forward, gates_backward = gate_functions(spec.backend)
+    gate_forward, gate_backward = gate_launchers(spec.backend)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, hh, ww = x.shape
     sdt = c_last.dtype
     w_x, w_h = _split(weight, cin)
     hid = w_h.shape[1]
     recompute = not spec.keep_gates
-    frames = _frames(x) if need_w or recompute else None
+    frames = seq_frames(x) if need_w or recompute else None
     if recompute:  # the gates are recomputed per chunk, in the chunk's buffer, then its dz
         chunk, dz_buf = recompute_steps(t, b, hid, hh, ww, x.dtype), None
         conv_bias, gate_bias = (bias, None) if spec.backend == "torch" else (None, bias)
@@ -401,9 +316,9 @@ def layer_backward(
             c_prev = (c0 if c0 is not None else c_zero) if step == 0 else c_seq[step - 1]
             dh_out = None if grad_h_seq is None else grad_h_seq[step]
             z = z_seq[step] if not recompute else _recompute_gates(
-                gates_forward, dz[step - t0], h0 if step == 0 else h_seq[step - 1], w_h,
+                gate_forward, dz[step - t0], h0 if step == 0 else h_seq[step - 1], w_h,
                 gate_bias, c_prev, peephole, spec, gdt, h_scratch[0], c_scratch)
-            _, _, dp = gates_backward(
+            _, _, dp = gate_backward(
                 z, c_prev, c_t, peephole, dh_out, dh_rec, dc,
                 dz_out=dz[step - t0], dc_prev_out=dc, dbias_acc=db_acc,
             )

@@ -6,7 +6,7 @@ the Triton path it calls two custom ops, ``triton_convlstm::gate_forward`` and
 ``triton_convlstm::gate_backward``, whose fake kernels let torch.compile trace them without
 running them (fullgraph, no graph break) and whose registered autograd makes them
 differentiable. The torch path is autograd through
-:func:`triton_convlstm.reference.gate_forward`, chosen in Python so CPU models compile too.
+:func:`triton_convlstm.reference.gate_forward_ref`, chosen in Python so CPU models compile too.
 
 >>> z, c = torch.randn(2, 8, 5, 5), torch.zeros(2, 2, 5, 5)  # z: (B, 4*hidden, H, W)
 >>> h, c = gate_update(z, c)  # bias and peephole optional
@@ -37,11 +37,11 @@ def gate_forward_op(
     peephole: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns h (zx's dtype), c (fp32) and the summed pre-activation z (saved for backward)."""
-    from .kernels.gates import gates_forward  # lazy: importing ops must not need Triton
+    from .kernels.gates import gate_forward  # lazy: importing ops must not need Triton
 
     hid = zx.shape[1] // 4
     h, c, z = _new(zx, hid, zx.dtype), _new(zx, hid, torch.float32), _new(zx, 4 * hid, zx.dtype)
-    gates_forward(zx, zh, bias, c_prev, peephole, h_out=h, c_out=c, z_out=z)
+    gate_forward(zx, zh, bias, c_prev, peephole, h_out=h, c_out=c, z_out=z)
     return h, c, z
 
 
@@ -57,10 +57,10 @@ def gate_backward_op(
     dc: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dz (z's dtype), dc_prev (fp32) and dpeephole ((3, hidden) fp32, or empty)."""
-    from .kernels.gates import gates_backward
+    from .kernels.gates import gate_backward
 
     dz, dc_prev = _new(z, z.shape[1], z.dtype), _new(z, z.shape[1] // 4, torch.float32)
-    _, _, dpe = gates_backward(z, c_prev, c, peephole, dh, None, dc, dz_out=dz,
+    _, _, dpe = gate_backward(z, c_prev, c, peephole, dh, None, dc, dz_out=dz,
                                dc_prev_out=dc_prev)  # fmt: skip
     return dz, dc_prev, (_peephole_grad_buffer(z, None) if dpe is None else dpe)
 
@@ -125,14 +125,9 @@ def _check_args(zx, c_prev, zh, bias, peephole):
 
 
 def _torch_gate_update(zx, c_prev, zh, bias, peephole):
-    """The torch path: autograd (and dynamo) straight through reference.gate_forward."""
-    sdt = reference.state_dtype(zx.dtype)
-    z = zx.to(sdt)  # summed in the math dtype, as the kernel does
-    if zh is not None:
-        z = z + zh.to(sdt)
-    if bias is not None:
-        z = z + bias.to(sdt)[:, None, None]
-    h, c = reference.gate_forward(z, c_prev.to(sdt), peephole)
+    """The torch path: autograd (and dynamo) straight through reference.gate_forward_ref."""
+    z = reference.preactivation_ref(zx, zh, bias)
+    h, c = reference.gate_forward_ref(z, c_prev.to(z.dtype), peephole)
     return h.to(zx.dtype), c
 
 

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from triton_convlstm.kernels.gates import bias_grad_accumulator, gates_backward, gates_forward
+from triton_convlstm.kernels.gates import bias_grad_accumulator, gate_backward, gate_forward
 
 from conftest import DEVICE, DEVICE_MARKS
 
@@ -125,7 +125,7 @@ def test_fp32_matches_oracle(case):
     zx, zh, bias, c_prev, pe = sample(b, hid, hh, ww, layout, torch.float32, peep, has_zh,
                                       has_bias)  # fmt: skip
     h_out, c_out, z_out = nan_like(c_prev), nan_like(c_prev), nan_like(zx)
-    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, h_out=h_out, c_out=c_out, z_out=z_out)
+    h, c, z = gate_forward(zx, zh, bias, c_prev, pe, h_out=h_out, c_out=c_out, z_out=z_out)
     assert h is h_out and c is c_out and z is z_out
     z64 = total_z(zx, zh, bias)
     h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), None if pe is None else pe.to(F64))
@@ -134,7 +134,7 @@ def test_fp32_matches_oracle(case):
 
     dh, dh2, dc = grads_in(c, layout, has_dh, has_dh2, has_dc)
     dz_out, dcp_out = nan_like(zx), nan_like(c_prev)
-    dz, dcp, dpe = gates_backward(z, c_prev, c, pe, dh, dh2, dc, dz_out=dz_out,
+    dz, dcp, dpe = gate_backward(z, c_prev, c, pe, dh, dh2, dc, dz_out=dz_out,
                                   dc_prev_out=dcp_out)  # fmt: skip
     assert dz is dz_out and dcp is dcp_out
     ref = oracle_backward(z64, c_prev, pe, summed(c, dh, dh2), summed(c, dc))
@@ -156,12 +156,12 @@ def test_small_activations_keep_fp32_accuracy(layout, scale):
     zx, zh, bias = (make((b, 4 * hid, hh, ww), layout, scale=scale) for _ in range(3))
     bias = bias[0, :, 0, 0].contiguous()
     c_prev, pe = make((b, hid, hh, ww), layout, scale=scale), make((3, hid))
-    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, z_out=torch.empty_like(zx))
+    h, c, z = gate_forward(zx, zh, bias, c_prev, pe, z_out=torch.empty_like(zx))
     z64 = total_z(zx, zh, bias)
     h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), pe.to(F64))
     assert rel_err(h, h_ref) <= 1e-5 and rel_err(c, c_ref) <= 1e-5
     dh, _, dc = grads_in(c, layout, True, False, True)
-    dz, dcp, dpe = gates_backward(z, c_prev, c, pe, dh, None, dc)
+    dz, dcp, dpe = gate_backward(z, c_prev, c, pe, dh, None, dc)
     ref = oracle_backward(z64, c_prev, pe, summed(c, dh), summed(c, dc))
     assert rel_err(dz, ref[0]) <= 1e-5 and rel_err(dcp, ref[1]) <= 1e-5
     assert rel_err(dpe, ref[2]) <= 1e-5
@@ -170,11 +170,11 @@ def test_small_activations_keep_fp32_accuracy(layout, scale):
 def test_allocated_outputs_keep_layout():
     for layout, fmt in [("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)]:
         zx, zh, bias, c_prev, pe = sample(2, 4, 3, 5, layout, torch.bfloat16, True)
-        h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+        h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
         assert h.dtype == torch.bfloat16 and c.dtype == torch.float32 and z.dtype == zx.dtype
         assert all(t.is_contiguous(memory_format=fmt) for t in (h, c, z))
-        assert gates_forward(zx, zh, bias, c_prev, pe)[2] is None  # save_z off: no z
-        dz, dcp, _ = gates_backward(z, c_prev, c, pe, h, None, None)
+        assert gate_forward(zx, zh, bias, c_prev, pe)[2] is None  # save_z off: no z
+        dz, dcp, _ = gate_backward(z, c_prev, c, pe, h, None, None)
         assert dz.dtype == torch.bfloat16 and dcp.dtype == torch.float32
         assert dz.is_contiguous(memory_format=fmt) and dcp.is_contiguous(memory_format=fmt)
 
@@ -186,7 +186,7 @@ def test_allocated_outputs_keep_layout():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision(dtype, layout):
     zx, zh, bias, c_prev, pe = sample(2, 5, 7, 9, layout, dtype, True)
-    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     assert h.dtype == dtype and c.dtype == torch.float32 and z.dtype == dtype
     # Forward: the exact sum; torch in `dtype` sums and runs the math in that dtype too.
     h_ref, c_ref = oracle_forward(total_z(zx, zh, bias), c_prev.to(F64), pe.to(F64))
@@ -197,7 +197,7 @@ def test_low_precision(dtype, layout):
     z64 = z.to(F64)  # the backward oracle sees the same (rounded) z the kernel gets
 
     dh, dh2, dc = grads_in(c, layout, True, True, True, dtype)
-    got = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    got = gate_backward(z, c_prev, c, pe, dh, dh2, dc)
     ref = oracle_backward(z64, c_prev, pe, summed(c, dh, dh2), summed(c, dc))
     low = oracle_backward(z64, c_prev, pe, summed(c, dh, dh2), summed(c, dc), dtype)
     assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == torch.float32
@@ -216,7 +216,7 @@ def test_strided_slices_of_sequence_buffers(layout):
     zx_seq, zh_seq, c_seq = seq(4 * hid), seq(4 * hid), seq(hid)
     zx, zh, c_prev, pe = zx_seq[1], zh_seq[2], c_seq[0], make((3, hid))
     h_buf, c_buf, z_buf = (torch.full_like(s, float("nan")) for s in (c_seq, c_seq, zx_seq))
-    gates_forward(zx, zh, None, c_prev, pe, h_out=h_buf[1], c_out=c_buf[1], z_out=z_buf[1])
+    gate_forward(zx, zh, None, c_prev, pe, h_out=h_buf[1], c_out=c_buf[1], z_out=z_buf[1])
     z64 = total_z(zx, zh, None)
     h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), pe.to(F64))
     assert rel_err(h_buf[1], h_ref) <= 1e-5 and rel_err(c_buf[1], c_ref) <= 1e-5
@@ -226,7 +226,7 @@ def test_strided_slices_of_sequence_buffers(layout):
 
     dz_buf, dcp_buf = torch.full_like(z_buf, float("nan")), torch.full_like(c_buf, float("nan"))
     dh = make((b, hid, hh, ww), layout)
-    gates_backward(z_buf[1], c_prev, c_buf[1], pe, dh, None, None, dz_out=dz_buf[2],
+    gate_backward(z_buf[1], c_prev, c_buf[1], pe, dh, None, None, dz_out=dz_buf[2],
                    dc_prev_out=dcp_buf[0])  # fmt: skip
     ref = oracle_backward(z64, c_prev, pe, dh.to(F64), torch.zeros_like(c_ref))
     assert rel_err(dz_buf[2], ref[0]) <= 1e-5 and rel_err(dcp_buf[0], ref[1]) <= 1e-5
@@ -241,7 +241,7 @@ def test_channel_slice_and_uncropped_layouts():
     zh = make((b, 4 * hid, hh + 2, ww + 3))[..., 1:-1, 2:-1]
     c_prev = make((b, hid, hh, ww), "nhwc")
     h_big = torch.full((b, hid, hh + 1, ww + 1), float("nan"), device=DEVICE)
-    h, c, _ = gates_forward(zx, zh, None, c_prev, None, h_out=h_big[..., 1:, 1:])
+    h, c, _ = gate_forward(zx, zh, None, c_prev, None, h_out=h_big[..., 1:, 1:])
     h_ref, c_ref = oracle_forward(total_z(zx, zh, None), c_prev.to(F64))
     assert rel_err(h, h_ref) <= 1e-5 and rel_err(c, c_ref) <= 1e-5
     assert h_big[..., 0, :].isnan().all() and h_big[..., :, 0].isnan().all()
@@ -250,15 +250,15 @@ def test_channel_slice_and_uncropped_layouts():
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_in_place_state_updates(layout):
     zx, zh, bias, c_prev, pe = sample(2, 5, 7, 9, layout, torch.float32, True)
-    h0, c0, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    h0, c0, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     state = c_prev.clone()
-    _, c1, _ = gates_forward(zx, zh, bias, state, pe, c_out=state)
+    _, c1, _ = gate_forward(zx, zh, bias, state, pe, c_out=state)
     assert c1 is state and torch.equal(c1, c0)
 
     dh, _, dc = grads_in(c0, layout, True, False, True)
-    dz0, dcp0, dpe0 = gates_backward(z, c_prev, c0, pe, dh, None, dc)
+    dz0, dcp0, dpe0 = gate_backward(z, c_prev, c0, pe, dh, None, dc)
     grad = dc.clone()
-    _, dcp1, dpe1 = gates_backward(z, c_prev, c0, pe, dh, None, grad, dc_prev_out=grad)
+    _, dcp1, dpe1 = gate_backward(z, c_prev, c0, pe, dh, None, grad, dc_prev_out=grad)
     assert dcp1 is grad and torch.equal(dcp1, dcp0) and torch.equal(dpe1, dpe0)
 
 
@@ -273,8 +273,8 @@ def test_huge_preactivations_stay_finite(dtype):
     zx = (sign((b, 4 * hid, hh, ww)) * 1e4).to(dtype)
     c_prev = sign((b, hid, hh, ww)) * 1e4
     pe = make((3, hid))
-    h, c, z = gates_forward(zx, None, None, c_prev, pe, save_z=True)
-    dz, dcp, dpe = gates_backward(z, c_prev, c, pe, make(c.shape), None, make(c.shape))
+    h, c, z = gate_forward(zx, None, None, c_prev, pe, save_z=True)
+    dz, dcp, dpe = gate_backward(z, c_prev, c, pe, make(c.shape), None, make(c.shape))
     for t in (h, c, dz, dcp, dpe):
         assert torch.isfinite(t).all()
     h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
@@ -284,10 +284,10 @@ def test_huge_preactivations_stay_finite(dtype):
 
 def test_backward_is_bitwise_deterministic():
     zx, zh, bias, c_prev, pe = sample(3, 17, 9, 11, "nchw", torch.float32, True)
-    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     dh, dh2, dc = grads_in(c, "nchw", True, True, True)
-    first = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
-    second = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    first = gate_backward(z, c_prev, c, pe, dh, dh2, dc)
+    second = gate_backward(z, c_prev, c, pe, dh, dh2, dc)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -299,10 +299,10 @@ def test_bias_gradient_accumulates_over_steps(layout, dtype):
     acc, want = None, torch.zeros(4 * 6, dtype=F64, device=DEVICE)
     for step in range(3):
         zx, zh, bias, c_prev, pe = sample(2, 6, 5, 7, layout, dtype, peep=step == 1)
-        h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+        h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
         dh, dh2, dc = grads_in(c, layout, True, step > 0, True)
         acc = bias_grad_accumulator(z) if acc is None else acc
-        dz, _, _ = gates_backward(z, c_prev, c, pe, dh, dh2, dc, dbias_acc=acc)
+        dz, _, _ = gate_backward(z, c_prev, c, pe, dh, dh2, dc, dbias_acc=acc)
         # The accumulator sums the fp32 values before dz is rounded to its dtype.
         want += oracle_backward(z, c_prev, pe, summed(c, dh, dh2), dc)[0].sum((0, 2, 3))
     assert torch.isfinite(acc).all()
@@ -315,10 +315,10 @@ def _bad_calls():
     meta = torch.empty(c_prev.shape, device="meta")
 
     def fwd(zx=zx, zh=None, bias=None, c_prev=c_prev, peephole=None, **kw):
-        return lambda: gates_forward(zx, zh, bias, c_prev, peephole, **kw)
+        return lambda: gate_forward(zx, zh, bias, c_prev, peephole, **kw)
 
     def bwd(z=zx, c_prev=c_prev, c=c_prev, peephole=None, dh=None, dh2=None, dc=None, **kw):
-        return lambda: gates_backward(z, c_prev, c, peephole, dh, dh2, dc, **kw)
+        return lambda: gate_backward(z, c_prev, c, peephole, dh, dh2, dc, **kw)
 
     yield "fp64-zx", TypeError, "fp64", fwd(zx=zx.double())
     yield "list-zx", TypeError, "zx", fwd(zx=[1.0])
@@ -354,17 +354,17 @@ def test_bad_inputs_raise(case):
 @pytest.mark.parametrize("hid", [64, 48])
 def test_real_sizes(hid, dtype, layout):
     zx, zh, bias, c_prev, pe = sample(16, hid, 64, 64, layout, dtype, True)
-    h, c, z = gates_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     # the forward works on the exact fp32 sum; the backward sees the saved (rounded) z
     h_ref, c_ref = oracle_forward(total_z(zx, zh, bias), c_prev.to(F64), pe.to(F64))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(h, h_ref) <= tol and rel_err(c, c_ref) <= 1e-5
     dh, dh2, dc = grads_in(c, layout, True, True, True, dtype)
-    got = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    got = gate_backward(z, c_prev, c, pe, dh, dh2, dc)
     ref = oracle_backward(z.to(F64), c_prev, pe, summed(c, dh, dh2), summed(c, dc))
     for g, r in zip(got, ref):
         assert rel_err(g, r) <= tol
-    again = gates_backward(z, c_prev, c, pe, dh, dh2, dc)
+    again = gate_backward(z, c_prev, c, pe, dh, dh2, dc)
     assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
@@ -378,8 +378,8 @@ def test_int64_offsets(shape):
     zx = torch.randn((b, 4 * hid, hh, ww), device=DEVICE, dtype=torch.bfloat16)
     c_prev = torch.randn((b, hid, hh, ww), device=DEVICE)
     pe = make((3, hid))
-    h, c, z = gates_forward(zx, None, None, c_prev, pe, save_z=True)
-    dz, dcp, _ = gates_backward(z, c_prev, c, pe, h, None, None)
+    h, c, z = gate_forward(zx, None, None, c_prev, pe, save_z=True)
+    dz, dcp, _ = gate_backward(z, c_prev, c, pe, h, None, None)
     for sl in [(slice(0, 1), ..., slice(0, 2), slice(None)), (slice(-1, None), ..., slice(-2, None),
                                                               slice(None))]:  # fmt: skip
         h_ref, c_ref = oracle_forward(zx[sl].to(F64), c_prev[sl].to(F64), pe.to(F64))

@@ -1,5 +1,6 @@
 """Every kernel builds for real GPUs (sm_90, sm_80), even on a machine without one: the gate
-kernels (kernels/gates.py) and the fused forward step (kernels/fused_step.py).
+kernels (kernels/gates.py) and the fused forward step (kernels/fused_step.py), each with the
+jitted math they share (kernels/_common.py: activations, cell update) compiled into it.
 
 The interpreter tests run the kernels' Python, which accepts code that would not compile for a
 GPU; this builds PTX and cubin with triton.compile for each load dtype and the constexpr

@@ -9,7 +9,8 @@ import torch
 from conftest import DEVICE, DEVICE_MARKS
 from triton_convlstm import sequence
 from triton_convlstm.apps.bench.memory import TensorMemoryTracker
-from triton_convlstm.sequence import LayerSpec, empty_seq, layer_forward
+from triton_convlstm.layout import empty_seq
+from triton_convlstm.sequence import LayerSpec, layer_forward
 
 pytestmark = DEVICE_MARKS
 

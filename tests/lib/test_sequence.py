@@ -399,7 +399,8 @@ def test_second_backward_with_retain_graph_equals_the_first(backend):
 def test_training_forward_keeps_gates_in_the_input_convolution_output(backend, monkeypatch):
     """Where dtypes agree, z_seq is the input convolution's output itself (one (T, B, 4*hid)
     buffer in training, not two) and has the strides the fake kernel promises."""
-    from triton_convlstm.sequence import LayerSpec, empty_seq, layer_forward
+    from triton_convlstm.layout import empty_seq
+    from triton_convlstm.sequence import LayerSpec, layer_forward
 
     # The split path (the torch path on CPU would otherwise convolve [x_t, h] per step).
     monkeypatch.setattr(sequence, "cat_convs", lambda spec, x: False)

@@ -1,0 +1,92 @@
+"""The gate update with one calling convention for both implementations: the Triton kernels'
+launchers (:mod:`triton_convlstm.kernels.gates`) and their plain-torch twins here, which the
+time loops call on CPU (or where Triton is missing). :func:`gate_launchers` picks the pair.
+
+The calling convention is the launchers': outputs are written into buffers the caller owns
+(slices of the sequence's (T, B, ...) buffers), the cell may be updated in place, and the
+backward may sum two incoming h gradients. What the forward saves differs, as
+:func:`saved_gates_dtype` says: the kernels keep the summed pre-activations, the torch path the
+activated gates (so its backward need not recompute them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+
+def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
+    """The dtype the saved gates (z_seq) have for inputs of ``dtype``: the Triton kernels keep
+    pre-activations in the compute dtype, the torch path activated gates in the state dtype."""
+    return dtype if backend == "triton" else reference.state_dtype(dtype)
+
+
+def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_prev: Tensor,
+                       peephole: Tensor | None, *, h_out: Tensor, c_out: Tensor,
+                       z_out: Tensor | None = None, save_z: bool = False):
+    """:func:`triton_convlstm.kernels.gates.gate_forward` in plain torch.
+
+    Args:
+        zx, zh: (B, 4*hidden, H, W) pre-activations (zh may be None), summed with bias
+            (4*hidden,) or None in the state dtype, as the kernel sums them.
+        c_prev: (B, hidden, H, W), state dtype. peephole: (3, hidden) or None.
+        h_out, c_out: where h and c go (c_out may be c_prev: in place).
+        z_out, save_z: with save_z, the activated gates (state dtype) go to z_out for the
+            backward. Without, zx itself is the scratch where its dtype allows (the caller's
+            temporary).
+    Returns:
+        (h_out, c_out, z_out).
+    """
+    sdt = reference.state_dtype(zx.dtype)
+    if save_z:
+        gates = z_out
+    else:
+        gates = zx if zx.dtype == sdt else torch.empty_like(zx, dtype=sdt)
+    pre = reference.preactivation_ref(zx, zh, bias, out=gates)
+    h = h_out if h_out.dtype == sdt else torch.empty_like(h_out, dtype=sdt)
+    reference.gate_forward_inplace_ref(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre)
+    if h is not h_out:
+        h_out.copy_(h)
+    return h_out, c_out, z_out
+
+
+def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None,
+                        dh: Tensor | None, dh2: Tensor | None, dc: Tensor | None, *,
+                        dz_out: Tensor, dc_prev_out: Tensor, dbias_acc: Tensor | None = None):
+    """:func:`triton_convlstm.kernels.gates.gate_backward` in plain torch, from the activated
+    gates :func:`gate_forward_torch` saved.
+
+    Args:
+        gates: (B, 4*hidden, H, W) activated i, f, o, g (state dtype); c_prev, c: the step's
+            cells. peephole: (3, hidden) or None.
+        dh: the output's gradient (the caller's, read only) or None; dh2: the recurrent one, a
+            scratch of the loop's, which takes the sum (no allocation), or None.
+        dc: the gradient reaching c, or None.
+        dz_out, dc_prev_out: where dz and dc_prev go (dz_out may be ``gates``, dc_prev_out
+            ``dc``: in place).
+        dbias_acc: must be None (the kernels' fused bias sum); the loop sums dz itself.
+    Returns:
+        (dz_out, dc_prev_out, the peephole gradient (3, hidden) or None).
+    """
+    if dh is None:
+        dh, dh2 = dh2, None
+    if dh2 is not None:
+        dh = dh2.add_(dh)
+    _, _, dpeep = reference.gate_backward_from_gates_ref(
+        gates, c_prev, c, peephole, dh, dc, dz_out=dz_out, dc_prev_out=dc_prev_out
+    )
+    return dz_out, dc_prev_out, dpeep
+
+
+def gate_launchers(backend: str) -> tuple[Callable, Callable]:
+    """(gate_forward, gate_backward) for ``backend`` ("triton" or "torch"). The kernels are
+    imported only here, on first use: importing the package must not need Triton."""
+    if backend == "triton":
+        from .kernels.gates import gate_backward, gate_forward
+
+        return gate_forward, gate_backward
+    return gate_forward_torch, gate_backward_torch
