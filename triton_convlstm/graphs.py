@@ -1,4 +1,5 @@
-"""CUDA-graph capture of whole time loops, and a small bounded cache of captured graphs.
+"""CUDA-graph capture of whole time loops: the policy (which layers are worth capturing), a
+small bounded cache of captured graphs, and its entries' interface.
 
 A layer's forward (or backward) over T steps is 2T+ small launches; replaying them as one graph
 removes the per-launch CPU cost that dominates small shapes. Each entry owns static copies of its
@@ -29,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from .backend import cudnn_conv_tf32
+from .backend import cudnn_conv_tf32, exporting
 
 # Above this many state elements per step (B*hidden*H*W), the GPU work of a step hides its launch
 # cost, so replaying a graph saves little and its static buffers cost memory.
@@ -68,7 +69,30 @@ def can_capture(x: torch.Tensor) -> bool:
 
 
 def worth_capturing(batch: int, hidden: int, height: int, width: int) -> bool:
+    """Whether a layer's step is small enough that its launches, not its GPU work, cost most
+    (:data:`MAX_STATE_ELEMENTS`)."""
     return batch * hidden * height * width <= MAX_STATE_ELEMENTS
+
+
+def capture_plan(enabled: bool, batch: int, hidden_dims: list[int], height: int,
+                 width: int) -> list[bool]:
+    """Which of a model's layers run from captured graphs: all that are
+    :func:`worth_capturing` where ``enabled`` (the module's ``cuda_graphs``), none while an
+    exporter captures the model (with a dynamic batch, turning the size tests into a bool would
+    be a guard; the exported loop is standard ops anyway)."""
+    if not enabled or exporting():
+        return [False] * len(hidden_dims)
+    return [worth_capturing(batch, hid, height, width) for hid in hidden_dims]
+
+
+def owner_slot(module, captured: bool, x: torch.Tensor) -> int | None:
+    """The slot (:func:`slot_of`) a layer's own training captures are kept under, or None where
+    it captures nothing: not captured, or traced by torch.compile (the compiled path runs the
+    op, which keeps no per-module entries; is_compiling first: dynamo must not trace
+    can_capture's CUDA query)."""
+    if torch.compiler.is_compiling() or not captured or not can_capture(x):
+        return None
+    return slot_of(module)
 
 
 def _signature(args) -> tuple:
@@ -88,35 +112,42 @@ def _backend_flags() -> tuple:
             torch.are_deterministic_algorithms_enabled())
 
 
-class _Entry:
-    """One captured call. ``shared`` argument positions are used as they are (they already live
-    in another entry's static buffers); the others are copied into static tensors per call:
-    clones, or for positions in ``layouts`` what that function makes (a tensor in the layout
-    the captured code reads best, so the per-call copy-in also does the layout change)."""
+class GraphEntry:
+    """One captured call.
+
+    What its users may touch: :meth:`replay`, the static buffers (``static_inputs``,
+    ``static_outputs``: the capture reads and writes these), ``generation`` and
+    :meth:`mark_consumed` (whether the static outputs still hold a given replay's values), and
+    ``dropped`` (out of its cache: make no new keys on it).
+
+    ``shared`` argument positions are used as they are (they already live in another entry's
+    static buffers); the others are copied into static tensors per call: clones, or for
+    positions in ``layouts`` what that function makes (a tensor in the layout the captured code
+    reads best, so the per-call copy-in also does the layout change)."""
 
     def __init__(self, fn: Callable, args, shared=(), layouts=None):
         self.shared = frozenset(shared)
         layouts = layouts or {}
-        self.static_args = [
+        self.static_inputs = [
             layouts.get(i, torch.clone)(a)
             if isinstance(a, torch.Tensor) and i not in self.shared else a
             for i, a in enumerate(args)
         ]
-        self.fn, self.graph, self.generation, self.stream = fn, None, 0, None
+        self.fn, self.graph, self._generation, self.stream = fn, None, 0, None
         self.owner = None  # GraphCache.run_with_entry's owner
         self.users: set[int] | None = None  # and its users (slots), for entries shared by them
         self.replays = 0
         # Out of its cache (evicted, or its module collected) while someone still holds it (a
         # pending backward): such a holder must not make new cache keys on it.
         self.dropped = False
-        first = next(a for a in self.static_args if isinstance(a, torch.Tensor))
+        first = next(a for a in self.static_inputs if isinstance(a, torch.Tensor))
         if not first.is_cuda:  # EMULATE_ON_CPU
-            self.static_out = fn(*self.static_args)
+            self.static_outputs = fn(*self.static_inputs)
             return
         side = torch.cuda.Stream(device=first.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside capture, on the capture's stream kind
-            fn(*self.static_args)
+            fn(*self.static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls other threads make meanwhile (their own uncaptured models,
@@ -125,8 +156,19 @@ class _Entry:
         # one process-wide stream made on the device of the first capture ever, so a capture
         # on another GPU would record nothing (its kernels would run uncaptured).
         with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-            self.static_out = fn(*self.static_args)
+            self.static_outputs = fn(*self.static_inputs)
         self.stream = torch.cuda.current_stream()
+
+    @property
+    def generation(self) -> int:
+        """Counts replays (and consumptions): a reader that noted it at a replay can tell
+        whether the static outputs still hold that replay's values."""
+        return self._generation
+
+    def mark_consumed(self) -> None:
+        """The static outputs were overwritten outside a replay (a backward that writes its
+        gradients over the saved gates): readers holding the current generation must replay."""
+        self._generation += 1
 
     def replay(self, args, keep=()):
         """Copy args in, replay, and return the outputs: clones, except positions in ``keep``,
@@ -137,20 +179,20 @@ class _Entry:
             if stream != self.stream:  # the last user's reads and writes of the buffers first
                 stream.wait_stream(self.stream)
                 self.stream = stream
-        for i, (dst, src) in enumerate(zip(self.static_args, args)):
+        for i, (dst, src) in enumerate(zip(self.static_inputs, args)):
             if isinstance(dst, torch.Tensor) and i not in self.shared and dst is not src:
                 dst.copy_(src)
         if self.graph is not None:
             self.graph.replay()
         else:  # emulated: write as a replay does, without autograd seeing a version bump
-            for dst, src in zip(self.static_out, self.fn(*self.static_args)):
+            for dst, src in zip(self.static_outputs, self.fn(*self.static_inputs)):
                 with torch.autograd._unsafe_preserve_version_counter(dst):
                     dst.copy_(src)
-        self.generation += 1
+        self._generation += 1
         self.replays += 1
         # An empty output (a gradient nobody asked for) holds no data a replay could change.
         return [t if i in keep or t.numel() == 0 else t.clone()
-                for i, t in enumerate(self.static_out)]
+                for i, t in enumerate(self.static_outputs)]
 
 
 class GraphCache:
@@ -158,7 +200,7 @@ class GraphCache:
 
     def __init__(self, max_entries: int = 32, max_seen: int = 4096):
         self.max_entries = max_entries  # a deep model holds ~3 entries per layer
-        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.entries: OrderedDict[tuple, GraphEntry] = OrderedDict()
         # First (uncaptured) calls: key -> owner, oldest first. Bounded, or a long-lived process
         # that keeps meeting new shapes (a server fed images of any size) would grow it for
         # ever; a signature forgotten here only runs uncaptured once more when it comes back.
@@ -181,7 +223,7 @@ class GraphCache:
             self.uncaptured.clear()
             self.evictions = self.wasted = 0
 
-    def drop(self, owner=None, uses=()) -> list[_Entry]:
+    def drop(self, owner=None, uses=()) -> list[GraphEntry]:
         """Forget the entries (and first calls) of ``owner``, the shared entries it was the last
         user of, and those whose key holds one of the entries in ``uses``; returns the entries
         dropped (their buffers go with them)."""
@@ -231,7 +273,7 @@ class GraphCache:
     def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=(), layouts=None,
                        before_replay=None, owner=None, user=None):
         """As :meth:`run`, also returning the entry that replayed (None for an uncaptured call).
-        ``shared``, ``keep`` and ``layouts`` as in :class:`_Entry`. ``before_replay`` is called
+        ``shared``, ``keep`` and ``layouts`` as in :class:`GraphEntry`. ``before_replay`` is called
         between a capture and its first replay: capturing runs fn once, which matters for fns
         that consume their (shared) inputs. ``owner``: a :func:`slot_of` value, part of the
         key; the entry is dropped when that module is collected."""
@@ -263,7 +305,7 @@ class GraphCache:
             # inference_mode: a later call under no_grad copies into them. (inference_mode(False)
             # turns grad mode back on, hence no_grad.)
             with torch.inference_mode(False), torch.no_grad():
-                entry = _Entry(fn, args, shared, layouts)
+                entry = GraphEntry(fn, args, shared, layouts)
             entry.owner = owner
             self.captures += 1
             self.entries[full_key] = entry
@@ -286,7 +328,7 @@ class GraphCache:
         else:
             self.entries.move_to_end(full_key)
         out = entry.replay(args, keep)
-        return (tuple(out) if isinstance(entry.static_out, tuple) else out), entry
+        return (tuple(out) if isinstance(entry.static_outputs, tuple) else out), entry
 
 
 FORWARD = GraphCache()

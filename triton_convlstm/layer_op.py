@@ -266,16 +266,16 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
     if entry.generation != generation:  # replayed or consumed since: restore this call's buffers
         entry.replay(inputs, keep=range(4))
     if consumes:  # before running: a backward that fails half-way leaves them garbage too
-        entry.generation += 1
-    xs, ws, bs, ps, h0s, c0s = entry.static_args
-    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_out, bs)
+        entry.mark_consumed()
+    xs, ws, bs, ps, h0s, c0s = entry.static_inputs
+    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_outputs, bs)
     graphs.release_collected()  # now, so that `entry.dropped` below is up to date
     if entry.dropped:  # its module was collected, or the LRU let it go: no new captures on it
-        with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
+        with torch.autograd._unsafe_preserve_version_counter(entry.static_outputs[3]):
             return run(*args)
     # Capturing runs the backward once (warm-up), which consumes the forward's buffers.
     restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
-    with torch.autograd._unsafe_preserve_version_counter(entry.static_out[3]):
+    with torch.autograd._unsafe_preserve_version_counter(entry.static_outputs[3]):
         return graphs.BACKWARD.run_with_entry(
             run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_ARG0_SEQ_LAYOUT,
             before_replay=restore,

@@ -110,20 +110,34 @@ def _copy(t: Tensor) -> Tensor:
 class ConvLSTM(nn.Module):
     """A multi-layer ConvLSTM, a drop-in for the popular PyTorch module.
 
-    Args (as the popular module): input_dim, hidden_dim (int or one per layer), kernel_size (int,
-    (kh, kw), or one per layer), num_layers, batch_first, bias, return_all_layers. Keyword-only:
-    peephole, dilation (int, (dh, dw) or one per layer), forget_bias (added to the f-gate bias at
-    init), backend ("auto", "torch", "triton"), cuda_graphs (replay captured time loops on CUDA),
-    recompute_gates (training saves only h and c per step and the backward recomputes the gates:
-    no (T, B, 4*hidden, H, W) tensor kept between forward and backward, for about one more
-    forward's worth of convolutions; same results up to convolution rounding).
+    Args (the first seven as the popular module's):
+        input_dim: channels of x.
+        hidden_dim: channels of h and c: one int for every layer or a list with one per layer.
+        kernel_size: an int, (kh, kw), or a list with one per layer; odd and even kernels keep
+            H and W (an even one pads one more at the bottom/right).
+        num_layers: how many layers are stacked.
+        batch_first: x is (B, T, C, H, W) if True, else (T, B, C, H, W).
+        bias: learnable bias on the gate pre-activations.
+        return_all_layers: return every layer's outputs and states, not only the last's.
+        peephole: add per-channel peepholes (3, hidden) per layer (Shi et al. 2015).
+        dilation: an int, (dh, dw) or one per layer.
+        forget_bias: added to the f-gate bias at init (needs bias=True).
+        backend: "auto" (Triton kernels on CUDA where Triton imports), "torch" or "triton".
+        cuda_graphs: replay each layer's captured time loop on CUDA (graphs.py).
+        recompute_gates: training saves only h and c per step and the backward recomputes the
+            gates: no (T, B, 4*hidden, H, W) tensor kept between forward and backward, for about
+            one more forward's worth of convolutions; same results up to convolution rounding.
+        fused_forward: experimental, off until measured on a GPU: with the Triton backend, each
+            forward step is one kernel, the convolution of [x_t, h] with the gate update fused
+            into it (kernels/fused_step.py); the backward is the split path's. Other backends
+            ignore it.
 
     Call: ``layer_outputs, last_states = m(x, hidden_state=None)`` with x (B, T, C, H, W) if
     batch_first else (T, B, C, H, W); layer_outputs is a list of contiguous (B, T, hidden, H, W)
-    tensors, last_states a list of (h, c), h in x's dtype
-    and c in float32 (float64 for float64 x); both hold the last layer only unless
-    return_all_layers. hidden_state: None (zeros) or one (h, c) per layer, each (B, hidden, H, W);
-    passing a run's last_states (return_all_layers=True) continues the sequence exactly.
+    tensors, last_states a list of (h, c), h in x's dtype and c in float32 (float64 for float64
+    x); both hold the last layer only unless return_all_layers. hidden_state: None (zeros) or
+    one (h, c) per layer, each (B, hidden, H, W); passing a run's last_states
+    (return_all_layers=True) continues the sequence exactly.
 
     >>> m = ConvLSTM(3, [16, 8], 3, num_layers=2, batch_first=True)
     >>> outs, states = m(torch.randn(2, 5, 3, 16, 16))
@@ -133,7 +147,8 @@ class ConvLSTM(nn.Module):
 
     def __init__(self, input_dim, hidden_dim, kernel_size, num_layers, batch_first=False,
                  bias=True, return_all_layers=False, *, peephole=False, dilation=1,
-                 forget_bias=0.0, backend="auto", cuda_graphs=True, recompute_gates=False):
+                 forget_bias=0.0, backend="auto", cuda_graphs=True, recompute_gates=False,
+                 fused_forward=False):
         super().__init__()
         num_layers = validation.positive_int("num_layers", num_layers)
         input_dim = validation.positive_int("input_dim", input_dim)
@@ -152,6 +167,7 @@ class ConvLSTM(nn.Module):
         self.backend = backend
         self.cuda_graphs = validation.flag("cuda_graphs", cuda_graphs)
         self.recompute_gates = validation.flag("recompute_gates", recompute_gates)
+        self.fused_forward = validation.flag("fused_forward", fused_forward)
         self.cell_list = nn.ModuleList(
             ConvLSTMCell(input_dim if i == 0 else hidden[i - 1], hidden[i], kernels[i], bias,
                          peephole=peephole, dilation=dilations[i], backend=backend)
@@ -164,8 +180,6 @@ class ConvLSTM(nn.Module):
 
     # Class defaults as well: a whole model pickled before a switch existed still runs.
     recompute_gates = False
-    # Experimental, off until measured on a GPU: with the Triton backend, one kernel per forward
-    # step (convolution and gate update fused; sequence.LayerSpec.fused).
     fused_forward = False
 
     def forward(self, input_tensor: Tensor, hidden_state: list[State] | None = None):
@@ -181,14 +195,12 @@ class ConvLSTM(nn.Module):
             x.device, cast=validation.autocasting(x),
         )
         backend = resolve_backend(self.backend, x.device, dtype)
-        use_graphs = [self.cuda_graphs and graphs.worth_capturing(b, cell.hidden_dim, height,
-                                                                  width)
-                      for cell in self.cell_list]
+        use_graphs = graphs.capture_plan(self.cuda_graphs, b,
+                                         [cell.hidden_dim for cell in self.cell_list], height,
+                                         width)
         # Held while captured loops' static outputs are read (until _layers' copies): calls
-        # from other threads replay the same entries. (Not asked while exporting: with a
-        # dynamic batch, turning the size tests into a bool would be a guard.)
-        captures = not exporting() and any(use_graphs)
-        with graphs.exclusive(x, captures):
+        # from other threads replay the same entries.
+        with graphs.exclusive(x, any(use_graphs)):
             return self._layers(seq.to(dtype), states, backend, dtype, use_graphs)
 
     def _init_hidden(self, batch_size: int, image_size) -> list[State]:
@@ -212,11 +224,7 @@ class ConvLSTM(nn.Module):
                 h_seq, c_last, _, _ = run_layer(
                     seq, weight, bias, peep, h0, c0, cell.dilation, backend, save,
                     use_graphs[idx], keep_gates=not self.recompute_gates, fused=self.fused_forward,
-                    # Only where it captures (the compiled path runs the op, which keeps no
-                    # per-module entries; without graphs there are none to release).
-                    # (is_compiling first: dynamo must not trace can_capture's CUDA query.)
-                    slot=graphs.slot_of(cell) if not torch.compiler.is_compiling()
-                    and use_graphs[idx] and graphs.can_capture(seq) else None,
+                    slot=graphs.owner_slot(cell, use_graphs[idx], seq),
                     # A captured loop's own output buffers, no clone: this method copies what it
                     # returns right away. Not where a later layer may save this one's output.
                     static_outputs=idx == n - 1 or not torch.is_grad_enabled(),

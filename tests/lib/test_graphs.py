@@ -199,11 +199,12 @@ def test_backward_graph_reads_the_forward_buffers_without_copies(monkeypatch):
             torch.testing.assert_close(a, b)
     forward = [e for k, e in graphs.FORWARD.entries.items() if k[0][1]]  # save=True entries
     bound = [e for k, e in graphs.BACKWARD.entries.items()  # keyed on a forward entry
-             if any(isinstance(part, graphs._Entry) for part in k[0])]
+             if any(isinstance(part, graphs.GraphEntry) for part in k[0])]
     assert forward and bound
     for b in bound:
-        f = next(f for f in forward if any(t is f.static_out[3] for t in b.static_args))
-        assert b.static_args[10] is f.static_out[3] and b.static_args[9] is f.static_out[2]
+        f = next(f for f in forward if any(t is f.static_outputs[3] for t in b.static_inputs))
+        assert b.static_inputs[10] is f.static_outputs[3]
+        assert b.static_inputs[9] is f.static_outputs[2]
     graphs.clear()
 
 
@@ -229,13 +230,13 @@ def test_second_backward_with_retain_graph_equals_the_first(device):
 def test_static_inputs_are_kept_in_the_sequence_layout(device):
     """The per-call copy into a captured loop's static x (and gradient of h) also converts it to
     the layout the loop reads, so the loop itself makes no second copy."""
-    from triton_convlstm.sequence import empty_seq
+    from triton_convlstm.layout import empty_seq
 
     _, graphed = _pair(device=device)
     for _ in range(3):
         _step(graphed, torch.randn(3, 5, 4, 12, 10, device=device), train=True)
-    statics = [e.static_args[0] for cache in (graphs.FORWARD, graphs.BACKWARD)
-               for e in cache.entries.values() if isinstance(e.static_args[0], torch.Tensor)]
+    statics = [e.static_inputs[0] for cache in (graphs.FORWARD, graphs.BACKWARD)
+               for e in cache.entries.values() if isinstance(e.static_inputs[0], torch.Tensor)]
     assert len(statics) >= 3  # the two layers' forwards, at least one backward
     for t in statics:
         assert t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta").stride()
@@ -513,7 +514,7 @@ def test_a_hot_signature_is_captured_while_thrashing(monkeypatch):
 def _forward_entries_in_backward_keys() -> list:
     """The forward entries the backward cache's keys (entries and first calls) hold."""
     keys = list(graphs.BACKWARD.entries) + list(graphs.BACKWARD.seen)
-    return [p for k in keys for p in k[0] if isinstance(p, graphs._Entry)]
+    return [p for k in keys for p in k[0] if isinstance(p, graphs.GraphEntry)]
 
 
 def _captured_loss(device):

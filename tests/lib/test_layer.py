@@ -598,7 +598,7 @@ def test_a_model_pickled_before_a_switch_existed_still_runs():
     m = make_module(cfg)
     x = torch.randn(1, 2, 2, 3, 3)
     want = m(x)[0][0]
-    del m.recompute_gates
+    del m.recompute_gates, m.fused_forward
     assert "fused_forward" not in vars(m) and "recompute_gates" not in vars(m)
     old = pickle.loads(pickle.dumps(m))
     assert rel_err(old(x)[0][0], want) <= 1e-6
@@ -653,3 +653,18 @@ def test_autocast_applies_peepholes_at_full_precision(backend):
     after = run()
     for b, a in zip(before, after):
         assert a.dtype == torch.float32 and (a - b).abs().max() > 1e-6
+
+
+def test_fused_forward_is_a_constructor_switch():
+    """fused_forward is a documented keyword (off by default), checked as the other switches;
+    on the torch path it changes nothing."""
+    assert ConvLSTM(2, 3, 3, 1).fused_forward is False
+    torch.manual_seed(3)
+    fused = ConvLSTM(2, 3, 3, 1, True, fused_forward=True, backend="torch")
+    torch.manual_seed(3)
+    split = ConvLSTM(2, 3, 3, 1, True, backend="torch")
+    assert fused.fused_forward is True
+    x = torch.randn(1, 2, 2, 4, 4)
+    torch.testing.assert_close(fused(x)[0][0], split(x)[0][0], rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"fused_forward: expected True or False, got 'yes'"):
+        ConvLSTM(2, 3, 3, 1, fused_forward="yes")

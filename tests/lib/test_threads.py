@@ -53,7 +53,7 @@ def test_a_call_paused_between_copy_in_and_replay_keeps_its_inputs(monkeypatch):
     for _ in range(2):  # capture the entries
         _infer(m, xa)
     a_replaying, b_started = threading.Event(), threading.Event()
-    original = graphs._Entry.replay
+    original = graphs.GraphEntry.replay
 
     def replay(self, args, keep=()):
         if threading.current_thread().name != "A" or a_replaying.is_set():
@@ -72,7 +72,7 @@ def test_a_call_paused_between_copy_in_and_replay_keeps_its_inputs(monkeypatch):
         finally:
             self.fn = compute
 
-    monkeypatch.setattr(graphs._Entry, "replay", replay)
+    monkeypatch.setattr(graphs.GraphEntry, "replay", replay)
     got = {}
 
     def run_b():
