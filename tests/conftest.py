@@ -21,6 +21,30 @@ def _seed():
     yield
 
 
+def _poisoned(make):
+    """``make`` (torch.empty and its kin), with CPU floating-point results filled with NaN."""
+    def wrapper(*args, **kwargs):
+        t = make(*args, **kwargs)
+        if t.device.type == "cpu" and t.is_floating_point():
+            with torch.no_grad():  # also for requires_grad=True: the fill is not part of it
+                t.fill_(float("nan"))
+        return t
+    wrapper.poisoned = True
+    return wrapper
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_empties(monkeypatch):
+    """Freshly allocated tensors hold NaN on CPU (as flash-linear-attention's tests do): a
+    kernel or loop that reads memory it never wrote then fails loudly instead of passing on
+    whatever the allocator left there (often zeros on a fresh page). Covers the Python-level
+    allocators the package calls: torch.empty, empty_like, empty_strided, Tensor.new_empty."""
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32(monkeypatch):
     """Float32 is compared with float64 (or with another path) at ~1e-5: cuDNN's default TF32
