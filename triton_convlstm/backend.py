@@ -62,6 +62,11 @@ def cudnn_conv_tf32() -> bool:
 
 
 def check_backend_name(backend: str) -> None:
+    """Raises a ValueError unless backend is one of :data:`BACKENDS`.
+
+    Args:
+        backend: the user's choice, as passed.
+    """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
@@ -73,6 +78,18 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     naming the reason when it cannot run (no Triton, or CPU tensors outside the interpreter).
     float64 always runs the torch path: the kernels compute in float32. So does a call being
     exported (:func:`exporting`), whatever was asked for.
+
+    Args:
+        backend: "auto", "torch" or "triton".
+        device: the tensors' device.
+        dtype: the compute dtype, or None (not float64).
+
+    Returns:
+        "triton" or "torch".
+
+    Raises:
+        ValueError: an unknown backend.
+        RuntimeError: "triton" where it cannot run.
     """
     check_backend_name(backend)
     if backend == "torch" or dtype == torch.float64 or exporting():

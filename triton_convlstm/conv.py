@@ -8,6 +8,8 @@ measured 5x slower than that).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,9 +19,15 @@ from .layout import memory_format_of
 _aten = torch.ops.aten
 
 
-def same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, ...]:
+def same_padding(kernel_size: tuple[int, int],
+                 dilation: tuple[int, int]) -> tuple[int, int, int, int]:
     """F.pad amounts (left, right, top, bottom) that keep H, W; an even kernel pads one more at
-    the bottom/right."""
+    the bottom/right.
+
+    Args:
+        kernel_size: (kh, kw).
+        dilation: (dh, dw).
+    """
     (kh, kw), (dh, dw) = kernel_size, dilation
     th, tw = dh * (kh - 1), dw * (kw - 1)
     return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
@@ -33,16 +41,38 @@ def _split_padding(weight: Tensor, dilation) -> tuple[tuple[int, ...] | None, li
     return (left, right, top, bottom), [0, 0]
 
 
-def conv_same(x: Tensor, weight: Tensor, dilation, bias: Tensor | None = None) -> Tensor:
-    """x: (N, C, H, W), weight: (O, C, kh, kw), bias (O,) or None -> (N, O, H, W)."""
+def conv_same(x: Tensor, weight: Tensor, dilation: Sequence[int],
+              bias: Tensor | None = None) -> Tensor:
+    """The 'same'-padded convolution.
+
+    Args:
+        x: (N, C, H, W).
+        weight: (O, C, kh, kw), x's dtype.
+        dilation: (dh, dw).
+        bias: (O,) or None.
+
+    Returns:
+        (N, O, H, W), x's dtype.
+    """
     pad, padding = _split_padding(weight, dilation)
     if pad is not None:
         x = F.pad(x, pad)
     return F.conv2d(x, weight, bias, padding=padding, dilation=list(dilation))
 
 
-def conv_same_input_grad(grad: Tensor, x_shape, weight: Tensor, dilation) -> Tensor:
-    """Gradient of :func:`conv_same` w.r.t. its input. grad: (N, O, H, W) -> (N, C, H, W)."""
+def conv_same_input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
+                         dilation: Sequence[int]) -> Tensor:
+    """Gradient of :func:`conv_same` w.r.t. its input.
+
+    Args:
+        grad: (N, O, H, W), the gradient of the output.
+        x_shape: (N, C, H, W), the input's shape.
+        weight: (O, C, kh, kw), grad's dtype.
+        dilation: (dh, dw).
+
+    Returns:
+        (N, C, H, W), grad's dtype.
+    """
     pad, padding = _split_padding(weight, dilation)
     n, _, h, w = x_shape
     c = weight.shape[1]
@@ -62,8 +92,19 @@ def conv_same_input_grad(grad: Tensor, x_shape, weight: Tensor, dilation) -> Ten
     return dx
 
 
-def conv_same_weight_grad(grad: Tensor, x: Tensor, weight: Tensor, dilation) -> Tensor:
-    """Gradient of :func:`conv_same` w.r.t. its weight, summed over the N frames in one call."""
+def conv_same_weight_grad(grad: Tensor, x: Tensor, weight: Tensor,
+                          dilation: Sequence[int]) -> Tensor:
+    """Gradient of :func:`conv_same` w.r.t. its weight, summed over the N frames in one call.
+
+    Args:
+        grad: (N, O, H, W), the gradient of the output.
+        x: (N, C, H, W), the input, grad's dtype.
+        weight: (O, C, kh, kw), read for its shape.
+        dilation: (dh, dw).
+
+    Returns:
+        (O, C, kh, kw), grad's dtype.
+    """
     pad, padding = _split_padding(weight, dilation)
     if pad is not None:
         x = F.pad(x, pad)

@@ -9,6 +9,8 @@ knows; not fast.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -17,9 +19,19 @@ from .step_op import cell_step
 
 
 def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
-                   h0: Tensor | None, c0: Tensor | None, dilation) -> tuple[Tensor, Tensor]:
-    """x (T, B, C, H, W) -> h_seq (T, B, hidden, H, W) and c_last (B, hidden, H, W); arguments
-    as :func:`triton_convlstm.sequence.layer_forward`'s (h0/c0 None: zeros)."""
+                   h0: Tensor | None, c0: Tensor | None,
+                   dilation: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """One layer over the sequence, step by step.
+
+    Args:
+        x, weight, bias, peephole, h0, c0, dilation: as
+            :func:`triton_convlstm.layer_op.layer_forward_op`'s (x (T, B, C, H, W); h0, c0
+            None for zeros).
+
+    Returns:
+        (h_seq, c_last): (T, B, hidden, H, W) in the compute dtype and (B, hidden, H, W) in the
+        state dtype.
+    """
     t, b, _, hh, ww = x.shape
     hid = weight.shape[0] // 4
     h = h0

@@ -21,23 +21,43 @@ from . import reference
 
 def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
     """The dtype the saved gates (z_seq) have for inputs of ``dtype``: the Triton kernels keep
-    pre-activations in the compute dtype, the torch path activated gates in the state dtype."""
+    pre-activations in the compute dtype, the torch path activated gates in the state dtype.
+
+    Args:
+        dtype: the inputs' dtype.
+        backend: "triton" or "torch".
+
+    Returns:
+        ``dtype`` for "triton", else ``reference.state_dtype(dtype)``.
+
+    >>> saved_gates_dtype(torch.bfloat16, "triton"), saved_gates_dtype(torch.bfloat16, "torch")
+    (torch.bfloat16, torch.float32)
+    """
     return dtype if backend == "triton" else reference.state_dtype(dtype)
 
 
 def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_prev: Tensor,
                        peephole: Tensor | None, *, h_out: Tensor, c_out: Tensor,
-                       z_out: Tensor | None = None, save_z: bool = False):
+                       z_out: Tensor | None = None,
+                       save_z: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`triton_convlstm.kernels.gates.gate_forward` in plain torch.
 
+    zx, zh and bias are summed in the state dtype, as the kernel sums them.
+
     Args:
-        zx, zh: (B, 4*hidden, H, W) pre-activations (zh may be None), summed with bias
-            (4*hidden,) or None in the state dtype, as the kernel sums them.
-        c_prev: (B, hidden, H, W), state dtype. peephole: (3, hidden) or None.
-        h_out, c_out: where h and c go (c_out may be c_prev: in place).
-        z_out, save_z: with save_z, the activated gates (state dtype) go to z_out for the
-            backward. Without, zx itself is the scratch where its dtype allows (the caller's
-            temporary).
+        zx: (B, 4*hidden, H, W), any float dtype: the input convolution's pre-activations
+            (gates i, f, o, g along channels).
+        zh: (B, 4*hidden, H, W): the hidden convolution's, or None.
+        bias: (4*hidden,) or None.
+        c_prev: (B, hidden, H, W), state dtype.
+        peephole: (3, hidden) (rows i, f, o) or None.
+        h_out: (B, hidden, H, W) in zx's dtype: where h goes.
+        c_out: (B, hidden, H, W), state dtype: where c goes (may be c_prev: in place).
+        z_out: (B, 4*hidden, H, W), state dtype: with save_z, where the activated gates go
+            for the backward; required then.
+        save_z: keep the activated gates in z_out. Without, zx itself is the scratch where
+            its dtype is the state dtype (the caller's temporary), else a new tensor.
+
     Returns:
         (h_out, c_out, z_out).
     """
@@ -56,21 +76,27 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
 
 def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None,
                         dh: Tensor | None, dh2: Tensor | None, dc: Tensor | None, *,
-                        dz_out: Tensor, dc_prev_out: Tensor, dbias_acc: Tensor | None = None):
+                        dz_out: Tensor, dc_prev_out: Tensor,
+                        dbias_acc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`triton_convlstm.kernels.gates.gate_backward` in plain torch, from the activated
     gates :func:`gate_forward_torch` saved.
 
     Args:
-        gates: (B, 4*hidden, H, W) activated i, f, o, g (state dtype); c_prev, c: the step's
-            cells. peephole: (3, hidden) or None.
-        dh: the output's gradient (the caller's, read only) or None; dh2: the recurrent one, a
-            scratch of the loop's, which takes the sum (no allocation), or None.
-        dc: the gradient reaching c, or None.
-        dz_out, dc_prev_out: where dz and dc_prev go (dz_out may be ``gates``, dc_prev_out
-            ``dc``: in place).
-        dbias_acc: must be None (the kernels' fused bias sum); the loop sums dz itself.
+        gates: (B, 4*hidden, H, W) activated i, f, o, g, state dtype.
+        c_prev: (B, hidden, H, W) the step's previous cell, state dtype.
+        c: (B, hidden, H, W) the step's new cell, state dtype.
+        peephole: (3, hidden) or None.
+        dh: (B, hidden, H, W) the output's gradient (the caller's, read only), or None.
+        dh2: (B, hidden, H, W) the recurrent gradient, a scratch of the loop's, which takes the
+            sum (no allocation), or None.
+        dc: (B, hidden, H, W) the gradient reaching c, or None.
+        dz_out: (B, 4*hidden, H, W): where dz goes (may be ``gates``: in place).
+        dc_prev_out: (B, hidden, H, W), state dtype: where dc_prev goes (may be ``dc``).
+        dbias_acc: must be None (the kernels' fused bias sum; not read here): the loop sums
+            dz itself.
+
     Returns:
-        (dz_out, dc_prev_out, the peephole gradient (3, hidden) or None).
+        (dz_out, dc_prev_out, the peephole gradient (3, hidden) in the state dtype or None).
     """
     if dh is None:
         dh, dh2 = dh2, None
@@ -83,8 +109,15 @@ def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tens
 
 
 def gate_launchers(backend: str) -> tuple[Callable, Callable]:
-    """(gate_forward, gate_backward) for ``backend`` ("triton" or "torch"). The kernels are
-    imported only here, on first use: importing the package must not need Triton."""
+    """The gate update pair for a backend. The kernels are imported only here, on first use:
+    importing the package must not need Triton.
+
+    Args:
+        backend: "triton" for the kernels' launchers; anything else gives the torch twins.
+
+    Returns:
+        (gate_forward, gate_backward), both with the launchers' calling convention.
+    """
     if backend == "triton":
         from .kernels.gates import gate_backward, gate_forward
 

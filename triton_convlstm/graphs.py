@@ -26,7 +26,8 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Container, Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -51,45 +52,85 @@ EMULATE_ON_CPU = False
 LOCK = threading.RLock()
 
 
-def exclusive(x: torch.Tensor, use_graphs: bool):
-    """LOCK for a caller that will read static outputs of captured loops on x (kept ones, not
-    clones) after the call that replayed them; a no-op context otherwise, and while
-    torch.compile traces (its path gets clones, and the lock is taken inside the op)."""
+def exclusive(x: torch.Tensor, use_graphs: bool) -> contextlib.AbstractContextManager:
+    """The context for a caller that will read static outputs of captured loops on x (kept
+    ones, not clones) after the call that replayed them.
+
+    Args:
+        x: the model's input, any shape; its device decides (:func:`can_capture`).
+        use_graphs: whether any of the caller's layers runs from captured graphs.
+
+    Returns:
+        :data:`LOCK` where loops on x are captured; a no-op context otherwise, and while
+        torch.compile traces (its path gets clones, and the lock is taken inside the op).
+    """
     if use_graphs and not torch.compiler.is_compiling() and can_capture(x):
         return LOCK
     return contextlib.nullcontext()
 
 
 def can_capture(x: torch.Tensor) -> bool:
-    """Capture only on CUDA, and never inside someone else's capture (then the outer graph,
-    e.g. torch.compile's reduce-overhead mode, records our launches itself)."""
+    """Whether loops on x may be captured: only on CUDA, and never inside someone else's
+    capture (then the outer graph, e.g. torch.compile's reduce-overhead mode, records our
+    launches itself). On CPU: :data:`EMULATE_ON_CPU`.
+
+    Args:
+        x: any tensor; its device (and the current stream's capture state) is read.
+    """
     if x.device.type == "cpu":
         return EMULATE_ON_CPU
     return x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
 def worth_capturing(batch: int, hidden: int, height: int, width: int) -> bool:
-    """Whether a layer's step is small enough that its launches, not its GPU work, cost most
-    (:data:`MAX_STATE_ELEMENTS`)."""
+    """Whether a layer's step is small enough that its launches, not its GPU work, cost most.
+
+    Args:
+        batch, hidden, height, width: the step's state shape (B, hidden, H, W).
+
+    Returns:
+        True where B*hidden*H*W is at most :data:`MAX_STATE_ELEMENTS`.
+
+    >>> worth_capturing(4, 64, 64, 64), worth_capturing(64, 256, 256, 256)
+    (True, False)
+    """
     return batch * hidden * height * width <= MAX_STATE_ELEMENTS
 
 
 def capture_plan(enabled: bool, batch: int, hidden_dims: list[int], height: int,
                  width: int) -> list[bool]:
     """Which of a model's layers run from captured graphs: all that are
-    :func:`worth_capturing` where ``enabled`` (the module's ``cuda_graphs``), none while an
-    exporter captures the model (with a dynamic batch, turning the size tests into a bool would
-    be a guard; the exported loop is standard ops anyway)."""
+    :func:`worth_capturing` where ``enabled``, none while an exporter captures the model (with a
+    dynamic batch, turning the size tests into a bool would be a guard; the exported loop is
+    standard ops anyway).
+
+    Args:
+        enabled: the module's ``cuda_graphs``.
+        batch: B.
+        hidden_dims: each layer's hidden channels.
+        height, width: H and W of the frames.
+
+    Returns:
+        One bool per layer, in the order of ``hidden_dims``.
+    """
     if not enabled or exporting():
         return [False] * len(hidden_dims)
     return [worth_capturing(batch, hid, height, width) for hid in hidden_dims]
 
 
-def owner_slot(module, captured: bool, x: torch.Tensor) -> int | None:
-    """The slot (:func:`slot_of`) a layer's own training captures are kept under, or None where
-    it captures nothing: not captured, or traced by torch.compile (the compiled path runs the
-    op, which keeps no per-module entries; is_compiling first: dynamo must not trace
-    can_capture's CUDA query)."""
+def owner_slot(module: torch.nn.Module, captured: bool, x: torch.Tensor) -> int | None:
+    """The slot a layer's own training captures are kept under.
+
+    Args:
+        module: the layer's module (its cell).
+        captured: the layer's entry in :func:`capture_plan`.
+        x: the layer's input, any shape; its device is read (:func:`can_capture`).
+
+    Returns:
+        ``slot_of(module)``, or None where it captures nothing: not captured, or traced by
+        torch.compile (the compiled path runs the op, which keeps no per-module entries;
+        is_compiling first: dynamo must not trace can_capture's CUDA query).
+    """
     if torch.compiler.is_compiling() or not captured or not can_capture(x):
         return None
     return slot_of(module)
@@ -120,12 +161,28 @@ class GraphEntry:
     :meth:`mark_consumed` (whether the static outputs still hold a given replay's values), and
     ``dropped`` (out of its cache: make no new keys on it).
 
-    ``shared`` argument positions are used as they are (they already live in another entry's
-    static buffers); the others are copied into static tensors per call: clones, or for
-    positions in ``layouts`` what that function makes (a tensor in the layout the captured code
-    reads best, so the per-call copy-in also does the layout change)."""
+    Making one on CUDA runs ``fn`` once uncaptured (a warm-up on a side stream), then captures
+    it; emulated on CPU, it runs ``fn`` once, which makes the static outputs.
 
-    def __init__(self, fn: Callable, args, shared=(), layouts=None):
+    Args:
+        fn: the loop: takes ``*args``, returns a tuple or list of tensors (the static outputs).
+        args: the call's arguments: tensors (at least one; the first gives the device), None
+            or other values, which the capture bakes in.
+        shared: argument positions used as they are (they already live in another entry's
+            static buffers); the others are copied into static tensors per call: clones, or
+            for positions in ``layouts`` what that function makes.
+        layouts: argument position -> function making its static tensor from the argument (a
+            tensor in the layout the captured code reads best, so the per-call copy-in also
+            does the layout change), or None.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Sequence[torch.Tensor]],
+        args: Sequence[Any],
+        shared: Iterable[int] = (),
+        layouts: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    ) -> None:
         self.shared = frozenset(shared)
         layouts = layouts or {}
         self.static_inputs = [
@@ -170,10 +227,21 @@ class GraphEntry:
         gradients over the saved gates): readers holding the current generation must replay."""
         self._generation += 1
 
-    def replay(self, args, keep=()):
-        """Copy args in, replay, and return the outputs: clones, except positions in ``keep``,
-        which are the static buffers themselves (valid until the next replay: ``generation``
-        counts replays so a reader can tell)."""
+    def replay(self, args: Sequence[Any], keep: Container[int] = ()) -> list[torch.Tensor]:
+        """Copy args in, replay, and return the outputs.
+
+        A call on another CUDA stream than the last replay's waits for that stream first.
+
+        Args:
+            args: as at construction, same signature; tensors at positions not ``shared`` are
+                copied into the static inputs (unless they are those tensors).
+            keep: output positions to return uncloned.
+
+        Returns:
+            The outputs: clones, except positions in ``keep``, which are the static buffers
+            themselves (valid until the next replay: ``generation`` counts replays so a reader
+            can tell), and empty ones, which hold nothing a replay could change.
+        """
         if self.graph is not None:
             stream = torch.cuda.current_stream()
             if stream != self.stream:  # the last user's reads and writes of the buffers first
@@ -196,9 +264,14 @@ class GraphEntry:
 
 
 class GraphCache:
-    """LRU cache of captured loops keyed by the call's configuration and argument signature."""
+    """LRU cache of captured loops keyed by the call's configuration and argument signature.
 
-    def __init__(self, max_entries: int = 32, max_seen: int = 4096):
+    Args:
+        max_entries: captured entries kept; the least recently used go first.
+        max_seen: first (uncaptured) calls remembered, so that their second call captures.
+    """
+
+    def __init__(self, max_entries: int = 32, max_seen: int = 4096) -> None:
         self.max_entries = max_entries  # a deep model holds ~3 entries per layer
         self.entries: OrderedDict[tuple, GraphEntry] = OrderedDict()
         # First (uncaptured) calls: key -> owner, oldest first. Bounded, or a long-lived process
@@ -215,6 +288,8 @@ class GraphCache:
         self.dependents: GraphCache | None = None
 
     def clear(self) -> None:
+        """Drop every entry (each marked ``dropped``) and forget the first calls and the
+        eviction counts. Not :attr:`dependents`' entries: :func:`clear` clears both caches."""
         with LOCK:  # not under another thread's replay
             for e in self.entries.values():  # a pending backward may still hold one
                 e.dropped = True
@@ -223,10 +298,19 @@ class GraphCache:
             self.uncaptured.clear()
             self.evictions = self.wasted = 0
 
-    def drop(self, owner=None, uses=()) -> list[GraphEntry]:
+    def drop(self, owner: int | None = None,
+             uses: Collection[GraphEntry] = ()) -> list[GraphEntry]:
         """Forget the entries (and first calls) of ``owner``, the shared entries it was the last
-        user of, and those whose key holds one of the entries in ``uses``; returns the entries
-        dropped (their buffers go with them)."""
+        user of, and those whose key holds one of the entries in ``uses``. The entries whose
+        keys hold the dropped ones, in :attr:`dependents`, go too.
+
+        Args:
+            owner: a :func:`slot_of` value, or None.
+            uses: entries (of another cache) that keys here may hold.
+
+        Returns:
+            The entries dropped, each marked ``dropped`` (their buffers go with them).
+        """
         def match(full_key, own):
             return (owner is not None and own == owner) or any(
                 part is e for part in full_key[0] for e in uses)
@@ -262,21 +346,56 @@ class GraphCache:
         self.uncaptured[full_key] = calls
         return calls >= HOT_CALLS
 
-    def run(self, fn: Callable, args, key, layouts=None, keep=(), user=None):
+    def run(self, fn: Callable[..., Sequence[torch.Tensor]], args: Sequence[Any],
+            key: tuple[Hashable, ...],
+            layouts: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+            keep: Container[int] = (), user: int | None = None) -> Sequence[torch.Tensor]:
         """fn(*args), replayed from a capture from the second call with this key and signature
-        on. Returns fresh tensors (clones of the static outputs), except positions in ``keep``:
-        the static outputs themselves, valid until the next replay of the entry. ``user``: a
-        :func:`slot_of` value, not part of the key; the entry is dropped once all its users
-        are collected."""
+        on (the signature: the args' shapes, strides, dtypes and devices, their other values,
+        and the cuDNN and determinism settings a capture bakes in).
+
+        Args:
+            fn: the loop, as in :class:`GraphEntry`.
+            args: its arguments.
+            key: hashable configuration the args do not show (e.g. the LayerSpec).
+            layouts: as in :class:`GraphEntry`.
+            keep: output positions to return uncloned.
+            user: a :func:`slot_of` value, not part of the key; the entry is dropped once all
+                its users are collected.
+
+        Returns:
+            fn's outputs: fresh tensors (clones of the static outputs), except positions in
+            ``keep``: the static outputs themselves, valid until the next replay of the entry.
+        """
         return self.run_with_entry(fn, args, key, layouts=layouts, keep=keep, user=user)[0]
 
-    def run_with_entry(self, fn: Callable, args, key, *, shared=(), keep=(), layouts=None,
-                       before_replay=None, owner=None, user=None):
-        """As :meth:`run`, also returning the entry that replayed (None for an uncaptured call).
-        ``shared``, ``keep`` and ``layouts`` as in :class:`GraphEntry`. ``before_replay`` is called
-        between a capture and its first replay: capturing runs fn once, which matters for fns
-        that consume their (shared) inputs. ``owner``: a :func:`slot_of` value, part of the
-        key; the entry is dropped when that module is collected."""
+    def run_with_entry(
+        self,
+        fn: Callable[..., Sequence[torch.Tensor]],
+        args: Sequence[Any],
+        key: tuple[Hashable, ...],
+        *,
+        shared: Iterable[int] = (),
+        keep: Container[int] = (),
+        layouts: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        before_replay: Callable[[], object] | None = None,
+        owner: int | None = None,
+        user: int | None = None,
+    ) -> tuple[Sequence[torch.Tensor], GraphEntry | None]:
+        """As :meth:`run`, also returning the entry that replayed.
+
+        Args:
+            fn, args, key, keep, layouts, user: as in :meth:`run`.
+            shared: as in :class:`GraphEntry`.
+            before_replay: called between a capture and its first replay: capturing runs fn
+                once, which matters for fns that consume their (shared) inputs.
+            owner: a :func:`slot_of` value, part of the key; the entry is dropped when that
+                module is collected.
+
+        Returns:
+            (outputs, entry): the outputs as :meth:`run` returns them, and the entry that
+            replayed (None for an uncaptured call).
+        """
         with LOCK:
             if _COLLECTED:
                 release_collected()
@@ -346,12 +465,21 @@ _WATCHED: set[int] = set()  # slots with a finalizer on their module
 _COLLECTED: list[int] = []  # slots of collected modules whose entries are still to drop
 
 
-def slot_of(module) -> int:
+def slot_of(module: torch.nn.Module) -> int:
     """The cache slot of a module's own captured loops (training keeps its saved activations in
-    them): its id, valid while it lives. Once the module is collected, its entries, and the
-    backward entries that read their buffers, are dropped at the next call into the cache (or
-    by :func:`release_collected`): their static buffers (several activations' worth) go then,
-    not when the LRU gets to them, and a new module that reuses the id cannot find them."""
+    them).
+
+    Once the module is collected, its entries, and the backward entries that read their
+    buffers, are dropped at the next call into the cache (or by :func:`release_collected`):
+    their static buffers (several activations' worth) go then, not when the LRU gets to them,
+    and a new module that reuses the id cannot find them.
+
+    Args:
+        module: the layer's module (weak-referenceable; a finalizer is registered on it once).
+
+    Returns:
+        Its id, valid while it lives.
+    """
     slot = id(module)
     if slot not in _WATCHED:
         _WATCHED.add(slot)

@@ -38,9 +38,27 @@ def layer_forward_op(
     keep_gates: bool = True,
     fused: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x: (T, B, C, H, W) -> (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq).
-    ``keep_gates=False``: z_seq stays empty and the backward recomputes the gates. ``fused``:
-    see LayerSpec."""
+    """One layer over the sequence (:func:`triton_convlstm.sequence.layer_forward`).
+
+    Args:
+        x: (T, B, C, H, W), the compute dtype.
+        weight: (4*hid, C + hid, kh, kw), the compute dtype.
+        bias: (4*hid,), the compute dtype, or None.
+        peephole: (3, hid), the state dtype, or None.
+        h0: (B, hid, H, W), the compute dtype, or None (zeros).
+        c0: (B, hid, H, W), the state dtype, or None (zeros).
+        dilation: (dh, dw).
+        backend: "torch" or "triton" (resolved).
+        save: keep c_seq and z_seq for the backward.
+        use_graphs: run the loop from a captured CUDA graph where it can.
+        keep_gates: False: z_seq stays empty and the backward recomputes the gates.
+        fused: see LayerSpec.
+
+    Returns:
+        (h_seq, c_last, c_seq, z_seq): h_seq (T, B, hid, H, W) in the compute dtype, c_last
+        (B, hid, H, W) in the state dtype, and what the backward reads (empty without save; see
+        :func:`triton_convlstm.sequence.output_buffers`).
+    """
     return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
                          keep_gates, fused)
 
@@ -102,8 +120,22 @@ def layer_backward_op(
     keep_gates: bool = True,
     bias: Tensor | None = None,
 ) -> list[Tensor]:
-    """Gradients for (x, weight, bias, peephole, h0, c0); an empty tensor where not needed.
-    ``bias`` is read only when the gates are recomputed (keep_gates=False)."""
+    """Gradients of :func:`layer_forward_op` (:func:`triton_convlstm.sequence.layer_backward`).
+
+    Args:
+        grad_h_seq: (T, B, hid, H, W), the gradient w.r.t. h_seq, or None (zeros).
+        grad_c_last: (B, hid, H, W), the gradient w.r.t. c_last, or None (zeros).
+        x, weight, peephole, h0, c0: the forward's inputs.
+        h_seq, c_last, c_seq, z_seq: the forward's outputs, run with ``save``.
+        dilation, backend, use_graphs, keep_gates: as the forward's.
+        needs: six flags: which of (x, weight, bias, peephole, h0, c0) get a gradient.
+        bias: the forward's, read only when the gates are recomputed (keep_gates=False).
+
+    Returns:
+        Gradients for (x, weight, bias, peephole, h0, c0), each shaped, typed and laid out as
+        that input (the bias's as a (4*hid,) tensor in weight's dtype); an empty tensor where
+        not needed.
+    """
     return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
                           c_seq, z_seq, dilation, backend, needs, use_graphs, keep_gates, bias)
 
@@ -282,18 +314,30 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
         )[0]
 
 
-def run_layer(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-              keep_gates=True, fused=False, slot=None, static_outputs=False):
+def run_layer(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
+              h0: Tensor | None, c0: Tensor | None, dilation: Sequence[int], backend: str,
+              save: bool, use_graphs: bool, keep_gates: bool = True, fused: bool = False,
+              slot: int | None = None,
+              static_outputs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
-    loop is not unrolled), else the same code called directly. Arguments as the op's; ``slot``
-    (graphs.slot_of of the calling module) gives each layer its own captured forward in
-    training, and counts it among the users of the inference captures it shares with others.
+    loop is not unrolled), else the same code called directly.
 
-    ``static_outputs``: with a captured loop, h_seq and c_last may be the capture's own buffers
-    (no clone), which the entry's next replay overwrites (in inference an entry serves every
-    layer and module with the same signature: any such call): for a caller that copies what it
-    keeps at once. In training the backward still finds them (the entry's generation tells when
-    to replay); a later layer that saves its input must not get them."""
+    Args:
+        x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates,
+            fused: as :func:`layer_forward_op`'s.
+        slot: graphs.slot_of of the calling module, or None: gives each layer its own captured
+            forward in training, and counts it among the users of the inference captures it
+            shares with others.
+        static_outputs: with a captured loop, h_seq and c_last may be the capture's own
+            buffers (no clone), which the entry's next replay overwrites (in inference an entry
+            serves every layer and module with the same signature: any such call): for a
+            caller that copies what it keeps at once. In training the backward still finds
+            them (the entry's generation tells when to replay); a later layer that saves its
+            input must not get them.
+
+    Returns:
+        (h_seq, c_last, c_seq, z_seq), as :func:`layer_forward_op` returns.
+    """
     args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs,
             keep_gates, fused)
     if torch.compiler.is_compiling():

@@ -6,6 +6,8 @@ Parameters and state_dict match the popular ConvLSTM (``cell_list.{l}.conv.weigh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -16,14 +18,13 @@ from .layer_op import run_layer
 from .reference import state_dtype
 from .step_op import cell_step
 
-State = tuple[Tensor, Tensor]
-
 
 class ConvLSTMCell(nn.Module):
     """One ConvLSTM step: ``h, c = cell(x, (h, c))``.
 
     Args:
-        input_dim: channels of x. hidden_dim: channels of h and c.
+        input_dim: channels of x.
+        hidden_dim: channels of h and c.
         kernel_size: int or (kh, kw); odd and even kernels keep H, W ("same" padding; where the
             total padding dilation*(k-1) is odd, the extra pixel goes at the bottom/right).
         bias: learnable bias on the gate pre-activations.
@@ -32,6 +33,9 @@ class ConvLSTMCell(nn.Module):
         dilation: int or (dh, dw).
         backend: "auto" (Triton on CUDA when available), "torch" or "triton".
 
+    Raises:
+        TypeError, ValueError: naming the invalid argument.
+
     Shapes: x (B, input_dim, H, W); h (B, hidden, H, W) in x's dtype; c (B, hidden, H, W) in
     float32 (float64 for float64 inputs).
 
@@ -39,8 +43,10 @@ class ConvLSTMCell(nn.Module):
     >>> h, c = cell(torch.randn(2, 3, 16, 16), cell.init_hidden(2, (16, 16)))
     """
 
-    def __init__(self, input_dim, hidden_dim, kernel_size, bias=True, *, peephole=False,
-                 dilation=1, backend="auto"):
+    def __init__(self, input_dim: int, hidden_dim: int,
+                 kernel_size: int | tuple[int, int] | list[int], bias: bool = True, *,
+                 peephole: bool = False, dilation: int | tuple[int, int] | list[int] = 1,
+                 backend: str = "auto") -> None:
         super().__init__()
         input_dim = validation.positive_int("input_dim", input_dim)
         hidden_dim = validation.positive_int("hidden_dim", hidden_dim)
@@ -65,12 +71,23 @@ class ConvLSTMCell(nn.Module):
         self.peephole = nn.Parameter(torch.zeros(3, hidden_dim)) if peephole else None
 
     def extra_repr(self) -> str:
+        """The constructor arguments ``print(module)`` shows."""
         return (f"{self.input_dim}, {self.hidden_dim}, kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, peephole={self.peephole is not None}, "
                 f"backend={self.backend!r}")
 
-    def init_hidden(self, batch_size: int, image_size) -> State:
-        """Zero (h, c) of shape (batch_size, hidden, H, W) for ``image_size`` = (H, W)."""
+    def init_hidden(self, batch_size: int,
+                    image_size: int | tuple[int, int] | list[int]) -> tuple[Tensor, Tensor]:
+        """Zero states, on the parameters' device, as the popular cell's method of this name.
+
+        Args:
+            batch_size: B.
+            image_size: (H, W), or one int for both.
+
+        Returns:
+            (h, c): zeros of shape (batch_size, hidden, H, W), h in the parameters' dtype, c in
+            the state dtype (float32; float64 for float64 parameters).
+        """
         batch_size = validation.positive_int("batch_size", batch_size)
         height, width = validation.pair("image_size", image_size)
         w = self.conv.weight
@@ -83,9 +100,20 @@ class ConvLSTMCell(nn.Module):
         pad one more at the bottom/right here; see conv.same_padding)."""
         return self.kernel_size[0] // 2, self.kernel_size[1] // 2
 
-    def forward(self, input_tensor: Tensor, cur_state: State | None = None) -> State:
-        """input_tensor: (B, input_dim, H, W); cur_state: (h, c) or None (zeros). Returns (h, c).
-        (Argument names as the popular cell's, so keyword calls keep working.)"""
+    def forward(self, input_tensor: Tensor,
+                cur_state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """One step. (Argument names as the popular cell's, so keyword calls keep working.)
+
+        Args:
+            input_tensor: (B, input_dim, H, W), floating, the parameters' dtype (any float
+                dtype under autocast, which sets the compute dtype).
+            cur_state: (h, c), each (B, hidden, H, W), h in the compute dtype, c in the state
+                dtype (float32; float64 for float64); or None (zeros).
+
+        Returns:
+            (h, c): the new states, (B, hidden, H, W) each, h in the compute dtype, c in the
+            state dtype.
+        """
         x = input_tensor
         validation.frame_input(x, self.input_dim, self.conv.weight)
         dtype = validation.compute_dtype(x, self.conv.weight)
@@ -110,7 +138,7 @@ def _copy(t: Tensor) -> Tensor:
 class ConvLSTM(nn.Module):
     """A multi-layer ConvLSTM, a drop-in for the popular PyTorch module.
 
-    Args (the first seven as the popular module's):
+    Args (the first seven as the popular module's; the rest are keyword-only):
         input_dim: channels of x.
         hidden_dim: channels of h and c: one int for every layer or a list with one per layer.
         kernel_size: an int, (kh, kw), or a list with one per layer; odd and even kernels keep
@@ -132,6 +160,9 @@ class ConvLSTM(nn.Module):
             into it (kernels/fused_step.py); the backward is the split path's. Other backends
             ignore it.
 
+    Raises:
+        TypeError, ValueError: naming the invalid argument.
+
     Call: ``layer_outputs, last_states = m(x, hidden_state=None)`` with x (B, T, C, H, W) if
     batch_first else (T, B, C, H, W); layer_outputs is a list of contiguous (B, T, hidden, H, W)
     tensors, last_states a list of (h, c), h in x's dtype and c in float32 (float64 for float64
@@ -145,10 +176,24 @@ class ConvLSTM(nn.Module):
     torch.Size([2, 5, 8, 16, 16])
     """
 
-    def __init__(self, input_dim, hidden_dim, kernel_size, num_layers, batch_first=False,
-                 bias=True, return_all_layers=False, *, peephole=False, dilation=1,
-                 forget_bias=0.0, backend="auto", cuda_graphs=True, recompute_gates=False,
-                 fused_forward=False):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int | Sequence[int],
+        kernel_size: int | tuple[int, int] | Sequence[int | tuple[int, int] | list[int]],
+        num_layers: int,
+        batch_first: bool = False,
+        bias: bool = True,
+        return_all_layers: bool = False,
+        *,
+        peephole: bool = False,
+        dilation: int | tuple[int, int] | Sequence[int | tuple[int, int] | list[int]] = 1,
+        forget_bias: float = 0.0,
+        backend: str = "auto",
+        cuda_graphs: bool = True,
+        recompute_gates: bool = False,
+        fused_forward: bool = False,
+    ) -> None:
         super().__init__()
         num_layers = validation.positive_int("num_layers", num_layers)
         input_dim = validation.positive_int("input_dim", input_dim)
@@ -182,7 +227,23 @@ class ConvLSTM(nn.Module):
     recompute_gates = False
     fused_forward = False
 
-    def forward(self, input_tensor: Tensor, hidden_state: list[State] | None = None):
+    def forward(
+        self, input_tensor: Tensor, hidden_state: list[tuple[Tensor, Tensor]] | None = None
+    ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+        """The whole sequence through every layer.
+
+        Args:
+            input_tensor: (B, T, input_dim, H, W) if batch_first else (T, B, input_dim, H, W),
+                floating, the parameters' dtype (any float dtype under autocast, which sets
+                the compute dtype).
+            hidden_state: None (zeros), or one (h, c) per layer, each (B, hidden, H, W), h in
+                the compute dtype, c in the state dtype (float32; float64 for float64).
+
+        Returns:
+            (layer_outputs, last_states): a list of contiguous (B, T, hidden, H, W) outputs in
+            the compute dtype, and a list of (h, c), (B, hidden, H, W) each, h in the compute
+            dtype and c in the state dtype; the last layer's only unless return_all_layers.
+        """
         # Argument names as the popular module's, so keyword calls keep working.
         x = input_tensor
         first = self.cell_list[0].conv.weight
@@ -203,8 +264,17 @@ class ConvLSTM(nn.Module):
         with graphs.exclusive(x, any(use_graphs)):
             return self._layers(seq.to(dtype), states, backend, dtype, use_graphs)
 
-    def _init_hidden(self, batch_size: int, image_size) -> list[State]:
-        """Zero (h, c) per layer, as the popular module's method of this name."""
+    def _init_hidden(self, batch_size: int,
+                     image_size: int | tuple[int, int] | list[int]) -> list[tuple[Tensor, Tensor]]:
+        """Zero states per layer, as the popular module's method of this name.
+
+        Args:
+            batch_size: B.
+            image_size: (H, W), or one int for both.
+
+        Returns:
+            One (h, c) per layer, as :meth:`ConvLSTMCell.init_hidden` returns.
+        """
         return [cell.init_hidden(batch_size, image_size) for cell in self.cell_list]
 
     def _layers(self, seq, states, backend, dtype, use_graphs):
@@ -239,4 +309,5 @@ class ConvLSTM(nn.Module):
         return outputs, last
 
     def extra_repr(self) -> str:
+        """The constructor arguments ``print(module)`` shows besides the cells'."""
         return f"batch_first={self.batch_first}, return_all_layers={self.return_all_layers}"

@@ -20,7 +20,17 @@ from torch import Tensor
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the cell state is kept in for inputs of ``dtype``: float64 stays, all else fp32."""
+    """The dtype the cell state is kept in (and the gate math done in) for inputs of ``dtype``.
+
+    Args:
+        dtype: the inputs' dtype.
+
+    Returns:
+        ``torch.float64`` for float64 inputs, else ``torch.float32``.
+
+    >>> state_dtype(torch.bfloat16), state_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -29,11 +39,17 @@ def preactivation_ref(zx: Tensor, zh: Tensor | None = None, bias: Tensor | None 
     """z = zx + zh + bias, summed in the state dtype (as the kernels sum in fp32).
 
     Args:
-        zx, zh: (B, 4*hidden, H, W) pre-activations of the input and hidden convolutions (zh
-            may be None). bias: (4*hidden,) or None.
+        zx: (B, 4*hidden, H, W), any float dtype: the input convolution's pre-activations
+            (gates i, f, o, g along channels).
+        zh: (B, 4*hidden, H, W), any float dtype: the hidden convolution's, or None.
+        bias: (4*hidden,) or None.
         out: None for a new, differentiable tensor; else a (B, 4*hidden, H, W) state-dtype
-            buffer the sum is written into (not differentiable). Where zx already is in the
-            state dtype and nothing is added, zx itself comes back (out left alone).
+            buffer the sum is written into (not differentiable).
+
+    Returns:
+        z (B, 4*hidden, H, W) in ``state_dtype(zx.dtype)``: out, or a new tensor. Where zx
+        already is in the state dtype and nothing is added, zx itself comes back (out left
+        alone).
     """
     math = state_dtype(zx.dtype)
     z = zx.to(math) if out is None or zx.dtype == math else out.copy_(zx)
@@ -56,10 +72,18 @@ def gate_forward_ref(
 ) -> tuple[Tensor, Tensor]:
     """One gate/state update in functional torch (differentiable, traceable by torch.compile).
 
-    z: (B, 4*hidden, H, W) pre-activations, bias included, any float dtype.
-    c_prev: (B, hidden, H, W) cell state in ``state_dtype(z.dtype)``.
-    peephole: (3, hidden) or None.
-    Returns h (B, hidden, H, W) in z's dtype and c in the state dtype.
+    Args:
+        z: (B, 4*hidden, H, W) pre-activations i, f, o, g, bias included, any float dtype.
+        c_prev: (B, hidden, H, W) cell state in ``state_dtype(z.dtype)``.
+        peephole: (3, hidden) (rows i, f, o) or None.
+
+    Returns:
+        (h, c): h (B, hidden, H, W) in z's dtype, c (B, hidden, H, W) in the state dtype.
+
+    >>> z, c_prev = torch.zeros(1, 8, 2, 2), torch.ones(1, 2, 2, 2)
+    >>> h, c = gate_forward_ref(z, c_prev)
+    >>> c[0, 0, 0, 0].item()  # f = 0.5 keeps half the cell; g = tanh(0) adds nothing
+    0.5
     """
     i, f, o, g, c = _activations(z, c_prev, None, peephole, forward=True)
     return (o * torch.tanh(c)).to(z.dtype), c
@@ -86,8 +110,17 @@ def _activations(z, c_prev, c, peephole, forward=False):
 
 
 def gate_activations_ref(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None) -> Tensor:
-    """The activated gates i, f, o, g (B, 4*hidden, H, W) recomputed from pre-activations and
-    cells, in the state dtype."""
+    """The activated gates recomputed from pre-activations and cells.
+
+    Args:
+        z: (B, 4*hidden, H, W) pre-activations i, f, o, g, bias included, any float dtype.
+        c_prev: (B, hidden, H, W) the step's previous cell.
+        c: (B, hidden, H, W) the step's new cell (read only with peepholes: o's reads it).
+        peephole: (3, hidden) or None.
+
+    Returns:
+        (B, 4*hidden, H, W) activated i, f, o, g in ``state_dtype(z.dtype)``.
+    """
     return torch.cat(_activations(z, c_prev, c, peephole), dim=1)
 
 
@@ -99,10 +132,19 @@ def gate_activations_ref(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor 
 
 def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *,
                              h_out: Tensor, c_out: Tensor, pre: Tensor | None = None) -> None:
-    """:func:`gate_forward_ref` in place: ``gates`` (B, 4*hidden, H, W, state dtype) holds the
-    pre-activations (or ``pre``, same shape and dtype, does) and is overwritten with the
-    activated i, f, o, g; h goes to h_out, c to c_out (which may be c_prev itself). Reading
-    from ``pre`` costs no extra pass: each activation writes its slot of ``gates`` directly."""
+    """:func:`gate_forward_ref` in place, through the caller's buffers.
+
+    Args:
+        gates: (B, 4*hidden, H, W), state dtype: holds the pre-activations (unless ``pre``
+            does) and is overwritten with the activated i, f, o, g.
+        c_prev: (B, hidden, H, W), state dtype.
+        peephole: (3, hidden) or None.
+        h_out: (B, hidden, H, W), state dtype: where h goes.
+        c_out: (B, hidden, H, W), state dtype: where c goes (may be c_prev itself).
+        pre: (B, 4*hidden, H, W) like gates, holding the pre-activations instead, or None.
+            Reading from it costs no extra pass: each activation writes its slot of ``gates``
+            directly.
+    """
     hid = gates.shape[1] // 4
     src = gates if pre is None else pre
     i, f, o, g = gates.unflatten(1, (4, hid)).unbind(1)
@@ -131,15 +173,25 @@ def gate_backward_from_gates_ref(
     dz_out: Tensor | None = None,
     dc_prev_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gradients of :func:`gate_forward_ref` given its activated gates (B, 4*hidden, H, W).
+    """Gradients of :func:`gate_forward_ref` given its activated gates. Written with the fused
+    sigmoid/tanh derivative kernels, in place.
 
-    dh: gradient w.r.t. h (or None), dc: gradient w.r.t. c (or None). Returns dz (into
-    ``dz_out`` when given), dc_prev (into ``dc_prev_out``, which may be dc itself) and the
-    peephole gradient (3, hidden) (None without peepholes), all in the gates' dtype unless the
-    buffers say otherwise. Written with the fused sigmoid/tanh derivative kernels, in place.
+    Args:
+        gates: (B, 4*hidden, H, W) activated i, f, o, g; their dtype is the math's.
+        c_prev: (B, hidden, H, W) the step's previous cell.
+        c: (B, hidden, H, W) the step's new cell.
+        peephole: (3, hidden) or None.
+        dh: (B, hidden, H, W) gradient w.r.t. h, or None (zeros).
+        dc: (B, hidden, H, W) gradient w.r.t. c, or None.
+        dz_out: (B, 4*hidden, H, W) where dz goes, or None. May be ``gates`` itself (the
+            sequence backward overwrites the saved gates with their gradients): every gate is
+            read before its slot is written.
+        dc_prev_out: (B, hidden, H, W) where dc_prev goes (may be dc itself), or None.
 
-    ``dz_out`` may be ``gates`` itself (the sequence backward overwrites the saved gates with
-    their gradients): every gate is read before its slot is written.
+    Returns:
+        (dz, dc_prev, dpeephole): dz (B, 4*hidden, H, W) (dz_out when given), dc_prev
+        (B, hidden, H, W) (dc_prev_out when given) and the peephole gradient (3, hidden) (None
+        without peepholes), all in the gates' dtype unless the buffers say otherwise.
     """
     math = gates.dtype
     hid = gates.shape[1] // 4
@@ -194,8 +246,18 @@ def gate_backward_ref(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`gate_forward_ref`, recomputing the gates from the saved ``z`` and cells.
 
-    Returns dz (z's dtype, (B, 4*hidden, H, W)), dc_prev (state dtype) and the peephole gradient
-    (3, hidden) in the state dtype (None without peepholes).
+    Args:
+        z: (B, 4*hidden, H, W) the forward's pre-activations, any float dtype.
+        c_prev: (B, hidden, H, W) the forward's previous cell.
+        c: (B, hidden, H, W) the cell the forward returned.
+        peephole: (3, hidden) or None.
+        dh: (B, hidden, H, W) gradient w.r.t. h, or None.
+        dc: (B, hidden, H, W) gradient w.r.t. c, or None.
+
+    Returns:
+        (dz, dc_prev, dpeephole): dz (B, 4*hidden, H, W) in z's dtype, dc_prev (B, hidden, H, W)
+        in the state dtype and the peephole gradient (3, hidden) in the state dtype (None
+        without peepholes).
     """
     gates = gate_activations_ref(z, c_prev, c, peephole)
     dz, dc_prev, dpeep = gate_backward_from_gates_ref(gates, c_prev, c, peephole, dh, dc)

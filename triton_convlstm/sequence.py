@@ -37,7 +37,8 @@ from .layout import (
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What the loops need besides tensors."""
+    """What the loops need besides tensors: the convolutions' dilation (along H, W), the gate
+    backend, and the options below. Frozen (hashable): it is part of the graph caches' keys."""
 
     dilation: tuple[int, int]
     backend: str  # "torch" or "triton"
@@ -51,12 +52,27 @@ class LayerSpec:
 
 
 def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
-                   z_seq: Tensor | None = None, keep_gates: bool = True):
-    """(h_seq, c_last, c_seq, z_seq) for input x (T, B, C, H, W) and weight (4*hid, C+hid, k, k).
+                   z_seq: Tensor | None = None,
+                   keep_gates: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The uninitialised outputs of :func:`layer_forward` (the op's fake kernel returns these
+    too, on the meta device, so the promised strides are the real ones).
 
-    z_seq holds what the gate backward reads (see :func:`saved_gates_dtype`); a caller may pass
-    its own (the input convolution's output). Without ``save`` (inference) c_seq and z_seq are
-    empty: nothing is kept for a backward; without ``keep_gates`` z_seq is."""
+    Args:
+        x: (T, B, C, H, W) input; only its shape, dtype and device are read.
+        weight: (4*hid, C+hid, kh, kw); only its shape is read.
+        save: allocate what the backward reads (c_seq, and z_seq unless ``keep_gates`` is
+            False). Without (inference) c_seq and z_seq are empty.
+        backend: "triton" or "torch": picks z_seq's dtype (:func:`saved_gates_dtype`).
+        z_seq: the caller's own buffer for the saved gates (the input convolution's output),
+            used as is where saved gates are kept; else None to allocate one.
+        keep_gates: False: z_seq is empty (the backward recomputes the gates).
+
+    Returns:
+        (h_seq, c_last, c_seq, z_seq), all in the sequence layout (:func:`empty_seq`):
+        h_seq (T, B, hid, H, W) in x's dtype; c_last (B, hid, H, W) in the state dtype;
+        c_seq (T-1, B, hid, H, W) in the state dtype, else empty; z_seq (T, B, 4*hid, H, W)
+        in ``saved_gates_dtype(x.dtype, backend)``, else empty in x's dtype.
+    """
     t, b, _, h, w = x.shape
     hid = weight.shape[0] // 4
     sdt = reference.state_dtype(x.dtype)
@@ -88,6 +104,15 @@ CHUNK_BYTES = 1 << 28
 
 
 def steps_per_chunk(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dtype) -> int:
+    """How many steps' (B, 4*hid, H, W) buffers are batched into one call (see CHUNK_BYTES).
+
+    Args:
+        t, b, hid, hh, ww: steps, batch, hidden channels, height and width.
+        dtype: the buffer's dtype.
+
+    Returns:
+        The most steps (up to t) whose buffers fit in CHUNK_BYTES, but at least 1.
+    """
     per_step = b * 4 * hid * hh * ww * dtype.itemsize
     return max(1, min(t, CHUNK_BYTES // per_step))
 
@@ -104,12 +129,34 @@ def _initial_cell(c_last: Tensor, c0: Tensor | None) -> Tensor:
     return c_last.zero_() if c0 is None else c_last.copy_(c0)
 
 
-def layer_forward(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool):
-    """x: (T, B, C, H, W); weight: (4*hid, C+hid, kh, kw); bias (4*hid,) or None; peephole
-    (3, hid) or None; h0 (B, hid, H, W) or None (zeros); c0 likewise, state dtype. ``save``:
-    keep what the backward reads (see output_buffers and LayerSpec.keep_gates).
+def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
+                  h0: Tensor | None, c0: Tensor | None, spec: LayerSpec,
+                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer over the whole sequence: the forward time loop.
 
-    Returns (h_seq (T, B, hid, H, W), c_last (B, hid, H, W), c_seq, z_seq); see output_buffers.
+    Runs one of three loops with the same outputs: the fused step per step (Triton with
+    ``spec.fused``, where its int32 offsets fit), one convolution of [x_t, h_{t-1}] per step
+    (:func:`cat_convs`: torch on CPU), or the split form, the input convolution over all steps
+    in chunks plus a hidden convolution per step.
+
+    Args:
+        x: (T, B, C, H, W), any strides (copied once into the sequence layout if not in it).
+        weight: (4*hid, C+hid, kh, kw), the input channels' part first, then the hidden's;
+            gates i, f, o, g along the output channels.
+        bias: (4*hid,) or None.
+        peephole: (3, hid) (rows i, f, o) or None.
+        h0: (B, hid, H, W) in x's dtype, or None (zeros).
+        c0: (B, hid, H, W) in the state dtype, or None (zeros).
+        spec: dilation, backend and options (:class:`LayerSpec`).
+        save: keep what :func:`layer_backward` reads (training): the cells c_1..c_{T-1} in
+            c_seq, and unless ``spec.keep_gates`` is False the gates in z_seq (the Triton path
+            the summed pre-activations in x's dtype, the torch path the activated gates in the
+            state dtype). Without, c_seq and z_seq are empty and the cell is updated in place.
+
+    Returns:
+        (h_seq, c_last, c_seq, z_seq), laid out as :func:`output_buffers` says:
+        h_seq (T, B, hid, H, W) in x's dtype, c_last (B, hid, H, W) the last cell in the state
+        dtype, c_seq (T-1, B, hid, H, W) or empty, z_seq (T, B, 4*hid, H, W) or empty.
     """
     frames = seq_frames(x)
     if spec.fused and spec.backend == "triton" and _fused_fits(x, weight):
@@ -172,6 +219,16 @@ RECOMPUTE_FRACTION = 4
 
 
 def recompute_steps(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dtype) -> int:
+    """Steps per chunk where the gates are recomputed (``keep_gates`` False), in the training
+    forward and the backward alike.
+
+    Args:
+        t, b, hid, hh, ww: steps, batch, hidden channels, height and width.
+        dtype: the input's dtype.
+
+    Returns:
+        :func:`steps_per_chunk`'s, but at most ceil(t / RECOMPUTE_FRACTION), and at least 1.
+    """
     return max(1, min(steps_per_chunk(t, b, hid, hh, ww, dtype), -(-t // RECOMPUTE_FRACTION)))
 
 
@@ -190,7 +247,15 @@ def cat_convs(spec: LayerSpec, x: Tensor) -> bool:
     """Whether the forward convolves [x_t, h_{t-1}] per step with the combined weight instead of
     x over all steps at once plus h per step. On CPU (oneDNN) the cat form ran faster and needs
     no add of the two results (bench/bench_convs.py, one thread, cpu-m fp32: forward 1.2-1.5x);
-    on CUDA the split form won at M (issue 4: 0.94 vs 1.04 ms for 16 steps)."""
+    on CUDA the split form won at M (issue 4: 0.94 vs 1.04 ms for 16 steps).
+
+    Args:
+        spec: the layer's :class:`LayerSpec` (its backend is read).
+        x: (T, B, C, H, W) input (its device is read).
+
+    Returns:
+        True for the torch backend on CPU.
+    """
     return spec.backend == "torch" and x.device.type == "cpu"
 
 
@@ -260,16 +325,38 @@ class _Sum:
 
 
 def layer_backward(
-    grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-    spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False, bias=None,
-):
-    """Gradients of :func:`layer_forward`. ``needs`` = which of (x, weight, bias, peephole, h0,
-    c0) want a gradient. Returns those six (None where not needed).
+    grad_h_seq: Tensor | None, grad_c_last: Tensor | None, x: Tensor, weight: Tensor,
+    peephole: Tensor | None, h0: Tensor | None, c0: Tensor | None, h_seq: Tensor,
+    c_last: Tensor, c_seq: Tensor, z_seq: Tensor, spec: LayerSpec, needs: tuple[bool, ...],
+    consume: bool = False, bias: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None,
+           Tensor | None]:
+    """Gradients of :func:`layer_forward`: the backward time loop.
 
-    ``consume``: overwrite z_seq with the gate gradients (when its dtype is the input's) instead
-    of writing them to a new buffer; z_seq is garbage afterwards, so a second backward over the
-    same forward needs the forward run again. ``bias`` is read only to recompute the gates
-    (``spec.keep_gates`` False)."""
+    Per step (last first) the gate gradient and the hidden input-gradient convolution; the
+    input gradient and every weight/bias gradient once per chunk of steps. Where the gates were
+    not kept (``spec.keep_gates`` False) they are recomputed chunk by chunk, by the forward's
+    own code, from x, h_seq and the cells.
+
+    Args:
+        grad_h_seq: (T, B, hid, H, W) gradient w.r.t. h_seq, or None (zeros); not written.
+        grad_c_last: (B, hid, H, W) gradient w.r.t. c_last, or None (zeros); not written.
+        x, weight, peephole, h0, c0: the forward's inputs, as in :func:`layer_forward`.
+        h_seq, c_last, c_seq, z_seq: the forward's outputs, run with ``save``.
+        spec: the forward's :class:`LayerSpec`.
+        needs: six bools, which of (x, weight, bias, peephole, h0, c0) want a gradient; the
+            others are not computed.
+        consume: overwrite z_seq with the gate gradients (when the gates were kept and z_seq's
+            dtype is the input's) instead of writing them to a new buffer; z_seq is garbage
+            afterwards, so a second backward over the same forward needs the forward run again.
+        bias: (4*hid,) or None; read only to recompute the gates (``spec.keep_gates`` False).
+
+    Returns:
+        (dx, dweight, dbias, dpeephole, dh0, dc0), None where not needed (and for peephole, h0
+        and c0 where that input is None): dx (T, B, C, H, W) in x's dtype, dweight shaped
+        and typed as weight, dbias (4*hid,) in weight's dtype, the others shaped and typed as
+        their inputs.
+    """
     gate_forward, gate_backward = gate_launchers(spec.backend)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, hh, ww = x.shape

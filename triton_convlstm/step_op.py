@@ -13,6 +13,8 @@ differentiable. The torch path is autograd through
 """
 
 # No `from __future__ import annotations`: torch.library infers the op schemas from the hints.
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,19 @@ def gate_forward_op(
     zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_prev: Tensor,
     peephole: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Returns h (zx's dtype), c (fp32) and the summed pre-activation z (saved for backward)."""
+    """The gate update on the Triton kernel (:func:`triton_convlstm.kernels.gates.gate_forward`).
+
+    Args:
+        zx: (B, 4*hidden, H, W) fp32/bf16/fp16, pre-activations in gate order i, f, o, g.
+        zh: (B, 4*hidden, H, W) fp32/bf16/fp16, added to zx, or None.
+        bias: (4*hidden,) fp32/bf16/fp16 or None.
+        c_prev: (B, hidden, H, W) fp32.
+        peephole: (3, hidden) fp32/bf16/fp16 or None.
+
+    Returns:
+        (h, c, z): h (B, hidden, H, W) in zx's dtype, c (B, hidden, H, W) fp32 and the summed
+        pre-activation z (B, 4*hidden, H, W) in zx's dtype (saved for backward).
+    """
     from .kernels.gates import gate_forward  # lazy: importing ops must not need Triton
 
     hid = zx.shape[1] // 4
@@ -56,7 +70,20 @@ def gate_backward_op(
     z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None, dh: Tensor | None,
     dc: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Returns dz (z's dtype), dc_prev (fp32) and dpeephole ((3, hidden) fp32, or empty)."""
+    """The gradients of :func:`gate_forward_op` from its saved z.
+
+    Args:
+        z: (B, 4*hidden, H, W) fp32/bf16/fp16, the pre-activations the forward saved.
+        c_prev: (B, hidden, H, W) fp32, the forward's previous cell.
+        c: (B, hidden, H, W) fp32, the cell the forward returned.
+        peephole: (3, hidden) fp32/bf16/fp16 or None, as in the forward.
+        dh: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. h, or None (zero).
+        dc: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. c, or None (zero).
+
+    Returns:
+        (dz, dc_prev, dpeephole): dz (B, 4*hidden, H, W) in z's dtype, dc_prev (B, hidden, H, W)
+        fp32 and dpeephole (3, hidden) fp32, or empty without peepholes.
+    """
     from .kernels.gates import gate_backward
 
     dz, dc_prev = _new(z, z.shape[1], z.dtype), _new(z, z.shape[1] // 4, torch.float32)
@@ -137,11 +164,23 @@ def gate_update(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One ConvLSTM gate/state update: z = zx + zh + bias, then the gates and the new state.
 
-    zx, zh: (B, 4*hidden, H, W) pre-activations in gate order i, f, o, g (zh optional); bias:
-    (4*hidden,) or None; c_prev: (B, hidden, H, W); peephole: (3, hidden) or None.
-    backend: "auto" (Triton on CUDA, else torch), "torch" or "triton".
-    Returns h (B, hidden, H, W) in zx's dtype and c in fp32 (fp64 for fp64 inputs, which always
-    take the torch path). Differentiable w.r.t. zx, zh, c_prev, bias and peephole.
+    Differentiable w.r.t. zx, zh, c_prev, bias and peephole.
+
+    Args:
+        zx: (B, 4*hidden, H, W), floating, pre-activations in gate order i, f, o, g.
+        c_prev: (B, hidden, H, W), floating (fp32 on the Triton path: others are cast).
+        zh: (B, 4*hidden, H, W), floating, pre-activations added to zx, or None.
+        bias: (4*hidden,), floating, or None.
+        peephole: (3, hidden), floating, or None.
+        backend: "auto" (Triton on CUDA, else torch), "torch" or "triton".
+
+    Returns:
+        (h, c): h (B, hidden, H, W) in zx's dtype and c (B, hidden, H, W) in fp32 (fp64 for fp64
+        inputs, which always take the torch path).
+
+    Raises:
+        TypeError, ValueError: naming the argument of the wrong type, dtype, shape or device.
+        RuntimeError: backend="triton" where it cannot run.
 
     >>> h, c = gate_update(torch.randn(2, 8, 5, 5), torch.zeros(2, 2, 5, 5), backend="torch")
     """
@@ -156,10 +195,25 @@ def gate_update(
 
 
 def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Tensor | None,
-              peephole: Tensor | None, dilation, backend: str = "torch") -> tuple[Tensor, Tensor]:
+              peephole: Tensor | None, dilation: Sequence[int],
+              backend: str = "torch") -> tuple[Tensor, Tensor]:
     """One step, as the popular module's cell: the convolution of [x_t, h] with the combined
     weight (of x_t alone when h is None, the zero state: only the input part contributes), then
-    :func:`gate_update`. Returns (h, c)."""
+    :func:`gate_update`.
+
+    Args:
+        x_t: (B, C, H, W), the compute dtype.
+        h: (B, hidden, H, W), the compute dtype, or None (zeros).
+        c: (B, hidden, H, W), the state dtype.
+        weight: (4*hidden, C + hidden, kh, kw), the compute dtype.
+        bias: (4*hidden,), the compute dtype, or None.
+        peephole: (3, hidden), the state dtype, or None.
+        dilation: (dh, dw).
+        backend: as :func:`gate_update`'s.
+
+    Returns:
+        (h, c): (B, hidden, H, W) each, h in the compute dtype, c in the state dtype.
+    """
     if h is None:
         z = conv_same(x_t, weight[:, : x_t.shape[1]], dilation)
     else:

@@ -4,6 +4,8 @@ actual, before anything is computed (never a crash deep in a kernel)."""
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,7 +24,20 @@ def _is_int(value) -> bool:
     return not isinstance(value, Tensor) or (value.dim() == 0 and value.dtype != torch.bool)
 
 
-def positive_int(name: str, value) -> int:
+def positive_int(name: str, value: Any) -> int:
+    """A positive int (integer types and 0-dim integer tensors included; not a bool).
+
+    Args:
+        name: the argument's name, for the error.
+        value: the value to check.
+
+    Returns:
+        value as an int.
+
+    Raises:
+        TypeError: not an integer.
+        ValueError: not positive.
+    """
     if not _is_int(value):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
     value = operator.index(value)
@@ -31,16 +46,38 @@ def positive_int(name: str, value) -> int:
     return value
 
 
-def flag(name: str, value) -> bool:
+def flag(name: str, value: Any) -> bool:
     """A keyword switch this package adds: True or False only (a string such as "False" would
-    otherwise turn it on)."""
+    otherwise turn it on).
+
+    Args:
+        name: the argument's name, for the error.
+        value: the value to check.
+
+    Returns:
+        value, unchanged.
+
+    Raises:
+        TypeError: not a bool.
+    """
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
     return value
 
 
-def pair(name: str, value) -> tuple[int, int]:
-    """An int or a 2-sequence of positive ints -> (a, b)."""
+def pair(name: str, value: Any) -> tuple[int, int]:
+    """A positive int n -> (n, n); a tuple or list of two positive ints -> a tuple of them.
+
+    Args:
+        name: the argument's name, for the error.
+        value: the value to check (kernel_size, dilation, image_size).
+
+    Returns:
+        (a, b), ints.
+
+    Raises:
+        TypeError, ValueError: as :func:`positive_int`, or not an int or a pair.
+    """
     if _is_int(value):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -48,11 +85,25 @@ def pair(name: str, value) -> tuple[int, int]:
     return tuple(positive_int(name, v) for v in value)
 
 
-def per_layer(name: str, value, num_layers: int, scalar=None) -> list:
+def per_layer(name: str, value: Any, num_layers: int,
+              scalar: type[int] | None = None) -> list[int] | list[tuple[int, int]]:
     """One value for all layers, or a list with one per layer.
 
     ``scalar=int`` (hidden_dim) takes ints; otherwise (kernel_size, dilation) each entry is an
-    int or an (h, w) pair, and a tuple of two ints is one pair for every layer."""
+    int or an (h, w) pair, and a tuple of two ints is one pair for every layer.
+
+    Args:
+        name: the argument's name, for the error.
+        value: one value, or a list (or tuple) of num_layers values.
+        num_layers: how many values to return.
+        scalar: int for positive ints, None for (h, w) pairs.
+
+    Returns:
+        num_layers values, each checked by :func:`positive_int` or :func:`pair`.
+
+    Raises:
+        TypeError, ValueError: naming the argument, with a hint for a likely mix-up.
+    """
     one = _is_int(value) or (
         scalar is None and isinstance(value, tuple) and len(value) == 2
         and all(_is_int(v) for v in value)
@@ -75,7 +126,13 @@ def per_layer(name: str, value, num_layers: int, scalar=None) -> list:
     return [check(name, v) for v in values]
 
 
-def float_tensor(name: str, x) -> None:
+def float_tensor(name: str, x: Any) -> None:
+    """Raises a TypeError unless x is a floating-point tensor.
+
+    Args:
+        name: the argument's name, for the error.
+        x: the value to check.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -102,8 +159,17 @@ def _nonempty(name: str, x: Tensor, what: str) -> None:
         raise ValueError(f"{name}: expected non-zero sizes {what}, got shape {tuple(x.shape)}")
 
 
-def frame_input(x, input_dim: int, weight: Tensor) -> None:
-    """input_tensor: (B, input_dim, H, W)."""
+def frame_input(x: Any, input_dim: int, weight: Tensor) -> None:
+    """Checks a cell's input_tensor.
+
+    Args:
+        x: should be (B, input_dim, H, W), floating, non-empty, on weight's device.
+        input_dim: the expected channels.
+        weight: a parameter of the module, for its device.
+
+    Raises:
+        TypeError, ValueError: naming input_tensor.
+    """
     float_tensor("input_tensor", x)
     if x.dim() != 4:
         raise ValueError(f"input_tensor: expected 4 dims (B, C, H, W), got {x.dim()} "
@@ -113,8 +179,19 @@ def frame_input(x, input_dim: int, weight: Tensor) -> None:
     _same_device("input_tensor", x, weight)
 
 
-def sequence_input(x, input_dim: int, weight: Tensor, batch_first: bool) -> None:
-    """input_tensor: (B, T, C, H, W) if batch_first else (T, B, C, H, W)."""
+def sequence_input(x: Any, input_dim: int, weight: Tensor, batch_first: bool) -> None:
+    """Checks a ConvLSTM's input_tensor.
+
+    Args:
+        x: should be (B, T, input_dim, H, W) if batch_first else (T, B, input_dim, H, W),
+            floating, with T >= 1 and no zero size, on weight's device.
+        input_dim: the expected channels.
+        weight: a parameter of the module, for its device.
+        batch_first: the module's layout.
+
+    Raises:
+        TypeError, ValueError: naming input_tensor.
+    """
     float_tensor("input_tensor", x)
     layout = "(B, T, C, H, W)" if batch_first else "(T, B, C, H, W)"
     if x.dim() != 5:
@@ -131,13 +208,25 @@ def sequence_input(x, input_dim: int, weight: Tensor, batch_first: bool) -> None
 
 def autocasting(x: Tensor) -> bool:
     """Whether autocast applies to x, as it would to a convolution's input: on for x's device,
-    and x not float64 (autocast leaves float64 alone)."""
+    and x not float64 (autocast leaves float64 alone).
+
+    Args:
+        x: the input, any shape, floating.
+    """
     return torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype the layer computes in: autocast's where it applies, else x's (which must then
-    equal the parameters')."""
+    equal the parameters').
+
+    Args:
+        x: the input, any shape, floating.
+        weight: a parameter of the module, for its dtype.
+
+    Raises:
+        TypeError: x's dtype is not the parameters' outside autocast.
+    """
     if autocasting(x):
         return torch.get_autocast_dtype(x.device.type)
     if x.dtype != weight.dtype:
@@ -151,12 +240,27 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def state_pair(name: str, pair_, shape, dtype: torch.dtype, device,
-               cast: bool = False) -> tuple[Tensor, Tensor]:
+def state_pair(name: str, pair_: Any, shape: Sequence[int], dtype: torch.dtype,
+               device: torch.device, cast: bool = False) -> tuple[Tensor, Tensor]:
     """(h, c) checked: h in the compute dtype, c in the state dtype. ``cast`` (under autocast):
     float states of any other dtype are cast to those (more leniently than autocast, which
     leaves float64 alone), so zeros made outside autocast, or states a run outside it
-    returned, work."""
+    returned, work.
+
+    Args:
+        name: the argument's name, for the error.
+        pair_: should be a tuple or list (h, c) of tensors.
+        shape: (B, hidden, H, W), the shape of both.
+        dtype: the compute dtype.
+        device: the input's device.
+        cast: cast floating states to the expected dtypes first.
+
+    Returns:
+        (h, c), h in dtype, c in the state dtype, (B, hidden, H, W) each.
+
+    Raises:
+        TypeError, ValueError: naming the argument and h or c.
+    """
     if not isinstance(pair_, (tuple, list)) or len(pair_) != 2:
         hint = ("; hidden_state takes a list with one (h, c) pair per layer"
                 if name.startswith("hidden_state") else "")
@@ -179,9 +283,24 @@ def state_pair(name: str, pair_, shape, dtype: torch.dtype, device,
     return out[0], out[1]
 
 
-def hidden_state(states, shapes, dtype: torch.dtype, device, cast: bool = False) -> list:
-    """None -> zeros (None, None) per layer; else one (h, c) per layer, checked (``cast``: see
-    :func:`state_pair`)."""
+def hidden_state(states: Any, shapes: Sequence[Sequence[int]], dtype: torch.dtype,
+                 device: torch.device,
+                 cast: bool = False) -> list[tuple[Tensor, Tensor] | tuple[None, None]]:
+    """None -> (None, None) per layer (zero states); else one (h, c) per layer, checked.
+
+    Args:
+        states: None, or should be one (h, c) per layer.
+        shapes: per layer, (B, hidden, H, W).
+        dtype: the compute dtype.
+        device: the input's device.
+        cast: see :func:`state_pair`.
+
+    Returns:
+        One pair per layer, as :func:`state_pair` returns, or (None, None).
+
+    Raises:
+        TypeError, ValueError: naming hidden_state, with a hint for a likely mix-up.
+    """
     if states is None:
         return [(None, None)] * len(shapes)
     if not isinstance(states, (list, tuple)) or len(states) != len(shapes):
@@ -202,10 +321,22 @@ def hidden_state(states, shapes, dtype: torch.dtype, device, cast: bool = False)
     ]
 
 
-def cast_params(weight: Tensor, bias: Tensor | None, peephole: Tensor | None, dtype):
+def cast_params(
+    weight: Tensor, bias: Tensor | None, peephole: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The convolution's parameters in the compute dtype (no copy when they already are), the
     peepholes in the state dtype: they scale the float32 cell, elementwise, where autocast would
-    not round a float32 parameter to 16 bits (and a 16-bit one widens exactly)."""
+    not round a float32 parameter to 16 bits (and a 16-bit one widens exactly).
+
+    Args:
+        weight: (4*hidden, C + hidden, kh, kw).
+        bias: (4*hidden,) or None.
+        peephole: (3, hidden) or None.
+        dtype: the compute dtype.
+
+    Returns:
+        (weight, bias, peephole), shapes unchanged.
+    """
     return (
         weight.to(dtype),
         None if bias is None else bias.to(dtype),

@@ -11,18 +11,35 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: message`` on one line (whitespace collapsed), cut to ``limit`` characters."""
+    """``Type: message`` on one line (whitespace collapsed), cut to ``limit`` characters.
+
+    Args:
+        exc: the exception to describe.
+        limit: the most characters returned; a longer text ends in "...".
+
+    Returns:
+        ``Type: message``, or just ``Type`` when the message is empty.
+    """
     text = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def unwritable(folder: Path) -> str | None:
-    """Why files cannot be written in ``folder`` (created if need be; a trial file is written
-    and removed), or None when they can."""
+    """Why files cannot be written in ``folder``.
+
+    Args:
+        folder: the folder, created (with its parents) if need be; a trial file is written in it
+            and removed.
+
+    Returns:
+        The reason (the OS error's text, or "exists and is not a folder"), or None when files
+        can be written there.
+    """
     if folder.exists() and not folder.is_dir():
         return "exists and is not a folder"
     try:
@@ -36,8 +53,15 @@ def unwritable(folder: Path) -> str | None:
 
 
 def import_failure(module: str) -> str | None:
-    """None when ``module`` imports; else "" when it (or its package) is not installed, or the
-    error in one line when an installed one fails to import."""
+    """Whether ``module`` imports, without letting an ImportError out.
+
+    Args:
+        module: dotted module name, e.g. "matplotlib.figure".
+
+    Returns:
+        None when ``module`` imports; "" when it (or its top-level package) is not installed;
+        the error in one line (:func:`one_line`) when an installed one fails to import.
+    """
     try:
         importlib.import_module(module)
     except ImportError as exc:
@@ -55,12 +79,30 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument raises :class:`UsageError` (argparse would print the
     whole usage and exit the process itself)."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing the usage and exiting.
+
+        Args:
+            message: argparse's description of the bad argument.
+
+        Raises:
+            UsageError: always, with ``message``.
+        """
         raise UsageError(message)
 
 
-def read_json(path) -> object:
-    """A JSON file's content; a UsageError naming the file if it cannot be read or parsed."""
+def read_json(path: str | os.PathLike[str]) -> object:
+    """A JSON file's content.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The parsed content (any JSON value).
+
+    Raises:
+        UsageError: naming the file, if it cannot be read or parsed.
+    """
     try:
         return json.loads(Path(path).read_text())
     except OSError as exc:

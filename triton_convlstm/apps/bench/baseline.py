@@ -13,9 +13,16 @@ class EagerConvLSTM(nn.Module):
 
     Same parameters and state_dict as :class:`triton_convlstm.ConvLSTM` without peepholes.
     x: (B, T, C, H, W); returns the last layer's (B, T, hidden, H, W) output and (h, c).
+
+    Args:
+        input_dim: channels C of x.
+        hidden_dim: hidden channels of every layer.
+        kernel_size: side of the square kernels, odd (padding kernel_size // 2 keeps H, W).
+        num_layers: stacked layers.
     """
 
-    def __init__(self, input_dim: int, hidden_dim: int, kernel_size: int, num_layers: int):
+    def __init__(self, input_dim: int, hidden_dim: int, kernel_size: int,
+                 num_layers: int) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
         self.cell_list = nn.ModuleList()
@@ -30,6 +37,15 @@ class EagerConvLSTM(nn.Module):
             self.cell_list.append(cell)
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Run all layers over the sequence from zero states.
+
+        Args:
+            x: (B, T, C, H, W), C = input_dim.
+
+        Returns:
+            (out, (h, c)): the last layer's (B, T, hidden, H, W) outputs and its final h and c,
+            each (B, hidden, H, W), all in x's dtype.
+        """
         b, t, _, hh, ww = x.shape
         seq = x
         for cell in self.cell_list:

@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,25 @@ import torch.nn.functional as F
 from .baseline import EagerConvLSTM
 from .memory import TensorMemoryTracker
 
+if TYPE_CHECKING:
+    from ...modules import ConvLSTM
+
 
 @dataclass(frozen=True)
 class Shape:
     """``layers`` layers (one unless said), kernel 3: x is (batch, steps, in_dim, size, size),
-    hidden channels ``hidden`` in every layer."""
+    hidden channels ``hidden`` in every layer.
+
+    Args:
+        name: the key in SHAPES, and the shape's name in result rows.
+        batch: B.
+        steps: sequence length T.
+        in_dim: input channels C.
+        hidden: hidden channels of every layer.
+        size: H = W.
+        kernel: kernel side.
+        layers: stacked ConvLSTM layers.
+    """
 
     name: str
     batch: int
@@ -37,10 +52,19 @@ class Shape:
     layers: int = 1
 
     def with_steps(self, steps: int) -> Shape:
+        """This shape with another sequence length (the T sweep).
+
+        Args:
+            steps: the new T.
+
+        Returns:
+            A copy with ``steps`` replaced; the name stays.
+        """
         return replace(self, steps=steps)
 
     @property
     def label(self) -> str:
+        """The sizes as text, e.g. ``B4-T16-C8-H32-32x32`` (``-L3`` appended for 3 layers)."""
         deep = f"-L{self.layers}" if self.layers > 1 else ""
         return (f"B{self.batch}-T{self.steps}-C{self.in_dim}-H{self.hidden}-{self.size}x{self.size}"
                 f"{deep}")
@@ -82,9 +106,21 @@ def _layer_class():
     return ConvLSTM
 
 
-def make_models(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def make_models(shape: Shape, device: torch.device, dtype: torch.dtype,
+                seed: int = 0) -> tuple[EagerConvLSTM, ConvLSTM]:
     """The eager formulation and the layer with the same weights (the layer loads eager's
-    state_dict), both on ``device`` in ``dtype``."""
+    state_dict), both on ``device`` in ``dtype``.
+
+    Args:
+        shape: channels, kernel and layers of both models.
+        device: where both go.
+        dtype: their parameters' dtype.
+        seed: seeds the weights (torch.manual_seed, the global generator).
+
+    Returns:
+        (eager, layer): an :class:`~.baseline.EagerConvLSTM` and a batch-first
+        :class:`triton_convlstm.ConvLSTM`.
+    """
     torch.manual_seed(seed)
     eager = EagerConvLSTM(shape.in_dim, shape.hidden, shape.kernel, shape.layers)
     layer = _layer_class()(shape.in_dim, shape.hidden, shape.kernel, shape.layers,
@@ -118,7 +154,22 @@ def build_step(
 ) -> Callable[[], None]:
     """A closure running one forward ("fwd", under no_grad) or one training step ("train": forward,
     MSE loss, gradients w.r.t. the parameters and the input) of ``impl``. Its first calls compile
-    or capture where the implementation does; call it a few times before timing."""
+    or capture where the implementation does; call it a few times before timing.
+
+    Args:
+        impl: one of IMPLS.
+        shape: the case's sizes; x is (batch, steps, in_dim, size, size).
+        dtype: a key of DTYPES ("fp32", "bf16").
+        mode: "fwd" or "train".
+        device: where the models and tensors live; CUDA_ONLY_IMPLS need a CUDA one.
+        seed: seeds the weights and the random input (and target).
+
+    Returns:
+        The step, a function of no arguments.
+
+    Raises:
+        ValueError: for an unknown impl, mode or dtype, or a CUDA-only impl on another device.
+    """
     if impl not in IMPLS or mode not in MODES or dtype not in DTYPES:
         raise ValueError(f"unknown case {impl}/{mode}/{dtype}")
     if impl in CUDA_ONLY_IMPLS and device.type != "cuda":
@@ -198,7 +249,15 @@ def _convs_only_step(shape: Shape, dt, mode: str, device: torch.device, seed: in
 
 def graphed(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
     """On CUDA, ``body`` captured in one graph (its replay is what gets timed); else ``body``,
-    run once here all the same, so that a body that cannot run fails in this call anywhere."""
+    run once here all the same, so that a body that cannot run fails in this call anywhere.
+
+    Args:
+        body: the work to time, a function of no arguments; on CUDA it must be capturable.
+        device: CUDA captures (after two warm-up runs on a side stream); anything else does not.
+
+    Returns:
+        The graph's replay on CUDA, else ``body`` itself.
+    """
     if device.type != "cuda":
         body()
         return body
@@ -216,6 +275,15 @@ def graphed(body: Callable[[], None], device: torch.device) -> Callable[[], None
 
 @dataclass
 class Timing:
+    """What :func:`time_step` measured.
+
+    Args:
+        median_ms: median time of one call, ms.
+        min_ms: fastest call, ms.
+        reps: timed calls.
+        times_ms: every timed call, ms, in call order.
+    """
+
     median_ms: float
     min_ms: float
     reps: int
@@ -235,6 +303,18 @@ def time_step(
     On CUDA each call sits between two CUDA events (a launch-bound step shows its CPU time, as
     it should); with ``target_s`` the number of calls is raised to fill about that many seconds.
     On CPU, time.perf_counter around each call.
+
+    Args:
+        step: the work to time, a function of no arguments.
+        device: picks the timer (CUDA events on CUDA, perf_counter elsewhere).
+        reps: timed calls (at least, with ``target_s``).
+        warmup: untimed calls first.
+        target_s: CUDA only: seconds the timed calls should fill about (one more untimed call
+            measures a step); None keeps ``reps``.
+        max_reps: the most calls ``target_s`` may raise ``reps`` to.
+
+    Returns:
+        The :class:`Timing` of the timed calls.
     """
     for _ in range(warmup):
         step()
@@ -268,7 +348,17 @@ def interleaved(
 ) -> dict[str, list[float]]:
     """Per-round median times (ms) of several steps, run in turns (order reversed every other
     round) so that a noisy neighbour or a clock change hits all of them alike. Steps must be
-    warmed up (compiled, captured) already."""
+    warmed up (compiled, captured) already.
+
+    Args:
+        steps: name -> step (a function of no arguments).
+        device: picks the timer, as in :func:`time_step`.
+        rounds: turns over all steps.
+        reps: timed calls of a step per round (after one untimed call).
+
+    Returns:
+        name -> its ``rounds`` per-round median times, ms, in round order.
+    """
     names = list(steps)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -278,7 +368,15 @@ def interleaved(
 
 
 def ratio_of(fast: list[float], slow: list[float]) -> float:
-    """Median over rounds of slow/fast: the speedup of ``fast`` measured round by round."""
+    """Median over rounds of slow/fast: the speedup of ``fast`` measured round by round.
+
+    Args:
+        fast: per-round times of one step (as from :func:`interleaved`).
+        slow: the other step's times in the same rounds.
+
+    Returns:
+        The median of the per-round ratios slow / fast.
+    """
     return statistics.median(s / f for f, s in zip(fast, slow))
 
 
@@ -294,7 +392,16 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) ->
     :class:`~.memory.TensorMemoryTracker` (``base`` is unused): activations, what autograd
     saves, gradients; not weights, inputs, kernel workspaces, nor RSS. Exact and
     repeatable, comparable between implementations on CPU, not with the CUDA numbers. Not for
-    torch.compile'd steps on CPU: Dynamo runs the uncompiled code under the tracker."""
+    torch.compile'd steps on CPU: Dynamo runs the uncompiled code under the tracker.
+
+    Args:
+        step: the warmed-up step, a function of no arguments; called once.
+        device: picks the measure (above).
+        base: CUDA: bytes allocated before the case was built; unused elsewhere.
+
+    Returns:
+        The peak in MiB.
+    """
     if device.type != "cuda":
         gc.collect()  # the collector then runs at the same points of every call: repeatable
         with TensorMemoryTracker() as tracker:
@@ -308,7 +415,11 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device, base: int) ->
 
 
 def release(device: torch.device) -> None:
-    """Drop what a finished case left behind (compiled graphs, CUDA-graph pools, cached blocks)."""
+    """Drop what a finished case left behind (compiled graphs, CUDA-graph pools, cached blocks).
+
+    Args:
+        device: on CUDA, the allocator's cached blocks are emptied too.
+    """
     from ... import graphs
 
     torch._dynamo.reset()
@@ -319,6 +430,11 @@ def release(device: torch.device) -> None:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device``, so that a host clock read after it sees it done.
+
+    Args:
+        device: a CUDA device is synchronized; others need nothing.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -328,7 +444,24 @@ def run_case(
     reps: int = 5, target_s: float | None = None,
 ) -> dict:
     """Build, warm up and time one case; a row for the results table. Failures (out of memory,
-    a compile error) become a row with ``error`` set instead of ending the run."""
+    a compile error) become a row with ``error`` set instead of ending the run.
+
+    Args:
+        impl: one of IMPLS.
+        shape: the case's sizes.
+        dtype: a key of DTYPES.
+        mode: "fwd" or "train".
+        device: where it runs; the step is built as by :func:`build_step` (seed 0).
+        reps: timed calls (at least), as for :func:`time_step`.
+        target_s: CUDA: seconds the timed calls should fill about, as for :func:`time_step`.
+
+    Returns:
+        The row: impl, shape (name), steps, dtype, mode, device (type); median_ms, min_ms and
+        reps; peak_mem_mb (:func:`peak_memory_mb`; None for compiled impls on CPU) and
+        peak_reserved_mb (CUDA only); first_call_s (the untimed first call); error ("Type:
+        first line of the message", or None). Measures not taken stay None (reps 0 when
+        the timing did not run).
+    """
     row = {"impl": impl, "shape": shape.name, "steps": shape.steps, "dtype": dtype, "mode": mode,
            "device": device.type, "median_ms": None, "min_ms": None, "reps": 0,
            "peak_mem_mb": None, "peak_reserved_mb": None, "first_call_s": None, "error": None}
@@ -364,8 +497,20 @@ def run_case(
 
 def compile_seconds(impl: str, shape: Shape, dtype: str, device: torch.device) -> float:
     """Seconds of the first training step of ``torch.compile(model, fullgraph=True)``: tracing,
-    compiling forward and backward, and one run. impl is "eager" (the formulation, whose time
-    loop the compiler unrolls) or "layer"."""
+    compiling forward and backward, and one run.
+
+    Args:
+        impl: "eager" (the formulation, whose time loop the compiler unrolls) or "layer".
+        shape: the sizes; x is (batch, steps, in_dim, size, size).
+        dtype: a key of DTYPES.
+        device: where it runs.
+
+    Returns:
+        The wall-clock seconds of that first step.
+
+    Raises:
+        Exception: whatever compiling raises (e.g. a graph break under fullgraph=True).
+    """
     eager, layer = make_models(shape, device, DTYPES[dtype])
     model = layer if impl in LAYER_IMPLS else eager
     _configure(layer, impl)

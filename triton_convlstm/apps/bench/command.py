@@ -18,6 +18,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -169,8 +170,20 @@ def _guess_s(job, seen: dict) -> float:
     return per * _scale(job)
 
 
-def run_benchmark(args, emit=print) -> dict:
-    """Run the planned jobs; rows go to DIR/rows.jsonl as they finish (a killed run keeps them)."""
+def run_benchmark(args: argparse.Namespace, emit: Callable[..., object] = print) -> dict:
+    """Run the planned jobs; rows go to DIR/rows.jsonl as they finish (a killed run keeps them).
+
+    Jobs run in priority order, and with ``args.budget_s`` a job that would not fit in the time
+    left is skipped and listed.
+
+    Args:
+        args: the parsed and resolved (device-dependent defaults filled) command line.
+        emit: not used.
+
+    Returns:
+        The result: "meta" (:func:`environment`), "rows" (one per case, with the speedup
+        ratios), "sweep" (the time-vs-T rows), "compile_times" and "skipped" (one line each).
+    """
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,8 +234,17 @@ def _progress(total: int):
     return tqdm(total=total, unit="case", file=sys.stderr, leave=False)
 
 
-def environment(device: torch.device, args=None) -> dict:
-    """Versions and machine, stored with every result file."""
+def environment(device: torch.device, args: argparse.Namespace | None = None) -> dict:
+    """Versions and machine, stored with every result file.
+
+    Args:
+        device: the device benchmarked (its type, and the GPU's name on CUDA).
+        args: the run's command line; its ``argv`` attribute is recorded (None without one).
+
+    Returns:
+        date (UTC), python, torch, triton (None when not importable), device, platform, gpu,
+        cpu_threads, cudnn_benchmark and argv.
+    """
     try:
         import triton
 
@@ -241,6 +263,17 @@ def environment(device: torch.device, args=None) -> dict:
 
 
 def bench_main(argv: list[str]) -> int:
+    """The benchmark run: print the table, write DIR/results.json and the plots.
+
+    Args:
+        argv: the arguments after ``bench``.
+
+    Returns:
+        1 when a case failed (a row with an error), else 0.
+
+    Raises:
+        UsageError: for a bad argument or one that cannot run here, before any case runs.
+    """
     args = _parser().parse_args(argv)
     _resolve(args)
     args.argv = argv
@@ -257,7 +290,15 @@ def bench_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m triton_convlstm bench``; returns the exit status."""
+    """Entry point of ``python -m triton_convlstm bench``: the run, ``compare`` or ``table``.
+
+    Args:
+        argv: the arguments after ``bench``; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status of the subcommand, or 2 for a bad argument (with a one-line message on
+        stderr).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["compare"]:

@@ -9,7 +9,18 @@ from ..cli import ArgumentParser, UsageError, read_json
 def load_medians(path: str) -> dict[str, float | None]:
     """Case name -> median seconds, from a pytest-benchmark JSON (``--benchmark-json``) or from a
     results.json of this command (cases named impl/shape/dtype/mode; None for a case that
-    failed there)."""
+    failed there).
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        Case name (a benchmark's fullname, else its name) -> median seconds, or None.
+
+    Raises:
+        UsageError: naming the file, when it cannot be read, is neither format, or an entry
+            lacks a median.
+    """
     data = read_json(path)
     try:
         if isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
@@ -25,7 +36,18 @@ def load_medians(path: str) -> dict[str, float | None]:
 
 def main(argv: list[str]) -> int:
     """Old and new median per case; exit 1 when a case got slower than 1 + threshold or failed
-    in the new run, 2 when the files share no case."""
+    in the new run, 2 when the files share no case.
+
+    Args:
+        argv: the arguments after ``bench compare``: OLD NEW [--threshold X].
+
+    Returns:
+        0 when no common case got slower or failed, else 1.
+
+    Raises:
+        UsageError: for a bad argument, an unusable file, or files that share no case (exit
+            status 2 from the bench command).
+    """
     p = ArgumentParser(prog="python -m triton_convlstm bench compare",
                 description="Compare two pytest-benchmark JSON files (or two results.json).")
     p.add_argument("old")

@@ -33,6 +33,7 @@ the call left alive.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -54,18 +55,27 @@ def _storages(tree):
 
 
 class TensorMemoryTracker(TorchDispatchMode):
-    """Live and peak bytes of the tensor storages created by ops while active (see module doc)."""
+    """Live and peak bytes of the tensor storages created by ops while active (see module doc).
 
-    def __init__(self):
+    Attributes:
+        current_bytes: bytes of the counted storages alive now (kept up to date after the
+            ``with`` block ends, as they are freed).
+        peak_bytes: the most ``current_bytes`` seen after any op.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
         self.current_bytes = 0
         self.peak_bytes = 0
         self._live: dict[int, int] = {}  # storage key -> bytes counted for it
 
     def reset_peak(self) -> None:
+        """Restart the peak from ``current_bytes``: later peaks ignore what was freed before."""
         self.peak_bytes = self.current_bytes
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: tuple[type, ...],
+                           args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        """Run one aten op and count the storages of its outputs that are new to the tracker."""
         kwargs = kwargs or {}
         # A storage that comes back but was passed in and is not ours predates the call.
         before = {key for key, _ in _storages((args, kwargs)) if key not in self._live}

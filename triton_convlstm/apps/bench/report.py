@@ -20,7 +20,12 @@ SHAPE_ORDER = {"S": 0, "M": 1, "L": 2}
 
 def add_ratios(rows: list[dict]) -> None:
     """speedup_vs_eager = eager ms / ms and speedup_vs_compiled = best compiled ms / ms, both for
-    the same shape, dtype and mode (None where the other side is missing)."""
+    the same shape, dtype and mode (None where the other side is missing).
+
+    Args:
+        rows: result rows (impl, shape, dtype, mode, median_ms); both keys are set in each, in
+            place, rounded to 3 decimals.
+    """
     def best(impls, r):
         times = [o["median_ms"] for o in rows if o["impl"] in impls and o["median_ms"]
                  and (o["shape"], o["dtype"], o["mode"]) == (r["shape"], r["dtype"], r["mode"])]
@@ -43,7 +48,16 @@ PEAK_MEMORY_MEANS = {
 
 
 def format_table(result: dict) -> str:
-    """The rows (and compile times, skips) as aligned text."""
+    """The rows (and compile times, skips) as aligned text.
+
+    Args:
+        result: a bench result (:func:`~.command.run_benchmark`): its "rows" (with ratios),
+            and "compile_times" and "skipped" where present.
+
+    Returns:
+        The table, lines joined by newlines (no trailing one); a failed row shows its error, a
+        missing number "-", and a line explains the peak MiB of each device with one.
+    """
     def f(v, spec):  # spec like "9.2f"; "-" in the same width when missing
         return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 
@@ -69,7 +83,15 @@ def format_table(result: dict) -> str:
 
 
 def save_plots(result: dict, out: Path) -> list[Path]:
-    """time_vs_T.png (training step vs T, first shape) and speedup.png (speedup over eager)."""
+    """time_vs_T.png (training step vs T, first shape) and speedup.png (speedup over eager).
+
+    Args:
+        result: a bench result with "sweep" and "rows" (with ratios).
+        out: the folder the PNGs go to.
+
+    Returns:
+        The files written: each plot only where it has data.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # headless: CI and GPU boxes have no display
@@ -123,6 +145,19 @@ def _load(path: Path) -> tuple[dict, list[dict]]:
 
 
 def merged_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
+    """The timed rows of several result files, a later file's row replacing an earlier one for
+    the same implementation, shape, dtype and mode.
+
+    Args:
+        paths: bench results.json files or gpu_check reports, oldest first.
+
+    Returns:
+        (rows, sources): the rows, each with ``source`` set to its file's number (from 1), and
+        one provenance line per file ("[i] `path`: gpu or device, torch, triton, date").
+
+    Raises:
+        UsageError: naming a file that cannot be read or holds no rows.
+    """
     rows: dict[tuple, dict] = {}
     sources = []
     for i, path in enumerate(paths, 1):
@@ -136,6 +171,16 @@ def merged_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
 
 
 def markdown_table(paths: list[Path]) -> str:
+    """The README's table: per shape, dtype and mode with a layer row, eager, best compile,
+    layer and convs-only ms, the layer's speedups and its peak memory over eager's.
+
+    Args:
+        paths: as for :func:`merged_rows`; the best compile and layer times are followed by
+            their file's number.
+
+    Returns:
+        The Markdown table, a blank line, then the files' provenance lines.
+    """
     rows, sources = merged_rows(paths)
     get = {(r["impl"], r["shape"], r["dtype"], r["mode"]): r for r in rows}
     cases = sorted({(r["shape"], r["dtype"], r["mode"]) for r in rows},
@@ -172,6 +217,17 @@ def markdown_table(paths: list[Path]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """``bench table``: print the Markdown table of the given result files.
+
+    Args:
+        argv: the arguments after ``bench table``.
+
+    Returns:
+        0.
+
+    Raises:
+        UsageError: for a bad argument or an unusable file.
+    """
     p = ArgumentParser(prog="python -m triton_convlstm bench table", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", type=Path,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..cli import ArgumentParser, UsageError, import_failure, one_line, unwritable
 from .moving_digits import MovingDigits, copy_last_frame_mse
@@ -63,6 +64,12 @@ def _per_device(key: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The demo's command line; unset options stay None until the run fills them.
+
+    Returns:
+        A :class:`~..cli.ArgumentParser` (a bad argument raises UsageError). Options whose
+        default depends on the device (PRESETS) or on the checkpoint parse to None.
+    """
     run_flags = ", ".join(f"--{key.replace('_', '-')}" for key in RUN_KEYS)
     p = ArgumentParser(prog="python -m triton_convlstm demo",
                 description="Train a moving-digit nowcaster in minutes: 10 frames in, 10 "
@@ -223,8 +230,20 @@ def _check_dependencies() -> None:
 
 
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, device: torch.device, chunk: int = 64) -> float:
-    """Mean squared error of ``model`` on ``val`` (N, T_IN + T_OUT, C, H, W)."""
+def evaluate(model: nn.Module, val: torch.Tensor, device: torch.device, chunk: int = 64) -> float:
+    """Mean squared error of ``model`` on ``val``, ``chunk`` sequences at a time.
+
+    The model runs in eval mode (under bf16 autocast on CUDA) and is put back in train mode.
+
+    Args:
+        model: maps (n, T_IN, C, H, W) observed frames to (n, T_OUT, C, H, W) predictions.
+        val: (N, T_IN + T_OUT, C, H, W) sequences on ``device``: inputs, then targets.
+        device: where ``model`` and ``val`` are; picks the autocast.
+        chunk: sequences per forward call.
+
+    Returns:
+        The MSE over all predicted pixels of all N sequences.
+    """
     model.eval()
     total = 0.0
     for start in range(0, len(val), chunk):
@@ -250,7 +269,15 @@ def _save(path: Path, state: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (2 for bad arguments, with a one-line message)."""
+    """CLI entry point of ``python -m triton_convlstm demo``.
+
+    Args:
+        argv: the arguments after ``demo``; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success (and after --help), 2 for bad arguments (with a one-line
+        message on stderr), 130 when interrupted (KeyboardInterrupt).
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
@@ -428,9 +455,16 @@ def _report(args, history, val, model, device, backend, world, seen, train_time,
     print(f"wrote       {out / 'predictions.png'}, {out / 'loss.png'}, {out / 'checkpoint.pt'}")
 
 
-def plot_predictions(path: Path, inputs, targets, pred) -> None:
+def plot_predictions(path: Path, inputs: torch.Tensor, targets: torch.Tensor,
+                     pred: torch.Tensor) -> None:
     """predictions.png: per example three rows (input, truth, predicted), one column per frame.
-    inputs (N, T_IN, 1, H, W), targets and pred (N, T_OUT, 1, H, W)."""
+
+    Args:
+        path: the PNG file to write.
+        inputs: (N, T_IN, 1, H, W) observed frames in [0, 1].
+        targets: (N, T_OUT, 1, H, W) true future frames in [0, 1].
+        pred: (N, T_OUT, 1, H, W) predicted future frames in [0, 1].
+    """
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg by default
 
     # One mosaic image instead of a grid of axes: drawing 60 axes takes seconds, this does not.
@@ -451,8 +485,16 @@ def plot_predictions(path: Path, inputs, targets, pred) -> None:
     fig.savefig(path, dpi=100)
 
 
-def plot_loss(path: Path, history: dict, val_copy: float, val_zero: float) -> None:
-    """loss.png: train MSE per step (raw and smoothed), validation MSE, and the baselines."""
+def plot_loss(path: Path, history: dict[str, list], val_copy: float, val_zero: float) -> None:
+    """loss.png: train MSE per step (raw and smoothed), validation MSE, and the baselines.
+
+    Args:
+        path: the PNG file to write.
+        history: the run's history: "train", a train MSE per step (smoothed over the last
+            SMOOTH steps), and "val", (step, validation MSE) pairs.
+        val_copy: validation MSE of the copy-last-frame baseline (a horizontal line).
+        val_zero: validation MSE of all-black frames (a horizontal line).
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), layout="constrained")

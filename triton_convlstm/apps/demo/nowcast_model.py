@@ -19,17 +19,23 @@ from ...modules import ConvLSTM
 class NowcastModel(nn.Module):
     """Predict ``out_frames`` future frames from a sequence of observed frames.
 
-    channels: image channels C. hidden: ConvLSTM hidden channels (every layer). num_layers: depth
-    of the encoder and of the forecaster. patch: space-to-depth factor; H and W must be divisible by
-    it (the recurrent layers run on (H/patch, W/patch) grids with C*patch**2 input channels, which
-    is what keeps the demo fast on a CPU). backend: passed to ConvLSTM ("auto", "torch", "triton").
-
     forward(x): x (B, T_in, C, H, W) in [0, 1] -> (B, out_frames, C, H, W) in (0, 1).
+
+    Args:
+        channels: image channels C.
+        hidden: ConvLSTM hidden channels (every layer).
+        num_layers: depth of the encoder and of the forecaster.
+        kernel_size: ConvLSTM kernel size (both ConvLSTMs).
+        patch: space-to-depth factor; H and W must be divisible by it (the recurrent layers run
+            on (H/patch, W/patch) grids with C*patch**2 input channels, which is what keeps the
+            demo fast on a CPU).
+        out_frames: future frames predicted.
+        backend: passed to ConvLSTM ("auto", "torch", "triton").
     """
 
     def __init__(self, channels: int = 1, hidden: int = 16, num_layers: int = 2,
                  kernel_size: int = 3, patch: int = 2, out_frames: int = 10,
-                 backend: str = "auto"):
+                 backend: str = "auto") -> None:
         super().__init__()
         self.channels, self.patch, self.out_frames = channels, patch, out_frames
         cells = channels * patch * patch
@@ -47,6 +53,17 @@ class NowcastModel(nn.Module):
             b, t, -1, x.shape[-2] // self.patch, x.shape[-1] // self.patch)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Encode the observed frames, then unroll the forecaster over the future steps.
+
+        Args:
+            x: (B, T_in, C, H, W) in [0, 1], C = channels, H and W divisible by patch.
+
+        Returns:
+            (B, out_frames, C, H, W) predicted frames in (0, 1).
+
+        Raises:
+            ValueError: for another channel count, or H or W not divisible by patch.
+        """
         b, _, c, h, w = x.shape
         if c != self.channels or h % self.patch or w % self.patch:
             raise ValueError(f"expected (B, T, {self.channels}, H, W) with H, W divisible by "
