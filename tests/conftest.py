@@ -39,6 +39,11 @@ def _nan_filled_empties(monkeypatch):
     kernel or loop that reads memory it never wrote then fails loudly instead of passing on
     whatever the allocator left there (often zeros on a fresh page). Covers the Python-level
     allocators the package calls: torch.empty, empty_like, empty_strided, Tensor.new_empty."""
+    # torch.device("meta") redirects the factory functions it listed when first asked (a cached
+    # set of torch.empty and kin): list the real ones before they are wrapped.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in ("empty", "empty_like", "empty_strided"):
         monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
     monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))

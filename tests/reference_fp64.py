@@ -4,7 +4,7 @@ Deliberately independent of the package (nothing is imported from ``triton_convl
 loop over layers and time of cat -> conv -> split -> gates, with
 
 * "same" padding for odd and even kernels through ``F.pad`` (left = total // 2,
-  right = total - left, where total = dilation * (k - 1)),
+  right = total - left, where total = dilation * (k - 1)), in any of nn.Conv2d's padding modes,
 * dilation,
 * optional peepholes (Shi et al. 2015): i = σ(z_i + w_ci∘c_prev), f = σ(z_f + w_cf∘c_prev),
   c = f∘c_prev + i∘tanh(z_g), o = σ(z_o + w_co∘c) (the NEW cell), h = o∘tanh(c),
@@ -28,6 +28,7 @@ class LayerParams:
     bias: Tensor | None  # (4*hidden,)
     peephole: Tensor | None  # (3, hidden)
     dilation: tuple[int, int]
+    padding_mode: str = "zeros"  # as nn.Conv2d's: zeros, reflect, replicate, circular
 
     @property
     def hidden(self) -> int:
@@ -75,19 +76,21 @@ def params_from_cell(cell, dilation=1, dtype=torch.float64, requires_grad=True) 
                        cp(getattr(cell, "peephole", None)), _pair(dilation))
 
 
-def conv_same(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: tuple[int, int]) -> Tensor:
+def conv_same(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: tuple[int, int],
+              padding_mode: str = "zeros") -> Tensor:
     kh, kw = weight.shape[2:]
     dh, dw = dilation
     th, tw = dh * (kh - 1), dw * (kw - 1)
     top, left = th // 2, tw // 2
-    x = F.pad(x, (left, tw - left, top, th - top))
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    x = F.pad(x, (left, tw - left, top, th - top), mode=mode)
     return F.conv2d(x, weight, bias, dilation=dilation)
 
 
 def cell_step(x: Tensor, h: Tensor, c: Tensor, p: LayerParams,
               state_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """One step. Math in x's dtype, or the cell update in ``state_dtype`` when given."""
-    z = conv_same(torch.cat([x, h], dim=1), p.weight, p.bias, p.dilation)
+    z = conv_same(torch.cat([x, h], dim=1), p.weight, p.bias, p.dilation, p.padding_mode)
     sd = state_dtype or z.dtype
     zi, zf, zo, zg = torch.split(z.to(sd), p.hidden, dim=1)
     c = c.to(sd)

@@ -12,3 +12,8 @@ def test_fresh_cpu_allocations_hold_nan():
     leaf = torch.empty(2, requires_grad=True)
     assert leaf.requires_grad and leaf.is_leaf and leaf.isnan().all()
     assert torch.empty(2, dtype=torch.int64).dtype == torch.int64  # integers are left alone
+
+
+def test_the_device_context_still_redirects_the_wrapped_factories():
+    with torch.device("meta"):
+        assert torch.empty(2).is_meta and torch.empty_like(torch.ones(1)).is_meta

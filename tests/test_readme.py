@@ -55,3 +55,19 @@ def _streamed(model, video):
         pairs.append((chunk, state))
         _, state = model(chunk, hidden_state=state)
     return pairs
+
+
+def test_the_circular_padding_example_runs_and_holds():
+    """The README's global-grid snippet, run as written; its closing claim checked."""
+    import torch
+
+    from triton_convlstm import ConvLSTM
+
+    block = README.split("### Global grids")[1].split("```python")[1].split("```")[0]
+    scope = {"torch": torch, "ConvLSTM": ConvLSTM}
+    torch.manual_seed(0)
+    exec(block, scope)
+    model, field, outputs = scope["model"], scope["field"], scope["outputs"]
+    shifted = model(torch.roll(field, shifts=7, dims=-1))[0]
+    torch.testing.assert_close(shifted[-1], torch.roll(outputs[-1], shifts=7, dims=-1),
+                               rtol=1e-4, atol=1e-5)

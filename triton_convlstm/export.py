@@ -19,12 +19,12 @@ from .step_op import cell_step
 
 
 def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
-                   h0: Tensor | None, c0: Tensor | None,
-                   dilation: Sequence[int]) -> tuple[Tensor, Tensor]:
+                   h0: Tensor | None, c0: Tensor | None, dilation: Sequence[int],
+                   padding_mode: str = "zeros") -> tuple[Tensor, Tensor]:
     """One layer over the sequence, step by step.
 
     Args:
-        x, weight, bias, peephole, h0, c0, dilation: as
+        x, weight, bias, peephole, h0, c0, dilation, padding_mode: as
             :func:`triton_convlstm.layer_op.layer_forward_op`'s (x (T, B, C, H, W); h0, c0
             None for zeros).
 
@@ -38,6 +38,7 @@ def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Ten
     c = c0 if c0 is not None else x.new_zeros((b, hid, hh, ww), dtype=state_dtype(x.dtype))
     hs = []
     for step in range(t):
-        h, c = cell_step(x[step], h, c, weight, bias, peephole, dilation)
+        h, c = cell_step(x[step], h, c, weight, bias, peephole, dilation,
+                         padding_mode=padding_mode)
         hs.append(h)
     return torch.stack(hs), c

@@ -37,6 +37,7 @@ def layer_forward_op(
     use_graphs: bool,
     keep_gates: bool = True,
     fused: bool = False,
+    padding_mode: str = "zeros",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer over the sequence (:func:`triton_convlstm.sequence.layer_forward`).
 
@@ -53,6 +54,8 @@ def layer_forward_op(
         use_graphs: run the loop from a captured CUDA graph where it can.
         keep_gates: False: z_seq stays empty and the backward recomputes the gates.
         fused: see LayerSpec.
+        padding_mode: the convolutions' padding, as nn.Conv2d's ("zeros", "reflect",
+            "replicate", "circular").
 
     Returns:
         (h_seq, c_last, c_seq, z_seq): h_seq (T, B, hid, H, W) in the compute dtype, c_last
@@ -60,7 +63,7 @@ def layer_forward_op(
         :func:`triton_convlstm.sequence.output_buffers`).
     """
     return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                         keep_gates, fused)
+                         keep_gates, fused, padding_mode)
 
 
 # Captured loops keep x (forward) and the gradient of h_seq (backward) in the sequence layout:
@@ -84,8 +87,9 @@ def _on_device(fn):
 
 @_on_device
 def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                  keep_gates=True, fused=False, static_outputs=False, user=None):
-    spec = LayerSpec(tuple(dilation), backend, keep_gates, fused)
+                  keep_gates=True, fused=False, padding_mode="zeros", static_outputs=False,
+                  user=None):
+    spec = LayerSpec(tuple(dilation), backend, keep_gates, fused, padding_mode)
     args = (x, weight, bias, peephole, h0, c0)
     if use_graphs and graphs.can_capture(x):
         return tuple(graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args,
@@ -96,7 +100,7 @@ def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, us
 
 @layer_forward_op.register_fake
 def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates=True,
-      fused=False):
+      fused=False, padding_mode="zeros"):
     return output_buffers(x, weight, save, backend, keep_gates=keep_gates)
 
 
@@ -119,6 +123,7 @@ def layer_backward_op(
     use_graphs: bool,
     keep_gates: bool = True,
     bias: Tensor | None = None,
+    padding_mode: str = "zeros",
 ) -> list[Tensor]:
     """Gradients of :func:`layer_forward_op` (:func:`triton_convlstm.sequence.layer_backward`).
 
@@ -127,7 +132,7 @@ def layer_backward_op(
         grad_c_last: (B, hid, H, W), the gradient w.r.t. c_last, or None (zeros).
         x, weight, peephole, h0, c0: the forward's inputs.
         h_seq, c_last, c_seq, z_seq: the forward's outputs, run with ``save``.
-        dilation, backend, use_graphs, keep_gates: as the forward's.
+        dilation, backend, use_graphs, keep_gates, padding_mode: as the forward's.
         needs: six flags: which of (x, weight, bias, peephole, h0, c0) get a gradient.
         bias: the forward's, read only when the gates are recomputed (keep_gates=False).
 
@@ -137,7 +142,8 @@ def layer_backward_op(
         not needed.
     """
     return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
-                          c_seq, z_seq, dilation, backend, needs, use_graphs, keep_gates, bias)
+                          c_seq, z_seq, dilation, backend, needs, use_graphs, keep_gates, bias,
+                          padding_mode)
 
 
 def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False):
@@ -154,8 +160,9 @@ def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = F
 
 @_on_device
 def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
-                   z_seq, dilation, backend, needs, use_graphs, keep_gates=True, bias=None):
-    spec = LayerSpec(tuple(dilation), backend, keep_gates)
+                   z_seq, dilation, backend, needs, use_graphs, keep_gates=True, bias=None,
+                   padding_mode="zeros"):
+    spec = LayerSpec(tuple(dilation), backend, keep_gates, padding_mode=padding_mode)
     needs = tuple(bool(n) for n in needs)
     args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
             bias)
@@ -167,7 +174,7 @@ def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, 
 
 @layer_backward_op.register_fake
 def _(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-      dilation, backend, needs, use_graphs, keep_gates=True, bias=None):
+      dilation, backend, needs, use_graphs, keep_gates=True, bias=None, padding_mode="zeros"):
     likes = _grad_likes(x, weight, peephole, h0, c0)
     return [
         torch.empty_like(like) if need and like is not None else x.new_empty(0)
@@ -181,8 +188,8 @@ def _grad_likes(x, weight, peephole, h0, c0):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates, fused = (
-        inputs)
+    (x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates, fused,
+     padding_mode) = inputs
     h_seq, c_last, c_seq, z_seq = output
     ctx.mark_non_differentiable(c_seq, z_seq)
     # Otherwise autograd hands the backward zero-filled (T, B, 4*hid, H, W) gradients for the
@@ -191,8 +198,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
     # fused too: a forward the backward reruns (after a replay overwrote what it saved) must
     # round as the first run did.
-    ctx.config = (LayerSpec(tuple(dilation), backend, keep_gates, fused), save, use_graphs,
-                  bias is not None)
+    ctx.config = (LayerSpec(tuple(dilation), backend, keep_gates, fused, padding_mode), save,
+                  use_graphs, bias is not None)
 
 
 def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_fn=None):
@@ -208,13 +215,14 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_f
         grads = layer_backward_op(
             grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
             spec.dilation, spec.backend, needs, use_graphs, spec.keep_gates, bias,
+            spec.padding_mode,
         )
     else:
         grads = backward_fn(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0,
                             h_seq, c_last, c_seq, z_seq, spec,
                             tuple(bool(n) for n in needs), use_graphs)
     grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -231,10 +239,10 @@ class _EagerLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):  # the op's 12 inputs, the graph slot, static_outputs
+    def forward(ctx, *inputs):  # the op's 13 inputs, the graph slot, static_outputs
         output, ctx.graph = _eager_forward(*inputs)
         ctx.consumed = False
-        _setup_context(ctx, inputs[:12], output)
+        _setup_context(ctx, inputs[:13], output)
         return output
 
     @staticmethod
@@ -255,11 +263,12 @@ class _EagerLayer(torch.autograd.Function):
 
 @_on_device
 def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                   keep_gates=True, fused=False, slot=None, static_outputs=False):
+                   keep_gates=True, fused=False, padding_mode="zeros", slot=None,
+                   static_outputs=False):
     if not (save and use_graphs and graphs.can_capture(x)):
         return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save,
-                             use_graphs, keep_gates, fused), None
-    spec = LayerSpec(tuple(dilation), backend, keep_gates, fused)
+                             use_graphs, keep_gates, fused, padding_mode), None
+    spec = LayerSpec(tuple(dilation), backend, keep_gates, fused, padding_mode)
     with graphs.LOCK:  # the generation read must be this call's replay's
         out, entry = graphs.FORWARD.run_with_entry(
             lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
@@ -317,14 +326,14 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
 def run_layer(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
               h0: Tensor | None, c0: Tensor | None, dilation: Sequence[int], backend: str,
               save: bool, use_graphs: bool, keep_gates: bool = True, fused: bool = False,
-              slot: int | None = None,
+              padding_mode: str = "zeros", slot: int | None = None,
               static_outputs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
     loop is not unrolled), else the same code called directly.
 
     Args:
         x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates,
-            fused: as :func:`layer_forward_op`'s.
+            fused, padding_mode: as :func:`layer_forward_op`'s.
         slot: graphs.slot_of of the calling module, or None: gives each layer its own captured
             forward in training, and counts it among the users of the inference captures it
             shares with others.
@@ -339,7 +348,7 @@ def run_layer(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor |
         (h_seq, c_last, c_seq, z_seq), as :func:`layer_forward_op` returns.
     """
     args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs,
-            keep_gates, fused)
+            keep_gates, fused, padding_mode)
     if torch.compiler.is_compiling():
         return layer_forward_op(*args)
     if not save:

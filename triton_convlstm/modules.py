@@ -13,10 +13,12 @@ from torch import Tensor, nn
 
 from . import graphs, validation
 from .backend import check_backend_name, exporting, resolve_backend, triton_import_error
+from .conv import PADDING_MODES, same_padding
 from .export import layer_unrolled
 from .layer_op import run_layer
 from .reference import state_dtype
-from .step_op import cell_step
+from .step_by_step import calls_conv, layer_by_modules, runs_modules
+from .step_op import cell_step, gate_update
 
 
 class ConvLSTMCell(nn.Module):
@@ -32,6 +34,8 @@ class ConvLSTMCell(nn.Module):
             output gate reads the new cell.
         dilation: int or (dh, dw).
         backend: "auto" (Triton on CUDA when available), "torch" or "triton".
+        padding_mode: "zeros", "reflect", "replicate" or "circular", as nn.Conv2d's (set on
+            ``conv``, where a later change is honoured too).
 
     Raises:
         TypeError, ValueError: naming the invalid argument.
@@ -46,7 +50,7 @@ class ConvLSTMCell(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int,
                  kernel_size: int | tuple[int, int] | list[int], bias: bool = True, *,
                  peephole: bool = False, dilation: int | tuple[int, int] | list[int] = 1,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", padding_mode: str = "zeros") -> None:
         super().__init__()
         input_dim = validation.positive_int("input_dim", input_dim)
         hidden_dim = validation.positive_int("hidden_dim", hidden_dim)
@@ -56,14 +60,15 @@ class ConvLSTMCell(nn.Module):
         self.input_dim, self.hidden_dim = input_dim, hidden_dim
         self.kernel_size = validation.pair("kernel_size", kernel_size)
         self.dilation = validation.pair("dilation", dilation)
-        self.bias = bool(bias)
+        self.bias = validation.drop_in_flag("bias", bias)
         self.backend = backend
+        padding_mode = validation.one_of("padding_mode", padding_mode, PADDING_MODES)
         # A plain Conv2d holds the parameters: same names, shapes and default init as the popular
-        # module. Its padding matches that module's too; this class never calls it directly.
+        # module, and the same padding for its odd kernels. The fast path computes from its
+        # weight; it is called only where hooks or a changed conv need it (step_by_step.py).
         self.conv = nn.Conv2d(
-            input_dim + hidden_dim, 4 * hidden_dim, self.kernel_size,
-            padding=(self.kernel_size[0] // 2, self.kernel_size[1] // 2),
-            dilation=self.dilation, bias=self.bias,
+            input_dim + hidden_dim, 4 * hidden_dim, self.kernel_size, padding=self.conv_padding,
+            dilation=self.dilation, bias=self.bias, padding_mode=padding_mode,
         )
         # Zeros: a new peephole model starts as the plain LSTM, and init draws no random numbers,
         # so seeded weights equal the popular module's.
@@ -95,6 +100,19 @@ class ConvLSTMCell(nn.Module):
         return h, torch.zeros_like(h, dtype=state_dtype(w.dtype))
 
     @property
+    def conv_padding(self) -> tuple[int, int] | str:
+        """The padding ``conv`` is built with: (top, left) where "same" padding is symmetric
+        (odd kernels: (kh // 2, kw // 2) without dilation, as the popular module), else
+        "same" (nn.Conv2d then pads the extra pixel at the bottom/right, as conv.same_padding)."""
+        left, right, top, bottom = same_padding(self.kernel_size, self.dilation)
+        return (top, left) if left == right and top == bottom else "same"
+
+    def check_padding(self, name: str, height: int, width: int) -> None:
+        """A clear error where frames of H x W are too small for the conv's padding_mode."""
+        validation.padding_fits(name, self.conv.padding_mode,
+                                same_padding(self.kernel_size, self.dilation), height, width)
+
+    @property
     def padding(self) -> tuple[int, int]:
         """The popular cell's attribute: (kh // 2, kw // 2), "same" for odd kernels (even ones
         pad one more at the bottom/right here; see conv.same_padding)."""
@@ -115,9 +133,13 @@ class ConvLSTMCell(nn.Module):
             state dtype.
         """
         x = input_tensor
-        validation.frame_input(x, self.input_dim, self.conv.weight)
-        dtype = validation.compute_dtype(x, self.conv.weight)
+        plain = not calls_conv(self)
+        # The weight is read once a step: a parametrized one is computed when read.
+        like = self.conv.weight if plain else _parameter_of(self)
+        validation.frame_input(x, self.input_dim, like)
+        dtype = validation.compute_dtype(x, like)
         b, _, height, width = x.shape
+        self.check_padding("input_tensor", height, width)
         if cur_state is None:
             h, c = self.init_hidden(b, (height, width))
             h, c = h.to(dtype), c.to(state_dtype(dtype))
@@ -126,9 +148,19 @@ class ConvLSTMCell(nn.Module):
                 "cur_state", cur_state, (b, self.hidden_dim, height, width), dtype, x.device,
                 cast=validation.autocasting(x),
             )
-        weight, bias, peep = validation.cast_params(self.conv.weight, self.conv.bias,
-                                                    self.peephole, dtype)
-        return cell_step(x.to(dtype), h, c, weight, bias, peep, self.dilation, self.backend)
+        if not plain:  # called as a module: its hooks run, its own padding and forward apply
+            z = self.conv(torch.cat([x.to(dtype), h], dim=1))
+            peep = None if self.peephole is None else self.peephole.to(state_dtype(dtype))
+            return gate_update(z, c, peephole=peep, backend=self.backend)
+        weight, bias, peep = validation.cast_params(like, self.conv.bias, self.peephole, dtype)
+        return cell_step(x.to(dtype), h, c, weight, bias, peep, self.dilation, self.backend,
+                         padding_mode=self.conv.padding_mode)
+
+
+def _parameter_of(cell: nn.Module) -> Tensor:
+    """A parameter of the cell's convolution, for its device and dtype without reading
+    ``conv.weight`` (a parametrized weight is computed when read)."""
+    return next(cell.conv.parameters())
 
 
 def _copy(t: Tensor) -> Tensor:
@@ -158,7 +190,10 @@ class ConvLSTM(nn.Module):
         fused_forward: experimental, off until measured on a GPU: with the Triton backend, each
             forward step is one kernel, the convolution of [x_t, h] with the gate update fused
             into it (kernels/fused_step.py); the backward is the split path's. Other backends
-            ignore it.
+            and padding modes other than "zeros" ignore it.
+        padding_mode: "zeros", "reflect", "replicate" or "circular" (as nn.Conv2d's), one for
+            every layer or a list with one per layer; set on each cell's ``conv``, where a later
+            change is honoured too. "circular" wraps around (longitude on a global grid).
 
     Raises:
         TypeError, ValueError: naming the invalid argument.
@@ -193,18 +228,23 @@ class ConvLSTM(nn.Module):
         cuda_graphs: bool = True,
         recompute_gates: bool = False,
         fused_forward: bool = False,
+        padding_mode: str | Sequence[str] = "zeros",
     ) -> None:
         super().__init__()
         num_layers = validation.positive_int("num_layers", num_layers)
         input_dim = validation.positive_int("input_dim", input_dim)
         check_backend_name(backend)
-        if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)):
-            raise TypeError(f"forget_bias: expected a number, got {forget_bias!r}")
+        batch_first = validation.drop_in_flag("batch_first", batch_first)
+        bias = validation.drop_in_flag("bias", bias)
+        return_all_layers = validation.drop_in_flag("return_all_layers", return_all_layers)
+        forget_bias = validation.finite_number("forget_bias", forget_bias)
         if forget_bias and not bias:
             raise ValueError(f"forget_bias: expected 0.0 with bias=False, got {forget_bias}")
         hidden = validation.per_layer("hidden_dim", hidden_dim, num_layers, scalar=int)
         kernels = validation.per_layer("kernel_size", kernel_size, num_layers)
         dilations = validation.per_layer("dilation", dilation, num_layers)
+        paddings = validation.per_layer_choice("padding_mode", padding_mode, num_layers,
+                                               PADDING_MODES)
         self.input_dim, self.hidden_dim = input_dim, hidden
         self.kernel_size, self.num_layers = kernels, num_layers
         self.batch_first, self.bias = batch_first, bias
@@ -215,7 +255,8 @@ class ConvLSTM(nn.Module):
         self.fused_forward = validation.flag("fused_forward", fused_forward)
         self.cell_list = nn.ModuleList(
             ConvLSTMCell(input_dim if i == 0 else hidden[i - 1], hidden[i], kernels[i], bias,
-                         peephole=peephole, dilation=dilations[i], backend=backend)
+                         peephole=peephole, dilation=dilations[i], backend=backend,
+                         padding_mode=paddings[i])
             for i in range(num_layers)
         )
         if forget_bias and bias:
@@ -246,11 +287,13 @@ class ConvLSTM(nn.Module):
         """
         # Argument names as the popular module's, so keyword calls keep working.
         x = input_tensor
-        first = self.cell_list[0].conv.weight
+        first = _parameter_of(self.cell_list[0])  # device and dtype; weights are read once, below
         validation.sequence_input(x, self.input_dim, first, self.batch_first)
         dtype = validation.compute_dtype(x, first)
         seq = x.transpose(0, 1) if self.batch_first else x  # time-major view
         _, b, _, height, width = seq.shape
+        for cell in self.cell_list:
+            cell.check_padding("input_tensor", height, width)
         states = validation.hidden_state(
             hidden_state, [(b, c.hidden_dim, height, width) for c in self.cell_list], dtype,
             x.device, cast=validation.autocasting(x),
@@ -282,31 +325,43 @@ class ConvLSTM(nn.Module):
         outputs, last = [], []
         n = len(self.cell_list)
         for idx, (cell, (h0, c0)) in enumerate(zip(self.cell_list, states)):
-            weight, bias, peep = validation.cast_params(cell.conv.weight, cell.conv.bias,
-                                                        cell.peephole, dtype)
-            save = torch.is_grad_enabled() and any(
-                p is not None and p.requires_grad for p in (seq, weight, bias, peep, h0, c0)
-            )
-            returned = self.return_all_layers or idx == n - 1
-            if exporting():  # standard ops only, step by step (see export.py)
-                h_seq, c_last = layer_unrolled(seq, weight, bias, peep, h0, c0, cell.dilation)
+            if runs_modules(cell, ConvLSTMCell.forward):  # hooks and the like: step_by_step.py
+                h_seq, c_last = layer_by_modules(cell, seq, h0, c0)
             else:
-                h_seq, c_last, _, _ = run_layer(
-                    seq, weight, bias, peep, h0, c0, cell.dilation, backend, save,
-                    use_graphs[idx], keep_gates=not self.recompute_gates, fused=self.fused_forward,
-                    slot=graphs.owner_slot(cell, use_graphs[idx], seq),
-                    # A captured loop's own output buffers, no clone: this method copies what it
-                    # returns right away. Not where a later layer may save this one's output.
-                    static_outputs=idx == n - 1 or not torch.is_grad_enabled(),
-                )
+                # A captured loop's own output buffers may come back uncloned (this method
+                # copies what it returns right away), but not where a later layer may save
+                # this one's output.
+                static = idx == n - 1 or not torch.is_grad_enabled()
+                h_seq, c_last = self._layer(cell, seq, h0, c0, backend, dtype, use_graphs[idx],
+                                            static)
             seq = h_seq
-            if returned:
+            if self.return_all_layers or idx == n - 1:
                 # Contiguous (B, T, hidden, H, W) and (B, hidden, H, W), as the popular module
                 # returns: code that calls .view() on them keeps working. Always a copy (the
-                # internal buffers are time-major channels_last, and may be a capture's).
+                # internal buffers are time-major channels_last, and may be a capture's). Each
+                # state pair is a list [h, c], as the popular module's.
                 outputs.append(_copy(h_seq.transpose(0, 1)))
-                last.append((_copy(h_seq[-1]), _copy(c_last)))
+                last.append([_copy(h_seq[-1]), _copy(c_last)])
         return outputs, last
+
+    def _layer(self, cell, seq, h0, c0, backend, dtype, use_graphs, static_outputs):
+        """One layer on the fast path: (h_seq, c_last)."""
+        # Read once per call: a parametrized weight is computed when read.
+        weight, bias, peep = validation.cast_params(cell.conv.weight, cell.conv.bias,
+                                                    cell.peephole, dtype)
+        save = torch.is_grad_enabled() and any(
+            p is not None and p.requires_grad for p in (seq, weight, bias, peep, h0, c0)
+        )
+        padding_mode = cell.conv.padding_mode  # read per call: a later change is honoured
+        if exporting():  # standard ops only, step by step (see export.py)
+            return layer_unrolled(seq, weight, bias, peep, h0, c0, cell.dilation, padding_mode)
+        h_seq, c_last, _, _ = run_layer(
+            seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
+            keep_gates=not self.recompute_gates, fused=self.fused_forward,
+            padding_mode=padding_mode, slot=graphs.owner_slot(cell, use_graphs, seq),
+            static_outputs=static_outputs,
+        )
+        return h_seq, c_last
 
     def extra_repr(self) -> str:
         """The constructor arguments ``print(module)`` shows besides the cells'."""

@@ -18,6 +18,7 @@ saved one, in either direction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,25 @@ class LayerSpec:
     keep_gates: bool = True
     # With the Triton backend: each forward step is one kernel, the convolution of [x_t, h]
     # with the gate update as its epilogue (kernels/fused_step.py; experimental, unmeasured on
-    # a GPU). The backward is the split path's.
+    # a GPU). The backward is the split path's. Zero padding only (other modes take the split
+    # path).
     fused: bool = False
+    # The convolutions' padding, as nn.Conv2d's padding_mode (conv.PADDING_MODES).
+    padding_mode: str = "zeros"
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """:func:`~triton_convlstm.conv.conv_same` with this layer's dilation and padding."""
+        return conv_same(x, weight, self.dilation, bias, padding_mode=self.padding_mode)
+
+    def conv_input_grad(self, grad: Tensor, x_shape: Sequence[int], weight: Tensor) -> Tensor:
+        """:func:`~triton_convlstm.conv.conv_same_input_grad` with this layer's settings."""
+        return conv_same_input_grad(grad, x_shape, weight, self.dilation,
+                                    padding_mode=self.padding_mode)
+
+    def conv_weight_grad(self, grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+        """:func:`~triton_convlstm.conv.conv_same_weight_grad` with this layer's settings."""
+        return conv_same_weight_grad(grad, x, weight, self.dilation,
+                                     padding_mode=self.padding_mode)
 
 
 def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
@@ -159,7 +177,8 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
         dtype, c_seq (T-1, B, hid, H, W) or empty, z_seq (T, B, 4*hid, H, W) or empty.
     """
     frames = seq_frames(x)
-    if spec.fused and spec.backend == "triton" and _fused_fits(x, weight):
+    if (spec.fused and spec.backend == "triton" and spec.padding_mode == "zeros"
+            and _fused_fits(x, weight)):
         return _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec, save, frames)
     if cat_convs(spec, x):
         return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
@@ -177,7 +196,7 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
     save_z = save and spec.keep_gates
     zx_all = None
     if save_z and saved_gates_dtype(x.dtype, spec.backend) == x.dtype and t > 0:
-        zx_all = frames_as_seq(conv_same(frames, w_x, spec.dilation, conv_bias), t, b)
+        zx_all = frames_as_seq(spec.conv(frames, w_x, conv_bias), t, b)
     # z_seq must have the strides the fake kernels promise (they allocate with empty_seq).
     given = zx_all if zx_all is not None and in_seq_layout(zx_all) else None
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend, given,
@@ -198,10 +217,10 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
         if in_place:
             zx = z_seq
         else:
-            zx = conv_same(frames[t0 * b : t1 * b], w_x, spec.dilation, conv_bias)
+            zx = spec.conv(frames[t0 * b : t1 * b], w_x, conv_bias)
             zx = zx.unflatten(0, (t1 - t0, b))
         for step in range(t0, t1):
-            zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
+            zh = None if h_prev is None else spec.conv(h_prev, w_h)
             # Saving: c_t goes to its slot in c_seq (the last one to c_last); inference: c is
             # updated in place in c_last (the kernels read each element before writing it).
             c_out = c_seq[step] if save and step < t - 1 else c_last
@@ -236,10 +255,10 @@ def _recompute_gates(gate_forward, zx, h_prev, w_h, gate_bias, c_prev, peephole,
                      h_scratch, c_scratch):
     """One step's saved gates again, by the forward's own code (so the same values): from zx
     (the step's input-convolution output, overwritten with them when the dtypes agree)."""
-    zh = None if h_prev is None else conv_same(h_prev, w_h, spec.dilation)
+    zh = None if h_prev is None else spec.conv(h_prev, w_h)
     z = zx if gdt == zx.dtype else torch.empty_like(zx, dtype=gdt)
     gate_forward(zx, zh, gate_bias, c_prev, peephole, h_out=h_scratch, c_out=c_scratch,
-                  z_out=z, save_z=True)
+                 z_out=z, save_z=True)
     return z
 
 
@@ -272,13 +291,12 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     for step in range(t):
         x_t = frames[step * b : (step + 1) * b]
         if h_prev is None:
-            z = conv_same(x_t, w_x, spec.dilation, bias)
+            z = spec.conv(x_t, w_x, bias)
         else:
-            z = conv_same(torch.cat([x_t, h_prev.to(x_t.dtype)], dim=1), w_all, spec.dilation,
-                          bias)
+            z = spec.conv(torch.cat([x_t, h_prev.to(x_t.dtype)], dim=1), w_all, bias)
         c_out = c_seq[step] if save and step < t - 1 else c_last
         gate_forward_torch(z, None, None, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
-                             z_out=z_seq[step] if save_z else None, save_z=save_z)
+                           z_out=z_seq[step] if save_z else None, save_z=save_z)
         c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
 
@@ -394,7 +412,7 @@ def layer_backward(
     for t1 in range(t, 0, -chunk):
         t0 = max(0, t1 - chunk)
         if recompute:
-            dz = conv_same(frames[t0 * b : t1 * b], w_x, spec.dilation, conv_bias)
+            dz = spec.conv(frames[t0 * b : t1 * b], w_x, conv_bias)
             dz = dz.unflatten(0, (t1 - t0, b))
         else:
             dz = dz_buf[t0:t1] if dz_buf is z_seq else dz_buf[: t1 - t0]
@@ -411,22 +429,21 @@ def layer_backward(
             )
             dpeep.add(dp)
             if step > 0 or (need_h0 and h0 is not None):
-                dh_rec = conv_same_input_grad(dz[step - t0], (b, hid, hh, ww), w_h, spec.dilation)
+                dh_rec = spec.conv_input_grad(dz[step - t0], (b, hid, hh, ww), w_h)
         # This chunk's share of the batched gradients, before dz_buf is reused.
         dz_frames = dz.flatten(0, 1)
         if need_x:
-            dx = conv_same_input_grad(dz_frames, ((t1 - t0) * b, cin, hh, ww), w_x, spec.dilation)
+            dx = spec.conv_input_grad(dz_frames, ((t1 - t0) * b, cin, hh, ww), w_x)
             dx_chunks.append(dx.unflatten(0, (t1 - t0, b)))
         if need_w:
-            dw_x.add(conv_same_weight_grad(dz_frames, frames[t0 * b : t1 * b], w_x, spec.dilation))
+            dw_x.add(spec.conv_weight_grad(dz_frames, frames[t0 * b : t1 * b], w_x))
             s0 = max(t0, 1)  # steps s0..t1-1 read h_{t-1} from h_seq; step 0 reads h0
             if t1 > s0:
-                dw_h.add(conv_same_weight_grad(dz[s0 - t0 :].flatten(0, 1),
-                                               h_seq[s0 - 1 : t1 - 1].flatten(0, 1), w_h,
-                                               spec.dilation))
+                dw_h.add(spec.conv_weight_grad(dz[s0 - t0 :].flatten(0, 1),
+                                               h_seq[s0 - 1 : t1 - 1].flatten(0, 1), w_h))
             if t0 == 0 and h0 is not None:
                 h0_cl = h0.contiguous(memory_format=MEMORY_FORMAT)
-                dw_h.add(conv_same_weight_grad(dz[0], h0_cl, w_h, spec.dilation))
+                dw_h.add(spec.conv_weight_grad(dz[0], h0_cl, w_h))
         if need_b and db_acc is None:
             dbias.add(dz.sum(dim=(0, 1, 3, 4), dtype=sdt))
 

@@ -195,8 +195,8 @@ def gate_update(
 
 
 def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Tensor | None,
-              peephole: Tensor | None, dilation: Sequence[int],
-              backend: str = "torch") -> tuple[Tensor, Tensor]:
+              peephole: Tensor | None, dilation: Sequence[int], backend: str = "torch", *,
+              padding_mode: str = "zeros") -> tuple[Tensor, Tensor]:
     """One step, as the popular module's cell: the convolution of [x_t, h] with the combined
     weight (of x_t alone when h is None, the zero state: only the input part contributes), then
     :func:`gate_update`.
@@ -210,12 +210,13 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
         peephole: (3, hidden), the state dtype, or None.
         dilation: (dh, dw).
         backend: as :func:`gate_update`'s.
+        padding_mode: the convolution's, as nn.Conv2d's.
 
     Returns:
         (h, c): (B, hidden, H, W) each, h in the compute dtype, c in the state dtype.
     """
-    if h is None:
-        z = conv_same(x_t, weight[:, : x_t.shape[1]], dilation)
+    if h is None:  # a zero h pads to zeros in every mode: its taps contribute nothing
+        z = conv_same(x_t, weight[:, : x_t.shape[1]], dilation, padding_mode=padding_mode)
     else:
-        z = conv_same(torch.cat([x_t, h], dim=1), weight, dilation)
+        z = conv_same(torch.cat([x_t, h], dim=1), weight, dilation, padding_mode=padding_mode)
     return gate_update(z, c, bias=bias, peephole=peephole, backend=backend)

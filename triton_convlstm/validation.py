@@ -3,6 +3,7 @@ actual, before anything is computed (never a crash deep in a kernel)."""
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +66,77 @@ def flag(name: str, value: Any) -> bool:
     return value
 
 
+def drop_in_flag(name: str, value: Any) -> bool:
+    """A switch of the popular module (batch_first, bias, return_all_layers): True or False, or
+    1 or 0 as ints. Anything else is an error: ``batch_first="False"`` would be read as True.
+
+    Args:
+        name: the argument's name, for the error.
+        value: the value to check.
+
+    Returns:
+        value as a bool.
+
+    Raises:
+        TypeError: not a bool and not the int 0 or 1.
+    """
+    if isinstance(value, bool):
+        return value
+    if _is_int(value) and operator.index(value) in (0, 1):
+        return bool(operator.index(value))
+    raise TypeError(f"{name}: expected True or False (or 1 or 0), got "
+                    f"{type(value).__name__} {value!r}")
+
+
+def finite_number(name: str, value: Any) -> int | float:
+    """A finite real number (int or float, not a bool), e.g. forget_bias.
+
+    Raises:
+        TypeError: not a number. ValueError: inf or nan.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return value
+
+
+def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """A string among ``choices`` (padding_mode, backend).
+
+    Raises:
+        ValueError: naming the argument and the choices.
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def per_layer_choice(name: str, value: Any, num_layers: int,
+                     choices: tuple[str, ...]) -> list[str]:
+    """One string among ``choices`` for every layer, or a list with one per layer.
+
+    Raises:
+        ValueError: naming the argument: a value not among the choices, or a list of the wrong
+            length.
+    """
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise ValueError(f"{name}: expected one value or a list of num_layers={num_layers} "
+                             f"values, got a list of {len(value)}")
+        return [one_of(name, v, choices) for v in value]
+    return [one_of(name, value, choices)] * num_layers
+
+
+def _no_float(name: str, value: Any) -> None:
+    """Sizes are ints: a float (3.0 from arithmetic, say) is named as such, not as 'not a
+    pair' or 'a list of the wrong length'."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    for v in items:
+        if isinstance(v, float):
+            raise TypeError(f"{name}: expected ints, got float {v!r}")
+
+
 def pair(name: str, value: Any) -> tuple[int, int]:
     """A positive int n -> (n, n); a tuple or list of two positive ints -> a tuple of them.
 
@@ -78,6 +150,7 @@ def pair(name: str, value: Any) -> tuple[int, int]:
     Raises:
         TypeError, ValueError: as :func:`positive_int`, or not an int or a pair.
     """
+    _no_float(name, value)
     if _is_int(value):
         value = (value, value)
     if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -104,6 +177,7 @@ def per_layer(name: str, value: Any, num_layers: int,
     Raises:
         TypeError, ValueError: naming the argument, with a hint for a likely mix-up.
     """
+    _no_float(name, value)
     one = _is_int(value) or (
         scalar is None and isinstance(value, tuple) and len(value) == 2
         and all(_is_int(v) for v in value)
@@ -206,6 +280,33 @@ def sequence_input(x: Any, input_dim: int, weight: Tensor, batch_first: bool) ->
     _same_device("input_tensor", x, weight)
 
 
+def padding_fits(name: str, padding_mode: str, pads: Sequence[int], height: int,
+                 width: int) -> None:
+    """Frames large enough for the padding: "reflect" mirrors inside the image (each pad less
+    than the side), "circular" wraps once (at most the side); "zeros" and "replicate" pad any
+    size.
+
+    Args:
+        name: the input's name, for the error.
+        padding_mode: the convolution's.
+        pads: (left, right, top, bottom), as conv.same_padding gives.
+        height, width: the frames' H and W.
+
+    Raises:
+        ValueError: naming the input, the mode and the sizes.
+    """
+    if padding_mode not in ("reflect", "circular"):
+        return
+    left, right, top, bottom = pads
+    too_big = (lambda pad, side: pad >= side) if padding_mode == "reflect" else (
+        lambda pad, side: pad > side)
+    if too_big(max(top, bottom), height) or too_big(max(left, right), width):
+        need = "less than" if padding_mode == "reflect" else "at most"
+        raise ValueError(
+            f"{name}: padding_mode={padding_mode!r} pads (left, right, top, bottom) = "
+            f"{tuple(pads)}, each {need} the frame's side, got H={height}, W={width}")
+
+
 def autocasting(x: Tensor) -> bool:
     """Whether autocast applies to x, as it would to a convolution's input: on for x's device,
     and x not float64 (autocast leaves float64 alone).
@@ -213,6 +314,8 @@ def autocasting(x: Tensor) -> bool:
     Args:
         x: the input, any shape, floating.
     """
+    if x.is_meta:  # autocast knows no meta device (it raises); shape inference needs none
+        return False
     return torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64
 
 

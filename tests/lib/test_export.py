@@ -31,10 +31,10 @@ def device(request):
     return request.param
 
 
-def _model(device="cpu"):
+def _model(device="cpu", padding_mode="zeros"):
     torch.manual_seed(0)
     m = ConvLSTM(3, [5, 4], [3, (2, 3)], 2, batch_first=True, peephole=True,
-                 return_all_layers=True, dilation=[1, 2])
+                 return_all_layers=True, dilation=[1, 2], padding_mode=padding_mode)
     with torch.no_grad():
         for cell in m.cell_list:
             cell.peephole.normal_(0, 0.5)
@@ -65,8 +65,14 @@ def test_not_exporting_while_running():
     assert not exporting()
 
 
-def test_torch_export_captures_standard_ops_unrolled(device):
-    m, args = _model(device), _inputs(device=device)
+# Padding modes other than zeros: reflect and circular in the two layers (wrap-around and
+# mirrored borders must survive export too).
+PADDINGS = ["zeros", ["circular", "reflect"]]
+
+
+@pytest.mark.parametrize("padding", PADDINGS, ids=["zeros", "circular-reflect"])
+def test_torch_export_captures_standard_ops_unrolled(device, padding):
+    m, args = _model(device, padding), _inputs(device=device)
     with torch.no_grad():
         want = m(*args)
         exported = torch.export.export(m, args)
@@ -101,11 +107,12 @@ def test_torch_export_of_a_training_model_keeps_gradients(device):
     assert not [t for t in _call_targets(exported.graph) if "triton_convlstm" in t]
 
 
+@pytest.mark.parametrize("padding", PADDINGS, ids=["zeros", "circular-reflect"])
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
-def test_onnx_export_with_a_dynamic_batch_runs_in_onnxruntime(tmp_path, dynamo):
+def test_onnx_export_with_a_dynamic_batch_runs_in_onnxruntime(tmp_path, dynamo, padding):
     pytest.importorskip("onnxscript")  # the test extra installs it, with onnx and onnxruntime
     ort = pytest.importorskip("onnxruntime")
-    m, args = _model(), _inputs()
+    m, args = _model(padding_mode=padding), _inputs()
     path = tmp_path / "convlstm.onnx"
     names = ["x", "h0", "c0", "h1", "c1"]
     if dynamo:

@@ -530,10 +530,13 @@ def test_saturated_inputs_stay_finite(dtype):
 # torch.compile and the Triton backend
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_torch_compile_fullgraph_matches_eager(padding):
     cfg = Cfg(B=1, T=2, C=2, hidden=3, kernel=[3, 2], layers=2, H=4, W=4, peephole=True,
               all_layers=True)
     m = make_module(cfg)
+    for cell in m.cell_list:
+        cell.conv.padding_mode = padding
     x = torch.randn(1, 2, 2, 4, 4, requires_grad=True)
     eo, es = m(x)
     ge = torch.autograd.grad(sum(o.sum() for o in eo), [x, *m.parameters()])
