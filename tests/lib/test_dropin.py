@@ -364,3 +364,31 @@ def test_frames_too_small_for_the_padding_are_a_clear_error(mode, size, fits):
         m(x)
     with pytest.raises(ValueError, match=match):
         cell(x[:, 0])
+
+
+def test_a_lone_cell_calls_its_hooked_conv():
+    """ConvLSTMCell used alone: a hook on its conv runs once a step, with the same result."""
+    torch.manual_seed(16)
+    cell = ConvLSTMCell(2, 3, (2, 3), padding_mode="reflect").double()
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    state = [torch.randn(2, 3, 5, 6, dtype=torch.float64) for _ in range(2)]
+    fast = cell(x, state)
+    calls = []
+    cell.conv.register_forward_hook(lambda *a: calls.append(1))
+    hooked = cell(x, state)
+    assert len(calls) == 1
+    _close(hooked[0], fast[0])
+    _close(hooked[1], fast[1])
+
+
+def test_the_fused_forward_leaves_other_padding_modes_to_the_split_path():
+    """The fused kernel pads with zeros: with another mode the layer takes the split path."""
+    torch.manual_seed(17)
+    x = torch.randn(1, 3, 2, 5, 6)
+    outs = []
+    for fused in (False, True):
+        torch.manual_seed(18)
+        m = ConvLSTM(2, 3, 3, 1, True, backend="triton", padding_mode="circular",
+                     fused_forward=fused)
+        outs.append(m(x)[0][0])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
