@@ -109,8 +109,10 @@ class ConvLSTMCell(nn.Module):
 
     def check_padding(self, name: str, height: int, width: int) -> None:
         """A clear error where frames of H x W are too small for the conv's padding_mode."""
-        validation.padding_fits(name, self.conv.padding_mode,
-                                same_padding(self.kernel_size, self.dilation), height, width)
+        mode = self.conv.padding_mode
+        if mode in ("reflect", "circular"):  # the others pad any size
+            validation.padding_fits(name, mode, same_padding(self.kernel_size, self.dilation),
+                                    height, width)
 
     @property
     def padding(self) -> tuple[int, int]:
@@ -153,8 +155,8 @@ class ConvLSTMCell(nn.Module):
             peep = None if self.peephole is None else self.peephole.to(state_dtype(dtype))
             return gate_update(z, c, peephole=peep, backend=self.backend)
         weight, bias, peep = validation.cast_params(like, self.conv.bias, self.peephole, dtype)
-        return cell_step(x.to(dtype), h, c, weight, bias, peep, self.dilation, self.backend,
-                         padding_mode=self.conv.padding_mode)
+        return cell_step(x if x.dtype == dtype else x.to(dtype), h, c, weight, bias, peep,
+                         self.dilation, self.backend, padding_mode=self.conv.padding_mode)
 
 
 def _parameter_of(cell: nn.Module) -> Tensor:

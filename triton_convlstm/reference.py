@@ -86,26 +86,29 @@ def gate_forward_ref(
     0.5
     """
     i, f, o, g, c = _activations(z, c_prev, None, peephole, forward=True)
-    return (o * torch.tanh(c)).to(z.dtype), c
+    h = o * torch.tanh(c)
+    return (h if h.dtype == z.dtype else h.to(z.dtype)), c
 
 
 def _activations(z, c_prev, c, peephole, forward=False):
     """i, f, o, g (state dtype); in the forward also the new cell, which o's peephole reads."""
+    # Casts and slices only where needed: on CPU a one-frame step at small sizes is mostly
+    # per-op overhead (each no-op .to() or unused slice is a dispatch).
     math = state_dtype(z.dtype)
     hid = z.shape[1] // 4
-    z = z.to(math)
-    c_prev = c_prev.to(math)
+    z = z if z.dtype == math else z.to(math)
+    c_prev = c_prev if c_prev.dtype == math else c_prev.to(math)
     p = _peephole_terms(peephole, math)
-    zi, zf, zo, zg = (z[:, k * hid : (k + 1) * hid] for k in range(4))
     if p is None:
         i, f, o = torch.sigmoid(z[:, : 3 * hid]).chunk(3, dim=1)  # i, f, o are adjacent
     else:
-        i, f = torch.sigmoid(zi + p[0] * c_prev), torch.sigmoid(zf + p[1] * c_prev)
-    g = torch.tanh(zg)
+        i = torch.sigmoid(z[:, :hid] + p[0] * c_prev)
+        f = torch.sigmoid(z[:, hid : 2 * hid] + p[1] * c_prev)
+    g = torch.tanh(z[:, 3 * hid :])
     if forward:
         c = torch.addcmul(f * c_prev, i, g)
     if p is not None:
-        o = torch.sigmoid(zo + p[2] * c.to(math))
+        o = torch.sigmoid(z[:, 2 * hid : 3 * hid] + p[2] * c.to(math))
     return (i, f, o, g, c) if forward else (i, f, o, g)
 
 

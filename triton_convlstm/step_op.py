@@ -215,8 +215,18 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
     Returns:
         (h, c): (B, hidden, H, W) each, h in the compute dtype, c in the state dtype.
     """
+    # The cell has checked its arguments: no second round of gate_update's checks. The torch
+    # path adds the bias inside the convolution (free in oneDNN), as the popular cell does.
+    on_torch = resolve_backend(backend, x_t.device, x_t.dtype) == "torch"
+    conv_bias = bias if on_torch else None
     if h is None:  # a zero h pads to zeros in every mode: its taps contribute nothing
-        z = conv_same(x_t, weight[:, : x_t.shape[1]], dilation, padding_mode=padding_mode)
+        z = conv_same(x_t, weight[:, : x_t.shape[1]], dilation, conv_bias,
+                      padding_mode=padding_mode)
     else:
-        z = conv_same(torch.cat([x_t, h], dim=1), weight, dilation, padding_mode=padding_mode)
-    return gate_update(z, c, bias=bias, peephole=peephole, backend=backend)
+        z = conv_same(torch.cat([x_t, h], dim=1), weight, dilation, conv_bias,
+                      padding_mode=padding_mode)
+    if on_torch:
+        return reference.gate_forward_ref(z, c, peephole)
+    h, c, _ = gate_forward_op(z, None, bias, c if c.dtype == torch.float32 else c.float(),
+                              peephole)
+    return h, c

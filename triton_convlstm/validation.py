@@ -440,8 +440,7 @@ def cast_params(
     Returns:
         (weight, bias, peephole), shapes unchanged.
     """
-    return (
-        weight.to(dtype),
-        None if bias is None else bias.to(dtype),
-        None if peephole is None else peephole.to(state_dtype(dtype)),
-    )
+    def cast(t, to):  # a no-op .to() still costs a dispatch a step
+        return t if t is None or t.dtype == to else t.to(to)
+
+    return cast(weight, dtype), cast(bias, dtype), cast(peephole, state_dtype(dtype))
