@@ -92,7 +92,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         RuntimeError: "triton" where it cannot run.
     """
     check_backend_name(backend)
-    if backend == "torch" or dtype == torch.float64 or exporting():
+    # Meta tensors (shape inference) take the torch path whatever was asked: its ops have meta
+    # kernels, the Triton launchers none.
+    if backend == "torch" or dtype == torch.float64 or device.type == "meta" or exporting():
         return "torch"
     err = triton_import_error()
     on_cuda = device.type == "cuda"

@@ -75,6 +75,19 @@ class ConvLSTMCell(nn.Module):
         peephole = validation.flag("peephole", peephole)
         self.peephole = nn.Parameter(torch.zeros(3, hidden_dim)) if peephole else None
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling a cell saved before its conv took "same" padding for even kernels and
+        dilation (it had the popular (kh // 2, kw // 2)): the conv is given the padding it is
+        built with now, so such a model keeps the fast path and its results."""
+        super().__setstate__(state)
+        conv = self._modules.get("conv")
+        legacy = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
+        if isinstance(conv, nn.Conv2d) and conv.padding == legacy != self.conv_padding:
+            built = nn.Conv2d(conv.in_channels, conv.out_channels, self.kernel_size,
+                              padding=self.conv_padding, dilation=self.dilation, device="meta")
+            conv.padding = built.padding
+            conv._reversed_padding_repeated_twice = built._reversed_padding_repeated_twice
+
     def extra_repr(self) -> str:
         """The constructor arguments ``print(module)`` shows."""
         return (f"{self.input_dim}, {self.hidden_dim}, kernel_size={self.kernel_size}, "
@@ -95,7 +108,7 @@ class ConvLSTMCell(nn.Module):
         """
         batch_size = validation.positive_int("batch_size", batch_size)
         height, width = validation.pair("image_size", image_size)
-        w = self.conv.weight
+        w = _parameter_of(self)
         h = torch.zeros(batch_size, self.hidden_dim, height, width, device=w.device, dtype=w.dtype)
         return h, torch.zeros_like(h, dtype=state_dtype(w.dtype))
 
@@ -109,7 +122,7 @@ class ConvLSTMCell(nn.Module):
 
     def check_padding(self, name: str, height: int, width: int) -> None:
         """A clear error where frames of H x W are too small for the conv's padding_mode."""
-        mode = self.conv.padding_mode
+        mode = getattr(self.conv, "padding_mode", "zeros")  # a replaced conv may have none
         if mode in ("reflect", "circular"):  # the others pad any size
             validation.padding_fits(name, mode, same_padding(self.kernel_size, self.dilation),
                                     height, width)
@@ -296,6 +309,8 @@ class ConvLSTM(nn.Module):
         _, b, _, height, width = seq.shape
         for cell in self.cell_list:
             cell.check_padding("input_tensor", height, width)
+        if hidden_state is None and self._own_initial_state():
+            hidden_state = self._init_hidden(b, (height, width))  # as the popular module does
         states = validation.hidden_state(
             hidden_state, [(b, c.hidden_dim, height, width) for c in self.cell_list], dtype,
             x.device, cast=validation.autocasting(x),
@@ -308,6 +323,13 @@ class ConvLSTM(nn.Module):
         # from other threads replay the same entries.
         with graphs.exclusive(x, any(use_graphs)):
             return self._layers(seq.to(dtype), states, backend, dtype, use_graphs)
+
+    def _own_initial_state(self) -> bool:
+        """Whether a subclass defines the zero state (``_init_hidden`` or a cell's
+        ``init_hidden`` overridden, a learnable initial state, say): then it is asked, as the
+        popular module asks it; else the layer starts from zeros without making them."""
+        return type(self)._init_hidden is not ConvLSTM._init_hidden or any(
+            type(cell).init_hidden is not ConvLSTMCell.init_hidden for cell in self.cell_list)
 
     def _init_hidden(self, batch_size: int,
                      image_size: int | tuple[int, int] | list[int]) -> list[tuple[Tensor, Tensor]]:

@@ -3,10 +3,10 @@
 The fast path computes from ``cell.conv.weight`` and never calls the cells or their
 convolutions, so whatever works by being called is lost there: forward hooks and pre-hooks
 (prune's mask, the hook-based ``spectral_norm`` and ``weight_norm``, user hooks, global ones),
-backward hooks, a cell subclass's own ``forward``, a convolution that is not the plain
-``nn.Conv2d`` the layer built. Where any of these is present the layer calls
-``cell(input_tensor=x_t, cur_state=[h, c])`` for every step, which calls ``cell.conv`` itself:
-the same results, hook calls and gradients as the popular module.
+backward hooks, a cell's own ``forward`` (a subclass's, or one set on the instance by a
+wrapper), a convolution that is not the plain ``nn.Conv2d`` the layer built. Where any of these
+is present the layer calls ``cell(input_tensor=x_t, cur_state=[h, c])`` for every step, which
+calls ``cell.conv`` itself: the same results, hook calls and gradients as the popular module.
 
 ``torch.nn.utils.parametrize`` parametrizations (``parametrizations.spectral_norm``,
 ``weight_norm``, ``orthogonal``) are not hooks: ``conv.weight`` is computed when read, so they
@@ -46,6 +46,8 @@ def plain_conv(conv: nn.Module, dilation: tuple[int, int], padding) -> bool:
     if cls is not nn.Conv2d and not (parametrize.is_parametrized(conv)
                                      and cls.__bases__ == (nn.Conv2d,)):
         return False
+    if "forward" in vars(conv):  # replaced on the instance (a wrapper, accelerate's hooks)
+        return False
     return (not _hooked(conv) and tuple(conv.stride) == (1, 1) and conv.groups == 1
             and tuple(conv.dilation) == tuple(dilation) and conv.padding == padding)
 
@@ -63,7 +65,8 @@ def runs_modules(cell: nn.Module, fast_forward: Callable) -> bool:
         cell: a ConvLSTMCell (or subclass).
         fast_forward: ConvLSTMCell.forward, which the fast path computes the same as.
     """
-    return _hooked(cell) or type(cell).forward is not fast_forward or calls_conv(cell)
+    own_forward = type(cell).forward is not fast_forward or "forward" in vars(cell)
+    return _hooked(cell) or own_forward or calls_conv(cell)
 
 
 def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None,

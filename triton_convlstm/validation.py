@@ -8,6 +8,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,8 +81,8 @@ def drop_in_flag(name: str, value: Any) -> bool:
     Raises:
         TypeError: not a bool and not the int 0 or 1.
     """
-    if isinstance(value, bool):
-        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if _is_int(value) and operator.index(value) in (0, 1):
         return bool(operator.index(value))
     raise TypeError(f"{name}: expected True or False (or 1 or 0), got "

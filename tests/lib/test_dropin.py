@@ -392,3 +392,97 @@ def test_the_fused_forward_leaves_other_padding_modes_to_the_split_path():
                      fused_forward=fused)
         outs.append(m(x)[0][0])
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
+def test_a_forward_set_on_the_instance_is_called():
+    """Wrappers (accelerate's hooks, say) replace forward on the instance, not the class."""
+    for target in ("cell", "conv"):
+        theirs, ours, x = _pair(19)
+        calls = {"theirs": 0, "ours": 0}
+        for name, model in (("theirs", theirs), ("ours", ours)):
+            module = model.cell_list[0] if target == "cell" else model.cell_list[0].conv
+            inner = module.forward
+
+            def wrapped(*args, inner=inner, name=name, calls=calls, target=target, **kwargs):
+                calls[name] += 1
+                out = inner(*args, **kwargs)
+                return (0.5 * out[0], out[1]) if target == "cell" else 0.5 * out
+
+            module.forward = wrapped
+        _same_run(theirs, ours, x)
+        assert calls["ours"] == calls["theirs"] == x.shape[1]
+
+
+def test_an_overridden_initial_state_is_used_as_the_popular_module_uses_it():
+    class LearnedStart(ConvLSTMCell):
+        def init_hidden(self, batch_size, image_size):
+            h, c = super().init_hidden(batch_size, image_size)
+            return h + 0.3, c - 0.2
+
+    class LearnedModel(ConvLSTM):
+        def _init_hidden(self, batch_size, image_size):
+            return [[h + 0.1, c] for h, c in super()._init_hidden(batch_size, image_size)]
+
+    torch.manual_seed(20)
+    x = torch.randn(2, 3, 2, 4, 5, dtype=torch.float64)
+    for kind in ("cell", "model"):
+        cls = LearnedModel if kind == "model" else ConvLSTM
+        m = cls(2, HID, 3, 2, True, return_all_layers=True, backend="torch").double()
+        if kind == "cell":
+            for cell in m.cell_list:
+                cell.__class__ = LearnedStart
+        outs, _ = m(x)
+        given, _ = m(x, hidden_state=m._init_hidden(2, (4, 5)))
+        zeros, _ = m(x, [ConvLSTMCell.init_hidden(c, 2, (4, 5)) for c in m.cell_list])
+        _close(outs[1], given[1])
+        assert rel_err(outs[1], zeros[1]) > 1e-3
+
+
+def test_a_model_pickled_with_the_old_conv_padding_keeps_its_results():
+    """Before the conv took "same" padding for even kernels and dilation it carried the popular
+    (k // 2, k // 2): unpickled, it is given today's, and computes as before."""
+    import pickle
+
+    torch.manual_seed(21)
+    m = ConvLSTM(2, HID, [(2, 2), 3], 2, True, dilation=[1, 2], backend="torch")
+    x = torch.randn(2, 3, 2, 6, 7)
+    want = m(x)[0][0]
+    for cell in m.cell_list:  # what an older version built
+        legacy = nn.Conv2d(cell.conv.in_channels, cell.conv.out_channels, cell.kernel_size,
+                           padding=(cell.kernel_size[0] // 2, cell.kernel_size[1] // 2),
+                           dilation=cell.dilation)
+        legacy.load_state_dict(cell.conv.state_dict())
+        cell.conv = legacy
+    old = pickle.loads(pickle.dumps(m))
+    assert [c.conv.padding for c in old.cell_list] == ["same", (2, 2)]
+    torch.testing.assert_close(old(x)[0][0], want, rtol=0, atol=0)
+
+
+def test_a_conv_replaced_by_another_module_is_called():
+    torch.manual_seed(22)
+    seq = nn.Sequential(nn.Conv2d(5, 5, 3, padding=1, groups=5), nn.Conv2d(5, 12, 1)).double()
+    from popular_convlstm import PopularConvLSTMCell
+
+    pop, ours = PopularConvLSTMCell(2, 3, (3, 3), True), ConvLSTMCell(2, 3, 3, backend="torch")
+    pop.conv = ours.conv = seq
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    state = [torch.randn(2, 3, 5, 6, dtype=torch.float64) for _ in range(2)]
+    for a, b in zip(ours(x, state), pop(x, state)):
+        _close(a, b)
+    h, c = ours.init_hidden(2, (5, 6))
+    assert h.dtype == torch.float64 and c.shape == (2, 3, 5, 6)
+
+
+def test_meta_tensors_take_the_torch_path_whatever_the_backend():
+    with torch.device("meta"):
+        m = ConvLSTM(2, 4, 3, 1, True, backend="triton", padding_mode="circular")
+        out = m(torch.empty(2, 3, 2, 5, 6))[0][0]
+        h, _ = ConvLSTMCell(2, 3, 3, backend="triton")(torch.empty(2, 2, 5, 6))
+    assert out.is_meta and out.shape == (2, 3, 4, 5, 6) and h.is_meta
+
+
+def test_numpy_bools_are_bools():
+    import numpy as np
+
+    m = ConvLSTM(2, 3, 3, 1, batch_first=np.True_, bias=np.False_)
+    assert m.batch_first is True and m.bias is False
