@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import memory_format_of
+from .layout import empty_like_layout
 
 _aten = torch.ops.aten
 
@@ -164,8 +164,7 @@ def conv_same_input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     # convolution_backward reads the input only for its shape, dtype and layout when the weight
     # gradient is not requested; an uninitialised tensor (not an expanded scalar, which some
     # backends materialise with a fill) stands in for it.
-    like = torch.empty((n, c, hp, wp), dtype=grad.dtype, device=grad.device,
-                       memory_format=memory_format_of(grad))
+    like = empty_like_layout(grad, c, shape=(n, c, hp, wp))
     dx = _aten.convolution_backward(
         grad, like, weight, None, [1, 1], padding, list(dilation), False, [0, 0], 1,
         [True, False, False],

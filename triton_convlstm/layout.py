@@ -1,9 +1,12 @@
 """Every memory-layout decision of the package, in one place.
 
-Frames are channels_last everywhere; a sequence is time-major, ``(T, B, C, H, W)``, each frame
-channels_last (:func:`empty_seq`). The loops, the ops' fake kernels, the CUDA-graph cache's
-static buffers and the Triton launchers all allocate through these helpers, so compiled graphs
-see the strides the real kernels produce and no copy is made to change a layout twice.
+Frames are channels-last everywhere, in 1, 2 or 3 spatial dims (channels the fast axis: cuDNN
+bf16 convolutions ran ~2x faster so, and oneDNN on CPU ran this layer's 2-d training step 1.4x
+faster than in NCHW, 74.9 vs 104.4 ms, B4 T8 C8 hid32 24x24, one thread); a sequence is
+time-major, ``(T, B, C, *spatial)``, each frame channels-last (:func:`empty_seq`). The loops,
+the ops' fake kernels, the CUDA-graph cache's static buffers and the Triton launchers all
+allocate through these helpers, so compiled graphs see the strides the real kernels produce and
+no copy is made to change a layout twice.
 """
 
 from __future__ import annotations
@@ -11,72 +14,77 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# channels_last frames everywhere: cuDNN bf16 convolutions ran ~2x faster in it, and oneDNN on
-# CPU ran this layer's training step 1.4x faster than in NCHW (74.9 vs 104.4 ms, B4 T8 C8 hid32
-# 24x24, one thread).
-MEMORY_FORMAT = torch.channels_last
+
+def _empty_channels_last(shape: tuple[int, ...], dtype: torch.dtype,
+                         device: torch.device | str) -> Tensor:
+    """(N, C, *spatial) with the channels as the fast axis, for any number of spatial dims
+    (the permuted allocation is what channels_last and channels_last_3d are for 2 and 3)."""
+    n, c, *spatial = shape
+    return torch.empty((n, *spatial, c), dtype=dtype, device=device).movedim(-1, 1)
 
 
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    """The memory format to allocate a tensor that goes with ``t`` in.
+def channels_last(t: Tensor) -> Tensor:
+    """t (N, C, *spatial) with channels as its fast axis: t itself when it already is, else one
+    copy. Weights are laid out so for the convolutions, as the frames are."""
+    if t.is_contiguous(memory_format=torch.channels_last) and t.dim() == 4:
+        return t
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return t
+    if t.stride() == _empty_channels_last(tuple(t.shape), t.dtype, "meta").stride():
+        return t
+    return _empty_channels_last(tuple(t.shape), t.dtype, t.device).copy_(t)
+
+
+def empty_like_layout(ref: Tensor, channels: int, dtype: torch.dtype | None = None,
+                      shape: tuple[int, ...] | None = None) -> Tensor:
+    """An empty tensor laid out like ``ref``, with another channel count (or shape) and dtype.
 
     Args:
-        t: (N, C, H, W), any dtype.
-
-    Returns:
-        ``torch.channels_last`` when t is laid out so and not also contiguous (a size-1 axis can
-        make it both), else ``torch.contiguous_format``.
-    """
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def empty_like_layout(ref: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
-    """An empty tensor laid out like ``ref``, with another channel count and dtype.
-
-    Args:
-        ref: (B, C, H, W), any dtype and strides.
+        ref: (B, C, *spatial) with 1 to 3 spatial dims, any dtype and strides.
         channels: the new tensor's channel count.
-        dtype: the new tensor's dtype.
+        dtype: the new tensor's dtype (ref's if None).
+        shape: the whole new shape instead (its dim 1 is the channels), e.g. a padded one.
 
     Returns:
-        (B, channels, H, W) on ref's device: channels_last when ref's channels are its fast axis
+        (B, channels, *spatial) on ref's device: channels as the fast axis when ref's are
         (stride 1, more than one channel), else contiguous.
     """
-    b, _, hh, ww = ref.shape
-    channels_last = ref.stride(1) == 1 and ref.shape[1] > 1
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((b, channels, hh, ww), dtype=dtype, device=ref.device, memory_format=fmt)
+    shape = tuple(shape) if shape is not None else (ref.shape[0], channels, *ref.shape[2:])
+    dtype = ref.dtype if dtype is None else dtype
+    if ref.stride(1) == 1 and ref.shape[1] > 1:
+        return _empty_channels_last(shape, dtype, ref.device)
+    return torch.empty(shape, dtype=dtype, device=ref.device)
 
 
-def empty_seq(t: int, b: int, ch: int, h: int, w: int, *, dtype: torch.dtype,
+def empty_seq(t: int, b: int, ch: int, *spatial: int, dtype: torch.dtype,
               device: torch.device | str) -> Tensor:
-    """An empty buffer in the sequence layout: time-major, each frame channels_last.
+    """An empty buffer in the sequence layout: time-major, each frame channels-last.
 
     The fake kernels allocate through this too (on the meta device), so compiled graphs see the
     strides the real loops produce.
 
     Args:
-        t, b, ch, h, w: steps, batch, channels, height and width.
+        t, b, ch: steps, batch, channels.
+        spatial: the frames' 1 to 3 sizes (L; H, W; D, H, W).
         dtype: the buffer's dtype.
         device: where to allocate (``"meta"`` for strides only).
 
     Returns:
-        (t, b, ch, h, w), uninitialised; each ``[i]`` is a channels_last (b, ch, h, w) frame batch.
+        (t, b, ch, *spatial), uninitialised; each ``[i]`` is a channels-last (b, ch, *spatial)
+        frame batch.
 
     >>> seq = empty_seq(2, 3, 4, 5, 6, dtype=torch.float32, device="cpu")
     >>> seq.shape, seq[0].is_contiguous(memory_format=torch.channels_last)
     (torch.Size([2, 3, 4, 5, 6]), True)
     """
-    return torch.empty(t, b, h, w, ch, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+    return torch.empty(t, b, *spatial, ch, dtype=dtype, device=device).movedim(-1, 2)
 
 
 def in_seq_layout(t: Tensor) -> bool:
     """Whether a tensor has exactly :func:`empty_seq`'s strides (then the loops read it as is).
 
     Args:
-        t: (T, B, C, H, W), any dtype.
+        t: (T, B, C, *spatial), any dtype.
     """
     return t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta").stride()
 
@@ -86,23 +94,23 @@ def like_seq(t: Tensor) -> Tensor:
     CUDA graphs keep their static inputs in it.
 
     Args:
-        t: (T, B, C, H, W), any dtype and strides.
+        t: (T, B, C, *spatial), any dtype and strides.
 
     Returns:
-        (T, B, C, H, W) in t's dtype and on its device, with :func:`empty_seq`'s strides.
+        (T, B, C, *spatial) in t's dtype and on its device, with :func:`empty_seq`'s strides.
     """
     return empty_seq(*t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def seq_frames(x: Tensor) -> Tensor:
-    """A sequence as one batch of channels_last frames.
+    """A sequence as one batch of channels-last frames.
 
     Args:
-        x: (T, B, C, H, W), any dtype and strides.
+        x: (T, B, C, *spatial), any dtype and strides.
 
     Returns:
-        (T*B, C, H, W) channels_last: a view when x already is in the sequence layout (a later
-        layer's input), else one copy (not a reshape copy and then a layout copy).
+        (T*B, C, *spatial) channels-last: a view when x already is in the sequence layout (a
+        later layer's input), else one copy (not a reshape copy and then a layout copy).
     """
     return (x if in_seq_layout(x) else like_seq(x)).flatten(0, 1)
 
@@ -111,16 +119,16 @@ def frames_as_seq(frames: Tensor, t: int, b: int) -> Tensor:
     """Frames back as a time-major sequence (the inverse of :func:`seq_frames`).
 
     Args:
-        frames: (T*B, ch, H, W), any dtype.
+        frames: (T*B, ch, *spatial), any dtype.
         t, b: the steps and batch size the frames are split into.
 
     Returns:
-        (T, B, ch, H, W), a view; with exactly :func:`empty_seq`'s strides when the frames are
-        channels_last (unflatten would give a size-1 batch axis another stride).
+        (T, B, ch, *spatial), a view; with exactly :func:`empty_seq`'s strides when the frames
+        are channels-last (unflatten would give a size-1 batch axis another stride).
     """
-    nhwc = frames.permute(0, 2, 3, 1)
-    if nhwc.is_contiguous():
-        return nhwc.view(t, b, *nhwc.shape[1:]).permute(0, 1, 4, 2, 3)
+    last = frames.movedim(1, -1)
+    if last.is_contiguous():
+        return last.view(t, b, *last.shape[1:]).movedim(-1, 2)
     return frames.unflatten(0, (t, b))
 
 

@@ -28,7 +28,7 @@ from . import reference
 from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
 from .layout import (
-    MEMORY_FORMAT,
+    channels_last,
     empty_seq,
     frames_as_seq,
     in_seq_layout,
@@ -137,8 +137,7 @@ def steps_per_chunk(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dty
 
 def _split(weight: Tensor, cin: int):
     """The input and hidden parts of the combined weight, channels_last."""
-    return (weight[:, :cin].contiguous(memory_format=MEMORY_FORMAT),
-            weight[:, cin:].contiguous(memory_format=MEMORY_FORMAT))
+    return channels_last(weight[:, :cin]), channels_last(weight[:, cin:])
 
 
 def _initial_cell(c_last: Tensor, c0: Tensor | None) -> Tensor:
@@ -285,8 +284,8 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)
-    w_x = weight[:, :cin].contiguous(memory_format=MEMORY_FORMAT)
-    w_all = weight.contiguous(memory_format=MEMORY_FORMAT)
+    w_x = channels_last(weight[:, :cin])
+    w_all = channels_last(weight)
     c_prev, h_prev = _initial_cell(c_last, c0), h0
     for step in range(t):
         x_t = frames[step * b : (step + 1) * b]
@@ -442,7 +441,7 @@ def layer_backward(
                 dw_h.add(spec.conv_weight_grad(dz[s0 - t0 :].flatten(0, 1),
                                                h_seq[s0 - 1 : t1 - 1].flatten(0, 1), w_h))
             if t0 == 0 and h0 is not None:
-                h0_cl = h0.contiguous(memory_format=MEMORY_FORMAT)
+                h0_cl = channels_last(h0)
                 dw_h.add(spec.conv_weight_grad(dz[0], h0_cl, w_h))
         if need_b and db_acc is None:
             dbias.add(dz.sum(dim=(0, 1, 3, 4), dtype=sdt))
