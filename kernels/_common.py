@@ -1,6 +1,7 @@
 """What the kernel modules share: the jitted activations and ConvLSTM cell update (one copy of
 the math for :mod:`.gates` and :mod:`.fused_step`), and the launchers' plumbing: the served
-dtypes, the argument check, merged (batch, channel, pixel) strides and the device context.
+dtypes, the argument check, merged (batch, channel, pixel) strides of (B, C, *spatial)
+tensors (1 to 3 spatial dims) and the device context.
 
 The jitted helpers take fp32 tiles of [pixels, hidden channels] (BLOCK_P or BLOCK_M by
 BLOCK_C) and [1, BLOCK_C] fp32 peephole rows; gates in the order i, f, o, g.
@@ -136,13 +137,17 @@ def check_tensor(name: str, t: torch.Tensor | None, shape: Sequence[int],
 
 
 def merged_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
-    """(batch, channel, pixel) strides of a 4-D tensor with H and W merged (at W == 1 the pixel
-    stride is H's), None if they cannot be (stride_h != W * stride_w, e.g. a crop of a larger
-    image)."""
-    sb, sc, sh, sw = t.stride()
-    _, _, hh, ww = t.shape
-    if ww == 1:
-        return sb, sc, sh
-    if hh == 1 or sh == ww * sw:
-        return sb, sc, sw
-    return None
+    """(batch, channel, pixel) strides of a (B, C, *spatial) tensor (1 to 3 spatial dims) with
+    its spatial dims merged into one pixel axis, None if they cannot be (e.g. a crop of a larger
+    image, where stride_h != W * stride_w).
+
+    Size-1 spatial dims are ignored (their strides are never multiplied by anything but 0): the
+    others merge where each one's stride is the next one's size times its stride, and the pixel
+    stride is the innermost one's (the first spatial dim's when every size is 1).
+    """
+    sb, sc, *spatial = t.stride()
+    kept = [(n, s) for n, s in zip(t.shape[2:], spatial) if n != 1]
+    for (_, outer), (n, inner) in zip(kept, kept[1:]):
+        if outer != n * inner:
+            return None
+    return sb, sc, kept[-1][1] if kept else spatial[0]

@@ -2,11 +2,11 @@
 
 The math is :func:`triton_convlstm.reference.gate_forward_ref` / ``gate_backward_ref``, fused
 into one pass over memory each way. Both kernels see every tensor as (batch, channel, pixel)
-with a stride per axis (H and W merged into one pixel axis), so one kernel serves NCHW,
-channels_last and slices of a larger (T, B, C, H, W) buffer without copies. Each program owns
-a [BLOCK_P pixels x BLOCK_C channels] tile of the hidden state; Triton specializes stride==1
-arguments, so whichever axis is contiguous gets vectorized, and the launcher shapes the tile so
-that axis is the long one.
+with a stride per axis (the 1, 2 or 3 spatial dims merged into one pixel axis), so one kernel
+serves 1-d, 2-d and 3-d layers, channels-first and channels-last, and slices of a larger
+(T, B, C, *spatial) buffer without copies. Each program owns a [BLOCK_P pixels x BLOCK_C
+channels] tile of the hidden state; Triton specializes stride==1 arguments, so whichever axis
+is contiguous gets vectorized, and the launcher shapes the tile so that axis is the long one.
 
 No autotune: the forward may write the cell state in place (c_out is c_prev), which autotune's
 repeated launches would corrupt, and autotune must never run during CUDA-graph capture.
@@ -19,9 +19,18 @@ CUDA tensors (CPU ones only under TRITON_INTERPRET=1); hidden 2 here:
 >>> h, c, z = gate_forward(zx, None, bias, c_prev, None, save_z=True)
 >>> dh, dc = torch.ones_like(h), torch.zeros_like(c)
 >>> dz, dc_prev, _ = gate_backward(z, c_prev, c, None, dh, None, dc)
+
+1-d (B, C, L) and 3-d (B, C, D, H, W) tensors take the same calls; pointwise, the same pixels
+give the same results:
+
+>>> h1, c1, _ = gate_forward(zx.flatten(2), None, bias, c_prev.flatten(2), None)
+>>> torch.equal(h1, h.flatten(2)) and torch.equal(c1, c.flatten(2))
+True
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -216,7 +225,7 @@ def _input(t):
 
 def _output(out, fixups):
     """The tensor the kernel writes for ``out``: out itself, or a contiguous stand-in that is
-    copied into out afterwards (recorded in fixups) when out's H, W cannot be merged."""
+    copied into out afterwards (recorded in fixups) when out's spatial dims cannot be merged."""
     st = merged_strides(out)
     if st is not None:
         return out, st
@@ -225,11 +234,15 @@ def _output(out, fixups):
     return tmp, merged_strides(tmp)
 
 
+def _pixels(t) -> int:
+    """The pixel count of one image of t (B, C, *spatial): the product of its spatial sizes."""
+    return math.prod(t.shape[2:])
+
+
 def _wide(tensors_and_strides):
     """True when an offset inside one image can pass int32 (batch offsets are always 64-bit)."""
     for t, (_, sc, sp) in tensors_and_strides:
-        _, c, hh, ww = t.shape
-        if (c - 1) * sc + (hh * ww - 1) * sp > _INT32_MAX:
+        if (t.shape[1] - 1) * sc + (_pixels(t) - 1) * sp > _INT32_MAX:
             return True
     return False
 
@@ -247,14 +260,16 @@ def _blocks(channels_contiguous, hid, hw):
 
 
 def _dims(name, z):
-    """(B, hidden, H, W) of a pre-activation tensor, checked."""
+    """(B, hidden, spatial) of a pre-activation tensor (B, 4*hidden, *spatial), checked:
+    spatial is the tuple of its 1 to 3 spatial sizes."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 4 or z.shape[1] % 4:
-        raise ValueError(f"{name}: expected shape (B, 4*hidden, H, W), got {tuple(z.shape)}")
+    if z.dim() not in (3, 4, 5) or z.shape[1] % 4:
+        raise ValueError(f"{name}: expected shape (B, 4*hidden, *spatial) with 1 to 3 spatial "
+                         f"dims, got {tuple(z.shape)}")  # fmt: skip
     check_tensor(name, z, z.shape, SERVED_DTYPES, z.device)
-    b, c4, hh, ww = z.shape
-    return b, c4 // 4, hh, ww
+    b, c4, *spatial = z.shape
+    return b, c4 // 4, tuple(spatial)
 
 
 def gate_forward(
@@ -271,19 +286,20 @@ def gate_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One fused gate/state update: z = zx + zh + bias, then the cell update, in one launch.
 
-    Inputs and outputs may have any strides (e.g. slices of a (T, B, hidden, H, W) buffer);
-    missing outputs are allocated laid out like zx.
+    Every tensor but bias and peephole is (B, channels, *spatial) with the same 1, 2 or 3
+    spatial sizes (L; H, W; D, H, W). Inputs and outputs may have any strides (e.g. slices of a
+    (T, B, hidden, *spatial) buffer); missing outputs are allocated laid out like zx.
 
     Args:
-        zx: (B, 4*hidden, H, W) fp32/bf16/fp16, the input convolution's pre-activations
+        zx: (B, 4*hidden, *spatial) fp32/bf16/fp16, the input convolution's pre-activations
             (gates i, f, o, g along channels).
-        zh: (B, 4*hidden, H, W) fp32/bf16/fp16, the recurrent convolution's, or None.
+        zh: (B, 4*hidden, *spatial) fp32/bf16/fp16, the recurrent convolution's, or None.
         bias: (4*hidden,) fp32/bf16/fp16 or None.
-        c_prev: (B, hidden, H, W) fp32, the previous cell state.
+        c_prev: (B, hidden, *spatial) fp32, the previous cell state.
         peephole: (3, hidden) fp32/bf16/fp16 (rows i, f, o) or None.
-        h_out: (B, hidden, H, W) in zx's dtype, where h goes; None allocates it.
-        c_out: (B, hidden, H, W) fp32, where c goes; may be c_prev itself (in place).
-        z_out: (B, 4*hidden, H, W) in zx's dtype, where z goes (implies save_z).
+        h_out: (B, hidden, *spatial) in zx's dtype, where h goes; None allocates it.
+        c_out: (B, hidden, *spatial) fp32, where c goes; may be c_prev itself (in place).
+        z_out: (B, 4*hidden, *spatial) in zx's dtype, where z goes (implies save_z).
         save_z: keep z for :func:`gate_backward` (in z_out, or a new tensor).
 
     Returns:
@@ -292,8 +308,8 @@ def gate_forward(
     Raises:
         TypeError, ValueError: naming the argument of the wrong type, dtype, shape or device.
     """
-    b, hid, hh, ww = _dims("zx", zx)
-    dev, state, gates = zx.device, (b, hid, hh, ww), tuple(zx.shape)
+    b, hid, spatial = _dims("zx", zx)
+    dev, state, gates = zx.device, (b, hid, *spatial), tuple(zx.shape)
     check_tensor("zh", zh, gates, SERVED_DTYPES, dev, optional=True)
     check_tensor("bias", bias, (4 * hid,), SERVED_DTYPES, dev, optional=True)
     check_tensor("c_prev", c_prev, state, (torch.float32,), dev)
@@ -319,7 +335,7 @@ def gate_forward(
     bias_ = bias if bias is not None else zx_
     pe_ = peephole if peephole is not None else zx_
     s_pe = peephole.stride() if peephole is not None else (0, 0)
-    hw = hh * ww
+    hw = _pixels(zx_)
     bp, bc = _blocks(zx_.stride(1) == 1 and hid > 1, hid, hw)
     npb = triton.cdiv(hw, bp)
     wide = _wide([(zx_, s_zx), (zh_, s_zh), (cp_, s_cp), (h_, s_h), (c_, s_c), (z_, s_z)])
@@ -339,7 +355,7 @@ def gate_forward(
 
 def _rows(z_, hid: int) -> tuple[int, int, int]:
     """(rows, BLOCK_P, BLOCK_C) of the backward's grid for z_ as the kernel reads it."""
-    hw = z_.shape[2] * z_.shape[3]
+    hw = _pixels(z_)
     bp, bc = _blocks(z_.stride(1) == 1 and hid > 1, hid, hw)
     return z_.shape[0] * triton.cdiv(hw, bp), bp, bc
 
@@ -350,14 +366,14 @@ def bias_grad_accumulator(z: torch.Tensor,
     per backward program, for gates shaped and laid out like z.
 
     Args:
-        z: (B, 4*hidden, H, W) fp32/bf16/fp16, shaped and strided as the z the backward will
-            read (a meta tensor will do; then pass ``device``).
+        z: (B, 4*hidden, *spatial) fp32/bf16/fp16 (1 to 3 spatial dims), shaped and strided
+            as the z the backward will read (a meta tensor will do; then pass ``device``).
         device: where to allocate; None: z's device.
 
     Returns:
         (rows, 4*hidden) fp32 zeros; after the backward steps ``.sum(0)`` is the bias gradient.
     """
-    b, hid, hh, ww = _dims("z", z)
+    _, hid, _ = _dims("z", z)
     return torch.zeros(_bias_acc_shape(z, hid), dtype=torch.float32, device=device or z.device)
 
 
@@ -381,18 +397,21 @@ def gate_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`gate_forward` from its saved z, in one launch.
 
-    Inputs and outputs may have any strides; missing outputs are allocated laid out like z.
+    Every tensor but peephole and dbias_acc is (B, channels, *spatial) with z's 1, 2 or 3
+    spatial sizes. Inputs and outputs may have any strides; missing outputs are allocated laid
+    out like z.
 
     Args:
-        z: (B, 4*hidden, H, W) fp32/bf16/fp16, the pre-activations the forward saved.
-        c_prev: (B, hidden, H, W) fp32, the forward's previous cell state.
-        c: (B, hidden, H, W) fp32, the cell state the forward returned.
+        z: (B, 4*hidden, *spatial) fp32/bf16/fp16, the pre-activations the forward saved.
+        c_prev: (B, hidden, *spatial) fp32, the forward's previous cell state.
+        c: (B, hidden, *spatial) fp32, the cell state the forward returned.
         peephole: (3, hidden) fp32/bf16/fp16 or None, as in the forward.
-        dh: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. h, or None.
+        dh: (B, hidden, *spatial) fp32/bf16/fp16, the gradient w.r.t. h, or None.
         dh2: like dh, a second gradient w.r.t. h (the recurrent one), summed with dh; or None.
-        dc: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. c, or None.
-        dz_out: (B, 4*hidden, H, W) in z's dtype, where dz goes; None allocates it.
-        dc_prev_out: (B, hidden, H, W) fp32, where dc_prev goes; may be dc itself (in place).
+        dc: (B, hidden, *spatial) fp32/bf16/fp16, the gradient w.r.t. c, or None.
+        dz_out: (B, 4*hidden, *spatial) in z's dtype, where dz goes; None allocates it.
+        dc_prev_out: (B, hidden, *spatial) fp32, where dc_prev goes; may be dc itself (in
+            place).
         dbias_acc: from :func:`bias_grad_accumulator` (contiguous) or None: dz's sums over
             batch and pixels are added to it, so one accumulator over all steps holds the bias
             gradient, without a pass over dz.
@@ -405,8 +424,8 @@ def gate_backward(
     Raises:
         TypeError, ValueError: naming the argument of the wrong type, dtype, shape or device.
     """
-    b, hid, hh, ww = _dims("z", z)
-    dev, state = z.device, (b, hid, hh, ww)
+    b, hid, spatial = _dims("z", z)
+    dev, state = z.device, (b, hid, *spatial)
     check_tensor("c_prev", c_prev, state, (torch.float32,), dev)
     check_tensor("c", c, state, (torch.float32,), dev)
     check_tensor("peephole", peephole, (3, hid), SERVED_DTYPES, dev, optional=True)
@@ -435,7 +454,7 @@ def gate_backward(
     dc_, s_dc = _input(dc) if dc is not None else (c_, s_c)
     dz_, s_dz = _output(dz_out, fixups)
     dcp_, s_dcp = _output(dc_prev_out, fixups)
-    hw = hh * ww
+    hw = _pixels(z_)
     nrows, bp, bc = _rows(z_, hid)
     npb = nrows // b
     part = torch.empty((3, nrows, hid) if has_peep else (1,), dtype=torch.float32, device=dev)

@@ -27,7 +27,7 @@ class LayerParams:
     weight: Tensor  # (4*hidden, in + hidden, kh, kw)
     bias: Tensor | None  # (4*hidden,)
     peephole: Tensor | None  # (3, hidden)
-    dilation: tuple[int, int]
+    dilation: tuple[int, ...]
     padding_mode: str = "zeros"  # as nn.Conv2d's: zeros, reflect, replicate, circular
 
     @property
@@ -38,19 +38,20 @@ class LayerParams:
         return [t for t in (self.weight, self.bias, self.peephole) if t is not None]
 
 
-def _pair(v) -> tuple[int, int]:
+def _pair(v, n: int = 2) -> tuple[int, ...]:
     if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
+        return (v,) * n
+    return tuple(int(a) for a in v)
 
 
 def params_from_module(module, num_layers: int, dilation=1, dtype=torch.float64,
-                       requires_grad: bool = True) -> list[LayerParams]:
+                       requires_grad: bool = True, prefix: str = "cell_list",
+                       spatial_dims: int = 2) -> list[LayerParams]:
     """Detached copies (in ``dtype``) of the parameters of a ConvLSTM, read through the
-    state_dict keys of the popular module: cell_list.{l}.conv.weight/bias, cell_list.{l}.peephole.
+    state_dict keys of the popular module: cell_list.{l}.conv.weight/bias, cell_list.{l}.peephole
+    (``prefix="cell_list_reverse"`` for a bidirectional model's reverse cells).
 
-    ``dilation``: one value or a list per layer (an int or an (h, w) pair each); the test knows
+    ``dilation``: one value or a list per layer (an int or a tuple each); the test knows
     what it constructed, so it is passed in rather than read from the module.
     """
     sd = module.state_dict()
@@ -58,13 +59,13 @@ def params_from_module(module, num_layers: int, dilation=1, dtype=torch.float64,
     out = []
     for layer in range(num_layers):
         def get(key, layer=layer):
-            t = sd.get(f"cell_list.{layer}.{key}")
+            t = sd.get(f"{prefix}.{layer}.{key}")
             if t is None:
                 return None
             return t.detach().to(dtype).clone().requires_grad_(requires_grad)
 
         out.append(LayerParams(get("conv.weight"), get("conv.bias"), get("peephole"),
-                               _pair(dil[layer])))
+                               _pair(dil[layer], spatial_dims)))
     return out
 
 
@@ -76,15 +77,18 @@ def params_from_cell(cell, dilation=1, dtype=torch.float64, requires_grad=True) 
                        cp(getattr(cell, "peephole", None)), _pair(dilation))
 
 
-def conv_same(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: tuple[int, int],
+def conv_same(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: tuple[int, ...],
               padding_mode: str = "zeros") -> Tensor:
-    kh, kw = weight.shape[2:]
-    dh, dw = dilation
-    th, tw = dh * (kh - 1), dw * (kw - 1)
-    top, left = th // 2, tw // 2
+    """'same' convolution in 1, 2 or 3 spatial dims: total d*(k-1) per dim, the extra pixel at
+    the end, through F.pad (last dim first) and an unpadded F.conv{n}d."""
+    pads = []
+    for k, d in zip(reversed(weight.shape[2:]), reversed(dilation)):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
     mode = "constant" if padding_mode == "zeros" else padding_mode
-    x = F.pad(x, (left, tw - left, top, th - top), mode=mode)
-    return F.conv2d(x, weight, bias, dilation=dilation)
+    x = F.pad(x, pads, mode=mode)
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+    return conv(x, weight, bias, dilation=dilation)
 
 
 def cell_step(x: Tensor, h: Tensor, c: Tensor, p: LayerParams,
@@ -95,7 +99,7 @@ def cell_step(x: Tensor, h: Tensor, c: Tensor, p: LayerParams,
     zi, zf, zo, zg = torch.split(z.to(sd), p.hidden, dim=1)
     c = c.to(sd)
     if p.peephole is not None:
-        w = p.peephole.to(sd)[:, None, :, None, None]
+        w = p.peephole.to(sd).view(3, 1, p.hidden, *([1] * (x.dim() - 2)))
         zi = zi + w[0] * c
         zf = zf + w[1] * c
     i = torch.sigmoid(zi)
@@ -109,25 +113,45 @@ def cell_step(x: Tensor, h: Tensor, c: Tensor, p: LayerParams,
     return h_new.to(x.dtype), c_new
 
 
+def _direction(seq: Tensor, p: LayerParams, h, c, state_dtype, steps) -> tuple:
+    """One direction over (B, T, C, *spatial) in the order ``steps``: (outputs in time order,
+    (h, c) after the last step taken)."""
+    b, _, _, *spatial = seq.shape
+    if h is None:
+        h = seq.new_zeros(b, p.hidden, *spatial)
+        c = seq.new_zeros(b, p.hidden, *spatial, dtype=state_dtype or seq.dtype)
+    outs = {}
+    for step in steps:
+        h, c = cell_step(seq[:, step], h, c, p, state_dtype)
+        outs[step] = h
+    return torch.stack([outs[t] for t in sorted(outs)], dim=1), (h, c)
+
+
+def _halves(v: Tensor | None, hid: int):
+    return (None, None) if v is None else (v[:, :hid], v[:, hid:])
+
+
 def convlstm(x: Tensor, layers: list[LayerParams], hidden_state=None, batch_first: bool = True,
-             state_dtype: torch.dtype | None = None):
-    """Returns (outputs per layer, each (B, T, hidden, H, W); [(h, c)] per layer)."""
+             state_dtype: torch.dtype | None = None, reverse: list[LayerParams] | None = None):
+    """Returns (outputs per layer, each (B, T, hidden, *spatial); [(h, c)] per layer), for 1, 2
+    or 3 spatial dims. ``reverse``: the reverse cells' parameters of a bidirectional model (each
+    layer's output and state concatenate the forward and the reverse direction's along
+    channels; the reverse one reads t = T-1 down to 0, its final state is after x[0])."""
     if not batch_first:
         x = x.transpose(0, 1)
-    b, t, _, hh, ww = x.shape
+    t = x.shape[1]
     seq = x
     outputs, states = [], []
     for li, p in enumerate(layers):
-        if hidden_state is None:
-            h = x.new_zeros(b, p.hidden, hh, ww)
-            c = x.new_zeros(b, p.hidden, hh, ww, dtype=state_dtype or x.dtype)
+        h, c = (None, None) if hidden_state is None else hidden_state[li]
+        if reverse is None:
+            seq, (h, c) = _direction(seq, p, h, c, state_dtype, range(t))
         else:
-            h, c = hidden_state[li]
-        outs = []
-        for step in range(t):
-            h, c = cell_step(seq[:, step], h, c, p, state_dtype)
-            outs.append(h)
-        seq = torch.stack(outs, dim=1)
+            (hf, hr), (cf, cr) = _halves(h, p.hidden), _halves(c, p.hidden)
+            fwd, (hf, cf) = _direction(seq, p, hf, cf, state_dtype, range(t))
+            rev, (hr, cr) = _direction(seq, reverse[li], hr, cr, state_dtype, reversed(range(t)))
+            seq = torch.cat([fwd, rev], dim=2)
+            h, c = torch.cat([hf, hr], dim=1), torch.cat([cf, cr], dim=1)
         outputs.append(seq)
         states.append((h, c))
     return outputs, states

@@ -129,6 +129,8 @@ def test_every_module_is_listed_in_the_readme_and_the_package_docstring():
 def test_the_package_exports_the_layers_the_cells_and_gate_update():
     from triton_convlstm import step_op
 
-    assert triton_convlstm.__all__ == ["ConvLSTM", "ConvLSTMCell", "gate_update"]
+    assert triton_convlstm.__all__ == [
+        "ConvLSTM", "ConvLSTM1d", "ConvLSTM2d", "ConvLSTM3d", "ConvLSTMCell", "ConvLSTMCell1d",
+        "ConvLSTMCell2d", "ConvLSTMCell3d", "gate_update"]
     assert triton_convlstm.gate_update is step_op.gate_update
     assert isinstance(triton_convlstm.__version__, str)

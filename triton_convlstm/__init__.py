@@ -3,12 +3,15 @@
 >>> from triton_convlstm import ConvLSTM
 >>> m = ConvLSTM(3, 16, 3, num_layers=2, batch_first=True)
 
-Public names: :class:`ConvLSTM`, :class:`ConvLSTMCell`, :func:`gate_update`, ``__version__``.
+Public names: the layers :class:`ConvLSTM1d`, :class:`ConvLSTM` (``ConvLSTM2d``),
+:class:`ConvLSTM3d`, their cells :class:`ConvLSTMCell1d`, :class:`ConvLSTMCell`
+(``ConvLSTMCell2d``), :class:`ConvLSTMCell3d`, :func:`gate_update`, ``__version__``.
 
 The library, from the modules down to the kernels (each module one job):
 
 - ``__main__``: ``python -m triton_convlstm demo | bench | info`` (the apps, imported lazily).
-- ``modules``: ConvLSTM, ConvLSTMCell: parameters, init, checks; no math, no graph policy.
+- ``modules``: the layers (1-d, 2-d, 3-d, bidirectional): parameters, checks; no math.
+- ``cells``: the cells (1-d, 2-d, 3-d): parameters, init, checks; no math.
 - ``validation``: argument and input checks with clear errors.
 - ``backend``: which implementation runs; the Triton import probe; export detection.
 - ``layer_op``: a whole layer over a whole sequence as one torch op (and its autograd).
@@ -23,11 +26,22 @@ The library, from the modules down to the kernels (each module one job):
 - ``layout``: every memory-layout helper.
 - ``kernels``: the Triton kernels (``_common``: shared jitted math and launcher checks;
   ``gates``: gate update forward and backward; ``fused_step``: convolution and gates in one).
+- ``keras_weights``: Keras ConvLSTM1D/2D/3D (and Bidirectional) weights as a state_dict.
 - ``apps``: the demo and the bench command; never imported by the library.
 """
 
-from .modules import ConvLSTM, ConvLSTMCell
+from .modules import (
+    ConvLSTM,
+    ConvLSTM1d,
+    ConvLSTM2d,
+    ConvLSTM3d,
+    ConvLSTMCell,
+    ConvLSTMCell1d,
+    ConvLSTMCell2d,
+    ConvLSTMCell3d,
+)
 from .step_op import gate_update
 
-__all__ = ["ConvLSTM", "ConvLSTMCell", "gate_update"]
+__all__ = ["ConvLSTM", "ConvLSTM1d", "ConvLSTM2d", "ConvLSTM3d", "ConvLSTMCell",
+           "ConvLSTMCell1d", "ConvLSTMCell2d", "ConvLSTMCell3d", "gate_update"]
 __version__ = "0.1.0"

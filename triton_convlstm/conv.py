@@ -1,4 +1,6 @@
-"""'Same'-padded, bias-free convolutions and their two gradients, called straight into aten.
+"""'Same'-padded, bias-free convolutions and their two gradients, called straight into aten,
+for 1, 2 or 3 spatial dims: x is (N, C, *spatial) with spatial (L,), (H, W) or (D, H, W), and
+the weight (O, C, *k) has as many kernel dims.
 
 Each takes ``nn.Conv2d``'s ``padding_mode`` ("zeros", "reflect", "replicate", "circular") with
 this module's 'same' amounts (:func:`same_padding`); any mode but "zeros" pads with ``F.pad``
@@ -7,7 +9,8 @@ and convolves unpadded.
 The fast path convolves without bias (the gate kernel adds it: a bias on a bf16 channels_last
 cuDNN convolution measured 2-3x slower) and computes gradients with
 ``aten.convolution_backward`` asking only for what it needs (``torch.nn.grad.conv2d_input``
-measured 5x slower than that).
+measured 5x slower than that). All of it is plain tensor ops without a host sync, so the
+sequence backward can call it inside CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -26,90 +29,127 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # F.pad's name for each mode.
 _F_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
                "circular": "circular"}
+# The convolution for each number of spatial dims.
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# F.pad's backward for "reflect" and "replicate", by the number of spatial dims.
+_PAD_BACKWARD = {
+    "reflect": {1: _aten.reflection_pad1d_backward, 2: _aten.reflection_pad2d_backward,
+                3: _aten.reflection_pad3d_backward},
+    "replicate": {1: _aten.replication_pad1d_backward, 2: _aten.replication_pad2d_backward,
+                  3: _aten.replication_pad3d_backward},
+}
 
 
-def same_padding(kernel_size: tuple[int, int],
-                 dilation: tuple[int, int]) -> tuple[int, int, int, int]:
-    """F.pad amounts (left, right, top, bottom) that keep H, W; an even kernel pads one more at
-    the bottom/right.
+def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    """F.pad amounts that keep every spatial size, in F.pad's order (last dim first); an even
+    kernel pads one more at the end of its dim.
+
+    Each dim pads d * (k - 1) in all, total // 2 before and the rest after.
 
     Args:
-        kernel_size: (kh, kw).
-        dilation: (dh, dw).
+        kernel_size: (k,), (kh, kw) or (kd, kh, kw).
+        dilation: as many ints, one per dim.
+
+    Returns:
+        2 ints per dim: (lo, hi) of L for 1-d; (left, right, top, bottom) for 2-d;
+        (left, right, top, bottom, front, back) for 3-d.
+
+    >>> same_padding((3, 4), (2, 1))
+    (1, 2, 2, 2)
     """
-    (kh, kw), (dh, dw) = kernel_size, dilation
-    th, tw = dh * (kh - 1), dw * (kw - 1)
-    return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    if len(kernel_size) != len(dilation):
+        raise ValueError(f"kernel_size {tuple(kernel_size)} and dilation {tuple(dilation)} "
+                         "must have as many dims")
+    if len(kernel_size) == 2:  # unrolled: each step's convolutions ask (the loop costs 3x)
+        (kh, kw), (dh, dw) = kernel_size, dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    pad: tuple[int, ...] = ()
+    for k, d in zip(kernel_size[::-1], dilation[::-1]):
+        total = d * (k - 1)
+        pad += (total // 2, total - total // 2)
+    return pad
 
 
-def _split_padding(weight: Tensor, dilation,
-                   padding_mode: str) -> tuple[tuple[int, int, int, int] | None, list[int]]:
-    """(extra F.pad (left, right, top, bottom) or None, symmetric conv padding)."""
+def _split_padding(weight: Tensor, dilation: Sequence[int],
+                   padding_mode: str) -> tuple[tuple[int, ...] | None, list[int]]:
+    """(extra F.pad amounts (:func:`same_padding`'s) or None, symmetric conv padding per dim,
+    first dim first)."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    pad = same_padding(tuple(weight.shape[2:]), tuple(dilation))
-    left, right, top, bottom = pad
-    # No padding at all (a 1x1 kernel) is the same convolution in every mode.
-    if padding_mode != "zeros" and any(pad):
-        return pad, [0, 0]
-    if left == right and top == bottom:
-        return None, [top, left]
-    return pad, [0, 0]
+    pad = same_padding(weight.shape[2:], dilation)
+    if len(pad) == 4:  # unrolled, as in same_padding
+        left, right, top, bottom = pad
+        symmetric, padding = left == right and top == bottom, [top, left]
+    else:
+        symmetric, padding = pad[::2] == pad[1::2], [*pad[-2::-2]]
+    # Symmetric zeros pad inside the convolution; no padding at all (a 1x1 kernel) is the same
+    # convolution in every mode.
+    if symmetric and (padding_mode == "zeros" or not any(pad)):
+        return None, padding
+    return pad, [0] * len(padding)
 
 
-def _check_pad_fits(pad: tuple[int, int, int, int], h: int, w: int, padding_mode: str) -> None:
-    """Raise what ``F.pad`` raises on an (H, W) input this pad does not fit.
+def _check_pad_fits(pad: Sequence[int], spatial: Sequence[int], padding_mode: str) -> None:
+    """Raise what ``F.pad`` raises on an input of these spatial sizes this pad does not fit.
 
     Only the input gradient needs it (the others call F.pad): reflection_pad2d_backward does
     not check (on CPU, torch 2.13, a pad of 2 on a 2x2 image aborted the process with a heap
     corruption), and the circular fold would silently drop what wraps twice.
+
+    Args:
+        pad: :func:`same_padding`'s amounts (last dim first).
+        spatial: the input's spatial sizes (first dim first).
+        padding_mode: one of :data:`PADDING_MODES`.
     """
-    left, right, top, bottom = pad
-    if padding_mode == "reflect" and not (max(left, right) < w and max(top, bottom) < h):
-        raise RuntimeError(
-            "Padding size should be less than the corresponding input dimension, but got: "
-            f"padding {pad} (left, right, top, bottom) of an input of H, W {h, w}")
-    if padding_mode == "circular" and not (max(left, right) <= w and max(top, bottom) <= h):
-        raise RuntimeError(
-            f"Padding value causes wrapping around more than once: padding {pad} (left, right, "
-            f"top, bottom) of an input of H, W {h, w}")
+    if padding_mode not in ("reflect", "circular"):
+        return
+    # Each dim's bigger pad, in pad's order (last dim first) as the sizes beside them.
+    pairs = [(max(lo, hi), n) for lo, hi, n in zip(pad[::2], pad[1::2], spatial[::-1])]
+    where = (f"padding {tuple(pad)} (F.pad's order, last dim first) of an input of spatial "
+             f"size {tuple(spatial)}")
+    if padding_mode == "reflect" and not all(p < n for p, n in pairs):
+        raise RuntimeError("Padding size should be less than the corresponding input "
+                           f"dimension, but got: {where}")
+    if padding_mode == "circular" and not all(p <= n for p, n in pairs):
+        raise RuntimeError(f"Padding value causes wrapping around more than once: {where}")
 
 
-def _pad_backward(grad: Tensor, x_shape: Sequence[int], pad: tuple[int, int, int, int],
+def _pad_backward(grad: Tensor, x_shape: Sequence[int], pad: Sequence[int],
                   padding_mode: str) -> Tensor:
     """Gradient w.r.t. x of ``F.pad(x, pad, mode)``, given the padded result's gradient.
 
     Args:
-        grad: (N, C, H + top + bottom, W + left + right).
-        x_shape: (N, C, H, W).
-        pad: (left, right, top, bottom).
+        grad: (N, C, *padded), each spatial size grown by its dim's two pads.
+        x_shape: (N, C, *spatial).
+        pad: :func:`same_padding`'s amounts (last dim first).
         padding_mode: one of :data:`PADDING_MODES`.
 
     Returns:
-        (N, C, H, W), grad's dtype; a view of grad for "zeros" and "circular" (whose borders it
-        adds onto grad in place).
+        (N, C, *spatial), grad's dtype; a view of grad for "zeros" and "circular" (whose
+        borders it adds onto grad in place).
     """
-    left, right, top, bottom = pad
-    h, w = x_shape[2], x_shape[3]
+    spatial = x_shape[2:]
+    lo = pad[-2::-2]  # the pads before each dim, first dim first
     if padding_mode == "zeros":
-        return grad[:, :, top : top + h, left : left + w]
+        return grad[(..., *[slice(p, p + n) for p, n in zip(lo, spatial)])]
     if padding_mode == "circular":
-        # The left border is x's last `left` columns, the right one its first `right` (each at
-        # most w: F.pad refuses to wrap twice); written with explicit ends so a 0 pad adds an
-        # empty slice. Columns first over all padded rows, so the corners follow with the rows.
-        g = grad[:, :, :, left : left + w]
-        g[:, :, :, w - left : w].add_(grad[:, :, :, :left])
-        g[:, :, :, :right].add_(grad[:, :, :, left + w :])
-        dx = g[:, :, top : top + h]
-        dx[:, :, h - top : h].add_(g[:, :, :top])
-        dx[:, :, :bottom].add_(g[:, :, top + h :])
-        return dx
+        # The pad before a dim is x's last `before` entries along it, the one after its first
+        # `after` (each at most the size: F.pad refuses to wrap twice; a 0 pad adds an empty
+        # slice). One dim at a time, each over the others' whole extent (padded or already
+        # folded), so the corners follow; innermost first, as the 2-d fold always did.
+        g, hi = grad, pad[::-2]
+        for dim in range(len(spatial) + 1, 1, -1):
+            before, after, n = lo[dim - 2], hi[dim - 2], spatial[dim - 2]
+            core = g.narrow(dim, before, n)
+            core.narrow(dim, n - before, before).add_(g.narrow(dim, 0, before))
+            core.narrow(dim, 0, after).add_(g.narrow(dim, before + n, after))
+            g = core
+        return g
     # Both ops read x only for its shape: an expanded scalar stands in for it (the CPU and meta
     # kernels allocate the result themselves, contiguous for this input; not run on CUDA yet).
-    like = grad.new_empty(()).expand(x_shape)
-    op = (_aten.reflection_pad2d_backward if padding_mode == "reflect"
-          else _aten.replication_pad2d_backward)
-    return op(grad, like, list(pad))
+    like = grad.new_empty(()).expand(tuple(x_shape))
+    return _PAD_BACKWARD[padding_mode][len(spatial)](grad, like, list(pad))
 
 
 def _padded(x: Tensor, weight: Tensor, dilation: Sequence[int],
@@ -123,20 +163,20 @@ def _padded(x: Tensor, weight: Tensor, dilation: Sequence[int],
 
 def conv_same(x: Tensor, weight: Tensor, dilation: Sequence[int],
               bias: Tensor | None = None, *, padding_mode: str = "zeros") -> Tensor:
-    """The 'same'-padded convolution.
+    """The 'same'-padded convolution (``F.conv1d``, ``conv2d`` or ``conv3d`` by the dims).
 
     Args:
-        x: (N, C, H, W).
-        weight: (O, C, kh, kw), x's dtype.
-        dilation: (dh, dw).
+        x: (N, C, *spatial), spatial (L,), (H, W) or (D, H, W).
+        weight: (O, C, *k), as many kernel dims, x's dtype.
+        dilation: one int per spatial dim.
         bias: (O,) or None.
         padding_mode: one of :data:`PADDING_MODES`, as ``nn.Conv2d``'s.
 
     Returns:
-        (N, O, H, W), x's dtype.
+        (N, O, *spatial), x's dtype.
     """
     x, padding = _padded(x, weight, dilation, padding_mode)
-    return F.conv2d(x, weight, bias, padding=padding, dilation=list(dilation))
+    return _CONV[len(padding)](x, weight, bias, padding=padding, dilation=list(dilation))
 
 
 def conv_same_input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
@@ -144,43 +184,56 @@ def conv_same_input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     """Gradient of :func:`conv_same` w.r.t. its input.
 
     Args:
-        grad: (N, O, H, W), the gradient of the output.
-        x_shape: (N, C, H, W), the input's shape.
-        weight: (O, C, kh, kw), grad's dtype.
-        dilation: (dh, dw).
+        grad: (N, O, *spatial), the gradient of the output.
+        x_shape: (N, C, *spatial), the input's shape.
+        weight: (O, C, *k), grad's dtype.
+        dilation: one int per spatial dim.
         padding_mode: one of :data:`PADDING_MODES`, as ``nn.Conv2d``'s.
 
     Returns:
-        (N, C, H, W), grad's dtype; grad's memory format, except for "reflect" and "replicate"
-        (contiguous: their pad backward allocates it).
+        (N, C, *spatial), grad's dtype; laid out as the backend's convolution backward
+        gives it for grad's layout (grad's memory format on CPU for 2-d; contiguous on CPU
+        for 1-d, which torch knows no channels-last format for, and for float64 3-d), except
+        for "reflect" and "replicate" (contiguous: their pad backward allocates it).
     """
     pad, padding = _split_padding(weight, dilation, padding_mode)
-    n, _, h, w = x_shape
+    n, _, *spatial = x_shape
     c = weight.shape[1]
-    hp, wp = h, w
+    shape = (n, c, *spatial)
     if pad is not None:
-        _check_pad_fits(pad, h, w, padding_mode)
-        hp, wp = h + pad[2] + pad[3], w + pad[0] + pad[1]
+        _check_pad_fits(pad, spatial, padding_mode)
+        shape = (n, c, *[s + p + q for s, p, q in zip(spatial, pad[-2::-2], pad[::-2])])
     # convolution_backward reads the input only for its shape, dtype and layout when the weight
     # gradient is not requested; an uninitialised tensor (not an expanded scalar, which some
     # backends materialise with a fill) stands in for it.
-    like = empty_like_layout(grad, c, shape=(n, c, hp, wp))
+    like = empty_like_layout(grad, c, shape=shape)
+    nd = len(padding)
     dx = _aten.convolution_backward(
-        grad, like, weight, None, [1, 1], padding, list(dilation), False, [0, 0], 1,
+        grad, like, weight, None, [1] * nd, padding, list(dilation), False, [0] * nd, 1,
         [True, False, False],
     )[0]
     if pad is not None:
-        dx = _pad_backward(dx, (n, c, h, w), pad, padding_mode)
+        dx = _pad_backward(dx, x_shape, pad, padding_mode)
     return dx
 
 
 def conv_same_weight_grad(grad: Tensor, x: Tensor, weight: Tensor,
                           dilation: Sequence[int], *, padding_mode: str = "zeros") -> Tensor:
-    """Gradient of :func:`conv_same` w.r.t. its weight, summed over the N frames in one call:
-    (O, C, kh, kw) in grad's dtype. Arguments as :func:`conv_same_input_grad`'s, with x the
-    (N, C, H, W) input itself (weight is read for its shape)."""
+    """Gradient of :func:`conv_same` w.r.t. its weight, summed over the N frames in one call.
+
+    Args:
+        grad: (N, O, *spatial), the gradient of the output.
+        x: (N, C, *spatial), the input itself.
+        weight: (O, C, *k), read for its shape.
+        dilation: one int per spatial dim.
+        padding_mode: one of :data:`PADDING_MODES`, as ``nn.Conv2d``'s.
+
+    Returns:
+        (O, C, *k), grad's dtype.
+    """
     x, padding = _padded(x, weight, dilation, padding_mode)
+    nd = len(padding)
     return _aten.convolution_backward(
-        grad, x, weight, None, [1, 1], padding, list(dilation), False, [0, 0], 1,
+        grad, x, weight, None, [1] * nd, padding, list(dilation), False, [0] * nd, 1,
         [False, True, False],
     )[1]

@@ -32,10 +32,10 @@ def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Ten
         (h_seq, c_last): (T, B, hidden, H, W) in the compute dtype and (B, hidden, H, W) in the
         state dtype.
     """
-    t, b, _, hh, ww = x.shape
+    t, b, _, *spatial = x.shape
     hid = weight.shape[0] // 4
     h = h0
-    c = c0 if c0 is not None else x.new_zeros((b, hid, hh, ww), dtype=state_dtype(x.dtype))
+    c = c0 if c0 is not None else x.new_zeros((b, hid, *spatial), dtype=state_dtype(x.dtype))
     hs = []
     for step in range(t):
         h, c = cell_step(x[step], h, c, weight, bias, peephole, dilation,

@@ -22,6 +22,7 @@ another CUDA stream than the entry's last waits for that stream's work on the bu
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import warnings
 import weakref
@@ -82,23 +83,23 @@ def can_capture(x: torch.Tensor) -> bool:
     return x.is_cuda and not torch.cuda.is_current_stream_capturing()
 
 
-def worth_capturing(batch: int, hidden: int, height: int, width: int) -> bool:
+def worth_capturing(batch: int, hidden: int, *spatial: int) -> bool:
     """Whether a layer's step is small enough that its launches, not its GPU work, cost most.
 
     Args:
-        batch, hidden, height, width: the step's state shape (B, hidden, H, W).
+        batch, hidden, spatial: the step's state shape (B, hidden, *spatial).
 
     Returns:
-        True where B*hidden*H*W is at most :data:`MAX_STATE_ELEMENTS`.
+        True where B*hidden*prod(spatial) is at most :data:`MAX_STATE_ELEMENTS`.
 
     >>> worth_capturing(4, 64, 64, 64), worth_capturing(64, 256, 256, 256)
     (True, False)
     """
-    return batch * hidden * height * width <= MAX_STATE_ELEMENTS
+    return batch * hidden * math.prod(spatial) <= MAX_STATE_ELEMENTS
 
 
-def capture_plan(enabled: bool, batch: int, hidden_dims: list[int], height: int,
-                 width: int) -> list[bool]:
+def capture_plan(enabled: bool, batch: int, hidden_dims: list[int],
+                 spatial: Sequence[int]) -> list[bool]:
     """Which of a model's layers run from captured graphs: all that are
     :func:`worth_capturing` where ``enabled``, none while an exporter captures the model (with a
     dynamic batch, turning the size tests into a bool would be a guard; the exported loop is
@@ -108,14 +109,14 @@ def capture_plan(enabled: bool, batch: int, hidden_dims: list[int], height: int,
         enabled: the module's ``cuda_graphs``.
         batch: B.
         hidden_dims: each layer's hidden channels.
-        height, width: H and W of the frames.
+        spatial: the frames' sizes (1 to 3).
 
     Returns:
         One bool per layer, in the order of ``hidden_dims``.
     """
     if not enabled or exporting():
         return [False] * len(hidden_dims)
-    return [worth_capturing(batch, hid, height, width) for hid in hidden_dims]
+    return [worth_capturing(batch, hid, *spatial) for hid in hidden_dims]
 
 
 def owner_slot(module: torch.nn.Module, captured: bool, x: torch.Tensor) -> int | None:

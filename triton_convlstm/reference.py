@@ -54,17 +54,29 @@ def preactivation_ref(zx: Tensor, zh: Tensor | None = None, bias: Tensor | None 
     math = state_dtype(zx.dtype)
     z = zx.to(math) if out is None or zx.dtype == math else out.copy_(zx)
     terms = (None if zh is None else zh.to(math),
-             None if bias is None else bias.to(math)[:, None, None])
+             None if bias is None else _per_channel(bias.to(math), zx.dim()))
     for term in terms:
         if term is not None:
             z = z + term if out is None else torch.add(z, term, out=out)
     return z
 
 
-def _peephole_terms(peephole: Tensor | None, dtype: torch.dtype):
+def _per_channel(v: Tensor, dim: int) -> Tensor:
+    """(C,) or (K, C) -> broadcastable over (B, C, *spatial) of ``dim`` dims: a trailing 1 per
+    spatial dim (1 to 3 of them)."""
+    return v.view(*v.shape, *([1] * (dim - 2)))
+
+
+def _spatial_sum(t: Tensor) -> Tensor:
+    """(B, C, *spatial) summed to (C,)."""
+    return t.sum((0, *range(2, t.dim())))
+
+
+def _peephole_terms(peephole: Tensor | None, dtype: torch.dtype, dim: int):
+    """(3, hidden) -> (3, 1, hidden, 1...) for states of ``dim`` dims, or None."""
     if peephole is None:
         return None
-    return peephole.to(dtype)[:, None, :, None, None]  # (3, 1, hidden, 1, 1)
+    return _per_channel(peephole.to(dtype), dim).unsqueeze(1)
 
 
 def gate_forward_ref(
@@ -98,7 +110,7 @@ def _activations(z, c_prev, c, peephole, forward=False):
     hid = z.shape[1] // 4
     z = z if z.dtype == math else z.to(math)
     c_prev = c_prev if c_prev.dtype == math else c_prev.to(math)
-    p = _peephole_terms(peephole, math)
+    p = _peephole_terms(peephole, math, z.dim())
     if p is None:
         i, f, o = torch.sigmoid(z[:, : 3 * hid]).chunk(3, dim=1)  # i, f, o are adjacent
     else:
@@ -152,7 +164,7 @@ def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | N
     src = gates if pre is None else pre
     i, f, o, g = gates.unflatten(1, (4, hid)).unbind(1)
     zi, zf, zo, zg = src.unflatten(1, (4, hid)).unbind(1)
-    p = _peephole_terms(peephole, gates.dtype)
+    p = _peephole_terms(peephole, gates.dtype, gates.dim())
     if p is None:
         torch.sigmoid(src[:, : 3 * hid], out=gates[:, : 3 * hid])
     else:
@@ -200,7 +212,7 @@ def gate_backward_from_gates_ref(
     hid = gates.shape[1] // 4
     i, f, o, g = gates.unflatten(1, (4, hid)).unbind(1)
     c_prev, c = c_prev.to(math), c.to(math)
-    p = _peephole_terms(peephole, math)
+    p = _peephole_terms(peephole, math, gates.dim())
     tc = torch.tanh(c)
     dh = torch.zeros_like(c) if dh is None else dh.to(math)
 
@@ -232,7 +244,7 @@ def gate_backward_from_gates_ref(
     if p is not None:
         dc_prev.addcmul_(dzi, p[0]).addcmul_(dzf, p[1])
         dpeep = torch.stack(
-            [(dzi * c_prev).sum((0, 2, 3)), (dzf * c_prev).sum((0, 2, 3)), (dzo * c).sum((0, 2, 3))]
+            [_spatial_sum(dzi * c_prev), _spatial_sum(dzf * c_prev), _spatial_sum(dzo * c)]
         )
     if dz_out is not None and dz is not dz_out:
         dz = dz_out.copy_(dz)

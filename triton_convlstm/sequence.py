@@ -18,6 +18,7 @@ saved one, in either direction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,19 +92,19 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
         c_seq (T-1, B, hid, H, W) in the state dtype, else empty; z_seq (T, B, 4*hid, H, W)
         in ``saved_gates_dtype(x.dtype, backend)``, else empty in x's dtype.
     """
-    t, b, _, h, w = x.shape
+    t, b, _, *spatial = x.shape
     hid = weight.shape[0] // 4
     sdt = reference.state_dtype(x.dtype)
     kw = dict(device=x.device)
-    h_seq = empty_seq(t, b, hid, h, w, dtype=x.dtype, **kw)
-    c_last = empty_seq(1, b, hid, h, w, dtype=sdt, **kw)[0]
+    h_seq = empty_seq(t, b, hid, *spatial, dtype=x.dtype, **kw)
+    c_last = empty_seq(1, b, hid, *spatial, dtype=sdt, **kw)[0]
     if save:
-        c_seq = empty_seq(t - 1, b, hid, h, w, dtype=sdt, **kw)
+        c_seq = empty_seq(t - 1, b, hid, *spatial, dtype=sdt, **kw)
         if not keep_gates:
             z_seq = torch.empty(0, dtype=x.dtype, **kw)
         elif z_seq is None:
             zdt = saved_gates_dtype(x.dtype, backend)
-            z_seq = empty_seq(t, b, 4 * hid, h, w, dtype=zdt, **kw)
+            z_seq = empty_seq(t, b, 4 * hid, *spatial, dtype=zdt, **kw)
     else:
         c_seq = torch.empty(0, dtype=sdt, **kw)
         z_seq = torch.empty(0, dtype=x.dtype, **kw)
@@ -121,17 +122,18 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
 CHUNK_BYTES = 1 << 28
 
 
-def steps_per_chunk(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dtype) -> int:
+def steps_per_chunk(t: int, b: int, hid: int, pixels: int, dtype: torch.dtype) -> int:
     """How many steps' (B, 4*hid, H, W) buffers are batched into one call (see CHUNK_BYTES).
 
     Args:
-        t, b, hid, hh, ww: steps, batch, hidden channels, height and width.
+        t, b, hid, pixels: steps, batch, hidden channels, and pixels per frame (the product
+            of its spatial sizes).
         dtype: the buffer's dtype.
 
     Returns:
         The most steps (up to t) whose buffers fit in CHUNK_BYTES, but at least 1.
     """
-    per_step = b * 4 * hid * hh * ww * dtype.itemsize
+    per_step = b * 4 * hid * pixels * dtype.itemsize
     return max(1, min(t, CHUNK_BYTES // per_step))
 
 
@@ -182,7 +184,8 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
     if cat_convs(spec, x):
         return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
     gate_forward, _ = gate_launchers(spec.backend)
-    t, b, cin, hh, ww = x.shape
+    t, b, cin, *spatial = x.shape
+    pixels = math.prod(spatial)
     w_x, w_h = _split(weight, cin)
     # The kernels add the bias themselves (a bias on a bf16 channels_last cuDNN convolution ran
     # 2-3x slower); on CPU oneDNN adds it for free inside the input convolution, a pass saved.
@@ -206,9 +209,9 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
     if in_place:
         chunk = t
     elif save and not spec.keep_gates:  # the temporary is bounded as the backward's
-        chunk = recompute_steps(t, b, w_h.shape[1], hh, ww, x.dtype)
+        chunk = recompute_steps(t, b, w_h.shape[1], pixels, x.dtype)
     else:
-        chunk = steps_per_chunk(t, b, w_h.shape[1], hh, ww, x.dtype)
+        chunk = steps_per_chunk(t, b, w_h.shape[1], pixels, x.dtype)
 
     c_prev, h_prev = _initial_cell(c_last, c0), h0
     for t0 in range(0, t, chunk):
@@ -236,18 +239,19 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
 RECOMPUTE_FRACTION = 4
 
 
-def recompute_steps(t: int, b: int, hid: int, hh: int, ww: int, dtype: torch.dtype) -> int:
+def recompute_steps(t: int, b: int, hid: int, pixels: int, dtype: torch.dtype) -> int:
     """Steps per chunk where the gates are recomputed (``keep_gates`` False), in the training
     forward and the backward alike.
 
     Args:
-        t, b, hid, hh, ww: steps, batch, hidden channels, height and width.
+        t, b, hid, pixels: steps, batch, hidden channels, and pixels per frame (the product
+            of its spatial sizes).
         dtype: the input's dtype.
 
     Returns:
         :func:`steps_per_chunk`'s, but at most ceil(t / RECOMPUTE_FRACTION), and at least 1.
     """
-    return max(1, min(steps_per_chunk(t, b, hid, hh, ww, dtype), -(-t // RECOMPUTE_FRACTION)))
+    return max(1, min(steps_per_chunk(t, b, hid, pixels, dtype), -(-t // RECOMPUTE_FRACTION)))
 
 
 def _recompute_gates(gate_forward, zx, h_prev, w_h, gate_bias, c_prev, peephole, spec, gdt,
@@ -280,7 +284,7 @@ def cat_convs(spec: LayerSpec, x: Tensor) -> bool:
 def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, frames):
     """:func:`layer_forward` with one convolution of [x_t, h_{t-1}] per step (see cat_convs).
     Saves the same tensors, so the backward is shared."""
-    t, b, cin, hh, ww = x.shape
+    t, b, cin, *_ = x.shape
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)
@@ -303,8 +307,9 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
 def _fused_fits(x: Tensor, weight: Tensor) -> bool:
     """Whether the fused step serves these images and this weight (its in-image and weight
     offsets are int32); larger ones take the split path."""
-    _, _, cin, hh, ww = x.shape
-    return max(cin, weight.shape[0]) * hh * ww < 2**31 and weight.numel() < 2**31
+    _, _, cin, *spatial = x.shape
+    return (len(spatial) == 2 and max(cin, weight.shape[0]) * math.prod(spatial) < 2**31
+            and weight.numel() < 2**31)
 
 
 def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool,
@@ -314,7 +319,7 @@ def _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec: LayerSpec, sav
     tensors, so the backward is shared. ``config``: fused_step's tile override (tuning)."""
     from .kernels.fused_step import fused_step, pack_weight
 
-    t, b, cin, hh, ww = x.shape
+    t, b, cin, *_ = x.shape
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)
@@ -376,21 +381,22 @@ def layer_backward(
     """
     gate_forward, gate_backward = gate_launchers(spec.backend)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
-    t, b, cin, hh, ww = x.shape
+    t, b, cin, *spatial = x.shape
+    pixels = math.prod(spatial)
     sdt = c_last.dtype
     w_x, w_h = _split(weight, cin)
     hid = w_h.shape[1]
     recompute = not spec.keep_gates
     frames = seq_frames(x) if need_w or recompute else None
     if recompute:  # the gates are recomputed per chunk, in the chunk's buffer, then its dz
-        chunk, dz_buf = recompute_steps(t, b, hid, hh, ww, x.dtype), None
+        chunk, dz_buf = recompute_steps(t, b, hid, pixels, x.dtype), None
         conv_bias, gate_bias = (bias, None) if spec.backend == "torch" else (None, bias)
         gdt = saved_gates_dtype(x.dtype, spec.backend)
         h_scratch, c_scratch = torch.empty_like(h_seq[:1]), torch.empty_like(c_last)
     elif consume and z_seq.dtype == x.dtype:
         chunk, dz_buf = t, z_seq  # each step's gradients replace its gates, once read
     else:  # the gradients fed to the convolutions, in chunks of steps
-        chunk = steps_per_chunk(t, b, hid, hh, ww, x.dtype)
+        chunk = steps_per_chunk(t, b, hid, pixels, x.dtype)
         dz_buf = torch.empty_like(z_seq[:chunk], dtype=x.dtype)
     dc = torch.empty_like(c_last)
     if grad_c_last is None:
@@ -404,7 +410,7 @@ def layer_backward(
     if need_b and spec.backend == "triton" and t > 0:
         from .kernels.gates import bias_grad_accumulator
 
-        gates_like = empty_seq(1, b, 4 * hid, hh, ww, dtype=x.dtype, device="meta")[0]
+        gates_like = empty_seq(1, b, 4 * hid, *spatial, dtype=x.dtype, device="meta")[0]
         db_acc = bias_grad_accumulator(gates_like, device=x.device)
     dx_chunks = []
     dh_rec = None
@@ -428,11 +434,11 @@ def layer_backward(
             )
             dpeep.add(dp)
             if step > 0 or (need_h0 and h0 is not None):
-                dh_rec = spec.conv_input_grad(dz[step - t0], (b, hid, hh, ww), w_h)
+                dh_rec = spec.conv_input_grad(dz[step - t0], (b, hid, *spatial), w_h)
         # This chunk's share of the batched gradients, before dz_buf is reused.
         dz_frames = dz.flatten(0, 1)
         if need_x:
-            dx = spec.conv_input_grad(dz_frames, ((t1 - t0) * b, cin, hh, ww), w_x)
+            dx = spec.conv_input_grad(dz_frames, ((t1 - t0) * b, cin, *spatial), w_x)
             dx_chunks.append(dx.unflatten(0, (t1 - t0, b)))
         if need_w:
             dw_x.add(spec.conv_weight_grad(dz_frames, frames[t0 * b : t1 * b], w_x))
@@ -444,7 +450,7 @@ def layer_backward(
                 h0_cl = channels_last(h0)
                 dw_h.add(spec.conv_weight_grad(dz[0], h0_cl, w_h))
         if need_b and db_acc is None:
-            dbias.add(dz.sum(dim=(0, 1, 3, 4), dtype=sdt))
+            dbias.add(dz.sum(dim=(0, 1, *range(3, dz.dim())), dtype=sdt))
 
     dx = dweight = None
     if need_x:

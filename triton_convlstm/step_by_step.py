@@ -38,24 +38,26 @@ def global_hooks() -> bool:
         "_global_backward_pre_hooks"))
 
 
-def plain_conv(conv: nn.Module, dilation: tuple[int, int], padding) -> bool:
-    """Whether ``conv`` is the layer's own convolution as built: an ``nn.Conv2d`` (or its
-    parametrized subclass) with no hooks, stride 1, one group, the cell's dilation and
-    padding. Anything else is called as a module."""
+def plain_conv(conv: nn.Module, dilation: tuple[int, ...], padding,
+               conv_class: type[nn.Module] = nn.Conv2d) -> bool:
+    """Whether ``conv`` is the layer's own convolution as built: a ``conv_class`` (nn.Conv1d,
+    2d or 3d, or its parametrized subclass) with no hooks, stride 1, one group, the cell's
+    dilation and padding. Anything else is called as a module."""
     cls = type(conv)
-    if cls is not nn.Conv2d and not (parametrize.is_parametrized(conv)
-                                     and cls.__bases__ == (nn.Conv2d,)):
+    if cls is not conv_class and not (parametrize.is_parametrized(conv)
+                                      and cls.__bases__ == (conv_class,)):
         return False
     if "forward" in vars(conv):  # replaced on the instance (a wrapper, accelerate's hooks)
         return False
-    return (not _hooked(conv) and tuple(conv.stride) == (1, 1) and conv.groups == 1
+    return (not _hooked(conv) and set(conv.stride) == {1} and conv.groups == 1
             and tuple(conv.dilation) == tuple(dilation) and conv.padding == padding)
 
 
 def calls_conv(cell: nn.Module) -> bool:
     """Whether a cell's step must call ``cell.conv`` as a module (global hooks would see the
     call, or the conv is not :func:`plain_conv`) rather than convolve with its weight."""
-    return global_hooks() or not plain_conv(cell.conv, cell.dilation, cell.conv_padding)
+    return global_hooks() or not plain_conv(cell.conv, cell.dilation, cell.conv_padding,
+                                            cell.conv_class)
 
 
 def runs_modules(cell: nn.Module, fast_forward: Callable) -> bool:
@@ -76,15 +78,15 @@ def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None,
 
     Args:
         cell: the layer's cell.
-        seq: (T, B, C, H, W), the compute dtype.
-        h0, c0: (B, hidden, H, W), or None for the zero state (``cell.init_hidden``'s, as the
+        seq: (T, B, C, *spatial), the compute dtype.
+        h0, c0: (B, hidden, *spatial), or None for the zero state (``cell.init_hidden``'s, as the
             popular module starts from).
 
     Returns:
-        (h_seq, c_last): (T, B, hidden, H, W) and (B, hidden, H, W).
+        (h_seq, c_last): (T, B, hidden, *spatial) and (B, hidden, *spatial).
     """
-    t, b, _, height, width = seq.shape
-    h, c = (h0, c0) if h0 is not None else cell.init_hidden(b, (height, width))
+    t, b, _, *spatial = seq.shape
+    h, c = (h0, c0) if h0 is not None else cell.init_hidden(b, tuple(spatial))
     hs = []
     for step in range(t):
         h, c = cell(input_tensor=seq[step], cur_state=[h, c])

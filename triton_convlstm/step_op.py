@@ -109,7 +109,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _bias_grad(dz, dtype):
-    return dz.sum((0, 2, 3), dtype=torch.float32).to(dtype)  # fp32 accumulation for 16-bit dz
+    # fp32 accumulation for 16-bit dz
+    return dz.sum((0, *range(2, dz.dim())), dtype=torch.float32).to(dtype)
 
 
 def _backward(ctx, dh, dc, _dz):
@@ -133,13 +134,14 @@ def _check_args(zx, c_prev, zh, bias, peephole):
     """Shapes, floating dtypes and one device, checked here: a meta tensor among the
     arguments would route the op to its fake kernel (uninitialised outputs), and an integer
     one would truncate the torch path's results."""
-    if not isinstance(zx, Tensor) or zx.dim() != 4 or zx.shape[1] % 4:
+    if not isinstance(zx, Tensor) or zx.dim() not in (3, 4, 5) or zx.shape[1] % 4:
         got = tuple(zx.shape) if isinstance(zx, Tensor) else type(zx).__name__
-        raise ValueError(f"zx: expected a (B, 4*hidden, H, W) tensor, got {got}")
-    b, c4, hh, ww = zx.shape
+        raise ValueError(f"zx: expected a (B, 4*hidden, *spatial) tensor with 1 to 3 spatial "
+                         f"dims, got {got}")
+    b, c4, *spatial = zx.shape
     hid = c4 // 4
-    for name, t, shape in [("zx", zx, (b, c4, hh, ww)), ("c_prev", c_prev, (b, hid, hh, ww)),
-                           ("zh", zh, (b, c4, hh, ww)), ("bias", bias, (c4,)),
+    for name, t, shape in [("zx", zx, (b, c4, *spatial)), ("c_prev", c_prev, (b, hid, *spatial)),
+                           ("zh", zh, (b, c4, *spatial)), ("bias", bias, (c4,)),
                            ("peephole", peephole, (3, hid))]:  # fmt: skip
         if name in ("zx", "c_prev") or t is not None:
             if not isinstance(t, Tensor) or tuple(t.shape) != shape:

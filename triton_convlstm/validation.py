@@ -138,49 +138,68 @@ def _no_float(name: str, value: Any) -> None:
             raise TypeError(f"{name}: expected ints, got float {v!r}")
 
 
-def pair(name: str, value: Any) -> tuple[int, int]:
-    """A positive int n -> (n, n); a tuple or list of two positive ints -> a tuple of them.
+# The spatial dims' names per dimensionality, for messages.
+SPATIAL_NAMES = {1: ("L",), 2: ("H", "W"), 3: ("D", "H", "W")}
+
+
+def _what(n: int) -> str:
+    """How an n-tuple argument is described: 'a pair (h, w)' for 2-d (the messages users of
+    the 2-d layer know), 'a tuple of n' otherwise."""
+    if n == 2:
+        return "a pair (h, w) of ints"
+    return f"a tuple of {n} int" + ("s" if n > 1 else "")
+
+
+def ntuple(name: str, value: Any, n: int = 2) -> tuple[int, ...]:
+    """A positive int k -> (k,) * n; a tuple or list of n positive ints -> a tuple of them.
 
     Args:
         name: the argument's name, for the error.
         value: the value to check (kernel_size, dilation, image_size).
+        n: how many (the spatial dims: 1, 2 or 3).
 
     Returns:
-        (a, b), ints.
+        n ints.
 
     Raises:
-        TypeError, ValueError: as :func:`positive_int`, or not an int or a pair.
+        TypeError, ValueError: as :func:`positive_int`, or not an int or n of them.
     """
     _no_float(name, value)
     if _is_int(value):
-        value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name}: expected an int or a pair (h, w) of ints, got {value!r}")
+        value = (value,) * n
+    if not isinstance(value, (tuple, list)) or len(value) != n:
+        raise TypeError(f"{name}: expected an int or {_what(n)}, got {value!r}")
     return tuple(positive_int(name, v) for v in value)
 
 
-def per_layer(name: str, value: Any, num_layers: int,
-              scalar: type[int] | None = None) -> list[int] | list[tuple[int, int]]:
+def pair(name: str, value: Any) -> tuple[int, int]:
+    """:func:`ntuple` for 2-d: an int or a pair (h, w) -> (h, w)."""
+    return ntuple(name, value, 2)
+
+
+def per_layer(name: str, value: Any, num_layers: int, scalar: type[int] | None = None,
+              n: int = 2) -> list[int] | list[tuple[int, ...]]:
     """One value for all layers, or a list with one per layer.
 
     ``scalar=int`` (hidden_dim) takes ints; otherwise (kernel_size, dilation) each entry is an
-    int or an (h, w) pair, and a tuple of two ints is one pair for every layer.
+    int or an n-tuple, and a tuple of n ints is one value for every layer.
 
     Args:
         name: the argument's name, for the error.
         value: one value, or a list (or tuple) of num_layers values.
         num_layers: how many values to return.
-        scalar: int for positive ints, None for (h, w) pairs.
+        scalar: int for positive ints, None for n-tuples.
+        n: the tuples' length (the spatial dims).
 
     Returns:
-        num_layers values, each checked by :func:`positive_int` or :func:`pair`.
+        num_layers values, each checked by :func:`positive_int` or :func:`ntuple`.
 
     Raises:
         TypeError, ValueError: naming the argument, with a hint for a likely mix-up.
     """
     _no_float(name, value)
     one = _is_int(value) or (
-        scalar is None and isinstance(value, tuple) and len(value) == 2
+        scalar is None and isinstance(value, tuple) and len(value) == n
         and all(_is_int(v) for v in value)
     )
     if one:
@@ -188,8 +207,9 @@ def per_layer(name: str, value: Any, num_layers: int,
     elif isinstance(value, (list, tuple)):
         if len(value) != num_layers:
             hint = ""
-            if scalar is None and len(value) == 2 and all(_is_int(v) for v in value):
-                hint = f"; for one (h, w) for every layer pass a tuple: {tuple(value)}"
+            if scalar is None and len(value) == n and all(_is_int(v) for v in value):
+                what = "(h, w)" if n == 2 else f"{n}-tuple"
+                hint = f"; for one {what} for every layer pass a tuple: {tuple(value)}"
             raise ValueError(
                 f"{name}: expected one value or a list of num_layers={num_layers} values, "
                 f"got a list of {len(value)}{hint}"
@@ -197,8 +217,9 @@ def per_layer(name: str, value: Any, num_layers: int,
         values = list(value)
     else:
         raise TypeError(f"{name}: expected an int or a list of num_layers values, got {value!r}")
-    check = positive_int if scalar is int else pair
-    return [check(name, v) for v in values]
+    if scalar is int:
+        return [positive_int(name, v) for v in values]
+    return [ntuple(name, v, n) for v in values]
 
 
 def float_tensor(name: str, x: Any) -> None:
@@ -234,44 +255,49 @@ def _nonempty(name: str, x: Tensor, what: str) -> None:
         raise ValueError(f"{name}: expected non-zero sizes {what}, got shape {tuple(x.shape)}")
 
 
-def frame_input(x: Any, input_dim: int, weight: Tensor) -> None:
+def frame_input(x: Any, input_dim: int, weight: Tensor, spatial_dims: int = 2) -> None:
     """Checks a cell's input_tensor.
 
     Args:
-        x: should be (B, input_dim, H, W), floating, non-empty, on weight's device.
+        x: should be (B, input_dim, *spatial), floating, non-empty, on weight's device.
         input_dim: the expected channels.
         weight: a parameter of the module, for its device.
+        spatial_dims: how many spatial dims (1, 2 or 3).
 
     Raises:
         TypeError, ValueError: naming input_tensor.
     """
     float_tensor("input_tensor", x)
-    if x.dim() != 4:
-        raise ValueError(f"input_tensor: expected 4 dims (B, C, H, W), got {x.dim()} "
-                         f"(shape {tuple(x.shape)})")
+    layout = f"(B, C, {', '.join(SPATIAL_NAMES[spatial_dims])})"
+    if x.dim() != 2 + spatial_dims:
+        raise ValueError(f"input_tensor: expected {2 + spatial_dims} dims {layout}, got "
+                         f"{x.dim()} (shape {tuple(x.shape)})")
     _channels("input_tensor", x, 1, input_dim)
-    _nonempty("input_tensor", x, "(B, C, H, W)")
+    _nonempty("input_tensor", x, layout)
     _same_device("input_tensor", x, weight)
 
 
-def sequence_input(x: Any, input_dim: int, weight: Tensor, batch_first: bool) -> None:
+def sequence_input(x: Any, input_dim: int, weight: Tensor, batch_first: bool,
+                   spatial_dims: int = 2) -> None:
     """Checks a ConvLSTM's input_tensor.
 
     Args:
-        x: should be (B, T, input_dim, H, W) if batch_first else (T, B, input_dim, H, W),
-            floating, with T >= 1 and no zero size, on weight's device.
+        x: should be (B, T, input_dim, *spatial) if batch_first else (T, B, input_dim,
+            *spatial), floating, with T >= 1 and no zero size, on weight's device.
         input_dim: the expected channels.
         weight: a parameter of the module, for its device.
         batch_first: the module's layout.
+        spatial_dims: how many spatial dims (1, 2 or 3).
 
     Raises:
         TypeError, ValueError: naming input_tensor.
     """
     float_tensor("input_tensor", x)
-    layout = "(B, T, C, H, W)" if batch_first else "(T, B, C, H, W)"
-    if x.dim() != 5:
-        raise ValueError(f"input_tensor: expected 5 dims {layout}, got {x.dim()} "
-                         f"(shape {tuple(x.shape)})")
+    names = ", ".join(SPATIAL_NAMES[spatial_dims])
+    layout = f"(B, T, C, {names})" if batch_first else f"(T, B, C, {names})"
+    if x.dim() != 3 + spatial_dims:
+        raise ValueError(f"input_tensor: expected {3 + spatial_dims} dims {layout}, got "
+                         f"{x.dim()} (shape {tuple(x.shape)})")
     _channels("input_tensor", x, 2, input_dim)
     steps = x.shape[1] if batch_first else x.shape[0]
     if steps == 0:
@@ -281,8 +307,8 @@ def sequence_input(x: Any, input_dim: int, weight: Tensor, batch_first: bool) ->
     _same_device("input_tensor", x, weight)
 
 
-def padding_fits(name: str, padding_mode: str, pads: Sequence[int], height: int,
-                 width: int) -> None:
+def padding_fits(name: str, padding_mode: str, pads: Sequence[int],
+                 spatial: Sequence[int]) -> None:
     """Frames large enough for the padding: "reflect" mirrors inside the image (each pad less
     than the side), "circular" wraps once (at most the side); "zeros" and "replicate" pad any
     size.
@@ -290,22 +316,23 @@ def padding_fits(name: str, padding_mode: str, pads: Sequence[int], height: int,
     Args:
         name: the input's name, for the error.
         padding_mode: the convolution's.
-        pads: (left, right, top, bottom), as conv.same_padding gives.
-        height, width: the frames' H and W.
+        pads: as conv.same_padding gives them: F.pad's order, last dim first, (lo, hi) each.
+        spatial: the frames' sizes (L; H, W; D, H, W).
 
     Raises:
         ValueError: naming the input, the mode and the sizes.
     """
     if padding_mode not in ("reflect", "circular"):
         return
-    left, right, top, bottom = pads
+    per_dim = [max(pads[2 * i], pads[2 * i + 1]) for i in range(len(spatial))][::-1]
     too_big = (lambda pad, side: pad >= side) if padding_mode == "reflect" else (
         lambda pad, side: pad > side)
-    if too_big(max(top, bottom), height) or too_big(max(left, right), width):
+    if any(too_big(pad, side) for pad, side in zip(per_dim, spatial)):
         need = "less than" if padding_mode == "reflect" else "at most"
+        sizes = ", ".join(f"{n}={v}" for n, v in zip(SPATIAL_NAMES[len(spatial)], spatial))
         raise ValueError(
-            f"{name}: padding_mode={padding_mode!r} pads (left, right, top, bottom) = "
-            f"{tuple(pads)}, each {need} the frame's side, got H={height}, W={width}")
+            f"{name}: padding_mode={padding_mode!r} pads (F.pad order, last dim first) "
+            f"{tuple(pads)}, each {need} the frame's side, got {sizes}")
 
 
 def autocasting(x: Tensor) -> bool:

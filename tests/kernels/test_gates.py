@@ -1,14 +1,17 @@
 """The Triton gate kernels (kernels/gates.py) against a float64 oracle written here.
 
-On CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes are tiny
-and odd; the `gpu` cases add real sizes and >2**31-element tensors. The oracle's backward is
-torch.autograd through the oracle's forward, so no hand-derived gradient is trusted.
+Mostly 2-d (B, C, H, W); the launchers' 1-d (B, C, L) and 3-d (B, C, D, H, W) cases have their
+own section. On CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so
+shapes are tiny and odd; the `gpu` cases add real sizes and >2**31-element tensors. The
+oracle's backward is torch.autograd through the oracle's forward, so no hand-derived gradient
+is trusted.
 """
 
 import itertools
 
 import pytest
 import torch
+from triton_convlstm.kernels._common import merged_strides
 from triton_convlstm.kernels.gates import bias_grad_accumulator, gate_backward, gate_forward
 
 from conftest import DEVICE, DEVICE_MARKS
@@ -24,11 +27,17 @@ def _sigmoid(x):
     return 1 / (1 + torch.exp(-x))  # exp overflows to inf for very negative x: the result is 0
 
 
+def per_channel(v, like):
+    """A per-channel vector v (C,) or rows (K, C) shaped to broadcast against like (B, C, ...)."""
+    return v.reshape(*v.shape[:-1], v.shape[-1], *(1,) * (like.dim() - 2))
+
+
 def oracle_forward(z, c_prev, peephole=None):
-    """z: (B, 4*hid, H, W) pre-activations (i, f, o, g); returns h, c (Shi et al. 2015 eq. 3)."""
+    """z: (B, 4*hid, *spatial) pre-activations (i, f, o, g); returns h, c (Shi et al. 2015
+    eq. 3)."""
     zi, zf, zo, zg = z.chunk(4, dim=1)
     if peephole is not None:
-        p = peephole[:, None, :, None, None]
+        p = per_channel(peephole, c_prev)[:, None]
         zi, zf = zi + p[0] * c_prev, zf + p[1] * c_prev
     c = _sigmoid(zf) * c_prev + _sigmoid(zi) * torch.tanh(zg)
     if peephole is not None:
@@ -56,8 +65,16 @@ def rel_err(actual, expected):
 
 
 def make(shape, layout="nchw", dtype=torch.float32, scale=1.0):
+    """Noise of ``shape``; "nhwc": (B, C, *spatial) channels-last (channels_last for 2-d,
+    channels_last_3d for 3-d, a (B, L, C) tensor's ``.movedim(-1, 1)`` for 1-d)."""
     t = torch.randn(shape, device=DEVICE, dtype=torch.float32).mul_(scale).to(dtype)
-    return t.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else t
+    if layout != "nhwc" or t.dim() < 3:
+        return t
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
 def nan_like(t, dtype=None):
@@ -65,11 +82,12 @@ def nan_like(t, dtype=None):
     return torch.full_like(t, float("nan"), dtype=dtype)
 
 
-def sample(b, hid, hh, ww, layout, dtype, peep, zh=True, bias=True, scale=1.0):
-    zx = make((b, 4 * hid, hh, ww), layout, dtype, scale)
-    zh_ = make((b, 4 * hid, hh, ww), layout, dtype, scale) if zh else None
+def sample(b, hid, spatial, layout, dtype, peep, zh=True, bias=True, scale=1.0):
+    """(zx, zh, bias, c_prev, peephole) for frames of the sizes ``spatial`` (1 to 3 of them)."""
+    zx = make((b, 4 * hid, *spatial), layout, dtype, scale)
+    zh_ = make((b, 4 * hid, *spatial), layout, dtype, scale) if zh else None
     bias_ = make((4 * hid,), dtype=dtype) if bias else None
-    c_prev = make((b, hid, hh, ww), layout)
+    c_prev = make((b, hid, *spatial), layout)
     pe = make((3, hid)) if peep else None
     return zx, zh_, bias_, c_prev, pe
 
@@ -79,7 +97,7 @@ def total_z(zx, zh, bias):
     if zh is not None:
         z = z + zh.to(F64)
     if bias is not None:
-        z = z + bias.to(F64)[:, None, None]
+        z = z + per_channel(bias.to(F64), z)
     return z
 
 
@@ -122,7 +140,7 @@ def _fp32_id(case):
 def test_fp32_matches_oracle(case):
     (b, hid, hh, ww), layout, peep, opts = case
     has_zh, has_bias, has_dh, has_dh2, has_dc = OPTIONS[opts]
-    zx, zh, bias, c_prev, pe = sample(b, hid, hh, ww, layout, torch.float32, peep, has_zh,
+    zx, zh, bias, c_prev, pe = sample(b, hid, (hh, ww), layout, torch.float32, peep, has_zh,
                                       has_bias)  # fmt: skip
     h_out, c_out, z_out = nan_like(c_prev), nan_like(c_prev), nan_like(zx)
     h, c, z = gate_forward(zx, zh, bias, c_prev, pe, h_out=h_out, c_out=c_out, z_out=z_out)
@@ -169,7 +187,7 @@ def test_small_activations_keep_fp32_accuracy(layout, scale):
 
 def test_allocated_outputs_keep_layout():
     for layout, fmt in [("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)]:
-        zx, zh, bias, c_prev, pe = sample(2, 4, 3, 5, layout, torch.bfloat16, True)
+        zx, zh, bias, c_prev, pe = sample(2, 4, (3, 5), layout, torch.bfloat16, True)
         h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
         assert h.dtype == torch.bfloat16 and c.dtype == torch.float32 and z.dtype == zx.dtype
         assert all(t.is_contiguous(memory_format=fmt) for t in (h, c, z))
@@ -185,7 +203,7 @@ def test_allocated_outputs_keep_layout():
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision(dtype, layout):
-    zx, zh, bias, c_prev, pe = sample(2, 5, 7, 9, layout, dtype, True)
+    zx, zh, bias, c_prev, pe = sample(2, 5, (7, 9), layout, dtype, True)
     h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     assert h.dtype == dtype and c.dtype == torch.float32 and z.dtype == dtype
     # Forward: the exact sum; torch in `dtype` sums and runs the math in that dtype too.
@@ -249,7 +267,7 @@ def test_channel_slice_and_uncropped_layouts():
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_in_place_state_updates(layout):
-    zx, zh, bias, c_prev, pe = sample(2, 5, 7, 9, layout, torch.float32, True)
+    zx, zh, bias, c_prev, pe = sample(2, 5, (7, 9), layout, torch.float32, True)
     h0, c0, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     state = c_prev.clone()
     _, c1, _ = gate_forward(zx, zh, bias, state, pe, c_out=state)
@@ -260,6 +278,85 @@ def test_in_place_state_updates(layout):
     grad = dc.clone()
     _, dcp1, dpe1 = gate_backward(z, c_prev, c0, pe, dh, None, grad, dc_prev_out=grad)
     assert dcp1 is grad and torch.equal(dcp1, dcp0) and torch.equal(dpe1, dpe0)
+
+
+# ---- 1-d (B, C, L) and 3-d (B, C, D, H, W) ---------------------------------------------------
+
+SPATIAL = {"1d": (13,), "3d": (2, 3, 5)}
+ND_CASES = list(itertools.product(SPATIAL, ("nchw", "nhwc"), (False, True)))
+
+
+def as_2d(t):
+    """t (B, C, *spatial) as the 2-d (B, C, pixels, 1) view of the same memory (None stays)."""
+    return None if t is None else t.flatten(2).unsqueeze(-1)
+
+
+@pytest.mark.parametrize("dims,layout,peep", ND_CASES,
+                         ids=lambda v: v if isinstance(v, str) else ("peep" if v else "nopeep"))
+def test_1d_and_3d_match_oracle_and_the_2d_launch(dims, layout, peep):
+    """Every output and gradient (dh2 and the bias accumulator included) against the oracle,
+    and bitwise against the 2-d launch of the same memory seen as (B, C, pixels, 1): the kernels
+    are pointwise over the merged pixel axis, so the spatial rank must not matter."""
+    b, hid, spatial = 2, 3, SPATIAL[dims]
+    zx, zh, bias, c_prev, pe = sample(b, hid, spatial, layout, torch.float32, peep)
+    assert merged_strides(zx) is not None and (zx.stride(1) == 1) == (layout == "nhwc")
+    h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
+    for t, ch in [(h, hid), (c, hid), (z, 4 * hid)]:  # allocated like zx
+        assert t.shape == (b, ch, *spatial)
+        assert t.stride() == make((b, ch, *spatial), layout).stride()
+    z64 = total_z(zx, zh, bias)
+    h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), None if pe is None else pe.to(F64))
+    assert rel_err(z, z64) <= 1e-6
+    assert rel_err(h, h_ref) <= 1e-5 and rel_err(c, c_ref) <= 1e-5
+
+    dh, dh2, dc = grads_in(c, layout, True, True, True)
+    acc = bias_grad_accumulator(z)
+    dz, dcp, dpe = gate_backward(z, c_prev, c, pe, dh, dh2, dc, dbias_acc=acc)
+    assert dz.stride() == z.stride() and dcp.stride() == c.stride()
+    ref = oracle_backward(z64, c_prev, pe, summed(c, dh, dh2), summed(c, dc))
+    assert rel_err(dz, ref[0]) <= 1e-5 and rel_err(dcp, ref[1]) <= 1e-5
+    assert rel_err(acc.sum(0), ref[0].sum((0, *range(2, z.dim())))) <= 1e-5
+    assert (dpe is None) if pe is None else rel_err(dpe, ref[2]) <= 1e-5
+
+    flat = gate_forward(*map(as_2d, (zx, zh)), bias, as_2d(c_prev), pe, save_z=True)
+    assert all(torch.equal(as_2d(t), f) for t, f in zip((h, c, z), flat))
+    acc2 = bias_grad_accumulator(flat[2])
+    got2 = gate_backward(flat[2], as_2d(c_prev), flat[1], pe, *map(as_2d, (dh, dh2, dc)),
+                         dbias_acc=acc2)  # fmt: skip
+    assert torch.equal(as_2d(dz), got2[0]) and torch.equal(as_2d(dcp), got2[1])
+    assert torch.equal(acc, acc2) and (dpe is None or torch.equal(dpe, got2[2]))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_3d_crops_are_copied_and_written_through_stand_ins(layout):
+    """Spatial crops of larger 3-d buffers (H and W not mergeable): the inputs are copied once,
+    the outputs written through contiguous stand-ins; only the crops change."""
+    b, hid, (d, hh, ww) = 2, 3, (2, 3, 4)
+    crop = lambda t: t[:, :, 1:, 1:-1, :-1]  # noqa: E731
+    big = lambda ch: make((b, ch, d + 1, hh + 2, ww + 1), layout)  # noqa: E731
+    nan_big = lambda ch: torch.full_like(big(ch), float("nan"))  # noqa: E731
+    zx, zh, c_prev = crop(big(4 * hid)), crop(big(4 * hid)), crop(big(hid))
+    bias, pe = make((4 * hid,)), make((3, hid))
+    assert all(merged_strides(t) is None for t in (zx, zh, c_prev))
+    h_buf, c_buf, z_buf = nan_big(hid), nan_big(hid), nan_big(4 * hid)
+    h, c, z = gate_forward(zx, zh, bias, c_prev, pe, h_out=crop(h_buf), c_out=crop(c_buf),
+                           z_out=crop(z_buf))  # fmt: skip
+    z64 = total_z(zx, zh, bias)
+    h_ref, c_ref = oracle_forward(z64, c_prev.to(F64), pe.to(F64))
+    assert rel_err(z, z64) <= 1e-6
+    assert rel_err(h, h_ref) <= 1e-5 and rel_err(c, c_ref) <= 1e-5
+
+    dh = crop(big(hid))
+    acc = bias_grad_accumulator(z)
+    dz_buf, dcp_buf = nan_big(4 * hid), nan_big(hid)
+    gate_backward(z, c_prev, c, pe, dh, None, None, dz_out=crop(dz_buf),
+                  dc_prev_out=crop(dcp_buf), dbias_acc=acc)  # fmt: skip
+    ref = oracle_backward(z64, c_prev, pe, dh.to(F64), torch.zeros_like(c_ref))
+    assert rel_err(crop(dz_buf), ref[0]) <= 1e-5 and rel_err(crop(dcp_buf), ref[1]) <= 1e-5
+    assert rel_err(acc.sum(0), ref[0].sum((0, 2, 3, 4))) <= 1e-5
+    for buf in (h_buf, c_buf, z_buf, dz_buf, dcp_buf):  # the crop written, nothing else
+        assert not crop(buf).isnan().any()
+        assert buf.isnan().sum() == buf.numel() - crop(buf).numel()
 
 
 # ---- robustness --------------------------------------------------------------------------------
@@ -283,7 +380,7 @@ def test_huge_preactivations_stay_finite(dtype):
 
 
 def test_backward_is_bitwise_deterministic():
-    zx, zh, bias, c_prev, pe = sample(3, 17, 9, 11, "nchw", torch.float32, True)
+    zx, zh, bias, c_prev, pe = sample(3, 17, (9, 11), "nchw", torch.float32, True)
     h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     dh, dh2, dc = grads_in(c, "nchw", True, True, True)
     first = gate_backward(z, c_prev, c, pe, dh, dh2, dc)
@@ -298,7 +395,7 @@ def test_bias_gradient_accumulates_over_steps(layout, dtype):
     steps of a sequence): its row sum is the bias gradient, without a pass over dz."""
     acc, want = None, torch.zeros(4 * 6, dtype=F64, device=DEVICE)
     for step in range(3):
-        zx, zh, bias, c_prev, pe = sample(2, 6, 5, 7, layout, dtype, peep=step == 1)
+        zx, zh, bias, c_prev, pe = sample(2, 6, (5, 7), layout, dtype, peep=step == 1)
         h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
         dh, dh2, dc = grads_in(c, layout, True, step > 0, True)
         acc = bias_grad_accumulator(z) if acc is None else acc
@@ -311,7 +408,7 @@ def test_bias_gradient_accumulates_over_steps(layout, dtype):
 
 
 def _bad_calls():
-    zx, _, _, c_prev, pe = sample(1, 2, 3, 3, "nchw", torch.float32, True)
+    zx, _, _, c_prev, pe = sample(1, 2, (3, 3), "nchw", torch.float32, True)
     meta = torch.empty(c_prev.shape, device="meta")
 
     def fwd(zx=zx, zh=None, bias=None, c_prev=c_prev, peephole=None, **kw):
@@ -336,6 +433,15 @@ def _bad_calls():
     yield "dbias_acc-shape", ValueError, "dbias_acc", bwd(dbias_acc=acc[:, :4])
     yield "dbias_acc-dtype", TypeError, "dbias_acc", bwd(dbias_acc=acc.double())
     yield "dbias_acc-strides", ValueError, "dbias_acc", bwd(dbias_acc=acc.repeat(1, 2)[:, ::2])
+    # spatial ranks: 1 to 3 dims, the same in every tensor of a call
+    yield "no-spatial-zx", ValueError, "zx", fwd(zx=zx[:, :, 0, 0])
+    yield "4d-spatial-zx", ValueError, "zx", fwd(zx=zx[..., None, None])
+    yield "3d-c_prev", ValueError, "c_prev", fwd(c_prev=c_prev[..., None])
+    yield "1d-h_out", ValueError, "h_out", fwd(h_out=c_prev.flatten(2))
+    yield "1d-z", ValueError, "c_prev", bwd(z=zx.flatten(2))
+    yield "3d-dh", ValueError, "dh", bwd(dh=c_prev[:, :, None])
+    yield "4d-spatial-z-acc", ValueError, r"\*spatial", lambda: bias_grad_accumulator(
+        zx[..., None, None])
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()), ids=lambda c: c[0])
@@ -353,7 +459,7 @@ def test_bad_inputs_raise(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("hid", [64, 48])
 def test_real_sizes(hid, dtype, layout):
-    zx, zh, bias, c_prev, pe = sample(16, hid, 64, 64, layout, dtype, True)
+    zx, zh, bias, c_prev, pe = sample(16, hid, (64, 64), layout, dtype, True)
     h, c, z = gate_forward(zx, zh, bias, c_prev, pe, save_z=True)
     # the forward works on the exact fp32 sum; the backward sees the saved (rounded) z
     h_ref, c_ref = oracle_forward(total_z(zx, zh, bias), c_prev.to(F64), pe.to(F64))
