@@ -186,3 +186,24 @@ def test_state_dtype_and_no_aliasing():
     assert h.dtype == torch.float16 and c.dtype == torch.float32
     assert not any(h.data_ptr() == t.data_ptr() for t in a.values() if t is not None)
     assert step_op.__all__ == ["gate_update", "gate_forward_op", "gate_backward_op", "cell_step"]
+
+
+@pytest.mark.parametrize("spatial", [(7,), (2, 3, 4)], ids=["1d", "3d"])
+def test_opcheck_and_gate_update_in_1d_and_3d(spatial):
+    """The single-step ops serve the family: (B, C, *spatial) with 1 or 3 spatial dims, the
+    Triton ops (interpreter on CPU) checked by opcheck and against the torch path."""
+    torch.manual_seed(6)
+    zx, zh = (torch.randn(2, 8, *spatial, device=DEVICE) for _ in range(2))
+    bias, c_prev = torch.randn(8, device=DEVICE), torch.randn(2, 2, *spatial, device=DEVICE)
+    peep = torch.randn(3, 2, device=DEVICE)
+    if DEVICE == "cuda" or interpreter_enabled():
+        torch.library.opcheck(gate_forward_op, (zx, zh, bias, c_prev, peep))
+        h, c, z = gate_forward_op(zx, zh, bias, c_prev, peep)
+        torch.library.opcheck(gate_backward_op, (z, c_prev, c, peep, torch.randn_like(h),
+                                                 torch.randn_like(c)))
+        tri = gate_update(zx, c_prev, zh=zh, bias=bias, peephole=peep, backend="triton")
+        ref = gate_update(zx, c_prev, zh=zh, bias=bias, peephole=peep, backend="torch")
+        for a, b in zip(tri, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    h, c = gate_update(zx, c_prev, zh=zh, bias=bias, peephole=peep, backend="torch")
+    assert h.shape == c.shape == (2, 2, *spatial)
