@@ -8,10 +8,12 @@
 bench/test_perf.py`` alone (the perf gates), within a time cap; on request (--profile,
 --convs, --fused) a kernel breakdown of a case, split-vs-cat convolution timings and the fused
 forward step's tile sweep; (b) ``python -m
-triton_convlstm bench`` (eager, compiled, compiled-ro, layer, convs-only; S, M, L; bf16, fp32;
-fwd, train; peak memory; compile times at T=8 and 64) with what is left, skipping what would not
-fit and saying so, (c) a table and ``bench/results/<gpu-name>.json`` (or --out), copied with the
-plots into $OUT when that is set. Each phase runs in a child process killed at its cap, and the
+triton_convlstm bench``: first the rest of the family (1-d, 3-d, bidirectional M; eager, layer,
+convs-only; bf16; fwd, train) within its own share of the budget, then the 2-d benchmark (eager,
+compiled, compiled-ro, layer, convs-only; S, M, L; bf16, fp32; fwd, train; peak memory; compile
+times at T=8 and 64) with what is left, each skipping what would not fit and saying so, (c) a
+table and ``bench/results/<gpu-name>.json`` (or --out), copied with the plots into $OUT when that
+is set. Each phase runs in a child process killed at its cap, and the
 benchmark streams its rows to disk, so a cut-off run still reports what it measured.
 """
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # the GPU box runs from a plain checkout, nothing
 
 import torch  # noqa: E402
 
+from triton_convlstm.apps.bench.cases import FAMILY_CPU_SHAPES, FAMILY_GPU_SHAPES  # noqa: E402
 from triton_convlstm.apps.bench.command import environment  # noqa: E402
 from triton_convlstm.apps.bench.report import add_ratios, format_table  # noqa: E402
 
@@ -196,16 +199,58 @@ def bench_args(dry_run: bool) -> list[str]:
             "--compile-times", "on", "--sweep", "4,8,16,32"]
 
 
-def run_bench(cap: float, work: Path, dry_run: bool, extra: list[str] = ()) -> dict:
-    out = work / "bench"
+def family_args(dry_run: bool) -> list[str]:
+    """The bench command's options for the family phase: the 1-d, 3-d and bidirectional shapes
+    against the formulation written the popular way for each (eager), with the floor
+    (convs-only). No compiled baselines (each costs 10-30 s of compiling per case, which the
+    2-d goals need more) and no plots (their names would clash with the main run's in $OUT).
+
+    Args:
+        dry_run: CPU, the tiny family shapes, one thread (the same plumbing, in seconds).
+
+    Returns:
+        The options, before ``--family-args`` (later options win in argparse).
+    """
+    impls = ["--impls", "eager,layer,convs-only", "--no-plots"]
+    if dry_run:
+        return ["--device", "cpu", "--dtype", "fp32", "--shapes", ",".join(FAMILY_CPU_SHAPES),
+                *impls, "--repeats", "1", "--sweep", "2", "--threads", "1"]
+    # bf16 only: the family's first numbers, in ~18 cases; fp32 by --family-args. The T sweep
+    # (the bench command always runs one for its first shape) at one short T, cheap.
+    return ["--device", "cuda", "--dtype", "bf16", "--shapes", ",".join(FAMILY_GPU_SHAPES),
+            "--modes", "train,fwd", *impls, "--compile-times", "off", "--sweep", "16"]
+
+
+def run_bench(cap: float, work: Path, dry_run: bool, extra: list[str] = (),
+              name: str = "bench", base: list[str] | None = None,
+              margin_s: float = 15.0) -> dict:
+    """One run of the bench command in a child process killed at ``cap`` seconds.
+
+    Args:
+        cap: seconds, the hard cap (the command's own --budget-s is ``margin_s`` less).
+        work: the scratch folder; the run writes work/<name>/ and work/<name>.log.
+        dry_run: picks the default options (:func:`bench_args`) when ``base`` is None.
+        extra: options after the defaults (they win).
+        name: the phase's name: its folder, log and the line printed.
+        base: the options before ``extra``; None: :func:`bench_args`.
+        margin_s: seconds kept back from the command's own budget for its start (torch's
+            import) and the overrun of its last case.
+
+    Returns:
+        The command's results.json (rows, sweep, compile_times, skipped), or what it streamed
+        before the cap, with exit_code, seconds and plots added.
+    """
+    out = work / name
+    base = bench_args(dry_run) if base is None else base
     # The bench skips by its own estimate a little before the hard cap; the cap is the backstop.
     # Later options win in argparse, so ``extra`` narrows the defaults.
-    cmd = [sys.executable, "-m", "triton_convlstm", "bench", *bench_args(dry_run), *extra,
+    cmd = [sys.executable, "-m", "triton_convlstm", "bench", *base, *extra,
            "--quiet",
-           "--budget-s", f"{max(cap - 15, 1):.0f}", "--out", str(out)]
-    print(f"== benchmark (cap {cap:.0f} s): {' '.join(cmd[1:])}", flush=True)
+           "--budget-s", f"{max(cap - margin_s, 1):.0f}", "--out", str(out)]
+    print(f"== {'benchmark' if name == 'bench' else name} (cap {cap:.0f} s): "
+          f"{' '.join(cmd[1:])}", flush=True)
     t0 = time.monotonic()
-    rc, _ = run_capped(cmd, cap, work / "bench.log")
+    rc, _ = run_capped(cmd, cap, work / f"{name}.log")
     if (out / "results.json").exists():
         result = json.loads((out / "results.json").read_text())
     else:  # stopped at the cap: rebuild from the rows it streamed
@@ -221,6 +266,22 @@ def run_bench(cap: float, work: Path, dry_run: bool, extra: list[str] = ()) -> d
     result.update(exit_code=rc, seconds=round(time.monotonic() - t0, 1),
                   plots=[str(p) for p in sorted(out.glob("*.png"))])
     return result
+
+
+def merge_family(bench: dict, family: dict) -> None:
+    """The family phase's rows and skips into the benchmark's result, so that the summary
+    table, the failure check and ``bench table`` see one list of rows; its sweep and run
+    details go under bench["family"].
+
+    Args:
+        bench: the main benchmark's result (rows, skipped), changed in place; the ratios are
+            recomputed (they compare rows of the same shape, dtype and mode only).
+        family: the family run's result (:func:`run_bench`).
+    """
+    bench.setdefault("rows", []).extend(family.get("rows", []))
+    bench.setdefault("skipped", []).extend(f"family: {s}" for s in family.get("skipped", []))
+    add_ratios(bench["rows"])
+    bench["family"] = {k: family.get(k) for k in ("exit_code", "seconds", "sweep")}
 
 
 def run_extra(name: str, cmd: list[str], cap: float, work: Path) -> dict:
@@ -293,7 +354,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-args", default="",
                    help="extra options for the bench command, e.g. '--impls layer,eager'")
     p.add_argument("--skip-tests", action="store_true")
-    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--skip-bench", action="store_true",
+                   help="run no benchmark (the family phase included)")
+    p.add_argument("--family-share", type=float, default=0.2,
+                   help="share of the budget for the family phase (1-d, 3-d and bidirectional "
+                        "shapes against eager; default 0.2, 0 skips it); run before the 2-d "
+                        "benchmark, which gets what it leaves")
+    p.add_argument("--family-args", default="",
+                   help="extra options for the family phase's bench command, e.g. "
+                        "'--dtype bf16,fp32'")
     p.add_argument("--profile", action="append", metavar="CASE",
                    help="also profile SHAPE:DTYPE:MODE:IMPL (bench/profile_step.py), e.g. "
                         "M:bf16:train:layer-nographs; repeatable; runs before the benchmark")
@@ -336,11 +405,27 @@ def main(argv: list[str] | None = None) -> int:
         cap = min(args.budget_s * args.extras_share / len(phases), left())
         if cap > 5:
             report[phase] = run_extra(phase, cmd, cap, work)
+    family = None
+    # Before the 2-d run and capped: its ~18 cases are cheap, while the 2-d run's compiled
+    # baselines would take any time left; what the family leaves goes to the 2-d run.
+    if not args.skip_bench and args.family_share > 0:
+        cap = min(args.budget_s * args.family_share, left())
+        if cap > 5:
+            # A third of a small cap kept back, not 15 s: a short budget (a dry run's) would
+            # otherwise leave the phase no time at all; its cases are seconds each at most.
+            family = run_bench(cap, work, args.dry_run, shlex.split(args.family_args),
+                               name="family", base=family_args(args.dry_run),
+                               margin_s=min(15.0, cap / 3))
+        else:
+            family = {"rows": [], "skipped": ["no time left for the family phase"]}
     if not args.skip_bench and left() > 5:
         report["bench"] = run_bench(left(), work, args.dry_run, shlex.split(args.bench_args))
-        report["goals"] = goals(report["bench"]["rows"])
     elif not args.skip_bench:
         report["bench"] = {"skipped": ["no time left for the benchmark"], "rows": []}
+    if family is not None:
+        merge_family(report["bench"], family)
+    if not args.skip_bench:
+        report["goals"] = goals(report["bench"]["rows"])
     report["elapsed_s"] = round(time.monotonic() - START, 1)
 
     out.parent.mkdir(parents=True, exist_ok=True)

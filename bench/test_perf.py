@@ -3,14 +3,16 @@
 Two kinds of test:
 
 * ``test_cpu_step``: pytest-benchmark cases (the layer and the eager formulation, forward and
-  training step, small CPU shapes). Compare two runs with
-  ``python -m triton_convlstm bench compare OLD.json NEW.json``. The eager cases are the control:
-  when they move as much as the layer's, the machine changed, not the code.
+  training step, small CPU shapes: 2-d, and the family's 1-d, 3-d and bidirectional ones).
+  Compare two runs with ``python -m triton_convlstm bench compare OLD.json NEW.json``. The
+  eager cases are the control: when they move as much as the layer's, the machine changed, not
+  the code.
 * ``test_cpu_train_memory``: the layer's peak training memory over the eager formulation's, on
   CPU, counted exactly by triton_convlstm.apps.bench.memory (no timing, so no noise).
 * gates: same-run speed ratios, the layer against a baseline measured in the same process,
   in interleaved rounds (median of per-round ratios), so a slow or busy machine slows both sides.
-  CPU: the layer's training step against the eager formulation. GPU (marked ``gpu``): the fast-path
+  CPU: the layer's training step against the eager formulation (written the popular way for
+  the shape's n; bidirectional as two passes). GPU (marked ``gpu``): the fast-path
   goals against the best of torch.compile's default and reduce-overhead modes.
 
 No wall-clock or byte thresholds anywhere: only ratios.
@@ -25,6 +27,7 @@ import torch
 
 from triton_convlstm.apps.bench.cases import (
     CPU_SHAPES,
+    FAMILY_CPU_SHAPES,
     GPU_SHAPES,
     MODES,
     SHAPES,
@@ -46,6 +49,17 @@ CPU = torch.device("cpu")
 # the gate math. The gate sits a margin below what is measured, to catch regressions without
 # flaking.
 CPU_TRAIN_GATE = 0.75
+
+# The rest of the family against the formulation written the popular way for its n (2026-12-06,
+# 2-core shared box, 1 thread, this gate's loop; `pytest bench/test_perf.py -k train_gate -s`
+# 5 times plus 5 runs of the same loop in a script): cpu-1d 0.92-0.97x, cpu-3d 0.91-0.96x,
+# cpu-s-bi 1.03-1.10x (one 0.88x with a busy neighbour). The layer does not beat eager at
+# these 1-d and 3-d sizes on CPU (its forward alone is 0.7-0.8x there): the gates only catch
+# regressions, a margin below the lowest seen, so as not to flake.
+CPU_TRAIN_GATES = {
+    **{shape: CPU_TRAIN_GATE for shape in CPU_SHAPES},
+    "cpu-1d": 0.7, "cpu-3d": 0.7, "cpu-s-bi": 0.7,
+}
 
 # Goal: the layer's peak training memory <= 0.5x the eager formulation's. Measured with
 # TensorMemoryTracker (fp32, tensors created during one step, layer / eager): at fcdefaf cpu-s
@@ -98,14 +112,14 @@ def _warm(steps: dict, calls: int = 3) -> None:
 
 @pytest.mark.parametrize("impl", ["layer", "eager"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("shape", CPU_SHAPES + FAMILY_CPU_SHAPES)
 def test_cpu_step(benchmark, shape, mode, impl):
     step = build_step(impl, SHAPES[shape], "fp32", mode, CPU)
     benchmark.extra_info.update(shape=SHAPES[shape].label, impl=impl, mode=mode)
     benchmark.pedantic(step, rounds=8, warmup_rounds=2, iterations=1)
 
 
-@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("shape", CPU_SHAPES + FAMILY_CPU_SHAPES)
 def test_cpu_train_gate(shape, record_property):
     steps = {i: build_step(i, SHAPES[shape], "fp32", "train", CPU) for i in ("layer", "eager")}
     _warm(steps, 2)
@@ -114,8 +128,8 @@ def test_cpu_train_gate(shape, record_property):
     record_property("layer_over_eager_train", round(ratio, 3))
     print(f"cpu train {shape}: layer {statistics.median(times['layer']):.2f} ms, eager "
           f"{statistics.median(times['eager']):.2f} ms, {ratio:.2f}x")
-    assert ratio >= CPU_TRAIN_GATE, _gate_message(
-        f"cpu train {shape}", "layer", "eager", times, ratio, CPU_TRAIN_GATE)
+    gate = CPU_TRAIN_GATES[shape]
+    assert ratio >= gate, _gate_message(f"cpu train {shape}", "layer", "eager", times, ratio, gate)
 
 
 @pytest.mark.parametrize(("impl", "shape"), sorted(CPU_TRAIN_MEMORY_GATES))

@@ -207,6 +207,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert [p["name"] for p in report["tests"]["parts"]] == ["tests", "perf-gates"]
     assert report["tests"]["parts"][1]["workers"] == 1
     assert {r["impl"] for r in report["bench"]["rows"]} == {"eager", "layer", "convs-only"}
+    # The family phase's rows (1-d, 3-d, bidirectional) join the 2-d run's.
+    from triton_convlstm.apps.bench.cases import FAMILY_CPU_SHAPES
+
+    assert {r["shape"] for r in report["bench"]["rows"]} == {"cpu-s", *FAMILY_CPU_SHAPES}
+    assert report["bench"]["family"]["exit_code"] == 0
     (profiled,) = report["profile"]["results"]  # the optional phases, asked for
     assert profiled["case"] == "cpu-s:fp32:fwd:layer" and profiled["rows"]
     assert {r["verdict"] for r in report["convs"]["results"]["rows"]} <= {"cat", "split", "same"}

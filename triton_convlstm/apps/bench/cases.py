@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Shape:
-    """``layers`` layers (one unless said), kernel 3: x is (batch, steps, in_dim, size, size),
-    hidden channels ``hidden`` in every layer.
+    """``layers`` layers (one unless said), kernel 3: x is (batch, steps, in_dim, *spatial),
+    hidden channels ``hidden`` in every layer (in each direction when ``bidirectional``).
 
     Args:
         name: the key in SHAPES, and the shape's name in result rows.
@@ -37,9 +37,12 @@ class Shape:
         steps: sequence length T.
         in_dim: input channels C.
         hidden: hidden channels of every layer.
-        size: H = W.
-        kernel: kernel side.
+        size: the frame: an int is a square 2-d frame, H = W = size (every shape before the
+            1-d and 3-d layers, whose rows and labels stay as they were); a tuple gives each
+            spatial dim, 1 to 3 of them: (L,), (H, W) or (D, H, W).
+        kernel: kernel side (in every spatial dim).
         layers: stacked ConvLSTM layers.
+        bidirectional: each layer also runs a reverse direction; outputs have 2*hidden channels.
     """
 
     name: str
@@ -47,9 +50,15 @@ class Shape:
     steps: int
     in_dim: int
     hidden: int
-    size: int
+    size: int | tuple[int, ...]
     kernel: int = 3
     layers: int = 1
+    bidirectional: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) and not 1 <= len(self.size) <= 3:
+            raise ValueError(f"Shape {self.name}: size: expected an int or 1 to 3 sizes, "
+                             f"got {self.size}")
 
     def with_steps(self, steps: int) -> Shape:
         """This shape with another sequence length (the T sweep).
@@ -63,11 +72,36 @@ class Shape:
         return replace(self, steps=steps)
 
     @property
+    def spatial(self) -> tuple[int, ...]:
+        """The frame's sizes, one per spatial dim: (size, size) for an int ``size``."""
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+    @property
+    def dims(self) -> int:
+        """The number of spatial dims (1, 2 or 3): which layer and convolution run."""
+        return len(self.spatial)
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output sequence: hidden, twice that when bidirectional."""
+        return 2 * self.hidden if self.bidirectional else self.hidden
+
+    def x_size(self) -> tuple[int, ...]:
+        """The input's size.
+
+        Returns:
+            (batch, steps, in_dim, *spatial): batch-first, as both models read it.
+        """
+        return (self.batch, self.steps, self.in_dim, *self.spatial)
+
+    @property
     def label(self) -> str:
-        """The sizes as text, e.g. ``B4-T16-C8-H32-32x32`` (``-L3`` appended for 3 layers)."""
+        """The sizes as text, e.g. ``B4-T16-C8-H32-32x32`` (``-L3`` appended for 3 layers,
+        ``-bi`` for a bidirectional shape; a 1-d frame is its length alone, ``-256``)."""
         deep = f"-L{self.layers}" if self.layers > 1 else ""
-        return (f"B{self.batch}-T{self.steps}-C{self.in_dim}-H{self.hidden}-{self.size}x{self.size}"
-                f"{deep}")
+        bi = "-bi" if self.bidirectional else ""
+        return (f"B{self.batch}-T{self.steps}-C{self.in_dim}-H{self.hidden}-"
+                f"{'x'.join(map(str, self.spatial))}{deep}{bi}")
 
 
 SHAPES = {
@@ -80,10 +114,25 @@ SHAPES = {
         Shape("cpu-m", 4, 8, 8, 32, 24),
         # Where saved activations add up across layers (the memory gates; not timed in CI).
         Shape("cpu-deep", 4, 8, 8, 32, 24, layers=3),
+        # The rest of the family (ConvLSTM1d, ConvLSTM3d, bidirectional), each against the
+        # formulation written the popular way for its n (baseline.py). On GPU: a long 1-d
+        # signal, a small volume sequence, and M in both directions (twice M's work).
+        Shape("1d", 32, 64, 16, 128, (256,)),
+        Shape("3d", 2, 8, 4, 32, (16, 32, 32)),
+        Shape("M-bi", 16, 16, 32, 64, 64, bidirectional=True),
+        # Their CPU counterparts for the perf suite: a step takes milliseconds on one thread.
+        Shape("cpu-1d", 4, 8, 4, 16, (64,)),
+        Shape("cpu-3d", 1, 4, 2, 8, (8, 8, 8)),
+        Shape("cpu-s-bi", 2, 8, 4, 16, 16, bidirectional=True),
     )
 }
 GPU_SHAPES = ("S", "M", "L")
 CPU_SHAPES = ("cpu-s", "cpu-m")
+# Kept out of the tuples above, which are the 2-d goals' cases (test_perf's GPU_GOALS) and the
+# bench command's defaults: bench/gpu_check.py runs these in a capped phase of their own, and
+# the perf suite gates them with their own margins.
+FAMILY_GPU_SHAPES = ("1d", "3d", "M-bi")
+FAMILY_CPU_SHAPES = ("cpu-1d", "cpu-3d", "cpu-s-bi")
 # "layer-nographs": the layer with its CUDA-graph replay off (what the graphs buy, per shape);
 # "layer-recompute": with recompute_gates=True (what the memory it saves costs in time);
 # "layer-fused": one Triton kernel per forward step (LayerSpec.fused; on CPU the same as layer);
@@ -99,11 +148,12 @@ MODES = ("fwd", "train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _layer_class():
+def _layer_class(dims: int = 2):
+    """The package's layer for ``dims`` spatial dims (ConvLSTM1d, ConvLSTM, ConvLSTM3d)."""
     # Imported late: the bench command's argument checks and `compare` need no layer at all.
-    from ...modules import ConvLSTM
+    from ...modules import ConvLSTM, ConvLSTM1d, ConvLSTM3d
 
-    return ConvLSTM
+    return {1: ConvLSTM1d, 2: ConvLSTM, 3: ConvLSTM3d}[dims]
 
 
 def make_models(shape: Shape, device: torch.device, dtype: torch.dtype,
@@ -119,13 +169,16 @@ def make_models(shape: Shape, device: torch.device, dtype: torch.dtype,
 
     Returns:
         (eager, layer): an :class:`~.baseline.EagerConvLSTM` and a batch-first
-        :class:`triton_convlstm.ConvLSTM`.
+        :class:`triton_convlstm.ConvLSTM` (``ConvLSTM1d``, ``ConvLSTM3d`` for 1-d and 3-d
+        shapes), both bidirectional where the shape is.
     """
     torch.manual_seed(seed)
-    eager = EagerConvLSTM(shape.in_dim, shape.hidden, shape.kernel, shape.layers)
-    layer = _layer_class()(shape.in_dim, shape.hidden, shape.kernel, shape.layers,
-                           batch_first=True)
-    layer.load_state_dict(eager.state_dict())
+    eager = EagerConvLSTM(shape.in_dim, shape.hidden, shape.kernel, shape.layers,
+                          spatial_dims=shape.dims, bidirectional=shape.bidirectional)
+    layer = _layer_class(shape.dims)(shape.in_dim, shape.hidden, shape.kernel, shape.layers,
+                                     batch_first=True, bidirectional=shape.bidirectional)
+    # strict: a parameter one side lacks (a reverse stack, say) fails here, not in a timing.
+    layer.load_state_dict(eager.state_dict(), strict=True)
     return eager.to(device, dtype), layer.to(device, dtype)
 
 
@@ -138,7 +191,8 @@ def _configure(layer, impl: str) -> None:
 
 
 def _sequence_of(impl: str, model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> the (B, T, hidden, H, W) output sequence, whichever output convention ``model`` has."""
+    """x -> the (B, T, hidden, *spatial) output sequence, whichever output convention ``model``
+    has."""
     if impl in LAYER_IMPLS:
 
         def run(x):
@@ -158,7 +212,7 @@ def build_step(
 
     Args:
         impl: one of IMPLS.
-        shape: the case's sizes; x is (batch, steps, in_dim, size, size).
+        shape: the case's sizes; x is (batch, steps, in_dim, *spatial).
         dtype: a key of DTYPES ("fp32", "bf16").
         mode: "fwd" or "train".
         device: where the models and tensors live; CUDA_ONLY_IMPLS need a CUDA one.
@@ -184,7 +238,7 @@ def build_step(
         model = torch.compile(model, mode="reduce-overhead" if impl.endswith("-ro") else None)
     seq_of = _sequence_of(impl, model)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)
+    size = shape.x_size()
     x = torch.randn(size, generator=gen).to(device, dt)
     # cudagraph trees reuse their output memory: tell them where one step ends.
     mark = torch.compiler.cudagraph_mark_step_begin if impl.endswith("-ro") else (lambda: None)
@@ -200,7 +254,8 @@ def build_step(
 
     x.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    target = torch.randn(size[:2] + (shape.hidden,) + size[3:], generator=gen).to(device, dt)
+    target = torch.randn(size[:2] + (shape.out_channels,) + size[3:],
+                         generator=gen).to(device, dt)
 
     def train_step():
         mark()
@@ -213,36 +268,45 @@ def build_step(
 def _convs_only_step(shape: Shape, dt, mode: str, device: torch.device, seed: int):
     """The convolutions the layer cannot avoid, and nothing else: the floor it is compared to.
 
-    fwd: one input conv over all T frames at once plus T hidden convs. train adds T hidden
-    input-gradient convs (the recurrence forces one per step) and batched calls for dx, dW_x
-    and dW_h. channels_last, bias-free, all in one CUDA graph on GPU (plain calls on CPU).
+    Per direction (two when bidirectional), fwd: one input conv over all T frames at once plus
+    T hidden convs. train adds T hidden input-gradient convs (the recurrence forces one per
+    step) and batched calls for dx, dW_x and dW_h. Channels-last where the dims have one (2-d,
+    3-d), bias-free, all in one CUDA graph on GPU (plain calls on CPU).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     b, t, k, hid = shape.batch, shape.steps, shape.kernel, shape.hidden
-    fmt = torch.channels_last
+    n = shape.dims
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}.get(n, torch.contiguous_format)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
 
     def rand(*size):
         return torch.randn(size, generator=gen).to(device, dt).contiguous(memory_format=fmt)
 
     # Time-major frames so that step t's slice [t*b:(t+1)*b] is one contiguous block.
-    x_all = rand(t * b, shape.in_dim, shape.size, shape.size)
-    h_all = rand(t * b, hid, shape.size, shape.size)
-    dz_all = rand(t * b, 4 * hid, shape.size, shape.size)
-    w_x, w_h = rand(4 * hid, shape.in_dim, k, k), rand(4 * hid, hid, k, k)
-    pad, one = [k // 2] * 2, [1, 1]
+    directions = []
+    for _ in range(2 if shape.bidirectional else 1):
+        directions.append((
+            rand(t * b, shape.in_dim, *shape.spatial), rand(t * b, hid, *shape.spatial),
+            rand(t * b, 4 * hid, *shape.spatial),
+            rand(4 * hid, shape.in_dim, *[k] * n), rand(4 * hid, hid, *[k] * n),
+        ))
+    pad, one, zero = [k // 2] * n, [1] * n, [0] * n
     grad = torch.ops.aten.convolution_backward
 
     def body():
-        F.conv2d(x_all, w_x, padding=pad)
-        for s in range(t):
-            F.conv2d(h_all[s * b : (s + 1) * b], w_h, padding=pad)
-        if mode == "train":
+        for x_all, h_all, dz_all, w_x, w_h in directions:
+            conv(x_all, w_x, padding=pad)
             for s in range(t):
-                sl = slice(s * b, (s + 1) * b)
-                grad(dz_all[sl], h_all[sl], w_h, None, one, pad, one, False, [0, 0], 1,
-                     [True, False, False])
-            grad(dz_all, x_all, w_x, None, one, pad, one, False, [0, 0], 1, [True, True, False])
-            grad(dz_all, h_all, w_h, None, one, pad, one, False, [0, 0], 1, [False, True, False])
+                conv(h_all[s * b : (s + 1) * b], w_h, padding=pad)
+            if mode == "train":
+                for s in range(t):
+                    sl = slice(s * b, (s + 1) * b)
+                    grad(dz_all[sl], h_all[sl], w_h, None, one, pad, one, False, zero, 1,
+                         [True, False, False])
+                grad(dz_all, x_all, w_x, None, one, pad, one, False, zero, 1,
+                     [True, True, False])
+                grad(dz_all, h_all, w_h, None, one, pad, one, False, zero, 1,
+                     [False, True, False])
 
     return graphed(body, device)
 
@@ -501,7 +565,7 @@ def compile_seconds(impl: str, shape: Shape, dtype: str, device: torch.device) -
 
     Args:
         impl: "eager" (the formulation, whose time loop the compiler unrolls) or "layer".
-        shape: the sizes; x is (batch, steps, in_dim, size, size).
+        shape: the sizes; x is (batch, steps, in_dim, *spatial).
         dtype: a key of DTYPES.
         device: where it runs.
 
@@ -516,8 +580,7 @@ def compile_seconds(impl: str, shape: Shape, dtype: str, device: torch.device) -
     _configure(layer, impl)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    size = (shape.batch, shape.steps, shape.in_dim, shape.size, shape.size)
-    x = torch.randn(size, device=device, dtype=DTYPES[dtype], requires_grad=True)
+    x = torch.randn(shape.x_size(), device=device, dtype=DTYPES[dtype], requires_grad=True)
     try:
         sync(device)
         t0 = time.perf_counter()
