@@ -160,3 +160,12 @@ def test_bench_table_says_what_cpu_peak_memory_means():
     lines = format_table({"rows": [row]}).splitlines()
     assert lines[1].endswith("2.5")
     assert lines[2].startswith("peak MiB (cpu): ") and "cuda" not in lines[2].lower()
+
+
+def test_the_text_table_fits_long_shape_names():
+    from triton_convlstm.apps.bench.report import format_table
+
+    row = dict(impl="layer", shape="cpu-s-bi", dtype="fp32", mode="train", median_ms=1.0,
+               speedup_vs_eager=1.0, speedup_vs_compiled=None, peak_mem_mb=None)
+    line = format_table({"rows": [row]}).splitlines()[1]
+    assert "cpu-s-bi fp32" in line

@@ -61,14 +61,16 @@ def format_table(result: dict) -> str:
     def f(v, spec):  # spec like "9.2f"; "-" in the same width when missing
         return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 
-    lines = [f"{'impl':<16}{'shape':<7}{'dtype':<6}{'mode':<6}{'median ms':>11}"
+    # The shape column fits the longest name (cpu-s-bi), at least the 7 the 2-d names had.
+    sw = max([7] + [len(r["shape"]) + 1 for r in result["rows"]])
+    lines = [f"{'impl':<16}{'shape':<{sw}}{'dtype':<6}{'mode':<6}{'median ms':>11}"
              f"{'x eager':>9}{'x compiled':>12}{'peak MiB':>10}"]
     for r in sorted(result["rows"], key=lambda r: (r["shape"], r["dtype"], r["mode"])):
         if r.get("error"):
-            lines.append(f"{r['impl']:<16}{r['shape']:<7}{r['dtype']:<6}{r['mode']:<6}"
+            lines.append(f"{r['impl']:<16}{r['shape']:<{sw}}{r['dtype']:<6}{r['mode']:<6}"
                          f"  error: {r['error']}")
             continue
-        lines.append(f"{r['impl']:<16}{r['shape']:<7}{r['dtype']:<6}{r['mode']:<6}"
+        lines.append(f"{r['impl']:<16}{r['shape']:<{sw}}{r['dtype']:<6}{r['mode']:<6}"
                      f"{f(r['median_ms'], '11.3f')}{f(r['speedup_vs_eager'], '9.2f')}"
                      f"{f(r['speedup_vs_compiled'], '12.2f')}{f(r['peak_mem_mb'], '10.1f')}")
     devices = {r.get("device") for r in result["rows"] if r.get("peak_mem_mb") is not None}
