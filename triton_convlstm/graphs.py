@@ -8,7 +8,8 @@ caller holds is overwritten by a later replay, and one entry can serve every cal
 shapes. The exceptions are asked for by name (``keep``): eager training keeps the saved
 activations in the forward entry's buffers and checks the entry's ``generation`` before reading,
 and ConvLSTM.forward takes the last layer's outputs (every layer's, in inference) uncloned and
-copies what it returns at once. The first call for a new signature runs eagerly (that compiles
+copies what it returns at once (not for bidirectional layers, whose two directions may replay
+the same entry one after the other). The first call for a new signature runs eagerly (that compiles
 the Triton kernels and lets cuDNN pick its algorithms); the second captures. A module's own
 training entries (:func:`slot_of`) are dropped once the module is collected, and shared
 (inference) entries once all the modules that used them are.

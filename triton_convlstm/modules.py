@@ -81,8 +81,10 @@ class ConvLSTMNd(nn.Module):
     hidden, *spatial) tensors (2*hidden if bidirectional), last_states a list of [h, c], h in
     x's dtype and c in float32 (float64 for float64 x); both hold the last layer only unless
     return_all_layers. hidden_state: None (zeros) or one (h, c) per layer, each (B, hidden,
-    *spatial) (2*hidden if bidirectional: the forward direction's half first); passing a run's
-    last_states (return_all_layers=True) continues the sequence exactly.
+    *spatial) (2*hidden if bidirectional: the forward direction's half first); passing a
+    one-directional run's last_states (return_all_layers=True) continues the sequence exactly
+    (a bidirectional layer's reverse half only starts the reverse cell: the reverse direction
+    reads the chunk's end first).
     """
 
     spatial_dims = 2
@@ -190,10 +192,16 @@ class ConvLSTMNd(nn.Module):
         if hidden_state is None and self._own_initial_state():
             hidden_state = self._init_hidden(b, tuple(spatial))  # as the popular module does
         directions = 2 if self.bidirectional else 1
-        states = validation.hidden_state(
-            hidden_state, [(b, directions * c.hidden_dim, *spatial) for c in self.cell_list],
-            dtype, x.device, cast=validation.autocasting(x),
-        )
+        try:
+            states = validation.hidden_state(
+                hidden_state, [(b, directions * c.hidden_dim, *spatial) for c in self.cell_list],
+                dtype, x.device, cast=validation.autocasting(x),
+            )
+        except ValueError as exc:
+            if not self.bidirectional:
+                raise
+            raise ValueError(f"{exc}; a bidirectional layer's states have 2*hidden channels, "
+                             "the forward direction's half first") from None
         backend = resolve_backend(self.backend, x.device, dtype)
         use_graphs = graphs.capture_plan(self.cuda_graphs, b,
                                          [cell.hidden_dim for cell in self.cell_list], spatial)

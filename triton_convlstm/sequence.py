@@ -1,6 +1,7 @@
 """One ConvLSTM layer over a whole sequence: the forward and backward time loops.
 
-Layout: everything is time-major, ``(T, B, channels, H, W)``, channels_last per frame. The input
+Layout: everything is time-major, ``(T, B, channels, *spatial)`` with 1 to 3 spatial dims,
+channels-last per frame (layout.py). The input
 convolution runs once over all T*B frames; each step runs one hidden convolution and one fused
 gate update that writes h_t straight into its slot of the output buffer. The backward runs the
 gate gradient and the hidden input-gradient convolution per step, and every weight/bias gradient

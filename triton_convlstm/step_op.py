@@ -41,15 +41,15 @@ def gate_forward_op(
     """The gate update on the Triton kernel (:func:`triton_convlstm.kernels.gates.gate_forward`).
 
     Args:
-        zx: (B, 4*hidden, H, W) fp32/bf16/fp16, pre-activations in gate order i, f, o, g.
-        zh: (B, 4*hidden, H, W) fp32/bf16/fp16, added to zx, or None.
+        zx: (B, 4*hidden, *spatial) fp32/bf16/fp16, pre-activations in gate order i, f, o, g.
+        zh: (B, 4*hidden, *spatial) fp32/bf16/fp16, added to zx, or None.
         bias: (4*hidden,) fp32/bf16/fp16 or None.
-        c_prev: (B, hidden, H, W) fp32.
+        c_prev: (B, hidden, *spatial) fp32.
         peephole: (3, hidden) fp32/bf16/fp16 or None.
 
     Returns:
-        (h, c, z): h (B, hidden, H, W) in zx's dtype, c (B, hidden, H, W) fp32 and the summed
-        pre-activation z (B, 4*hidden, H, W) in zx's dtype (saved for backward).
+        (h, c, z): h (B, hidden, *spatial) in zx's dtype, c (B, hidden, *spatial) fp32 and the
+        summed pre-activation z (B, 4*hidden, *spatial) in zx's dtype (saved for backward).
     """
     from .kernels.gates import gate_forward  # lazy: importing ops must not need Triton
 
@@ -73,16 +73,16 @@ def gate_backward_op(
     """The gradients of :func:`gate_forward_op` from its saved z.
 
     Args:
-        z: (B, 4*hidden, H, W) fp32/bf16/fp16, the pre-activations the forward saved.
-        c_prev: (B, hidden, H, W) fp32, the forward's previous cell.
-        c: (B, hidden, H, W) fp32, the cell the forward returned.
+        z: (B, 4*hidden, *spatial) fp32/bf16/fp16, the pre-activations the forward saved.
+        c_prev: (B, hidden, *spatial) fp32, the forward's previous cell.
+        c: (B, hidden, *spatial) fp32, the cell the forward returned.
         peephole: (3, hidden) fp32/bf16/fp16 or None, as in the forward.
-        dh: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. h, or None (zero).
-        dc: (B, hidden, H, W) fp32/bf16/fp16, the gradient w.r.t. c, or None (zero).
+        dh: (B, hidden, *spatial) fp32/bf16/fp16, the gradient w.r.t. h, or None (zero).
+        dc: (B, hidden, *spatial) fp32/bf16/fp16, the gradient w.r.t. c, or None (zero).
 
     Returns:
-        (dz, dc_prev, dpeephole): dz (B, 4*hidden, H, W) in z's dtype, dc_prev (B, hidden, H, W)
-        fp32 and dpeephole (3, hidden) fp32, or empty without peepholes.
+        (dz, dc_prev, dpeephole): dz (B, 4*hidden, *spatial) in z's dtype, dc_prev (B,
+        hidden, *spatial) fp32 and dpeephole (3, hidden) fp32, or empty without peepholes.
     """
     from .kernels.gates import gate_backward
 
@@ -169,16 +169,16 @@ def gate_update(
     Differentiable w.r.t. zx, zh, c_prev, bias and peephole.
 
     Args:
-        zx: (B, 4*hidden, H, W), floating, pre-activations in gate order i, f, o, g.
-        c_prev: (B, hidden, H, W), floating (fp32 on the Triton path: others are cast).
-        zh: (B, 4*hidden, H, W), floating, pre-activations added to zx, or None.
+        zx: (B, 4*hidden, *spatial), floating, pre-activations in gate order i, f, o, g.
+        c_prev: (B, hidden, *spatial), floating (fp32 on the Triton path: others are cast).
+        zh: (B, 4*hidden, *spatial), floating, pre-activations added to zx, or None.
         bias: (4*hidden,), floating, or None.
         peephole: (3, hidden), floating, or None.
         backend: "auto" (Triton on CUDA, else torch), "torch" or "triton".
 
     Returns:
-        (h, c): h (B, hidden, H, W) in zx's dtype and c (B, hidden, H, W) in fp32 (fp64 for fp64
-        inputs, which always take the torch path).
+        (h, c): h (B, hidden, *spatial) in zx's dtype and c (B, hidden, *spatial) in fp32
+        (fp64 for fp64 inputs, which always take the torch path).
 
     Raises:
         TypeError, ValueError: naming the argument of the wrong type, dtype, shape or device.
@@ -205,8 +205,8 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
 
     Args:
         x_t: (B, C, H, W), the compute dtype.
-        h: (B, hidden, H, W), the compute dtype, or None (zeros).
-        c: (B, hidden, H, W), the state dtype.
+        h: (B, hidden, *spatial), the compute dtype, or None (zeros).
+        c: (B, hidden, *spatial), the state dtype.
         weight: (4*hidden, C + hidden, kh, kw), the compute dtype.
         bias: (4*hidden,), the compute dtype, or None.
         peephole: (3, hidden), the state dtype, or None.
@@ -215,7 +215,7 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
         padding_mode: the convolution's, as nn.Conv2d's.
 
     Returns:
-        (h, c): (B, hidden, H, W) each, h in the compute dtype, c in the state dtype.
+        (h, c): (B, hidden, *spatial) each, h in the compute dtype, c in the state dtype.
     """
     # The cell has checked its arguments: no second round of gate_update's checks. The torch
     # path adds the bias inside the convolution (free in oneDNN), as the popular cell does.

@@ -198,10 +198,13 @@ def per_layer(name: str, value: Any, num_layers: int, scalar: type[int] | None =
         TypeError, ValueError: naming the argument, with a hint for a likely mix-up.
     """
     _no_float(name, value)
-    one = _is_int(value) or (
-        scalar is None and isinstance(value, tuple) and len(value) == n
-        and all(_is_int(v) for v in value)
-    )
+    ints = isinstance(value, tuple) and all(_is_int(v) for v in value)
+    if scalar is None and ints and len(value) != n:
+        # A tuple of ints is one size per spatial dim, never one per layer (a list is): a 2-d
+        # (kh, kw) given to a 3-d layer must not pass as two layers' kernels.
+        raise TypeError(f"{name}: expected an int, {_what(n)}, or a list with one per layer, "
+                        f"got tuple {value!r}")
+    one = _is_int(value) or (scalar is None and ints)
     if one:
         values = [value] * num_layers
     elif isinstance(value, (list, tuple)):

@@ -249,3 +249,21 @@ def test_kernel_sizes_per_dimensionality():
     with pytest.raises(ValueError, match=r"hidden_state\[0\] h: expected shape \(2, 6, 9\)"):
         ConvLSTM1d(2, 3, 3, 1, True, bidirectional=True)(
             torch.randn(2, 4, 2, 9), [(torch.zeros(2, 3, 9), torch.zeros(2, 3, 9))])
+
+
+def test_a_tuple_of_the_wrong_length_is_not_one_per_layer():
+    """A 2-d (kh, kw) given to a 3-d layer of two layers must not pass as two kernels."""
+    with pytest.raises(TypeError, match=r"kernel_size: expected an int, a tuple of 3 ints, or "
+                                        r"a list with one per layer, got tuple \(1, 3\)"):
+        ConvLSTM3d(2, 3, (1, 3), 2)
+    with pytest.raises(TypeError, match=r"dilation: expected an int, a tuple of 1 int, or a "
+                                        r"list"):
+        ConvLSTM1d(2, 3, 3, 2, dilation=(1, 2))
+    assert ConvLSTM1d(2, 3, [3, 5], 2).kernel_size == [(3,), (5,)]
+    assert ConvLSTM(2, 3, (3, 5), 2).kernel_size == [(3, 5), (3, 5)]  # 2-d: one pair
+
+
+def test_a_bidirectional_state_of_one_direction_is_explained():
+    with pytest.raises(ValueError, match=r"2\*hidden channels, the forward direction's half"):
+        ConvLSTM1d(2, 3, 3, 1, True, bidirectional=True)(
+            torch.randn(2, 4, 2, 9), [(torch.zeros(2, 3, 9), torch.zeros(2, 3, 9))])
