@@ -69,3 +69,20 @@ def graph_device(request, monkeypatch):
     graphs.clear()
     yield request.param
     graphs.clear()
+
+
+@pytest.fixture
+def conv_outputs(monkeypatch):
+    """The outputs of every convolution the sequence loops run (sequence.conv_same), in order:
+    for tests that check which buffer a loop computed into."""
+    from triton_convlstm import sequence
+
+    outputs, real = [], sequence.conv_same
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        outputs.append(out)
+        return out
+
+    monkeypatch.setattr(sequence, "conv_same", spy)
+    return outputs

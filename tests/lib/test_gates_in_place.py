@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import DEVICE, DEVICE_MARKS
-from triton_convlstm import sequence
 from triton_convlstm.apps.bench.memory import TensorMemoryTracker
 from triton_convlstm.layout import empty_seq
 from triton_convlstm.sequence import LayerSpec, layer_forward
@@ -25,16 +24,8 @@ def _args(t, b):
 
 # The Triton path: it always runs the split convolutions (the torch path on CPU may not).
 @pytest.mark.parametrize("batch", [1, 2])
-def test_training_forward_gates_live_in_the_input_convolution_output(batch, monkeypatch):
-    convs = []
-    real = sequence.conv_same
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        convs.append(out)
-        return out
-
-    monkeypatch.setattr(sequence, "conv_same", spy)
+def test_training_forward_gates_live_in_the_input_convolution_output(batch, conv_outputs):
+    convs = conv_outputs
     x, w, bias = _args(4, batch)
     spec = LayerSpec((1, 1), "triton")
     _, _, _, z_seq = layer_forward(x, w, bias, None, None, None, spec, True)

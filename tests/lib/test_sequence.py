@@ -396,7 +396,8 @@ def test_second_backward_with_retain_graph_equals_the_first(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_training_forward_keeps_gates_in_the_input_convolution_output(backend, monkeypatch):
+def test_training_forward_keeps_gates_in_the_input_convolution_output(backend, monkeypatch,
+                                                                      conv_outputs):
     """Where dtypes agree, z_seq is the input convolution's output itself (one (T, B, 4*hid)
     buffer in training, not two) and has the strides the fake kernel promises."""
     from triton_convlstm.layout import empty_seq
@@ -404,15 +405,7 @@ def test_training_forward_keeps_gates_in_the_input_convolution_output(backend, m
 
     # The split path (the torch path on CPU would otherwise convolve [x_t, h] per step).
     monkeypatch.setattr(sequence, "cat_convs", lambda spec, x: False)
-    convs = []
-    real = sequence.conv_same
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        convs.append(out)
-        return out
-
-    monkeypatch.setattr(sequence, "conv_same", spy)
+    convs = conv_outputs
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 2, 3, 5, 6, generator=g).to(DEVICE)
     w = torch.randn(4 * 5, 3 + 5, 3, 3, generator=g).to(DEVICE)
