@@ -90,6 +90,25 @@ def _split_padding(weight: Tensor, dilation: Sequence[int],
     return pad, [0] * len(padding)
 
 
+def pad_fits(pad: Sequence[int], spatial: Sequence[int], padding_mode: str) -> bool:
+    """Whether ``F.pad(x, pad, mode)`` takes frames of these sizes: "reflect" mirrors inside
+    (each pad less than its side), "circular" wraps once (at most its side); "zeros" and
+    "replicate" pad any size.
+
+    Args:
+        pad: :func:`same_padding`'s amounts (last dim first).
+        spatial: the input's spatial sizes (first dim first).
+        padding_mode: one of :data:`PADDING_MODES`.
+    """
+    if padding_mode not in ("reflect", "circular"):
+        return True
+    # Each dim's bigger pad, in pad's order (last dim first) as the sizes beside them.
+    pairs = [(max(lo, hi), n) for lo, hi, n in zip(pad[::2], pad[1::2], spatial[::-1])]
+    if padding_mode == "reflect":
+        return all(p < n for p, n in pairs)
+    return all(p <= n for p, n in pairs)
+
+
 def _check_pad_fits(pad: Sequence[int], spatial: Sequence[int], padding_mode: str) -> None:
     """Raise what ``F.pad`` raises on an input of these spatial sizes this pad does not fit.
 
@@ -102,17 +121,14 @@ def _check_pad_fits(pad: Sequence[int], spatial: Sequence[int], padding_mode: st
         spatial: the input's spatial sizes (first dim first).
         padding_mode: one of :data:`PADDING_MODES`.
     """
-    if padding_mode not in ("reflect", "circular"):
+    if pad_fits(pad, spatial, padding_mode):
         return
-    # Each dim's bigger pad, in pad's order (last dim first) as the sizes beside them.
-    pairs = [(max(lo, hi), n) for lo, hi, n in zip(pad[::2], pad[1::2], spatial[::-1])]
     where = (f"padding {tuple(pad)} (F.pad's order, last dim first) of an input of spatial "
              f"size {tuple(spatial)}")
-    if padding_mode == "reflect" and not all(p < n for p, n in pairs):
+    if padding_mode == "reflect":
         raise RuntimeError("Padding size should be less than the corresponding input "
                            f"dimension, but got: {where}")
-    if padding_mode == "circular" and not all(p <= n for p, n in pairs):
-        raise RuntimeError(f"Padding value causes wrapping around more than once: {where}")
+    raise RuntimeError(f"Padding value causes wrapping around more than once: {where}")
 
 
 def _pad_backward(grad: Tensor, x_shape: Sequence[int], pad: Sequence[int],

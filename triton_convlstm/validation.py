@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .conv import pad_fits
 from .reference import state_dtype
 
 
@@ -312,9 +313,9 @@ def sequence_input(x: Any, input_dim: int, weight: Tensor, batch_first: bool,
 
 def padding_fits(name: str, padding_mode: str, pads: Sequence[int],
                  spatial: Sequence[int]) -> None:
-    """Frames large enough for the padding: "reflect" mirrors inside the image (each pad less
-    than the side), "circular" wraps once (at most the side); "zeros" and "replicate" pad any
-    size.
+    """Frames large enough for the padding (:func:`triton_convlstm.conv.pad_fits`: "reflect"
+    each pad less than its side, "circular" at most; "zeros" and "replicate" any size), as a
+    ValueError naming the input where they are not.
 
     Args:
         name: the input's name, for the error.
@@ -325,12 +326,7 @@ def padding_fits(name: str, padding_mode: str, pads: Sequence[int],
     Raises:
         ValueError: naming the input, the mode and the sizes.
     """
-    if padding_mode not in ("reflect", "circular"):
-        return
-    per_dim = [max(pads[2 * i], pads[2 * i + 1]) for i in range(len(spatial))][::-1]
-    too_big = (lambda pad, side: pad >= side) if padding_mode == "reflect" else (
-        lambda pad, side: pad > side)
-    if any(too_big(pad, side) for pad, side in zip(per_dim, spatial)):
+    if not pad_fits(pads, spatial, padding_mode):
         need = "less than" if padding_mode == "reflect" else "at most"
         sizes = ", ".join(f"{n}={v}" for n, v in zip(SPATIAL_NAMES[len(spatial)], spatial))
         raise ValueError(
