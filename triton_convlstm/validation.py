@@ -173,11 +173,6 @@ def ntuple(name: str, value: Any, n: int = 2) -> tuple[int, ...]:
     return tuple(positive_int(name, v) for v in value)
 
 
-def pair(name: str, value: Any) -> tuple[int, int]:
-    """:func:`ntuple` for 2-d: an int or a pair (h, w) -> (h, w)."""
-    return ntuple(name, value, 2)
-
-
 def per_layer(name: str, value: Any, num_layers: int, scalar: type[int] | None = None,
               n: int = 2) -> list[int] | list[tuple[int, ...]]:
     """One value for all layers, or a list with one per layer.
