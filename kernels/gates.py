@@ -83,15 +83,16 @@ def _preact(zx_ptr, zh_ptr, bias_ptr, z_ptr, gch, mask, cmask, s_zx_c, s_zh_c, s
     return zk
 
 
-@triton.jit
+# STEP changes every launch: not specialized (no variant per step value divisible by 16 or 1).
+@triton.jit(do_not_specialize=["STEP"])
 def _gates_fwd_kernel(
-    zx_ptr, zh_ptr, bias_ptr, cp_ptr, pe_ptr, h_ptr, c_ptr, z_ptr,
-    HW, HID, NPB,
+    zx_ptr, zh_ptr, bias_ptr, cp_ptr, pe_ptr, h_ptr, c_ptr, z_ptr, len_ptr,
+    HW, HID, NPB, STEP,
     s_zx_b, s_zx_c, s_zx_p, s_zh_b, s_zh_c, s_zh_p, s_bias,
     s_cp_b, s_cp_c, s_cp_p, s_pe_k, s_pe_c,
     s_h_b, s_h_c, s_h_p, s_c_b, s_c_c, s_c_p, s_z_b, s_z_c, s_z_p,
     HAS_ZH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PEEP: tl.constexpr, SAVE_Z: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_LEN: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b, p, ch, mask = _tile(HW, HID, NPB, WIDE, BLOCK_P, BLOCK_C)
     cmask = ch < HID
@@ -115,6 +116,10 @@ def _gates_fwd_kernel(
                      other=0.0).to(tl.float32)  # fmt: skip
     p_i, p_f, p_o = load_peepholes(pe_ptr, ch, cmask, s_pe_k, s_pe_c, HAS_PEEP)
     h, c = cell_update(zi, zf, zo, zg, c_prev, p_i, p_f, p_o, HAS_PEEP)
+    if HAS_LEN:  # past this sample's length: the cell is kept, the output is zero
+        valid = STEP < tl.load(len_ptr + b)
+        c = tl.where(valid, c, c_prev)
+        h = tl.where(valid, h, 0.0)
     tl.store(c_ptr + b * s_c_b + p2 * s_c_p + ch[None, :] * s_c_c, c, mask=mask)
     tl.store(h_ptr + b * s_h_b + p2 * s_h_p + ch[None, :] * s_h_c,
              h.to(h_ptr.dtype.element_ty), mask=mask)  # fmt: skip
@@ -132,15 +137,16 @@ def _accumulate(ptr, value, mask):
     tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["STEP"])
 def _gates_bwd_kernel(
     z_ptr, cp_ptr, c_ptr, pe_ptr, dh_ptr, dh2_ptr, dc_ptr, dz_ptr, dcp_ptr, part_ptr, db_ptr,
-    HW, HID, NPB, NROWS,
+    len_ptr, HW, HID, NPB, NROWS, STEP,
     s_z_b, s_z_c, s_z_p, s_cp_b, s_cp_c, s_cp_p, s_c_b, s_c_c, s_c_p, s_pe_k, s_pe_c,
     s_dh_b, s_dh_c, s_dh_p, s_dh2_b, s_dh2_c, s_dh2_p, s_dc_b, s_dc_c, s_dc_p,
     s_dz_b, s_dz_c, s_dz_p, s_dcp_b, s_dcp_c, s_dcp_p,
     HAS_PEEP: tl.constexpr, HAS_DH: tl.constexpr, HAS_DH2: tl.constexpr, HAS_DC: tl.constexpr,
-    HAS_DB: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_LEN: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     b, p, ch, mask = _tile(HW, HID, NPB, WIDE, BLOCK_P, BLOCK_C)
     cmask = ch < HID
@@ -170,6 +176,15 @@ def _gates_bwd_kernel(
     if HAS_DC:
         dc += tl.load(dc_ptr + b * s_dc_b + p2 * s_dc_p + c2 * s_dc_c, mask=mask,
                       other=0.0).to(tl.float32)  # fmt: skip
+    if HAS_LEN:
+        # Past this sample's length the forward kept the cell and wrote a zero output: as a step
+        # with the input and output gates shut and the forget gate open, which the formulas
+        # below turn into dz = 0 and dc_prev = dc; the output's gradient goes nowhere.
+        valid = STEP < tl.load(len_ptr + b)
+        i = tl.where(valid, i, 0.0)
+        f = tl.where(valid, f, 1.0)
+        o = tl.where(valid, o, 0.0)
+        dh = tl.where(valid, dh, 0.0)
 
     dzo = dh * tc * o * (1.0 - o)
     dc += dh * o * (1.0 - tc * tc)
@@ -272,6 +287,17 @@ def _dims(name, z):
     return b, c4 // 4, tuple(spatial)
 
 
+LENGTH_DTYPES = (torch.int64, torch.int32)
+
+
+def _lengths(lengths, b, dev):
+    """The lengths pointer argument (checked), or None."""
+    check_tensor("lengths", lengths, (b,), LENGTH_DTYPES, dev, optional=True)
+    if lengths is not None and lengths.stride(0) != 1 and b > 1:
+        lengths = lengths.contiguous()
+    return lengths
+
+
 def gate_forward(
     zx: torch.Tensor,
     zh: torch.Tensor | None,
@@ -283,6 +309,8 @@ def gate_forward(
     c_out: torch.Tensor | None = None,
     z_out: torch.Tensor | None = None,
     save_z: bool = False,
+    lengths: torch.Tensor | None = None,
+    step: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One fused gate/state update: z = zx + zh + bias, then the cell update, in one launch.
 
@@ -317,6 +345,7 @@ def gate_forward(
     check_tensor("h_out", h_out, state, (zx.dtype,), dev, optional=True)
     check_tensor("c_out", c_out, state, (torch.float32,), dev, optional=True)
     check_tensor("z_out", z_out, gates, (zx.dtype,), dev, optional=True)
+    lengths = _lengths(lengths, b, dev)
     save_z = save_z or z_out is not None
     h_out = _new(zx, hid, zx.dtype) if h_out is None else h_out
     c_out = _new(zx, hid, torch.float32) if c_out is None else c_out
@@ -342,11 +371,13 @@ def gate_forward(
     grid = (b * npb, triton.cdiv(hid, bc))
     with on_device_of(zx_):
         _gates_fwd_kernel[grid](
-            zx_, zh_, bias_, cp_, pe_, h_, c_, z_, hw, hid, npb,
+            zx_, zh_, bias_, cp_, pe_, h_, c_, z_, zx_ if lengths is None else lengths,
+            hw, hid, npb, int(step),
             *s_zx, *s_zh, bias_.stride(0) if bias is not None else 0,
             *s_cp, *s_pe, *s_h, *s_c, *s_z,
             HAS_ZH=zh is not None, HAS_BIAS=bias is not None, HAS_PEEP=peephole is not None,
-            SAVE_Z=save_z, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc, num_warps=NUM_WARPS,
+            SAVE_Z=save_z, HAS_LEN=lengths is not None, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     for tmp, out in fixups:
         out.copy_(tmp)
@@ -394,6 +425,8 @@ def gate_backward(
     dz_out: torch.Tensor | None = None,
     dc_prev_out: torch.Tensor | None = None,
     dbias_acc: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    step: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`gate_forward` from its saved z, in one launch.
 
@@ -415,6 +448,8 @@ def gate_backward(
         dbias_acc: from :func:`bias_grad_accumulator` (contiguous) or None: dz's sums over
             batch and pixels are added to it, so one accumulator over all steps holds the bias
             gradient, without a pass over dz.
+        lengths, step: as the forward's: where the step is past sample b's end its dz is zero
+            and dc_prev is dc (dh is not read).
 
     Returns:
         (dz, dc_prev, dpeephole): dz_out, dc_prev_out and the (3, hidden) fp32 peephole
@@ -438,6 +473,7 @@ def gate_backward(
         check_tensor("dbias_acc", dbias_acc, _bias_acc_shape(z, hid), (torch.float32,), dev)
         if not dbias_acc.is_contiguous():
             raise ValueError("dbias_acc: expected a contiguous tensor (bias_grad_accumulator's)")
+    lengths = _lengths(lengths, b, dev)
     dz_out = _new(z, 4 * hid, z.dtype) if dz_out is None else dz_out
     dc_prev_out = _new(z, hid, torch.float32) if dc_prev_out is None else dc_prev_out
     has_peep = peephole is not None
@@ -466,10 +502,12 @@ def gate_backward(
     with on_device_of(z_):
         _gates_bwd_kernel[grid](
             z_, cp_, c_, pe_, dh_, dh2_, dc_, dz_, dcp_, part,
-            part if dbias_acc is None else dbias_acc, hw, hid, npb, nrows,
+            part if dbias_acc is None else dbias_acc, z_ if lengths is None else lengths,
+            hw, hid, npb, nrows, int(step),
             *s_z, *s_cp, *s_c, *s_pe, *s_dh, *s_dh2, *s_dc, *s_dz, *s_dcp,
             HAS_PEEP=has_peep, HAS_DH=dh is not None, HAS_DH2=dh2 is not None,
-            HAS_DC=dc is not None, HAS_DB=dbias_acc is not None, WIDE=_wide(used), BLOCK_P=bp,
+            HAS_DC=dc is not None, HAS_DB=dbias_acc is not None, HAS_LEN=lengths is not None,
+            WIDE=_wide(used), BLOCK_P=bp,
             BLOCK_C=bc, num_warps=NUM_WARPS,
         )  # fmt: skip
     for tmp, out in fixups:

@@ -15,16 +15,18 @@ import torch
 from torch import Tensor
 
 from .reference import state_dtype
+from .step_by_step import keep_past_end
 from .step_op import cell_step
 
 
 def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
                    h0: Tensor | None, c0: Tensor | None, dilation: Sequence[int],
-                   padding_mode: str = "zeros") -> tuple[Tensor, Tensor]:
+                   padding_mode: str = "zeros", lengths: Tensor | None = None,
+                   recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One layer over the sequence, step by step.
 
     Args:
-        x, weight, bias, peephole, h0, c0, dilation, padding_mode: as
+        x, weight, bias, peephole, h0, c0, dilation, padding_mode, lengths, recurrent_mask: as
             :func:`triton_convlstm.layer_op.layer_forward_op`'s (x (T, B, C, H, W); h0, c0
             None for zeros).
 
@@ -38,7 +40,9 @@ def layer_unrolled(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Ten
     c = c0 if c0 is not None else x.new_zeros((b, hid, *spatial), dtype=state_dtype(x.dtype))
     hs = []
     for step in range(t):
-        h, c = cell_step(x[step], h, c, weight, bias, peephole, dilation,
-                         padding_mode=padding_mode)
+        h_in = h if h is None or recurrent_mask is None else h * recurrent_mask
+        h_new, c_new = cell_step(x[step], h_in, c, weight, bias, peephole, dilation,
+                                 padding_mode=padding_mode)
+        h, c = keep_past_end(lengths, step, h_new, c_new, c)
         hs.append(h)
     return torch.stack(hs), c

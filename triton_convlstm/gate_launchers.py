@@ -38,8 +38,9 @@ def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
 
 def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_prev: Tensor,
                        peephole: Tensor | None, *, h_out: Tensor, c_out: Tensor,
-                       z_out: Tensor | None = None,
-                       save_z: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+                       z_out: Tensor | None = None, save_z: bool = False,
+                       lengths: Tensor | None = None,
+                       step: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`triton_convlstm.kernels.gates.gate_forward` in plain torch.
 
     zx, zh and bias are summed in the state dtype, as the kernel sums them.
@@ -57,6 +58,9 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
             for the backward; required then.
         save_z: keep the activated gates in z_out. Without, zx itself is the scratch where
             its dtype is the state dtype (the caller's temporary), else a new tensor.
+        lengths: (B,) integer, on zx's device, or None; step: this step's index. As the
+            kernel's: a sample past its end keeps its cell and gets a zero h (and its saved
+            gates say so, for the backward).
 
     Returns:
         (h_out, c_out, z_out).
@@ -68,7 +72,9 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
         gates = zx if zx.dtype == sdt else torch.empty_like(zx, dtype=sdt)
     pre = reference.preactivation_ref(zx, zh, bias, out=gates)
     h = h_out if h_out.dtype == sdt else torch.empty_like(h_out, dtype=sdt)
-    reference.gate_forward_inplace_ref(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre)
+    valid = reference.step_valid(lengths, step, gates.dim(), sdt)
+    reference.gate_forward_inplace_ref(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre,
+                                       valid=valid)
     if h is not h_out:
         h_out.copy_(h)
     return h_out, c_out, z_out
@@ -76,8 +82,9 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
 
 def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None,
                         dh: Tensor | None, dh2: Tensor | None, dc: Tensor | None, *,
-                        dz_out: Tensor, dc_prev_out: Tensor,
-                        dbias_acc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                        dz_out: Tensor, dc_prev_out: Tensor, dbias_acc: Tensor | None = None,
+                        lengths: Tensor | None = None,
+                        step: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`triton_convlstm.kernels.gates.gate_backward` in plain torch, from the activated
     gates :func:`gate_forward_torch` saved.
 
@@ -94,10 +101,15 @@ def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tens
         dc_prev_out: (B, hidden, H, W), state dtype: where dc_prev goes (may be ``dc``).
         dbias_acc: must be None (the kernels' fused bias sum; not read here): the loop sums
             dz itself.
+        lengths, step: as the forward's. Past a sample's end the saved gates already make
+            dz = 0 and dc_prev = dc; only its output gradient is dropped here (so that a
+            non-finite one cannot leak through a 0 * inf).
 
     Returns:
         (dz_out, dc_prev_out, the peephole gradient (3, hidden) in the state dtype or None).
     """
+    if dh is not None and lengths is not None:
+        dh = torch.where(reference.step_valid(lengths, step, dh.dim(), torch.bool), dh, 0)
     if dh is None:
         dh, dh2 = dh2, None
     if dh2 is not None:

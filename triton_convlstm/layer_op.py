@@ -38,6 +38,8 @@ def layer_forward_op(
     keep_gates: bool = True,
     fused: bool = False,
     padding_mode: str = "zeros",
+    lengths: Tensor | None = None,
+    recurrent_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer over the sequence (:func:`triton_convlstm.sequence.layer_forward`).
 
@@ -56,6 +58,10 @@ def layer_forward_op(
         fused: see LayerSpec.
         padding_mode: the convolutions' padding, as nn.Conv2d's ("zeros", "reflect",
             "replicate", "circular").
+        lengths: (B,) int64 on x's device, or None: each sample's length (past it: the cell
+            kept, h zero; see :func:`triton_convlstm.sequence.layer_forward`).
+        recurrent_mask: (B, hid, H, W), the compute dtype, or None: the dropout mask on h
+            where it feeds the hidden convolution.
 
     Returns:
         (h_seq, c_last, c_seq, z_seq): h_seq (T, B, hid, H, W) in the compute dtype, c_last
@@ -63,7 +69,7 @@ def layer_forward_op(
         :func:`triton_convlstm.sequence.output_buffers`).
     """
     return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                         keep_gates, fused, padding_mode)
+                         keep_gates, fused, padding_mode, lengths, recurrent_mask)
 
 
 # Captured loops keep x (forward) and the gradient of h_seq (backward) in the sequence layout:
@@ -85,22 +91,31 @@ def _on_device(fn):
     return wrapped
 
 
+def _forward_runner(spec: LayerSpec, save: bool):
+    """The forward as a function of its 8 tensor arguments (the op's 6, then lengths and the
+    recurrent mask): what a captured graph replays."""
+    def run(x, weight, bias, peephole, h0, c0, lengths, recurrent_mask):
+        return layer_forward(x, weight, bias, peephole, h0, c0, spec, save, lengths,
+                             recurrent_mask)
+    return run
+
+
 @_on_device
 def _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                  keep_gates=True, fused=False, padding_mode="zeros", static_outputs=False,
-                  user=None):
+                  keep_gates=True, fused=False, padding_mode="zeros", lengths=None,
+                  recurrent_mask=None, static_outputs=False, user=None):
     spec = LayerSpec(tuple(dilation), backend, keep_gates, fused, padding_mode)
-    args = (x, weight, bias, peephole, h0, c0)
+    args = (x, weight, bias, peephole, h0, c0, lengths, recurrent_mask)
+    run = _forward_runner(spec, save)
     if use_graphs and graphs.can_capture(x):
-        return tuple(graphs.FORWARD.run(lambda *a: layer_forward(*a, spec, save), args,
-                                        key=(spec, save), layouts=_ARG0_SEQ_LAYOUT,
+        return tuple(graphs.FORWARD.run(run, args, key=(spec, save), layouts=_ARG0_SEQ_LAYOUT,
                                         keep=range(4) if static_outputs else (), user=user))
-    return tuple(layer_forward(*args, spec, save))
+    return tuple(run(*args))
 
 
 @layer_forward_op.register_fake
 def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates=True,
-      fused=False, padding_mode="zeros"):
+      fused=False, padding_mode="zeros", lengths=None, recurrent_mask=None):
     return output_buffers(x, weight, save, backend, keep_gates=keep_gates)
 
 
@@ -124,6 +139,8 @@ def layer_backward_op(
     keep_gates: bool = True,
     bias: Tensor | None = None,
     padding_mode: str = "zeros",
+    lengths: Tensor | None = None,
+    recurrent_mask: Tensor | None = None,
 ) -> list[Tensor]:
     """Gradients of :func:`layer_forward_op` (:func:`triton_convlstm.sequence.layer_backward`).
 
@@ -135,6 +152,7 @@ def layer_backward_op(
         dilation, backend, use_graphs, keep_gates, padding_mode: as the forward's.
         needs: six flags: which of (x, weight, bias, peephole, h0, c0) get a gradient.
         bias: the forward's, read only when the gates are recomputed (keep_gates=False).
+        lengths, recurrent_mask: the forward's.
 
     Returns:
         Gradients for (x, weight, bias, peephole, h0, c0), each shaped, typed and laid out as
@@ -143,15 +161,16 @@ def layer_backward_op(
     """
     return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
                           c_seq, z_seq, dilation, backend, needs, use_graphs, keep_gates, bias,
-                          padding_mode)
+                          padding_mode, lengths, recurrent_mask)
 
 
 def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False):
-    """The backward as a function of its 12 tensor arguments (layer_backward's 11, then the
-    bias), gradients in promised layouts. ``consume`` as in :func:`layer_backward` (never for
-    the op: its inputs are immutable)."""
+    """The backward as a function of its 14 tensor arguments (layer_backward's 11, then the
+    bias, the lengths and the recurrent mask), gradients in promised layouts. ``consume`` as
+    in :func:`layer_backward` (never for the op: its inputs are immutable)."""
     def run(*a):
-        grads = layer_backward(*a[:11], spec, needs, consume, bias=a[11])
+        grads = layer_backward(*a[:11], spec, needs, consume, bias=a[11], lengths=a[12],
+                               recurrent_mask=a[13])
         likes = _grad_likes(*a[2:7])
         return [a[2].new_empty(0) if g is None else in_layout_of(g, like)
                 for g, like in zip(grads, likes)]
@@ -161,11 +180,11 @@ def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = F
 @_on_device
 def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
                    z_seq, dilation, backend, needs, use_graphs, keep_gates=True, bias=None,
-                   padding_mode="zeros"):
+                   padding_mode="zeros", lengths=None, recurrent_mask=None):
     spec = LayerSpec(tuple(dilation), backend, keep_gates, padding_mode=padding_mode)
     needs = tuple(bool(n) for n in needs)
     args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-            bias)
+            bias, lengths, recurrent_mask)
     run = _backward_runner(spec, needs)
     if use_graphs and graphs.can_capture(x):
         return graphs.BACKWARD.run(run, args, key=(spec, needs), layouts=_ARG0_SEQ_LAYOUT)
@@ -174,7 +193,8 @@ def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, 
 
 @layer_backward_op.register_fake
 def _(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
-      dilation, backend, needs, use_graphs, keep_gates=True, bias=None, padding_mode="zeros"):
+      dilation, backend, needs, use_graphs, keep_gates=True, bias=None, padding_mode="zeros",
+      lengths=None, recurrent_mask=None):
     likes = _grad_likes(x, weight, peephole, h0, c0)
     return [
         torch.empty_like(like) if need and like is not None else x.new_empty(0)
@@ -189,13 +209,14 @@ def _grad_likes(x, weight, peephole, h0, c0):
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates, fused,
-     padding_mode) = inputs
+     padding_mode, lengths, recurrent_mask) = inputs
     h_seq, c_last, c_seq, z_seq = output
     ctx.mark_non_differentiable(c_seq, z_seq)
     # Otherwise autograd hands the backward zero-filled (T, B, 4*hid, H, W) gradients for the
     # saved buffers nobody differentiates, and zeros for unused outputs.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq)
+    ctx.save_for_backward(x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
+                          lengths, recurrent_mask)
     # fused too: a forward the backward reruns (after a replay overwrote what it saved) must
     # round as the first run did.
     ctx.config = (LayerSpec(tuple(dilation), backend, keep_gates, fused, padding_mode), save,
@@ -208,21 +229,23 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_f
         raise RuntimeError(
             "ConvLSTM: backward through a forward that ran without grad tracking (nothing saved)"
         )
-    x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq = ctx.saved_tensors
+    (x, weight, bias, peephole, h0, c0, h_seq, c_last, c_seq, z_seq, lengths,
+     recurrent_mask) = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:6])
     needs[2] = needs[2] and has_bias
     if backward_fn is None:  # the custom op (torch.compile)
         grads = layer_backward_op(
             grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
             spec.dilation, spec.backend, needs, use_graphs, spec.keep_gates, bias,
-            spec.padding_mode,
+            spec.padding_mode, lengths, recurrent_mask,
         )
     else:
         grads = backward_fn(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0,
-                            h_seq, c_last, c_seq, z_seq, spec,
+                            h_seq, c_last, c_seq, z_seq, lengths, recurrent_mask, spec,
                             tuple(bool(n) for n in needs), use_graphs)
     grads = [g if need else None for g, need in zip(grads, needs)]
-    return (*grads, None, None, None, None, None, None, None)
+    # No gradient for the 7 settings, the lengths, and the mask (a constant of the call).
+    return (*grads, *([None] * 9))
 
 
 layer_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -239,10 +262,10 @@ class _EagerLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):  # the op's 13 inputs, the graph slot, static_outputs
+    def forward(ctx, *inputs):  # the op's 15 inputs, the graph slot, static_outputs
         output, ctx.graph = _eager_forward(*inputs)
         ctx.consumed = False
-        _setup_context(ctx, inputs[:13], output)
+        _setup_context(ctx, inputs[:15], output)
         return output
 
     @staticmethod
@@ -263,15 +286,17 @@ class _EagerLayer(torch.autograd.Function):
 
 @_on_device
 def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs,
-                   keep_gates=True, fused=False, padding_mode="zeros", slot=None,
-                   static_outputs=False):
+                   keep_gates=True, fused=False, padding_mode="zeros", lengths=None,
+                   recurrent_mask=None, slot=None, static_outputs=False):
     if not (save and use_graphs and graphs.can_capture(x)):
         return _forward_impl(x, weight, bias, peephole, h0, c0, dilation, backend, save,
-                             use_graphs, keep_gates, fused, padding_mode), None
+                             use_graphs, keep_gates, fused, padding_mode, lengths,
+                             recurrent_mask), None
     spec = LayerSpec(tuple(dilation), backend, keep_gates, fused, padding_mode)
     with graphs.LOCK:  # the generation read must be this call's replay's
         out, entry = graphs.FORWARD.run_with_entry(
-            lambda *a: layer_forward(*a, spec, save), (x, weight, bias, peephole, h0, c0),
+            _forward_runner(spec, save),
+            (x, weight, bias, peephole, h0, c0, lengths, recurrent_mask),
             key=(spec, save), owner=slot, keep=range(4) if static_outputs else (2, 3),
             layouts=_ARG0_SEQ_LAYOUT,
         )
@@ -284,23 +309,24 @@ def _eager_forward(x, weight, bias, peephole, h0, c0, dilation, backend, save, u
 
 @_on_device
 def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0, h_seq,
-                    c_last, c_seq, z_seq, spec, needs, use_graphs):
+                    c_last, c_seq, z_seq, lengths, recurrent_mask, spec, needs, use_graphs):
     # The backward overwrites the saved gates with their gradients (no gradient buffer of the
     # same size). A second backward through the same forward (retain_graph=True) then finds
     # them gone and recomputes them: ctx.consumed, or a changed generation with graphs.
     run = _backward_runner(spec, needs, consume=True)
-    inputs = (x, weight, bias, peephole, h0, c0)
+    inputs = (x, weight, bias, peephole, h0, c0, lengths, recurrent_mask)
     saved = (h_seq, c_last, c_seq, z_seq)
     # What layer_backward overwrites (saved gates in another dtype, or none, are left intact).
     consumes = spec.keep_gates and z_seq.dtype == x.dtype
     if ctx.graph is None or not graphs.can_capture(x):
         # Uncaptured forward, or inside someone else's capture (then recompute, uncaptured).
         if ctx.consumed or ctx.graph is not None:
-            saved = layer_forward(*inputs, spec, True)
+            saved = _forward_runner(spec, True)(*inputs)
         ctx.consumed = consumes
         # Torch's in-place math bumps z_seq's version; autograd must still unpack it later.
         with torch.autograd._unsafe_preserve_version_counter(saved[3]):
-            return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved, bias)
+            return run(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, *saved, bias,
+                       lengths, recurrent_mask)
     # From here on under graphs.LOCK (_EagerLayer.backward holds it whenever ctx.graph is set):
     # no other thread's replay between the generation check and the backward's reads.
     entry, generation = ctx.graph
@@ -308,8 +334,8 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
         entry.replay(inputs, keep=range(4))
     if consumes:  # before running: a backward that fails half-way leaves them garbage too
         entry.mark_consumed()
-    xs, ws, bs, ps, h0s, c0s = entry.static_inputs
-    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_outputs, bs)
+    xs, ws, bs, ps, h0s, c0s, ls, ms = entry.static_inputs
+    args = (grad_h_seq, grad_c_last, xs, ws, ps, h0s, c0s, *entry.static_outputs, bs, ls, ms)
     graphs.release_collected()  # now, so that `entry.dropped` below is up to date
     if entry.dropped:  # its module was collected, or the LRU let it go: no new captures on it
         with torch.autograd._unsafe_preserve_version_counter(entry.static_outputs[3]):
@@ -318,7 +344,7 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
     restore = (lambda: entry.replay(inputs, keep=range(4))) if consumes else None
     with torch.autograd._unsafe_preserve_version_counter(entry.static_outputs[3]):
         return graphs.BACKWARD.run_with_entry(
-            run, args, key=(spec, needs, entry), shared=range(2, 12), layouts=_ARG0_SEQ_LAYOUT,
+            run, args, key=(spec, needs, entry), shared=range(2, 14), layouts=_ARG0_SEQ_LAYOUT,
             before_replay=restore,
         )[0]
 
@@ -326,14 +352,15 @@ def _eager_backward(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0,
 def run_layer(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
               h0: Tensor | None, c0: Tensor | None, dilation: Sequence[int], backend: str,
               save: bool, use_graphs: bool, keep_gates: bool = True, fused: bool = False,
-              padding_mode: str = "zeros", slot: int | None = None,
+              padding_mode: str = "zeros", lengths: Tensor | None = None,
+              recurrent_mask: Tensor | None = None, slot: int | None = None,
               static_outputs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer over the sequence: the custom op while torch.compile traces (opaque, so the
     loop is not unrolled), else the same code called directly.
 
     Args:
         x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, keep_gates,
-            fused, padding_mode: as :func:`layer_forward_op`'s.
+            fused, padding_mode, lengths, recurrent_mask: as :func:`layer_forward_op`'s.
         slot: graphs.slot_of of the calling module, or None: gives each layer its own captured
             forward in training, and counts it among the users of the inference captures it
             shares with others.
@@ -348,7 +375,7 @@ def run_layer(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor |
         (h_seq, c_last, c_seq, z_seq), as :func:`layer_forward_op` returns.
     """
     args = (x, weight, bias, peephole, h0, c0, list(dilation), backend, save, use_graphs,
-            keep_gates, fused, padding_mode)
+            keep_gates, fused, padding_mode, lengths, recurrent_mask)
     if torch.compiler.is_compiling():
         return layer_forward_op(*args)
     if not save:

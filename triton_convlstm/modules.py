@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
+from . import dropout as dropout_masks
 from . import graphs, validation
 from .backend import check_backend_name, exporting, resolve_backend
 from .cells import (
@@ -27,6 +29,7 @@ from .cells import (
 from .conv import PADDING_MODES
 from .export import layer_unrolled
 from .layer_op import run_layer
+from .lengths import check_lengths, last_step, pack_like, reverse_time, unpack
 from .step_by_step import layer_by_modules, runs_modules
 
 __all__ = ["ConvLSTM", "ConvLSTM1d", "ConvLSTM2d", "ConvLSTM3d", "ConvLSTMCell",
@@ -72,6 +75,12 @@ class ConvLSTMNd(nn.Module):
         padding_mode: "zeros", "reflect", "replicate" or "circular" (as nn.Conv{n}d's), one for
             every layer or a list with one per layer; set on each cell's ``conv``, where a later
             change is honoured too. "circular" wraps around (longitude on a global grid).
+        dropout, recurrent_dropout: variational dropout (Gal & Ghahramani; Keras' ConvLSTM
+            layers' ``dropout`` and ``recurrent_dropout``): one rate in [0, 1] or a list with
+            one per layer. In training mode every call draws, per layer and direction, one
+            mask per sample (B, channels, *spatial), Bernoulli(1 - p) / (1 - p), and uses it
+            at every step: on the layer's input, and on the h that feeds the recurrent
+            convolution (the h returned is not masked). Nothing in eval mode.
 
     Raises:
         TypeError, ValueError: naming the invalid argument.
@@ -84,7 +93,7 @@ class ConvLSTMNd(nn.Module):
     *spatial) (2*hidden if bidirectional: the forward direction's half first); passing a
     one-directional run's last_states (return_all_layers=True) continues the sequence exactly
     (a bidirectional layer's reverse half only starts the reverse cell: the reverse direction
-    reads the chunk's end first).
+    reads the chunk's end first). lengths: see :meth:`forward`.
     """
 
     spatial_dims = 2
@@ -109,6 +118,8 @@ class ConvLSTMNd(nn.Module):
         recompute_gates: bool = False,
         fused_forward: bool = False,
         padding_mode: str | Sequence[str] = "zeros",
+        dropout: float | Sequence[float] = 0.0,
+        recurrent_dropout: float | Sequence[float] = 0.0,
     ) -> None:
         super().__init__()
         n = self.spatial_dims
@@ -135,6 +146,9 @@ class ConvLSTMNd(nn.Module):
         self.cuda_graphs = validation.flag("cuda_graphs", cuda_graphs)
         self.recompute_gates = validation.flag("recompute_gates", recompute_gates)
         self.fused_forward = validation.flag("fused_forward", fused_forward)
+        self.dropout = dropout_masks.rates("dropout", dropout, num_layers)
+        self.recurrent_dropout = dropout_masks.rates("recurrent_dropout", recurrent_dropout,
+                                                     num_layers)
         directions = 2 if self.bidirectional else 1
 
         def cells():
@@ -157,22 +171,35 @@ class ConvLSTMNd(nn.Module):
     recompute_gates = False
     fused_forward = False
     bidirectional = False
+    dropout: Sequence[float] = ()  # no entry: no dropout
+    recurrent_dropout: Sequence[float] = ()
 
     def _all_cells(self) -> list[ConvLSTMCellNd]:
         return [*self.cell_list, *(self.cell_list_reverse if self.bidirectional else [])]
 
     def forward(
-        self, input_tensor: Tensor, hidden_state: Sequence[State] | None = None
-    ) -> tuple[list[Tensor], list[list[Tensor]]]:
+        self, input_tensor: Tensor | PackedSequence, hidden_state: Sequence[State] | None = None,
+        lengths: Tensor | Sequence[int] | None = None,
+    ) -> tuple[list[Tensor] | list[PackedSequence], list[list[Tensor]]]:
         """The whole sequence through every layer.
 
         Args:
             input_tensor: (B, T, input_dim, *spatial) if batch_first else (T, B, input_dim,
                 *spatial), floating, the parameters' dtype (any float dtype under autocast,
-                which sets the compute dtype).
+                which sets the compute dtype). Or a ``PackedSequence`` of such frames (as
+                ``nn.LSTM`` takes one): then the outputs come back packed the same way, and
+                the lengths are the packed ones.
             hidden_state: None (zeros, or the subclass's ``_init_hidden``), or one (h, c) per
                 layer, each (B, hidden, *spatial) (2*hidden if bidirectional), h in the compute
                 dtype, c in the state dtype (float32; float64 for float64).
+            lengths: None (every sample T steps), or each sample's length, 1..T: an integer
+                tensor (B,) on any device, or a list of ints. Sample b reads steps
+                0..lengths[b]-1: its outputs after them are zeros, its last state is the one
+                after step lengths[b]-1, its padded inputs get no gradient, and a reverse
+                direction starts at step lengths[b]-1. The values are checked once on the host
+                (one synchronisation for a CUDA tensor; none for a list or a CPU tensor);
+                under torch.compile the check is skipped (no graph break) and the values are
+                clamped into 1..T.
 
         Returns:
             (layer_outputs, last_states): a list of contiguous (B, T, hidden, *spatial)
@@ -180,6 +207,13 @@ class ConvLSTMNd(nn.Module):
             (B, hidden, *spatial) each, h in the compute dtype and c in the state dtype; the
             last layer's only unless return_all_layers.
         """
+        if isinstance(input_tensor, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths: expected None with a PackedSequence input (it "
+                                 "carries its own lengths)")
+            padded, lengths = unpack(input_tensor, self.batch_first)
+            outputs, last = self.forward(padded, hidden_state, lengths)
+            return [pack_like(o, lengths, input_tensor) for o in outputs], last
         # Argument names as the popular module's, so keyword calls keep working.
         x = input_tensor
         first = parameter_of(self.cell_list[0])  # device and dtype; weights are read once, below
@@ -189,6 +223,7 @@ class ConvLSTMNd(nn.Module):
         _, b, _, *spatial = seq.shape
         for cell in self._all_cells():
             cell.check_padding("input_tensor", spatial)
+        lengths = check_lengths(lengths, b, seq.shape[0], x.device)
         if hidden_state is None and self._own_initial_state():
             hidden_state = self._init_hidden(b, tuple(spatial))  # as the popular module does
         directions = 2 if self.bidirectional else 1
@@ -208,7 +243,7 @@ class ConvLSTMNd(nn.Module):
         # Held while captured loops' static outputs are read (until _layers' copies): calls
         # from other threads replay the same entries.
         with graphs.exclusive(x, any(use_graphs)):
-            return self._layers(seq.to(dtype), states, backend, dtype, use_graphs)
+            return self._layers(seq.to(dtype), states, backend, dtype, use_graphs, lengths)
 
     def _own_initial_state(self) -> bool:
         """Whether a subclass defines the zero state (``_init_hidden`` or a cell's
@@ -237,7 +272,7 @@ class ConvLSTMNd(nn.Module):
                       for fwd, rev in zip(states, reverse)]
         return states
 
-    def _layers(self, seq, states, backend, dtype, use_graphs):
+    def _layers(self, seq, states, backend, dtype, use_graphs, lengths):
         """Each layer over the time-major sequence in turn: (layer_outputs, last_states)."""
         outputs, last = [], []
         n = len(self.cell_list)
@@ -246,10 +281,10 @@ class ConvLSTMNd(nn.Module):
             # what it returns right away), but not where a later layer may save this one's
             # output, nor where the other direction's replay of a shared entry follows.
             static = (idx == n - 1 or not torch.is_grad_enabled()) and not self.bidirectional
-            args = (backend, dtype, use_graphs[idx], static)
+            args = (lengths, self._rates(idx), backend, dtype, use_graphs[idx], static)
             if not self.bidirectional:
                 h_seq, c_last = self._direction(self.cell_list[idx], seq, h0, c0, *args)
-                h_last = h_seq[-1]
+                h_last = last_step(h_seq, lengths)
             else:
                 h_seq, h_last, c_last = self._both_directions(idx, seq, h0, c0, *args)
             seq = h_seq
@@ -262,24 +297,39 @@ class ConvLSTMNd(nn.Module):
                 last.append([_copy(h_last), _copy(c_last)])
         return outputs, last
 
-    def _both_directions(self, idx, seq, h0, c0, *args):
+    def _rates(self, idx):
+        """Layer idx's (dropout, recurrent_dropout) rates in this call: zeros in eval mode."""
+        if not self.training:
+            return 0.0, 0.0
+        return tuple(rates[idx] if idx < len(rates) else 0.0
+                     for rates in (self.dropout, self.recurrent_dropout))
+
+    def _both_directions(self, idx, seq, h0, c0, lengths, *args):
         """Layer idx of a bidirectional model: (h_seq, h_last, c_last), the two directions
         concatenated along channels, forward first."""
         half = self.cell_list[idx].hidden_dim
         hf, hr = (None, None) if h0 is None else h0.split(half, dim=1)
         cf, cr = (None, None) if c0 is None else c0.split(half, dim=1)
-        h_fwd, c_fwd = self._direction(self.cell_list[idx], seq, hf, cf, *args)
-        h_rev, c_rev = self._direction(self.cell_list_reverse[idx], seq.flip(0), hr, cr, *args)
+        h_fwd, c_fwd = self._direction(self.cell_list[idx], seq, hf, cf, lengths, *args)
+        h_rev, c_rev = self._direction(self.cell_list_reverse[idx], reverse_time(seq, lengths),
+                                       hr, cr, lengths, *args)
         # Output at t: the forward h after x[t] and the reverse h after x[t]; the reverse
         # direction's final state is the one after x[0].
-        h_seq = torch.cat([h_fwd, h_rev.flip(0)], dim=2)
-        return (h_seq, torch.cat([h_fwd[-1], h_rev[-1]], dim=1),
+        h_seq = torch.cat([h_fwd, reverse_time(h_rev, lengths)], dim=2)
+        return (h_seq, torch.cat([last_step(h_fwd, lengths), last_step(h_rev, lengths)], dim=1),
                 torch.cat([c_fwd, c_rev], dim=1))
 
-    def _direction(self, cell, seq, h0, c0, backend, dtype, use_graphs, static_outputs):
+    def _direction(self, cell, seq, h0, c0, lengths, rates, backend, dtype, use_graphs,
+                   static_outputs):
         """One direction of one layer over the sequence: (h_seq, c_last)."""
+        # Drawn in this order (input, then recurrent; forward direction first): the tests
+        # replay the same masks through the reference.
+        x_mask = dropout_masks.dropout_mask(rates[0], seq, seq.shape[2])
+        h_mask = dropout_masks.dropout_mask(rates[1], seq, cell.hidden_dim)
+        if x_mask is not None:
+            seq = seq * x_mask
         if runs_modules(cell, ConvLSTMCellNd.forward):  # hooks and the like: step_by_step.py
-            return layer_by_modules(cell, seq, h0, c0)
+            return layer_by_modules(cell, seq, h0, c0, lengths, h_mask)
         # Read once per call: a parametrized weight is computed when read.
         weight, bias, peep = validation.cast_params(cell.conv.weight, cell.conv.bias,
                                                     cell.peephole, dtype)
@@ -288,12 +338,13 @@ class ConvLSTMNd(nn.Module):
         )
         padding_mode = cell.conv.padding_mode  # read per call: a later change is honoured
         if exporting():  # standard ops only, step by step (see export.py)
-            return layer_unrolled(seq, weight, bias, peep, h0, c0, cell.dilation, padding_mode)
+            return layer_unrolled(seq, weight, bias, peep, h0, c0, cell.dilation, padding_mode,
+                                  lengths, h_mask)
         h_seq, c_last, _, _ = run_layer(
             seq, weight, bias, peep, h0, c0, cell.dilation, backend, save, use_graphs,
             keep_gates=not self.recompute_gates, fused=self.fused_forward,
-            padding_mode=padding_mode, slot=graphs.owner_slot(cell, use_graphs, seq),
-            static_outputs=static_outputs,
+            padding_mode=padding_mode, lengths=lengths, recurrent_mask=h_mask,
+            slot=graphs.owner_slot(cell, use_graphs, seq), static_outputs=static_outputs,
         )
         return h_seq, c_last
 

@@ -145,8 +145,18 @@ def gate_activations_ref(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor 
 # differentiable (the sequence op supplies its own backward) and not traced by dynamo.
 
 
+def step_valid(lengths: Tensor | None, step: int, dim: int, dtype: torch.dtype) -> Tensor | None:
+    """Which samples a step is inside of, as a multiplier: (B, 1, ...) of ``dim`` dims in
+    ``dtype``, 1 where ``step`` < lengths[b], else 0 (past sample b's end); None without lengths.
+    Computed on lengths' device (no host read)."""
+    if lengths is None:
+        return None
+    return (lengths > step).to(dtype).view(-1, *([1] * (dim - 1)))
+
+
 def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *,
-                             h_out: Tensor, c_out: Tensor, pre: Tensor | None = None) -> None:
+                             h_out: Tensor, c_out: Tensor, pre: Tensor | None = None,
+                             valid: Tensor | None = None) -> None:
     """:func:`gate_forward_ref` in place, through the caller's buffers.
 
     Args:
@@ -159,6 +169,10 @@ def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | N
         pre: (B, 4*hidden, H, W) like gates, holding the pre-activations instead, or None.
             Reading from it costs no extra pass: each activation writes its slot of ``gates``
             directly.
+        valid: :func:`step_valid`'s multiplier, or None. A sample past its end takes the step
+            with the input and output gates shut and the forget gate open (written so into
+            ``gates``): c = c_prev exactly, h = 0, and the backward from these gates gives it
+            dz = 0 and dc_prev = dc.
     """
     hid = gates.shape[1] // 4
     src = gates if pre is None else pre
@@ -167,13 +181,21 @@ def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | N
     p = _peephole_terms(peephole, gates.dtype, gates.dim())
     if p is None:
         torch.sigmoid(src[:, : 3 * hid], out=gates[:, : 3 * hid])
+        if valid is not None:  # i, f, o shut, then f opened (f + 0 stays f exactly)
+            gates[:, : 3 * hid].mul_(valid)
+            f.add_(1 - valid)
     else:
         torch.addcmul(zi, p[0], c_prev, out=i).sigmoid_()
         torch.addcmul(zf, p[1], c_prev, out=f).sigmoid_()
+        if valid is not None:
+            gates[:, : 2 * hid].mul_(valid)
+            f.add_(1 - valid)
     torch.tanh(zg, out=g)
     c = torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
     if p is not None:
         torch.addcmul(zo, p[2], c, out=o).sigmoid_()
+        if valid is not None:
+            o.mul_(valid)
     torch.mul(o, torch.tanh(c), out=h_out)
 
 

@@ -149,9 +149,27 @@ def _initial_cell(c_last: Tensor, c0: Tensor | None) -> Tensor:
     return c_last.zero_() if c0 is None else c_last.copy_(c0)
 
 
+class _Steps:
+    """What varies the plain loop per sample: the lengths (passed to the gate update with the
+    step index) and the recurrent dropout mask (on h where it feeds the hidden convolution)."""
+
+    def __init__(self, lengths: Tensor | None, recurrent_mask: Tensor | None) -> None:
+        self.lengths, self.mask = lengths, recurrent_mask
+        self.plain = lengths is None and recurrent_mask is None
+
+    def at(self, step: int) -> dict:
+        """The gate update's keyword arguments for ``step``."""
+        return {} if self.lengths is None else {"lengths": self.lengths, "step": step}
+
+    def recurrent(self, h: Tensor) -> Tensor:
+        """h as the hidden convolution reads it (any leading dims before B)."""
+        return h if self.mask is None else h * self.mask
+
+
 def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tensor | None,
-                  h0: Tensor | None, c0: Tensor | None, spec: LayerSpec,
-                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  h0: Tensor | None, c0: Tensor | None, spec: LayerSpec, save: bool,
+                  lengths: Tensor | None = None,
+                  recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer over the whole sequence: the forward time loop.
 
     Runs one of three loops with the same outputs: the fused step per step (Triton with
@@ -172,6 +190,13 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
             c_seq, and unless ``spec.keep_gates`` is False the gates in z_seq (the Triton path
             the summed pre-activations in x's dtype, the torch path the activated gates in the
             state dtype). Without, c_seq and z_seq are empty and the cell is updated in place.
+        lengths: (B,) integer on x's device, or None (every sample T steps). Sample b's steps
+            t >= lengths[b] keep its cell and write zeros to h_seq (the gate update does it,
+            reading lengths on the device): c_last is its cell after step lengths[b]-1, and
+            its last h is h_seq[lengths[b]-1] (the caller picks it).
+        recurrent_mask: (B, hid, H, W) in x's dtype, or None: multiplies h_{t-1} where it
+            feeds the hidden convolution (variational dropout's mask, scaled); h_seq itself is
+            not masked.
 
     Returns:
         (h_seq, c_last, c_seq, z_seq), laid out as :func:`output_buffers` says:
@@ -179,11 +204,12 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
         dtype, c_seq (T-1, B, hid, H, W) or empty, z_seq (T, B, 4*hid, H, W) or empty.
     """
     frames = seq_frames(x)
+    steps = _Steps(lengths, recurrent_mask)
     if (spec.fused and spec.backend == "triton" and spec.padding_mode == "zeros"
-            and _fused_fits(x, weight)):
+            and steps.plain and _fused_fits(x, weight)):
         return _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec, save, frames)
     if cat_convs(spec, x):
-        return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames)
+        return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames, steps)
     gate_forward, _ = gate_launchers(spec.backend)
     t, b, cin, *spatial = x.shape
     pixels = math.prod(spatial)
@@ -223,13 +249,13 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
             zx = spec.conv(frames[t0 * b : t1 * b], w_x, conv_bias)
             zx = zx.unflatten(0, (t1 - t0, b))
         for step in range(t0, t1):
-            zh = None if h_prev is None else spec.conv(h_prev, w_h)
+            zh = None if h_prev is None else spec.conv(steps.recurrent(h_prev), w_h)
             # Saving: c_t goes to its slot in c_seq (the last one to c_last); inference: c is
             # updated in place in c_last (the kernels read each element before writing it).
             c_out = c_seq[step] if save and step < t - 1 else c_last
             gate_forward(
                 zx[step - t0], zh, gate_bias, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
-                z_out=z_seq[step] if save_z else None, save_z=save_z,
+                z_out=z_seq[step] if save_z else None, save_z=save_z, **steps.at(step),
             )
             c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
@@ -256,13 +282,13 @@ def recompute_steps(t: int, b: int, hid: int, pixels: int, dtype: torch.dtype) -
 
 
 def _recompute_gates(gate_forward, zx, h_prev, w_h, gate_bias, c_prev, peephole, spec, gdt,
-                     h_scratch, c_scratch):
+                     h_scratch, c_scratch, steps, step):
     """One step's saved gates again, by the forward's own code (so the same values): from zx
     (the step's input-convolution output, overwritten with them when the dtypes agree)."""
-    zh = None if h_prev is None else spec.conv(h_prev, w_h)
+    zh = None if h_prev is None else spec.conv(steps.recurrent(h_prev), w_h)
     z = zx if gdt == zx.dtype else torch.empty_like(zx, dtype=gdt)
     gate_forward(zx, zh, gate_bias, c_prev, peephole, h_out=h_scratch, c_out=c_scratch,
-                 z_out=z, save_z=True)
+                 z_out=z, save_z=True, **steps.at(step))
     return z
 
 
@@ -282,7 +308,8 @@ def cat_convs(spec: LayerSpec, x: Tensor) -> bool:
     return spec.backend == "torch" and x.device.type == "cpu"
 
 
-def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, frames):
+def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, frames,
+                       steps):
     """:func:`layer_forward` with one convolution of [x_t, h_{t-1}] per step (see cat_convs).
     Saves the same tensors, so the backward is shared."""
     t, b, cin, *_ = x.shape
@@ -297,10 +324,12 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
         if h_prev is None:
             z = spec.conv(x_t, w_x, bias)
         else:
-            z = spec.conv(torch.cat([x_t, h_prev.to(x_t.dtype)], dim=1), w_all, bias)
+            h_in = steps.recurrent(h_prev).to(x_t.dtype)
+            z = spec.conv(torch.cat([x_t, h_in], dim=1), w_all, bias)
         c_out = c_seq[step] if save and step < t - 1 else c_last
         gate_forward_torch(z, None, None, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
-                           z_out=z_seq[step] if save_z else None, save_z=save_z)
+                           z_out=z_seq[step] if save_z else None, save_z=save_z,
+                           **steps.at(step))
         c_prev, h_prev = c_out, h_seq[step]
     return h_seq, c_last, c_seq, z_seq
 
@@ -351,7 +380,8 @@ def layer_backward(
     grad_h_seq: Tensor | None, grad_c_last: Tensor | None, x: Tensor, weight: Tensor,
     peephole: Tensor | None, h0: Tensor | None, c0: Tensor | None, h_seq: Tensor,
     c_last: Tensor, c_seq: Tensor, z_seq: Tensor, spec: LayerSpec, needs: tuple[bool, ...],
-    consume: bool = False, bias: Tensor | None = None,
+    consume: bool = False, bias: Tensor | None = None, lengths: Tensor | None = None,
+    recurrent_mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None,
            Tensor | None]:
     """Gradients of :func:`layer_forward`: the backward time loop.
@@ -373,6 +403,10 @@ def layer_backward(
             dtype is the input's) instead of writing them to a new buffer; z_seq is garbage
             afterwards, so a second backward over the same forward needs the forward run again.
         bias: (4*hid,) or None; read only to recompute the gates (``spec.keep_gates`` False).
+        lengths, recurrent_mask: the forward's (see :func:`layer_forward`). Past a sample's
+            end its gate gradients are zero (so its inputs there get none), and its cell's
+            gradient passes through unchanged; the mask scales h's recurrent gradient and
+            the h the hidden weight's gradient reads.
 
     Returns:
         (dx, dweight, dbias, dpeephole, dh0, dc0), None where not needed (and for peephole, h0
@@ -381,6 +415,7 @@ def layer_backward(
         their inputs.
     """
     gate_forward, gate_backward = gate_launchers(spec.backend)
+    steps = _Steps(lengths, recurrent_mask)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, *spatial = x.shape
     pixels = math.prod(spatial)
@@ -428,14 +463,16 @@ def layer_backward(
             dh_out = None if grad_h_seq is None else grad_h_seq[step]
             z = z_seq[step] if not recompute else _recompute_gates(
                 gate_forward, dz[step - t0], h0 if step == 0 else h_seq[step - 1], w_h,
-                gate_bias, c_prev, peephole, spec, gdt, h_scratch[0], c_scratch)
+                gate_bias, c_prev, peephole, spec, gdt, h_scratch[0], c_scratch, steps, step)
             _, _, dp = gate_backward(
                 z, c_prev, c_t, peephole, dh_out, dh_rec, dc,
-                dz_out=dz[step - t0], dc_prev_out=dc, dbias_acc=db_acc,
+                dz_out=dz[step - t0], dc_prev_out=dc, dbias_acc=db_acc, **steps.at(step),
             )
             dpeep.add(dp)
             if step > 0 or (need_h0 and h0 is not None):
                 dh_rec = spec.conv_input_grad(dz[step - t0], (b, hid, *spatial), w_h)
+                if recurrent_mask is not None:
+                    dh_rec.mul_(recurrent_mask)
         # This chunk's share of the batched gradients, before dz_buf is reused.
         dz_frames = dz.flatten(0, 1)
         if need_x:
@@ -445,10 +482,11 @@ def layer_backward(
             dw_x.add(spec.conv_weight_grad(dz_frames, frames[t0 * b : t1 * b], w_x))
             s0 = max(t0, 1)  # steps s0..t1-1 read h_{t-1} from h_seq; step 0 reads h0
             if t1 > s0:
+                h_read = steps.recurrent(h_seq[s0 - 1 : t1 - 1])
                 dw_h.add(spec.conv_weight_grad(dz[s0 - t0 :].flatten(0, 1),
-                                               h_seq[s0 - 1 : t1 - 1].flatten(0, 1), w_h))
+                                               h_read.flatten(0, 1), w_h))
             if t0 == 0 and h0 is not None:
-                h0_cl = channels_last(h0)
+                h0_cl = channels_last(steps.recurrent(h0))
                 dw_h.add(spec.conv_weight_grad(dz[0], h0_cl, w_h))
         if need_b and db_acc is None:
             dbias.add(dz.sum(dim=(0, 1, *range(3, dz.dim())), dtype=sdt))

@@ -71,8 +71,9 @@ def runs_modules(cell: nn.Module, fast_forward: Callable) -> bool:
     return _hooked(cell) or own_forward or calls_conv(cell)
 
 
-def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None,
-                     c0: Tensor | None) -> tuple[Tensor, Tensor]:
+def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None, c0: Tensor | None,
+                     lengths: Tensor | None = None,
+                     recurrent_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One layer over the sequence by calling ``cell`` for every step, as the popular module
     does (keywords included, so hooks see the same call).
 
@@ -81,6 +82,9 @@ def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None,
         seq: (T, B, C, *spatial), the compute dtype.
         h0, c0: (B, hidden, *spatial), or None for the zero state (``cell.init_hidden``'s, as the
             popular module starts from).
+        lengths, recurrent_mask: as :func:`triton_convlstm.sequence.layer_forward`'s: past a
+            sample's end its cell is kept and its output zero; the mask multiplies the h the
+            cell is handed (which only its convolution reads).
 
     Returns:
         (h_seq, c_last): (T, B, hidden, *spatial) and (B, hidden, *spatial).
@@ -89,6 +93,18 @@ def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None,
     h, c = (h0, c0) if h0 is not None else cell.init_hidden(b, tuple(spatial))
     hs = []
     for step in range(t):
-        h, c = cell(input_tensor=seq[step], cur_state=[h, c])
+        h_in = h if recurrent_mask is None else h * recurrent_mask
+        h_new, c_new = cell(input_tensor=seq[step], cur_state=[h_in, c])
+        h, c = keep_past_end(lengths, step, h_new, c_new, c)
         hs.append(h)
     return torch.stack(hs), c
+
+
+def keep_past_end(lengths: Tensor | None, step: int, h: Tensor, c: Tensor,
+                  c_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """A step's (h, c) where samples past their end (step >= lengths[b]) get h = 0 and keep
+    c_prev, written with ``torch.where`` (for the loops that call modules or standard ops)."""
+    if lengths is None:
+        return h, c
+    valid = (lengths > step).view(-1, *([1] * (h.dim() - 1)))
+    return torch.where(valid, h, 0), torch.where(valid, c, c_prev)
