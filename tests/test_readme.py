@@ -71,3 +71,36 @@ def test_the_circular_padding_example_runs_and_holds():
     shifted = model(torch.roll(field, shifts=7, dims=-1))[0]
     torch.testing.assert_close(shifted[-1], torch.roll(outputs[-1], shifts=7, dims=-1),
                                rtol=1e-4, atol=1e-5)
+
+
+def _block(heading):
+    return README.split(heading)[1].split("```python")[1].split("```")[0]
+
+
+def test_the_variable_length_example_runs_and_holds():
+    """The README's lengths snippet, run as written; its comment's claims checked."""
+    import torch
+
+    from triton_convlstm import ConvLSTM
+
+    scope = {"torch": torch, "ConvLSTM": ConvLSTM}
+    torch.manual_seed(0)
+    exec(_block("### Variable-length batches"), scope)
+    model, clips, outputs, states = (scope[k] for k in ("model", "clips", "outputs", "states"))
+    assert not outputs[-1][1, 4:].any()
+    alone, alone_states = model(clips[1:2, :4])
+    torch.testing.assert_close(outputs[-1][1:2, :4], alone[-1], rtol=1e-5, atol=1e-6)
+    for mine, ref in zip(states[-1], alone_states[-1]):
+        torch.testing.assert_close(mine[1:2], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_dropout_example_runs():
+    import torch
+
+    from triton_convlstm import ConvLSTM
+
+    scope = {"torch": torch, "ConvLSTM": ConvLSTM}
+    exec(_block("### Dropout"), scope)
+    model = scope["model"]
+    assert model.dropout == [0.2, 0.2] and model.recurrent_dropout == [0.3, 0.1]
+    assert scope["outputs"][0].shape == (2, 6, 32, 16, 16)

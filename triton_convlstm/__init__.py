@@ -13,6 +13,9 @@ The library, from the modules down to the kernels (each module one job):
 - ``modules``: the layers (1-d, 2-d, 3-d, bidirectional): parameters, checks; no math.
 - ``cells``: the cells (1-d, 2-d, 3-d): parameters, init, checks; no math.
 - ``validation``: argument and input checks with clear errors.
+- ``lengths``: variable-length batches: the lengths' checks, per-sample reversal and last
+  step, PackedSequence in and out.
+- ``dropout``: variational dropout's per-call masks and the rates' checks.
 - ``backend``: which implementation runs; the Triton import probe; export detection.
 - ``layer_op``: a whole layer over a whole sequence as one torch op (and its autograd).
 - ``step_op``: the single-step op: the gate update as torch ops, and cell_step.

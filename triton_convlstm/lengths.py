@@ -58,7 +58,8 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> Tens
         if low < 1 or high > steps:
             raise ValueError(f"lengths: expected values in 1..{steps} (the sequence's T), got "
                              f"values from {low} to {high}")
-    return lengths.to(device=device, dtype=torch.int64)
+    # non_blocking: a blocking host-to-device copy would wait for the stream's queued work.
+    return lengths.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:

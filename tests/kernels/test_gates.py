@@ -442,6 +442,10 @@ def _bad_calls():
     yield "3d-dh", ValueError, "dh", bwd(dh=c_prev[:, :, None])
     yield "4d-spatial-z-acc", ValueError, r"\*spatial", lambda: bias_grad_accumulator(
         zx[..., None, None])
+    lengths = torch.ones(1, dtype=torch.int64, device=zx.device)
+    yield "lengths-float", TypeError, "lengths", fwd(lengths=lengths.float())
+    yield "lengths-shape", ValueError, "lengths", fwd(lengths=lengths.repeat(2))
+    yield "lengths-device", ValueError, "lengths", bwd(lengths=lengths.to("meta"))
 
 
 @pytest.mark.parametrize("case", list(_bad_calls()), ids=lambda c: c[0])
@@ -449,6 +453,55 @@ def test_bad_inputs_raise(case):
     _, exc, word, call = case
     with pytest.raises(exc, match=word):
         call()
+
+
+# ---- variable lengths: steps past a sample's end ------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["kernel", "torch"])
+@pytest.mark.parametrize("peep", [False, True], ids=["plain", "peephole"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_lengths_mask_the_steps_past_each_end(layout, peep, impl):
+    """With lengths (3, 1, 2) at step 1, sample 1 is past its end: its cell is kept (in place
+    too), its h is zero, and the backward gives it dz = 0, dc_prev = dc and no peephole or
+    bias share, even with a NaN output gradient there. The other samples are the unmasked
+    update, bit for bit. The kernel and its torch twin (the CPU path) alike."""
+    from triton_convlstm.gate_launchers import gate_launchers
+
+    fwd, bwd = gate_launchers("triton" if impl == "kernel" else "torch")
+    zx, zh, bias, c_prev, pe = sample(3, 4, (3, 5), layout, torch.float32, peep)
+    lengths = torch.tensor([3, 1, 2], device=zx.device)
+    gdt = torch.float32
+    kw = dict(lengths=lengths, step=1)
+    h_ref, c_ref, z_ref = fwd(zx, zh, bias, c_prev, pe, h_out=torch.empty_like(c_prev),
+                              c_out=torch.empty_like(c_prev), z_out=torch.empty_like(zx, dtype=gdt),
+                              save_z=True)
+    c_in_place = c_prev.clone()
+    h, c, z = fwd(zx, zh, bias, c_in_place, pe, h_out=torch.empty_like(c_prev),
+                  c_out=c_in_place, z_out=torch.empty_like(zx, dtype=gdt), save_z=True, **kw)
+    keep = [0, 2]
+    assert torch.equal(h[keep], h_ref[keep]) and torch.equal(c[keep], c_ref[keep])
+    assert torch.equal(c[1], c_prev[1]) and not h[1].any()
+
+    dh, dc = torch.randn_like(c_prev), torch.randn_like(c_prev)
+    dh[1] = float("nan")
+    acc = bias_grad_accumulator(zx) if impl == "kernel" else None
+
+    def backward(z, c_new, dh, **kw):
+        return bwd(z, c_prev, c_new, pe, dh, None, dc.clone(), dz_out=torch.empty_like(z),
+                   dc_prev_out=torch.empty_like(c_prev), **kw)
+
+    dz_ref, dcp_ref, _ = backward(z_ref, c_ref, dh.nan_to_num())
+    dz, dcp, dpe = backward(z, c, dh, dbias_acc=acc, **kw)
+    assert torch.equal(dz[keep], dz_ref[keep]) and torch.equal(dcp[keep], dcp_ref[keep])
+    assert not dz[1].any() and torch.equal(dcp[1], dc[1])
+    if peep:  # the masked sample adds nothing: the sums over the other two alone
+        _, _, dpe_keep = bwd(z[keep], c_prev[keep], c[keep], pe, dh[keep], None, dc[keep],
+                             dz_out=torch.empty_like(z[keep]),
+                             dc_prev_out=torch.empty_like(c_prev[keep]))
+        assert torch.allclose(dpe, dpe_keep, rtol=1e-5, atol=1e-6)
+    if acc is not None:
+        assert torch.allclose(acc.sum(0), dz.double().sum((0, 2, 3)).float(), atol=1e-5)
 
 
 # ---- GPU: real sizes and int64 offsets ---------------------------------------------------------

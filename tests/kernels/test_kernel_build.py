@@ -63,9 +63,14 @@ def _launch_signature(fn, dtype, lowp, unit_stride, wide=False):
         name = p.name
         if p.is_constexpr:
             sig[name] = "constexpr"
+        elif name == "len_ptr":  # the per-sample lengths, int64
+            sig[name] = "*i64"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             sig[name] = f"*{dtype}" if name in lowp else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "STEP":  # do_not_specialize: no divisibility hint at launch
+            sig[name] = "i32"
         elif name.startswith("s_") and unit_stride(name):
             sig[name], const[name] = "constexpr", 1
         else:
@@ -130,8 +135,8 @@ def _compile(vid):
         fn, dtype, lowp, lambda name: name.endswith(unit) or name == "s_pe_c", wide)
     bp, bc = gates._blocks(layout == "nhwc", 64, 64 * 64)
     on = flags == "on"
-    names = (["HAS_ZH", "HAS_BIAS", "HAS_PEEP", "SAVE_Z"] if kernel == "fwd"
-             else ["HAS_PEEP", "HAS_DH", "HAS_DH2", "HAS_DC", "HAS_DB"])  # fmt: skip
+    names = (["HAS_ZH", "HAS_BIAS", "HAS_PEEP", "SAVE_Z", "HAS_LEN"] if kernel == "fwd"
+             else ["HAS_PEEP", "HAS_DH", "HAS_DH2", "HAS_DC", "HAS_DB", "HAS_LEN"])  # fmt: skip
     const.update({n: on for n in names}, WIDE=wide, BLOCK_P=bp, BLOCK_C=bc)
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", int(arch[2:]), 32),
