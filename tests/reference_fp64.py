@@ -8,7 +8,13 @@ loop over layers and time of cat -> conv -> split -> gates, with
 * dilation,
 * optional peepholes (Shi et al. 2015): i = σ(z_i + w_ci∘c_prev), f = σ(z_f + w_cf∘c_prev),
   c = f∘c_prev + i∘tanh(z_g), o = σ(z_o + w_co∘c) (the NEW cell), h = o∘tanh(c),
-* an optional initial state per layer.
+* an optional initial state per layer,
+* variable lengths per sample (``lengths``): each sample runs alone over its own valid steps
+  (both directions of a bidirectional layer; the reverse one starts at its last valid step),
+  its outputs zero after them, its final state the one after them,
+* variational dropout masks (``masks``, drawn by the caller): x_t * m_x and h_prev * m_h are
+  what the convolution reads, the same masks at every step; the h carried on (and returned)
+  is not masked.
 
 Gate order along the conv output channels is i, f, o, g; the conv input is cat([x_t, h_prev]).
 """
@@ -113,16 +119,23 @@ def cell_step(x: Tensor, h: Tensor, c: Tensor, p: LayerParams,
     return h_new.to(x.dtype), c_new
 
 
-def _direction(seq: Tensor, p: LayerParams, h, c, state_dtype, steps) -> tuple:
+def _direction(seq: Tensor, p: LayerParams, h, c, state_dtype, steps, mask=None) -> tuple:
     """One direction over (B, T, C, *spatial) in the order ``steps``: (outputs in time order,
-    (h, c) after the last step taken)."""
+    (h, c) after the last step taken). ``mask``: None or (input mask or None, recurrent mask or
+    None), each (B, C, *spatial), applied to what the convolution reads at every step."""
     b, _, _, *spatial = seq.shape
     if h is None:
         h = seq.new_zeros(b, p.hidden, *spatial)
         c = seq.new_zeros(b, p.hidden, *spatial, dtype=state_dtype or seq.dtype)
+    m_x, m_h = (None, None) if mask is None else mask
     outs = {}
     for step in steps:
-        h, c = cell_step(seq[:, step], h, c, p, state_dtype)
+        x_t = seq[:, step]
+        x_in = x_t if m_x is None else x_t * m_x.to(x_t.dtype)
+        h_in = h if m_h is None else h * m_h.to(h.dtype)
+        # cell_step reads h only through the convolution: the masked h goes in there, and the
+        # unmasked h_new comes back as the output and the next step's state.
+        h, c = cell_step(x_in, h_in, c, p, state_dtype)
         outs[step] = h
     return torch.stack([outs[t] for t in sorted(outs)], dim=1), (h, c)
 
@@ -132,28 +145,70 @@ def _halves(v: Tensor | None, hid: int):
 
 
 def convlstm(x: Tensor, layers: list[LayerParams], hidden_state=None, batch_first: bool = True,
-             state_dtype: torch.dtype | None = None, reverse: list[LayerParams] | None = None):
+             state_dtype: torch.dtype | None = None, reverse: list[LayerParams] | None = None,
+             lengths=None, masks=None):
     """Returns (outputs per layer, each (B, T, hidden, *spatial); [(h, c)] per layer), for 1, 2
     or 3 spatial dims. ``reverse``: the reverse cells' parameters of a bidirectional model (each
     layer's output and state concatenate the forward and the reverse direction's along
-    channels; the reverse one reads t = T-1 down to 0, its final state is after x[0])."""
+    channels; the reverse one reads t = T-1 down to 0, its final state is after x[0]).
+
+    ``lengths``: None (every sample has T steps) or one int per sample (a list or a tensor),
+    each in 1..T: sample b reads x[b, :lengths[b]] only (see :func:`_by_sample`).
+
+    ``masks``: None or one entry per layer, each None or a tuple with one pair per direction
+    (forward first), ``(input_mask or None, recurrent_mask or None)``: the input mask
+    (B, C_in, *spatial) multiplies x_t and the recurrent one (B, hidden, *spatial) the h_prev
+    the convolution reads, at every step."""
     if not batch_first:
         x = x.transpose(0, 1)
+    if lengths is not None:
+        return _by_sample(x, layers, hidden_state, state_dtype, reverse, lengths, masks)
     t = x.shape[1]
     seq = x
     outputs, states = [], []
     for li, p in enumerate(layers):
         h, c = (None, None) if hidden_state is None else hidden_state[li]
+        layer_masks = (None, None) if masks is None or masks[li] is None else tuple(masks[li])
         if reverse is None:
-            seq, (h, c) = _direction(seq, p, h, c, state_dtype, range(t))
+            seq, (h, c) = _direction(seq, p, h, c, state_dtype, range(t), layer_masks[0])
         else:
             (hf, hr), (cf, cr) = _halves(h, p.hidden), _halves(c, p.hidden)
-            fwd, (hf, cf) = _direction(seq, p, hf, cf, state_dtype, range(t))
-            rev, (hr, cr) = _direction(seq, reverse[li], hr, cr, state_dtype, reversed(range(t)))
+            fwd, (hf, cf) = _direction(seq, p, hf, cf, state_dtype, range(t), layer_masks[0])
+            rev, (hr, cr) = _direction(seq, reverse[li], hr, cr, state_dtype,
+                                       reversed(range(t)), layer_masks[1])
             seq = torch.cat([fwd, rev], dim=2)
             h, c = torch.cat([hf, hr], dim=1), torch.cat([cf, cr], dim=1)
         outputs.append(seq)
         states.append((h, c))
+    return outputs, states
+
+
+def _by_sample(x: Tensor, layers, hidden_state, state_dtype, reverse, lengths, masks):
+    """Variable lengths, the plainest way: sample b alone (its slice of x, of the given states
+    and of the masks) over its first lengths[b] steps through every layer, as if the sequence
+    ended there (so a reverse direction starts at step lengths[b]-1); its outputs padded with
+    zeros to T; the samples concatenated along the batch again. x is (B, T, C, *spatial)."""
+    b_total, t = x.shape[:2]
+    lengths = [int(n) for n in lengths]
+    assert len(lengths) == b_total and all(1 <= n <= t for n in lengths), lengths
+
+    def one(v, b):
+        return None if v is None else v[b : b + 1]
+
+    per_sample = []
+    for b, n in enumerate(lengths):
+        state_b = (None if hidden_state is None
+                   else [(one(h, b), one(c, b)) for h, c in hidden_state])
+        masks_b = (None if masks is None
+                   else [None if m is None else tuple((one(mx, b), one(mh, b)) for mx, mh in m)
+                         for m in masks])
+        outs, states = convlstm(x[b : b + 1, :n], layers, state_b, True, state_dtype, reverse,
+                                masks=masks_b)
+        padded = [torch.cat([o, o.new_zeros(1, t - n, *o.shape[2:])], dim=1) for o in outs]
+        per_sample.append((padded, states))
+    outputs = [torch.cat([outs[li] for outs, _ in per_sample]) for li in range(len(layers))]
+    states = [(torch.cat([st[li][0] for _, st in per_sample]),
+               torch.cat([st[li][1] for _, st in per_sample])) for li in range(len(layers))]
     return outputs, states
 
 

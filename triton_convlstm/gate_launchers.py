@@ -39,8 +39,8 @@ def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
 def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_prev: Tensor,
                        peephole: Tensor | None, *, h_out: Tensor, c_out: Tensor,
                        z_out: Tensor | None = None, save_z: bool = False,
-                       lengths: Tensor | None = None,
-                       step: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+                       lengths: Tensor | None = None, step: int = 0,
+                       valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`triton_convlstm.kernels.gates.gate_forward` in plain torch.
 
     zx, zh and bias are summed in the state dtype, as the kernel sums them.
@@ -61,6 +61,8 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
         lengths: (B,) integer, on zx's device, or None; step: this step's index. As the
             kernel's: a sample past its end keeps its cell and gets a zero h (and its saved
             gates say so, for the backward).
+        valid: instead of lengths and step, the step's multiplier already made
+            (:func:`triton_convlstm.reference.step_valid`, in the state dtype).
 
     Returns:
         (h_out, c_out, z_out).
@@ -72,7 +74,8 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
         gates = zx if zx.dtype == sdt else torch.empty_like(zx, dtype=sdt)
     pre = reference.preactivation_ref(zx, zh, bias, out=gates)
     h = h_out if h_out.dtype == sdt else torch.empty_like(h_out, dtype=sdt)
-    valid = reference.step_valid(lengths, step, gates.dim(), sdt)
+    if valid is None:
+        valid = reference.step_valid(lengths, step, gates.dim(), sdt)
     reference.gate_forward_inplace_ref(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre,
                                        valid=valid)
     if h is not h_out:
@@ -83,8 +86,8 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
 def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None,
                         dh: Tensor | None, dh2: Tensor | None, dc: Tensor | None, *,
                         dz_out: Tensor, dc_prev_out: Tensor, dbias_acc: Tensor | None = None,
-                        lengths: Tensor | None = None,
-                        step: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+                        lengths: Tensor | None = None, step: int = 0,
+                        valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`triton_convlstm.kernels.gates.gate_backward` in plain torch, from the activated
     gates :func:`gate_forward_torch` saved.
 
@@ -104,11 +107,14 @@ def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tens
         lengths, step: as the forward's. Past a sample's end the saved gates already make
             dz = 0 and dc_prev = dc; only its output gradient is dropped here (so that a
             non-finite one cannot leak through a 0 * inf).
+        valid: instead of lengths and step, the forward's multiplier for this step; dh is
+            then read as given (the time loop zeroes the padding of the whole output gradient
+            once, rather than per step).
 
     Returns:
         (dz_out, dc_prev_out, the peephole gradient (3, hidden) in the state dtype or None).
     """
-    if dh is not None and lengths is not None:
+    if dh is not None and lengths is not None and valid is None:
         dh = torch.where(reference.step_valid(lengths, step, dh.dim(), torch.bool), dh, 0)
     if dh is None:
         dh, dh2 = dh2, None

@@ -30,7 +30,8 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> Tens
         device: where the sequence is.
 
     Returns:
-        None, or a (B,) int64 tensor on ``device``.
+        None (also where every length is T, which is no masking at all), or a (B,) int64
+        tensor on ``device``.
 
     Raises:
         TypeError: not integers. ValueError: not B of them, or one outside 1..T.
@@ -58,8 +59,21 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> Tens
         if low < 1 or high > steps:
             raise ValueError(f"lengths: expected values in 1..{steps} (the sequence's T), got "
                              f"values from {low} to {high}")
+        if low == steps:
+            return None
     # non_blocking: a blocking host-to-device copy would wait for the stream's queued work.
     return lengths.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def zero_padding(seq: Tensor, lengths: Tensor | None) -> Tensor:
+    """A time-major (T, B, ...) sequence with each sample's steps past its end zeroed (one
+    pass, for the first layer's input): padding is never read, so NaN or inf there cannot
+    reach a result or a gradient (the steps past the end are computed, then masked)."""
+    if lengths is None:
+        return seq
+    t = torch.arange(seq.shape[0], device=lengths.device).unsqueeze(1)
+    valid = (t < lengths).view(*seq.shape[:2], *([1] * (seq.dim() - 2)))
+    return torch.where(valid, seq, 0)
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:

@@ -29,7 +29,7 @@ from .cells import (
 from .conv import PADDING_MODES
 from .export import layer_unrolled
 from .layer_op import run_layer
-from .lengths import check_lengths, last_step, pack_like, reverse_time, unpack
+from .lengths import check_lengths, last_step, pack_like, reverse_time, unpack, zero_padding
 from .step_by_step import layer_by_modules, runs_modules
 
 __all__ = ["ConvLSTM", "ConvLSTM1d", "ConvLSTM2d", "ConvLSTM3d", "ConvLSTMCell",
@@ -243,7 +243,8 @@ class ConvLSTMNd(nn.Module):
         # Held while captured loops' static outputs are read (until _layers' copies): calls
         # from other threads replay the same entries.
         with graphs.exclusive(x, any(use_graphs)):
-            return self._layers(seq.to(dtype), states, backend, dtype, use_graphs, lengths)
+            return self._layers(zero_padding(seq.to(dtype), lengths), states, backend, dtype,
+                                use_graphs, lengths)
 
     def _own_initial_state(self) -> bool:
         """Whether a subclass defines the zero state (``_init_hidden`` or a cell's
@@ -324,10 +325,10 @@ class ConvLSTMNd(nn.Module):
         """One direction of one layer over the sequence: (h_seq, c_last)."""
         # Drawn in this order (input, then recurrent; forward direction first): the tests
         # replay the same masks through the reference.
-        x_mask = dropout_masks.dropout_mask(rates[0], seq, seq.shape[2])
-        h_mask = dropout_masks.dropout_mask(rates[1], seq, cell.hidden_dim)
-        if x_mask is not None:
-            seq = seq * x_mask
+        x_rate, h_rate = rates
+        if x_rate > 0:
+            seq = seq * dropout_masks.dropout_mask(x_rate, seq, seq.shape[2])
+        h_mask = dropout_masks.dropout_mask(h_rate, seq, cell.hidden_dim) if h_rate > 0 else None
         if runs_modules(cell, ConvLSTMCellNd.forward):  # hooks and the like: step_by_step.py
             return layer_by_modules(cell, seq, h0, c0, lengths, h_mask)
         # Read once per call: a parametrized weight is computed when read.

@@ -145,13 +145,16 @@ def gate_activations_ref(z: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor 
 # differentiable (the sequence op supplies its own backward) and not traced by dynamo.
 
 
-def step_valid(lengths: Tensor | None, step: int, dim: int, dtype: torch.dtype) -> Tensor | None:
+def step_valid(lengths: Tensor | None, step: int | Tensor, dim: int,
+               dtype: torch.dtype) -> Tensor | None:
     """Which samples a step is inside of, as a multiplier: (B, 1, ...) of ``dim`` dims in
-    ``dtype``, 1 where ``step`` < lengths[b], else 0 (past sample b's end); None without lengths.
-    Computed on lengths' device (no host read)."""
+    ``dtype``, 1 where ``step`` < lengths[b], else 0 (past sample b's end); None without
+    lengths. ``step`` may be a (T, 1) tensor of steps: then (T, B, 1, ...) of ``dim`` + 1
+    dims, one multiplier per step. Computed on lengths' device (no host read)."""
     if lengths is None:
         return None
-    return (lengths > step).to(dtype).view(-1, *([1] * (dim - 1)))
+    valid = (lengths > step).to(dtype)
+    return valid.view(*valid.shape, *([1] * (dim - valid.dim())))
 
 
 def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | None, *,

@@ -150,16 +150,45 @@ def _initial_cell(c_last: Tensor, c0: Tensor | None) -> Tensor:
 
 
 class _Steps:
-    """What varies the plain loop per sample: the lengths (passed to the gate update with the
-    step index) and the recurrent dropout mask (on h where it feeds the hidden convolution)."""
+    """What varies the plain loop per sample: the lengths (the gate update masks the steps past
+    each sample's end) and the recurrent dropout mask (on h where it feeds the hidden
+    convolution).
 
-    def __init__(self, lengths: Tensor | None, recurrent_mask: Tensor | None) -> None:
+    The kernels read lengths and the step index on the device. The torch twins get each step's
+    multiplier from one (T, B, 1, ...) table made per call (a comparison, a cast and a view per
+    step cost more than the masking itself at small shapes). Lengths in host memory (the CPU
+    path) also tell which leading steps have no sample past its end: those run unmasked.
+    """
+
+    def __init__(self, lengths: Tensor | None, recurrent_mask: Tensor | None, backend: str,
+                 x: Tensor) -> None:
         self.lengths, self.mask = lengths, recurrent_mask
         self.plain = lengths is None and recurrent_mask is None
+        self.table = None
+        self.unmasked = x.shape[0]  # steps before this one need no mask
+        if lengths is None:
+            return
+        self.unmasked = int(lengths.min()) if lengths.device.type == "cpu" and len(lengths) else 0
+        if backend != "triton":
+            t, _, _, *spatial = x.shape
+            self.table = reference.step_valid(
+                lengths, torch.arange(t, device=lengths.device).view(t, 1),
+                2 + len(spatial) + 1, reference.state_dtype(x.dtype))
 
     def at(self, step: int) -> dict:
         """The gate update's keyword arguments for ``step``."""
-        return {} if self.lengths is None else {"lengths": self.lengths, "step": step}
+        if step < self.unmasked:
+            return {}
+        if self.table is not None:
+            return {"valid": self.table[step]}
+        return {"lengths": self.lengths, "step": step}
+
+    def output_grad(self, grad_h_seq: Tensor | None) -> Tensor | None:
+        """The output gradient as the torch twins read it: zero past each sample's end (the
+        kernels skip it themselves), so that a non-finite one there cannot leak through 0 * inf."""
+        if grad_h_seq is None or self.table is None:
+            return grad_h_seq
+        return torch.where(self.table.bool(), grad_h_seq, 0)
 
     def recurrent(self, h: Tensor) -> Tensor:
         """h as the hidden convolution reads it (any leading dims before B)."""
@@ -204,7 +233,7 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
         dtype, c_seq (T-1, B, hid, H, W) or empty, z_seq (T, B, 4*hid, H, W) or empty.
     """
     frames = seq_frames(x)
-    steps = _Steps(lengths, recurrent_mask)
+    steps = _Steps(lengths, recurrent_mask, spec.backend, x)
     if (spec.fused and spec.backend == "triton" and spec.padding_mode == "zeros"
             and steps.plain and _fused_fits(x, weight)):
         return _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec, save, frames)
@@ -415,7 +444,8 @@ def layer_backward(
         their inputs.
     """
     gate_forward, gate_backward = gate_launchers(spec.backend)
-    steps = _Steps(lengths, recurrent_mask)
+    steps = _Steps(lengths, recurrent_mask, spec.backend, x)
+    grad_h_seq = steps.output_grad(grad_h_seq)
     need_x, need_w, need_b, need_p, need_h0, need_c0 = needs
     t, b, cin, *spatial = x.shape
     pixels = math.prod(spatial)

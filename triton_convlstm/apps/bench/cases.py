@@ -139,8 +139,10 @@ FAMILY_CPU_SHAPES = ("cpu-1d", "cpu-3d", "cpu-s-bi")
 # "layer-fused-nographs": that without graphs (a profile then sees each kernel);
 # "layer-compiled-ro": the layer under torch.compile(mode="reduce-overhead"), its own graphs off:
 # cudagraph trees capture the op, the loss and the backward around it, which a user can do too.
+# "layer-lengths": the layer on the same padded batch told each sample's length (T down to
+# about T/2, :func:`mixed_lengths`): what the variable-length masking costs over "layer".
 LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute", "layer-fused",
-               "layer-fused-nographs", "layer-compiled-ro")
+               "layer-fused-nographs", "layer-compiled-ro", "layer-lengths")
 IMPLS = ("eager", "compiled", "compiled-ro", *LAYER_IMPLS, "convs-only")
 COMPILED_IMPLS = ("compiled", "compiled-ro")  # the formulation compiled: the goals' baselines
 CUDA_ONLY_IMPLS = ("compiled-ro", "layer-compiled-ro")  # reduce-overhead means CUDA graphs
@@ -190,13 +192,24 @@ def _configure(layer, impl: str) -> None:
     layer.fused_forward = "fused" in switches
 
 
+def mixed_lengths(batch: int, steps: int) -> torch.Tensor:
+    """The "layer-lengths" case's lengths: from T for the first sample down to T - T // 2 for
+    the last, evenly (T alone for a batch of one).
+
+    >>> mixed_lengths(4, 8).tolist()
+    [8, 7, 6, 4]
+    """
+    return steps - torch.arange(batch) * (steps // 2) // max(batch - 1, 1)
+
+
 def _sequence_of(impl: str, model) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> the (B, T, hidden, *spatial) output sequence, whichever output convention ``model``
     has."""
     if impl in LAYER_IMPLS:
 
         def run(x):
-            outs, _ = model(x)
+            lengths = mixed_lengths(x.shape[0], x.shape[1]) if impl == "layer-lengths" else None
+            outs, _ = model(x, lengths=lengths)
             return outs[-1] if isinstance(outs, (list, tuple)) else outs
 
         return run
