@@ -202,8 +202,10 @@ def bench_args(dry_run: bool) -> list[str]:
 def family_args(dry_run: bool) -> list[str]:
     """The bench command's options for the family phase: the 1-d, 3-d and bidirectional shapes
     against the formulation written the popular way for each (eager), with the floor
-    (convs-only). No compiled baselines (each costs 10-30 s of compiling per case, which the
-    2-d goals need more) and no plots (their names would clash with the main run's in $OUT).
+    (convs-only), and the layer told mixed lengths (layer-lengths: what variable-length
+    masking costs over the padded batch, issue 18's goal). No compiled baselines (each costs
+    10-30 s of compiling per case, which the 2-d goals need more) and no plots (their names
+    would clash with the main run's in $OUT).
 
     Args:
         dry_run: CPU, the tiny family shapes, one thread (the same plumbing, in seconds).
@@ -211,11 +213,11 @@ def family_args(dry_run: bool) -> list[str]:
     Returns:
         The options, before ``--family-args`` (later options win in argparse).
     """
-    impls = ["--impls", "eager,layer,convs-only", "--no-plots"]
+    impls = ["--impls", "eager,layer,layer-lengths,convs-only", "--no-plots"]
     if dry_run:
         return ["--device", "cpu", "--dtype", "fp32", "--shapes", ",".join(FAMILY_CPU_SHAPES),
                 *impls, "--repeats", "1", "--sweep", "2", "--threads", "1"]
-    # bf16 only: the family's first numbers, in ~18 cases; fp32 by --family-args. The T sweep
+    # bf16 only: the family's first numbers, in ~24 cases; fp32 by --family-args. The T sweep
     # (the bench command always runs one for its first shape) at one short T, cheap.
     return ["--device", "cuda", "--dtype", "bf16", "--shapes", ",".join(FAMILY_GPU_SHAPES),
             "--modes", "train,fwd", *impls, "--compile-times", "off", "--sweep", "16"]

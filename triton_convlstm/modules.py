@@ -71,7 +71,8 @@ class ConvLSTMNd(nn.Module):
         fused_forward: experimental, off until measured on a GPU: with the Triton backend, each
             2-d forward step is one kernel, the convolution of [x_t, h] with the gate update
             fused into it (kernels/fused_step.py); the backward is the split path's. Other
-            backends, 1-d and 3-d layers and padding modes other than "zeros" ignore it.
+            backends, 1-d and 3-d layers, padding modes other than "zeros", calls with
+            lengths and recurrent dropout in training ignore it.
         padding_mode: "zeros", "reflect", "replicate" or "circular" (as nn.Conv{n}d's), one for
             every layer or a list with one per layer; set on each cell's ``conv``, where a later
             change is honoured too. "circular" wraps around (longitude on a global grid).
@@ -352,6 +353,10 @@ class ConvLSTMNd(nn.Module):
     def extra_repr(self) -> str:
         """The constructor arguments ``print(module)`` shows besides the cells'."""
         extra = ", bidirectional=True" if self.bidirectional else ""
+        for name in ("dropout", "recurrent_dropout"):
+            rates = getattr(self, name)
+            if any(rates):
+                extra += f", {name}={list(rates)}"
         return (f"batch_first={self.batch_first}, return_all_layers={self.return_all_layers}"
                 f"{extra}")
 

@@ -206,7 +206,8 @@ def test_gpu_check_dry_run(tmp_path):
     # The unit tests, then the perf gates alone (nothing else on the GPU while they time).
     assert [p["name"] for p in report["tests"]["parts"]] == ["tests", "perf-gates"]
     assert report["tests"]["parts"][1]["workers"] == 1
-    assert {r["impl"] for r in report["bench"]["rows"]} == {"eager", "layer", "convs-only"}
+    assert {r["impl"] for r in report["bench"]["rows"]} == {"eager", "layer", "convs-only",
+                                                           "layer-lengths"}
     # The family phase's rows (1-d, 3-d, bidirectional) join the 2-d run's.
     from triton_convlstm.apps.bench.cases import FAMILY_CPU_SHAPES
 
@@ -332,6 +333,16 @@ def test_documented_gpu_calls_parse():
     assert parser().parse_args(calls[0]).test_paths == ["tests"]
 
 
+def test_the_lengths_case_calls_the_layer_with_mixed_lengths(monkeypatch):
+    from triton_convlstm.apps.bench import cases
+
+    seen = []
+    real = cases.mixed_lengths
+    monkeypatch.setattr(cases, "mixed_lengths", lambda b, t: seen.append((b, t)) or real(b, t))
+    cases.build_step("layer-lengths", cases.SHAPES["cpu-s"], "fp32", "fwd", torch.device("cpu"))()
+    assert seen == [(2, 8)] and real(2, 8).tolist() == [8, 4]
+
+
 def test_layer_impl_names_set_the_layer_switches():
     from triton_convlstm.apps.bench.cases import LAYER_IMPLS, SHAPES, _configure, make_models
 
@@ -340,6 +351,7 @@ def test_layer_impl_names_set_the_layer_switches():
         "layer-recompute": (True, True, False), "layer-fused": (True, False, True),
         "layer-fused-nographs": (False, False, True),
         "layer-compiled-ro": (False, False, False),  # cudagraph trees capture it instead
+        "layer-lengths": (True, False, False),  # the plain layer, called with lengths
     }
     assert set(want) == set(LAYER_IMPLS)
     _, layer = make_models(SHAPES["cpu-s"], torch.device("cpu"), torch.float32)

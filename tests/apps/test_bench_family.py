@@ -132,7 +132,7 @@ def test_gpu_check_family_options_parse(dry_run):
     options = _gpu_check().family_args(dry_run) + shlex.split("--dtype bf16,fp32")
     args = bench_parser().parse_args(options)
     assert args.shapes == list(FAMILY_CPU_SHAPES if dry_run else FAMILY_GPU_SHAPES)
-    assert args.impls == ["eager", "layer", "convs-only"] and args.no_plots
+    assert args.impls == ["eager", "layer", "layer-lengths", "convs-only"] and args.no_plots
     assert args.dtype == ["bf16", "fp32"]
 
 
