@@ -77,7 +77,7 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
     if valid is None:
         valid = reference.step_valid(lengths, step, gates.dim(), sdt)
     reference.gate_forward_inplace_ref(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre,
-                                       valid=valid)
+                                       valid=valid, keep_g=save_z)
     if h is not h_out:
         h_out.copy_(h)
     return h_out, c_out, z_out

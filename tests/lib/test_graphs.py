@@ -562,3 +562,27 @@ def test_modules_without_captures_register_no_finalizer():
         m = ConvLSTM(2, 3, 3, 1, batch_first=True, backend="torch")  # CPU: nothing captured
         m(torch.randn(1, 2, 2, 4, 4))
     assert len(graphs._WATCHED) == before
+
+
+def test_streaming_one_frame_a_call_replays_one_graph_per_layer(device):
+    """Real-time use: T=1 chunks with the state carried. After the first calls (zero state,
+    then the first given state: an uncaptured call and a capture each), every call replays
+    one captured loop per layer and captures nothing; the results are the eager layer's."""
+    eager, graphed = _pair(device=device)
+    frames = torch.randn(2, 6, 4, 5, 5, device=device)
+    state_e = state_g = None
+    graphs.clear()
+    with torch.no_grad():
+        for t in range(frames.shape[1]):
+            if t == 3:
+                captures = graphs.FORWARD.captures
+                replays = sum(e.replays for e in graphs.FORWARD.entries.values())
+            out_e, state_e = eager(frames[:, t : t + 1], state_e)
+            out_g, state_g = graphed(frames[:, t : t + 1], state_g)
+            torch.testing.assert_close(out_g[-1], out_e[-1], rtol=1e-5, atol=1e-6)
+    assert graphs.FORWARD.captures == captures  # nothing new from the 4th frame on
+    now = sum(e.replays for e in graphs.FORWARD.entries.values())
+    assert now - replays == 3 * 2  # three calls, two layers, one replay each
+    for (h, c), (he, ce) in zip(state_g, state_e):
+        torch.testing.assert_close(h, he, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, ce, rtol=1e-5, atol=1e-6)
