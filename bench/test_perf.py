@@ -37,6 +37,7 @@ from triton_convlstm.apps.bench.cases import (
     ratio_of,
     release,
 )
+from triton_convlstm.apps.bench.streaming import STREAM_SIZES, build_stream_step
 
 CPU = torch.device("cpu")
 
@@ -70,6 +71,20 @@ CPU_TRAIN_GATES = {
 # goal is not reliably met at these tiny shapes, where dispatch dominates. The gate catches a
 # regression (a per-step host read, an extra pass over the state) without flaking.
 LENGTHS_GATE = 0.8
+
+# Issue 17: on CPU the layer is never slower than the popular module. Inference (the forward
+# under no_grad) against the eager formulation at the suite's shapes and the issue's two
+# (CPU_INFER_GATES), one frame at a time against the popular cell (CPU_STREAM_GATES), and the
+# model under torch.compile against itself eager and the compiled formulation
+# (CPU_COMPILED_GATES). Goals: >= 1.0x everywhere (>= 1.2x inference at the suite's shapes);
+# the gates sit a margin below what is measured (see each), which is not always the goal.
+CPU_INFER_GATES = {
+    "cpu-s": 0.8, "cpu-m": 0.9, "cpu-1d": 0.6, "cpu-3d": 0.55, "cpu-s-bi": 0.8,
+    "cpu-inf-deep": 0.8, "cpu-inf-wide": 0.9,
+}
+CPU_STREAM_GATES = {("cell", "stream-s"): 0.6, ("cell", "stream-m"): 0.85,
+                    ("layer", "stream-s"): 0.3, ("layer", "stream-m"): 0.85}
+CPU_COMPILED_GATES = {"layer": 0.7, "compiled": 0.5}
 
 # Goal: the layer's peak training memory <= 0.5x the eager formulation's. Measured with
 # TensorMemoryTracker (fp32, tensors created during one step, layer / eager): at fcdefaf cpu-s
@@ -140,6 +155,55 @@ def test_cpu_train_gate(shape, record_property):
           f"{statistics.median(times['eager']):.2f} ms, {ratio:.2f}x")
     gate = CPU_TRAIN_GATES[shape]
     assert ratio >= gate, _gate_message(f"cpu train {shape}", "layer", "eager", times, ratio, gate)
+
+
+@pytest.mark.parametrize("shape", sorted(CPU_INFER_GATES))
+def test_cpu_infer_gate(shape, record_property):
+    steps = {i: build_step(i, SHAPES[shape], "fp32", "fwd", CPU) for i in ("layer", "eager")}
+    _warm(steps, 2)
+    big = shape.startswith("cpu-inf")  # a forward takes a fraction of a second there
+    times = interleaved(steps, CPU, rounds=3 if big else 7, reps=1 if big else 3)
+    ratio = ratio_of(times["layer"], times["eager"])
+    record_property("layer_over_eager_fwd", round(ratio, 3))
+    print(f"cpu fwd {shape}: layer {statistics.median(times['layer']):.2f} ms, eager "
+          f"{statistics.median(times['eager']):.2f} ms, {ratio:.2f}x")
+    gate = CPU_INFER_GATES[shape]
+    assert ratio >= gate, _gate_message(f"cpu fwd {shape}", "layer", "eager", times, ratio, gate)
+
+
+@pytest.mark.parametrize(("impl", "size"), sorted(CPU_STREAM_GATES))
+def test_cpu_stream_gate(impl, size, record_property):
+    hidden, side = STREAM_SIZES[size]
+    frames = 20 if size == "stream-s" else 4
+    steps = {i: build_stream_step(i, hidden, side, CPU, frames) for i in (impl, "popular-cell")}
+    _warm(steps, 2)
+    times = interleaved(steps, CPU, rounds=7, reps=3)
+    ratio = ratio_of(times[impl], times["popular-cell"])
+    record_property(f"{impl}_over_popular_cell_stream", round(ratio, 3))
+    print(f"cpu stream {size}: {impl} {statistics.median(times[impl]) / frames * 1e3:.1f} us a "
+          f"frame, popular cell {statistics.median(times['popular-cell']) / frames * 1e3:.1f}"
+          f" us, {ratio:.2f}x")
+    gate = CPU_STREAM_GATES[(impl, size)]
+    assert ratio >= gate, _gate_message(f"cpu stream {size}", impl, "popular-cell", times,
+                                        ratio, gate)
+
+
+@pytest.mark.parametrize("baseline", sorted(CPU_COMPILED_GATES))
+def test_cpu_compiled_gate(baseline, record_property):
+    """The layer compiled (torch.compile's default mode, training step) against the layer
+    eager ("layer") and the formulation compiled ("compiled"), at steady state."""
+    torch._dynamo.reset()
+    steps = {i: build_step(i, SHAPES["cpu-s"], "fp32", "train", CPU)
+             for i in ("layer-compiled", baseline)}
+    _warm(steps, 3)
+    times = interleaved(steps, CPU, rounds=7, reps=3)
+    ratio = ratio_of(times["layer-compiled"], times[baseline])
+    record_property(f"layer_compiled_over_{baseline}_train", round(ratio, 3))
+    print(f"cpu train cpu-s compiled: layer {statistics.median(times['layer-compiled']):.2f} ms,"
+          f" {baseline} {statistics.median(times[baseline]):.2f} ms, {ratio:.2f}x")
+    gate = CPU_COMPILED_GATES[baseline]
+    assert ratio >= gate, _gate_message("cpu train cpu-s compiled", "layer-compiled", baseline,
+                                        times, ratio, gate)
 
 
 @pytest.mark.parametrize("shape", ["cpu-s", "cpu-s-bi"])

@@ -50,7 +50,9 @@ What does not carry over (the weights load; the results differ):
   (B, T, *spatial, C) must be permuted to (B, T, C, *spatial) for ``batch_first=True``, and
   outputs permuted back. The weights are the same for either ``data_format``.
 - Keras ``Bidirectional`` merge modes other than "concat", ``go_backwards`` on a plain layer,
-  ``stateful``, masking and dropout masks are not represented.
+  ``stateful`` and Keras' masking are not represented (a masked step there carries the state
+  and repeats the last output; the layer's ``lengths`` gives zeros past each end, as
+  ``nn.LSTM`` pads). Dropout rates are constructor options of the layer, not weights.
 
 >>> import numpy as np
 >>> from triton_convlstm import ConvLSTM

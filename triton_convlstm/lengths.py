@@ -10,6 +10,8 @@ valid step (:func:`reverse_time`), as ``nn.LSTM`` does with packed sequences.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -39,10 +41,12 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> Tens
     if lengths is None:
         return None
     if isinstance(lengths, (list, tuple)):
-        bad = [v for v in lengths if isinstance(v, bool) or not isinstance(v, int)]
+        bad = [v for v in lengths if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
         if bad:
             raise TypeError(f"lengths: expected ints, got {bad[0]!r}")
-        lengths = torch.tensor(lengths, dtype=torch.int64).reshape(len(lengths))
+        # On the CPU whatever the default device (torch.device("meta") as a context, say).
+        lengths = torch.tensor([int(v) for v in lengths], dtype=torch.int64,
+                               device="cpu").reshape(len(lengths))
     if not isinstance(lengths, Tensor):
         raise TypeError("lengths: expected a 1-d integer tensor or a list of ints, got "
                         f"{type(lengths).__name__}")
@@ -53,7 +57,10 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> Tens
                          f"{tuple(lengths.shape)}")
     if torch.compiler.is_compiling():
         return lengths.to(device=device, dtype=torch.int64).clamp(1, max(steps, 1))
-    capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if capturing and lengths.device != torch.device(device):
+        raise ValueError(f"lengths: expected a tensor on {device} while a CUDA graph is being "
+                         f"captured (a copy from {lengths.device} cannot be captured)")
     if batch and not capturing:
         low, high = torch.stack([lengths.min(), lengths.max()]).tolist()
         if low < 1 or high > steps:
@@ -61,8 +68,10 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> Tens
                              f"values from {low} to {high}")
         if low == steps:
             return None
-    # non_blocking: a blocking host-to-device copy would wait for the stream's queued work.
-    return lengths.to(device=device, dtype=torch.int64, non_blocking=True)
+    # Host to device without blocking (a blocking copy waits for the stream's queued work); any
+    # other direction blocks, so that the host never reads a copy still in flight.
+    to_device = lengths.device.type == "cpu" and torch.device(device).type != "cpu"
+    return lengths.to(device=device, dtype=torch.int64, non_blocking=to_device)
 
 
 def zero_padding(seq: Tensor, lengths: Tensor | None) -> Tensor:

@@ -172,8 +172,6 @@ class ConvLSTMNd(nn.Module):
     recompute_gates = False
     fused_forward = False
     bidirectional = False
-    dropout: Sequence[float] = ()  # no entry: no dropout
-    recurrent_dropout: Sequence[float] = ()
 
     def _all_cells(self) -> list[ConvLSTMCellNd]:
         return [*self.cell_list, *(self.cell_list_reverse if self.bidirectional else [])]
@@ -278,12 +276,13 @@ class ConvLSTMNd(nn.Module):
         """Each layer over the time-major sequence in turn: (layer_outputs, last_states)."""
         outputs, last = [], []
         n = len(self.cell_list)
+        rates = self._dropout_rates()
         for idx, (h0, c0) in enumerate(states):
             # A captured loop's own output buffers may come back uncloned (this method copies
             # what it returns right away), but not where a later layer may save this one's
             # output, nor where the other direction's replay of a shared entry follows.
             static = (idx == n - 1 or not torch.is_grad_enabled()) and not self.bidirectional
-            args = (lengths, self._rates(idx), backend, dtype, use_graphs[idx], static)
+            args = (lengths, rates[idx], backend, dtype, use_graphs[idx], static)
             if not self.bidirectional:
                 h_seq, c_last = self._direction(self.cell_list[idx], seq, h0, c0, *args)
                 h_last = last_step(h_seq, lengths)
@@ -299,12 +298,20 @@ class ConvLSTMNd(nn.Module):
                 last.append([_copy(h_last), _copy(c_last)])
         return outputs, last
 
-    def _rates(self, idx):
-        """Layer idx's (dropout, recurrent_dropout) rates in this call: zeros in eval mode."""
+    def _dropout_rates(self) -> list[tuple[float, float]]:
+        """Each layer's (dropout, recurrent_dropout) in this call: zeros in eval mode.
+
+        Read from the instance's own attributes and checked again (a rate set after
+        construction gets the constructor's errors). No class-level default: a subclass's
+        own ``self.dropout = nn.Dropout(p)`` (a submodule) must stay visible as what it
+        is, and then means no rate here; a model pickled before dropout existed has none.
+        """
+        n = len(self.cell_list)
         if not self.training:
-            return 0.0, 0.0
-        return tuple(rates[idx] if idx < len(rates) else 0.0
-                     for rates in (self.dropout, self.recurrent_dropout))
+            return [(0.0, 0.0)] * n
+        own = vars(self)
+        return list(zip(*(dropout_masks.rates(name, own.get(name, 0.0), n)
+                          for name in ("dropout", "recurrent_dropout"))))
 
     def _both_directions(self, idx, seq, h0, c0, lengths, *args):
         """Layer idx of a bidirectional model: (h_seq, h_last, c_last), the two directions
@@ -354,9 +361,10 @@ class ConvLSTMNd(nn.Module):
         """The constructor arguments ``print(module)`` shows besides the cells'."""
         extra = ", bidirectional=True" if self.bidirectional else ""
         for name in ("dropout", "recurrent_dropout"):
-            rates = getattr(self, name)
-            if any(rates):
-                extra += f", {name}={list(rates)}"
+            rates = vars(self).get(name)  # as _dropout_rates reads them
+            if isinstance(rates, (int, float, list, tuple)) and rates and (
+                    not isinstance(rates, (list, tuple)) or any(rates)):
+                extra += f", {name}={rates!r}"
         return (f"batch_first={self.batch_first}, return_all_layers={self.return_all_layers}"
                 f"{extra}")
 

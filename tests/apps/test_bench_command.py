@@ -352,6 +352,7 @@ def test_layer_impl_names_set_the_layer_switches():
         "layer-fused-nographs": (False, False, True),
         "layer-compiled-ro": (False, False, False),  # cudagraph trees capture it instead
         "layer-lengths": (True, False, False),  # the plain layer, called with lengths
+        "layer-compiled": (False, False, False),  # torch.compile's default mode
     }
     assert set(want) == set(LAYER_IMPLS)
     _, layer = make_models(SHAPES["cpu-s"], torch.device("cpu"), torch.float32)

@@ -142,3 +142,50 @@ def test_the_repr_shows_dropout():
     text = repr(_model(dropout=0.25, recurrent_dropout=[0.0, 0.5]))
     assert "dropout=[0.25, 0.25]" in text and "recurrent_dropout=[0.0, 0.5]" in text
     assert "dropout" not in repr(_model())
+
+
+def test_a_subclass_may_keep_its_own_dropout_module():
+    """``self.dropout = nn.Dropout(p)`` in a subclass (a common pattern) stays that module;
+    the layer then applies no dropout of its own."""
+    class WithOwnDropout(ConvLSTM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.dropout = torch.nn.Dropout(0.5)
+
+        def forward(self, x, hidden_state=None):
+            outs, last = super().forward(x, hidden_state)
+            return [self.dropout(outs[-1])], last
+
+    torch.manual_seed(0)
+    m = WithOwnDropout(2, 3, 3, 1, True).eval()
+    assert isinstance(m.dropout, torch.nn.Dropout)
+    plain = ConvLSTM(2, 3, 3, 1, True).eval()
+    plain.load_state_dict(m.state_dict())
+    x = _x(dtype=torch.float32)
+    _close(m(x)[0][0], plain(x)[0][-1], tol=0)
+
+
+def test_rates_set_after_construction_are_used_and_checked():
+    m, built = _model(), _model(dropout=0.5)
+    m.dropout = 0.5  # one number, as nn.LSTM's attribute
+    m.train(), built.train()
+    x = _x()
+    torch.manual_seed(1)
+    a = m(x)[0][-1]
+    torch.manual_seed(1)
+    _close(a, built(x)[0][-1])
+    m.recurrent_dropout = [0.1, 1.5]
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        m(_x())
+
+
+def test_lengths_as_numpy_ints_and_under_a_meta_default_device():
+    np = pytest.importorskip("numpy")
+    m = _model()
+    x = _x()
+    want = m(x, lengths=LENGTHS)[0][-1]
+    _close(m(x, lengths=[np.int64(v) for v in LENGTHS])[0][-1], want)
+    with torch.device("meta"):
+        meta = ConvLSTM(2, 3, 3, 1, True)
+        out = meta(torch.empty(4, 5, 2, 4, 5), lengths=LENGTHS)[0][0]
+    assert out.device.type == "meta" and out.shape == (4, 5, 3, 4, 5)

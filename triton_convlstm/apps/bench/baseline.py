@@ -105,3 +105,30 @@ class EagerConvLSTM(nn.Module):
                 outs = [torch.cat([f, r], dim=1) for f, r in zip(fwd, reversed(back))]
             seq = torch.stack(outs, dim=1)
         return seq, (h, c)
+
+
+class EagerConvLSTMCell(nn.Module):
+    """The popular module's cell, as its users call it one frame at a time: cat, conv, split,
+    the gates, eager. Its state_dict (``conv.weight``, ``conv.bias``) loads into
+    :class:`triton_convlstm.ConvLSTMCell`.
+
+    Args:
+        input_dim: channels of x.
+        hidden_dim: channels of h and c.
+        kernel_size: side of the square kernel, odd.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.conv = nn.Conv2d(input_dim + hidden_dim, 4 * hidden_dim, kernel_size,
+                              padding=kernel_size // 2)
+
+    def forward(self, input_tensor: Tensor,
+                cur_state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """One step: x (B, C, H, W) and (h, c) (B, hidden, H, W) -> the new (h, c)."""
+        h, c = cur_state
+        z = self.conv(torch.cat([input_tensor, h], dim=1))
+        zi, zf, zo, zg = torch.split(z, self.hidden_dim, dim=1)
+        c = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
+        return torch.sigmoid(zo) * torch.tanh(c), c

@@ -124,6 +124,10 @@ SHAPES = {
         Shape("cpu-1d", 4, 8, 4, 16, (64,)),
         Shape("cpu-3d", 1, 4, 2, 8, (8, 8, 8)),
         Shape("cpu-s-bi", 2, 8, 4, 16, 16, bidirectional=True),
+        # Issue 17's inference shapes, as a new user tried them: a deep small-channel stack
+        # over long sequences, and a wide one.
+        Shape("cpu-inf-deep", 2, 32, 1, 16, 64, layers=3),
+        Shape("cpu-inf-wide", 8, 16, 16, 64, 32, layers=2),
     )
 }
 GPU_SHAPES = ("S", "M", "L")
@@ -141,8 +145,10 @@ FAMILY_CPU_SHAPES = ("cpu-1d", "cpu-3d", "cpu-s-bi")
 # cudagraph trees capture the op, the loss and the backward around it, which a user can do too.
 # "layer-lengths": the layer on the same padded batch told each sample's length (T down to
 # about T/2, :func:`mixed_lengths`): what the variable-length masking costs over "layer".
+# "layer-compiled": the layer under torch.compile's default mode (its graphs off): what
+# compiling a model that holds it gives or costs.
 LAYER_IMPLS = ("layer", "layer-nographs", "layer-recompute", "layer-fused",
-               "layer-fused-nographs", "layer-compiled-ro", "layer-lengths")
+               "layer-fused-nographs", "layer-compiled-ro", "layer-lengths", "layer-compiled")
 IMPLS = ("eager", "compiled", "compiled-ro", *LAYER_IMPLS, "convs-only")
 COMPILED_IMPLS = ("compiled", "compiled-ro")  # the formulation compiled: the goals' baselines
 CUDA_ONLY_IMPLS = ("compiled-ro", "layer-compiled-ro")  # reduce-overhead means CUDA graphs
@@ -247,7 +253,7 @@ def build_step(
     eager, layer = make_models(shape, device, dt, seed)
     model = layer if impl in LAYER_IMPLS else eager
     _configure(layer, impl)
-    if impl in COMPILED_IMPLS or impl == "layer-compiled-ro":
+    if impl in COMPILED_IMPLS or impl in ("layer-compiled-ro", "layer-compiled"):
         model = torch.compile(model, mode="reduce-overhead" if impl.endswith("-ro") else None)
     seq_of = _sequence_of(impl, model)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
