@@ -179,8 +179,11 @@ class ConvLSTMCellNd(nn.Module):
             peep = None if self.peephole is None else self.peephole.to(state_dtype(dtype))
             return gate_update(z, c, peephole=peep, backend=self.backend)
         weight, bias, peep = validation.cast_params(like, self.conv.bias, self.peephole, dtype)
-        return cell_step(x if x.dtype == dtype else x.to(dtype), h, c, weight, bias, peep,
+        h, c = cell_step(x if x.dtype == dtype else x.to(dtype), h, c, weight, bias, peep,
                          self.dilation, self.backend, padding_mode=self.conv.padding_mode)
+        # Contiguous, as the popular cell's (its users call .view() on them): large CPU frames
+        # are computed channels-last (step_op.CHANNELS_LAST_PIXELS).
+        return h.contiguous(), c.contiguous()
 
 
 def parameter_of(cell: nn.Module) -> Tensor:
