@@ -77,14 +77,20 @@ LENGTHS_GATE = 0.8
 # (CPU_INFER_GATES), one frame at a time against the popular cell (CPU_STREAM_GATES), and the
 # model under torch.compile against itself eager and the compiled formulation
 # (CPU_COMPILED_GATES). Goals: >= 1.0x everywhere (>= 1.2x inference at the suite's shapes);
-# the gates sit a margin below what is measured (see each), which is not always the goal.
+# the gates sit ~20% below the lowest ratio measured, which is not always the goal: measured
+# 2026-12-06 (2-core shared box, one thread, these tests, two runs):
+# inference cpu-s 0.93-0.99x, cpu-m 1.27-1.34x, cpu-1d 0.78-0.81x, cpu-3d 0.73-0.76x,
+# cpu-s-bi 1.01x, cpu-inf-deep 1.09-1.11x, cpu-inf-wide 1.02x; one frame at a time against the
+# popular cell: the cell 0.71-0.79x (hid16 16x16) and 0.96-1.01x (hid64 64x64), the layer on
+# T=1 chunks 0.46-0.50x and 1.09-1.18x; compiled (training, cpu-s) 0.72-0.95x the layer eager
+# and 0.79x the compiled formulation. docs/PERF_NOTES.md says where the rest goes.
 CPU_INFER_GATES = {
-    "cpu-s": 0.8, "cpu-m": 0.9, "cpu-1d": 0.6, "cpu-3d": 0.55, "cpu-s-bi": 0.8,
-    "cpu-inf-deep": 0.8, "cpu-inf-wide": 0.9,
+    "cpu-s": 0.75, "cpu-m": 1.0, "cpu-1d": 0.6, "cpu-3d": 0.55, "cpu-s-bi": 0.8,
+    "cpu-inf-deep": 0.85, "cpu-inf-wide": 0.8,
 }
-CPU_STREAM_GATES = {("cell", "stream-s"): 0.6, ("cell", "stream-m"): 0.85,
-                    ("layer", "stream-s"): 0.3, ("layer", "stream-m"): 0.85}
-CPU_COMPILED_GATES = {"layer": 0.7, "compiled": 0.5}
+CPU_STREAM_GATES = {("cell", "stream-s"): 0.55, ("cell", "stream-m"): 0.75,
+                    ("layer", "stream-s"): 0.35, ("layer", "stream-m"): 0.85}
+CPU_COMPILED_GATES = {"layer": 0.55, "compiled": 0.6}
 
 # Goal: the layer's peak training memory <= 0.5x the eager formulation's. Measured with
 # TensorMemoryTracker (fp32, tensors created during one step, layer / eager): at fcdefaf cpu-s
