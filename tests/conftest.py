@@ -9,6 +9,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Compiled graphs from this run only: inductor's on-disk cache outlives the checkout (in /tmp)
+# and does not key on custom ops' fake kernels (pytorch/pytorch#160472), so a graph compiled
+# by older code could be reused with its old strides.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-tests-")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # For modules whose tests run on DEVICE (`pytestmark = DEVICE_MARKS`): on a CUDA machine they
 # are GPU tests, so `pytest -m gpu` (bench/gpu_check.py) runs them there; on CPU they are not.

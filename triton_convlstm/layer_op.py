@@ -24,8 +24,14 @@ from .reference import state_dtype
 from .sequence import LayerSpec, layer_backward, layer_forward, output_buffers
 from .step_op import cell_step
 
+# Part of the ops' names: bumped whenever what the fake kernels promise (output strides) changes.
+# Inductor's on-disk FX graph cache keys a compiled graph on the ops' names, not on their fake
+# kernels (pytorch/pytorch#160472), so after such a change a cached graph would assert the old
+# strides; a new name is a new key. 2: 3-d sequences on CPU are channels-first.
+OP_REVISION = 2
 
-@torch.library.custom_op("triton_convlstm::layer_forward", mutates_args=())
+
+@torch.library.custom_op(f"triton_convlstm::layer_forward_r{OP_REVISION}", mutates_args=())
 def layer_forward_op(
     x: Tensor,
     weight: Tensor,
@@ -121,7 +127,7 @@ def _(x, weight, bias, peephole, h0, c0, dilation, backend, save, use_graphs, ke
     return output_buffers(x, weight, save, backend, keep_gates=keep_gates)
 
 
-@torch.library.custom_op("triton_convlstm::layer_backward", mutates_args=())
+@torch.library.custom_op(f"triton_convlstm::layer_backward_r{OP_REVISION}", mutates_args=())
 def layer_backward_op(
     grad_h_seq: Tensor | None,
     grad_c_last: Tensor | None,

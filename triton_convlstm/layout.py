@@ -1,9 +1,10 @@
 """Every memory-layout decision of the package, in one place.
 
-Frames are channels-last everywhere, in 1, 2 or 3 spatial dims (channels the fast axis: cuDNN
-bf16 convolutions ran ~2x faster so, and oneDNN on CPU ran this layer's 2-d training step 1.4x
-faster than in NCHW, 74.9 vs 104.4 ms, B4 T8 C8 hid32 24x24, one thread); a sequence is
-time-major, ``(T, B, C, *spatial)``, each frame channels-last (:func:`empty_seq`). The loops,
+Frames are channels-last (channels the fast axis: cuDNN bf16 convolutions ran ~2x faster so,
+and oneDNN on CPU ran this layer's 2-d training step 1.4x faster than in NCHW, 74.9 vs 104.4
+ms, B4 T8 C8 hid32 24x24, one thread), except 3-d frames on the CPU
+(:func:`frames_channels_last`); a sequence is time-major, ``(T, B, C, *spatial)``, each frame
+in that layout (:func:`empty_seq`). The loops,
 the ops' fake kernels, the CUDA-graph cache's static buffers and the Triton launchers all
 allocate through these helpers, so compiled graphs see the strides the real kernels produce and
 no copy is made to change a layout twice.
@@ -13,6 +14,36 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# On CPU, 3-d frames stay channels-first: torch's CPU conv3d (slow_conv3d) takes contiguous
+# inputs (a channels-last one is copied at every call), and the gate math on channel slices of
+# few hidden channels runs several times slower per element than on contiguous gates. Measured
+# (one thread, interleaved, layer / eager formulation): cpu-3d inference 0.78x -> 0.88x,
+# training 1.04x -> 1.06x; 1-d lost a little the same way (inference 0.82x -> 0.76-0.81x,
+# training 0.95-0.98x -> 0.92-0.94x), so 1-d stays channels-last.
+CHANNELS_FIRST_ON_CPU = (3,)
+
+
+def frames_channels_last(device: torch.device | str, spatial_dims: int) -> bool:
+    """Whether frames of ``spatial_dims`` dims on ``device`` are kept channels-last.
+
+    Args:
+        device: the frames' device (a fake tensor's reports the real one; "meta" counts as a
+            GPU's).
+        spatial_dims: 1, 2 or 3.
+
+    >>> frames_channels_last("cpu", 2), frames_channels_last("cpu", 3)
+    (True, False)
+    """
+    return torch.device(device).type != "cpu" or spatial_dims not in CHANNELS_FIRST_ON_CPU
+
+
+def conv_layout(t: Tensor) -> Tensor:
+    """t (N, C, *spatial) (a frame batch or a weight) in the layout its frames are kept in on
+    its device: :func:`channels_last`, or contiguous for 3-d on the CPU."""
+    if frames_channels_last(t.device, t.dim() - 2):
+        return channels_last(t)
+    return t.contiguous()
 
 
 def _empty_channels_last(shape: tuple[int, ...], dtype: torch.dtype,
@@ -57,8 +88,9 @@ def empty_like_layout(ref: Tensor, channels: int, dtype: torch.dtype | None = No
 
 
 def empty_seq(t: int, b: int, ch: int, *spatial: int, dtype: torch.dtype,
-              device: torch.device | str) -> Tensor:
-    """An empty buffer in the sequence layout: time-major, each frame channels-last.
+              device: torch.device | str, layout_of: torch.device | str | None = None) -> Tensor:
+    """An empty buffer in the sequence layout: time-major, each frame channels-last (but see
+    :func:`frames_channels_last`).
 
     The fake kernels allocate through this too (on the meta device), so compiled graphs see the
     strides the real loops produce.
@@ -68,15 +100,18 @@ def empty_seq(t: int, b: int, ch: int, *spatial: int, dtype: torch.dtype,
         spatial: the frames' 1 to 3 sizes (L; H, W; D, H, W).
         dtype: the buffer's dtype.
         device: where to allocate (``"meta"`` for strides only).
+        layout_of: the device whose layout to take (with ``device="meta"``); None: device's.
 
     Returns:
-        (t, b, ch, *spatial), uninitialised; each ``[i]`` is a channels-last (b, ch, *spatial)
-        frame batch.
+        (t, b, ch, *spatial), uninitialised; each ``[i]`` is a (b, ch, *spatial) frame batch
+        in the frames' layout.
 
     >>> seq = empty_seq(2, 3, 4, 5, 6, dtype=torch.float32, device="cpu")
     >>> seq.shape, seq[0].is_contiguous(memory_format=torch.channels_last)
     (torch.Size([2, 3, 4, 5, 6]), True)
     """
+    if not frames_channels_last(layout_of or device, len(spatial)):
+        return torch.empty(t, b, ch, *spatial, dtype=dtype, device=device)
     return torch.empty(t, b, *spatial, ch, dtype=dtype, device=device).movedim(-1, 2)
 
 
@@ -86,7 +121,8 @@ def in_seq_layout(t: Tensor) -> bool:
     Args:
         t: (T, B, C, *spatial), any dtype.
     """
-    return t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta").stride()
+    return t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta",
+                                   layout_of=t.device).stride()
 
 
 def like_seq(t: Tensor) -> Tensor:
@@ -103,14 +139,14 @@ def like_seq(t: Tensor) -> Tensor:
 
 
 def seq_frames(x: Tensor) -> Tensor:
-    """A sequence as one batch of channels-last frames.
+    """A sequence as one batch of frames in the sequence layout's frame layout.
 
     Args:
         x: (T, B, C, *spatial), any dtype and strides.
 
     Returns:
-        (T*B, C, *spatial) channels-last: a view when x already is in the sequence layout (a
-        later layer's input), else one copy (not a reshape copy and then a layout copy).
+        (T*B, C, *spatial): a view when x already is in the sequence layout (a later layer's
+        input), else one copy (not a reshape copy and then a layout copy).
     """
     return (x if in_seq_layout(x) else like_seq(x)).flatten(0, 1)
 

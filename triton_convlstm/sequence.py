@@ -30,7 +30,7 @@ from . import reference
 from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
 from .layout import (
-    channels_last,
+    conv_layout,
     empty_seq,
     frames_as_seq,
     in_seq_layout,
@@ -140,7 +140,7 @@ def steps_per_chunk(t: int, b: int, hid: int, pixels: int, dtype: torch.dtype) -
 
 def _split(weight: Tensor, cin: int):
     """The input and hidden parts of the combined weight, channels_last."""
-    return channels_last(weight[:, :cin]), channels_last(weight[:, cin:])
+    return conv_layout(weight[:, :cin]), conv_layout(weight[:, cin:])
 
 
 def _initial_cell(c_last: Tensor, c0: Tensor | None) -> Tensor:
@@ -345,8 +345,8 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)
-    w_x = channels_last(weight[:, :cin])
-    w_all = channels_last(weight)
+    w_x = conv_layout(weight[:, :cin])
+    w_all = conv_layout(weight)
     c_prev, h_prev = _initial_cell(c_last, c0), h0
     for step in range(t):
         x_t = frames[step * b : (step + 1) * b]
@@ -476,7 +476,8 @@ def layer_backward(
     if need_b and spec.backend == "triton" and t > 0:
         from .kernels.gates import bias_grad_accumulator
 
-        gates_like = empty_seq(1, b, 4 * hid, *spatial, dtype=x.dtype, device="meta")[0]
+        gates_like = empty_seq(1, b, 4 * hid, *spatial, dtype=x.dtype, device="meta",
+                               layout_of=x.device)[0]
         db_acc = bias_grad_accumulator(gates_like, device=x.device)
     dx_chunks = []
     dh_rec = None
@@ -516,7 +517,7 @@ def layer_backward(
                 dw_h.add(spec.conv_weight_grad(dz[s0 - t0 :].flatten(0, 1),
                                                h_read.flatten(0, 1), w_h))
             if t0 == 0 and h0 is not None:
-                h0_cl = channels_last(steps.recurrent(h0))
+                h0_cl = conv_layout(steps.recurrent(h0))
                 dw_h.add(spec.conv_weight_grad(dz[0], h0_cl, w_h))
         if need_b and db_acc is None:
             dbias.add(dz.sum(dim=(0, 1, *range(3, dz.dim())), dtype=sdt))

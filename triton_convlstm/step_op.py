@@ -22,7 +22,7 @@ from torch import Tensor
 from . import reference
 from .backend import check_backend_name, resolve_backend
 from .conv import conv_same
-from .layout import channels_last
+from .layout import channels_last, frames_channels_last
 from .layout import empty_like_layout as _new
 from .validation import float_tensor
 
@@ -233,7 +233,8 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
     # A zero h pads to zeros in every mode: its taps contribute nothing.
     frame = x_t if h is None else torch.cat([x_t, h], dim=1)
     w = weight if h is not None else weight[:, : x_t.shape[1]]
-    if x_t.device.type == "cpu" and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS:
+    if (x_t.device.type == "cpu" and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
+            and frames_channels_last(x_t.device, x_t.dim() - 2)):
         frame, w = channels_last(frame), channels_last(w)
     z = conv_same(frame, w, dilation, conv_bias, padding_mode=padding_mode)
     if on_torch:

@@ -440,3 +440,22 @@ def test_second_backward_reruns_the_forward_only_when_gates_were_overwritten(mon
         calls.clear()
         torch.autograd.grad(loss, x)
         assert len(calls) == reruns, recompute
+
+
+def test_cpu_keeps_3d_frames_channels_first_and_the_rest_channels_last():
+    """layout.frames_channels_last: on CPU a 3-d sequence's buffers are contiguous (torch's CPU
+    conv3d copies channels-last inputs), 1-d and 2-d ones channels-last; on other devices
+    (meta stands for CUDA here) every one is channels-last."""
+    from triton_convlstm.layout import empty_seq, frames_channels_last
+
+    for dims, spatial in ((1, (7,)), (2, (4, 5)), (3, (3, 4, 5))):
+        seq = empty_seq(2, 3, 6, *spatial, dtype=torch.float32, device="cpu")
+        assert (seq.stride(2) == 1) == (dims != 3), dims
+        assert frames_channels_last("meta", dims)
+        like_cuda = empty_seq(2, 3, 6, *spatial, dtype=torch.float32, device="meta")
+        assert like_cuda.stride(2) == 1
+    # The fake kernels see the real device, so their strides are the loops'.
+    x = torch.randn(2, 3, 2, 3, 4, 5)
+    w = torch.randn(12, 5, 3, 3, 3)
+    h_seq, *_ = layer_forward(x, w, None, None, None, None, LayerSpec((1, 1, 1), "torch"), False)
+    assert h_seq.is_contiguous()
