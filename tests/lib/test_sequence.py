@@ -447,6 +447,7 @@ def test_cpu_keeps_3d_frames_channels_first_and_the_rest_channels_last():
     conv3d copies channels-last inputs), 1-d and 2-d ones channels-last; on other devices
     (meta stands for CUDA here) every one is channels-last."""
     from triton_convlstm.layout import empty_seq, frames_channels_last
+    from triton_convlstm.sequence import LayerSpec, layer_forward
 
     for dims, spatial in ((1, (7,)), (2, (4, 5)), (3, (3, 4, 5))):
         seq = empty_seq(2, 3, 6, *spatial, dtype=torch.float32, device="cpu")
