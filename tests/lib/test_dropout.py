@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_fp64 import convlstm, params_from_module, rel_err
+from family_oracle import DILATIONS, HIDDEN, LAYERS, SIZES, check_against_oracle
+from family_oracle import family_model as _model
+from family_oracle import loss as _loss
+from family_oracle import oracle_params as _oracle_params
+from family_oracle import sequence_inputs as _inputs
+from reference_fp64 import convlstm, rel_err
 
 import triton_convlstm.dropout as tdropout
 from triton_convlstm import graphs
-from triton_convlstm.modules import ConvLSTM1d, ConvLSTM2d, ConvLSTM3d
-
-LAYERS = {1: ConvLSTM1d, 2: ConvLSTM2d, 3: ConvLSTM3d}
-SIZES = {1: (7,), 2: (4, 5), 3: (3, 3, 4)}
-KERNELS, DILATIONS = [3, 2], [1, 2]  # an even kernel and a dilation
-HIDDEN = [3, 4]
 
 
 @pytest.fixture
@@ -39,26 +38,6 @@ def drawn(monkeypatch):
 
     monkeypatch.setattr(tdropout, "dropout_mask", spy)
     return calls
-
-
-def _model(n, bidirectional=False, backend="torch", dtype=torch.float64, seed=0, dilation=None,
-           **kw):
-    torch.manual_seed(seed)
-    m = LAYERS[n](2, HIDDEN, kw.pop("kernel_size", KERNELS), 2, True, return_all_layers=True,
-                  peephole=True, dilation=dilation or DILATIONS, bidirectional=bidirectional,
-                  backend=backend, **kw)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("peephole"):
-                p.normal_(0, 0.5)
-    return m.to(dtype)
-
-
-def _oracle_params(m, n, dilation=DILATIONS):
-    fwd = params_from_module(m, 2, dilation, spatial_dims=n)
-    rev = (params_from_module(m, 2, dilation, prefix="cell_list_reverse", spatial_dims=n)
-           if m.bidirectional else None)
-    return fwd, rev
 
 
 def _rates(v, layers=2):
@@ -89,51 +68,11 @@ def _oracle_masks(records, dropout, recurrent_dropout, bidirectional, layers=2):
     return masks
 
 
-def _inputs(m, n, b, t, dtype=torch.float64, with_state=True, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    dirs = 2 if m.bidirectional else 1
-    x = torch.randn(b, t, 2, *SIZES[n], generator=g, dtype=dtype).requires_grad_()
-    state = None
-    if with_state:
-        state = [[(0.5 * torch.randn(b, dirs * hid, *SIZES[n], generator=g, dtype=dtype))
-                  .requires_grad_() for _ in range(2)] for hid in HIDDEN]
-    return x, state
-
-
-def _loss(outs, states):
-    return (sum((o * o).sum() for o in outs) + sum(c.sum() for _, c in states)
-            + sum((0.5 * h).sum() for h, _ in states))
-
-
-def _leaf64(t):
-    return t.detach().cpu().double().requires_grad_()
-
-
 def _check_against_oracle(m, n, x, state, masks, tol, outs, states, lengths=None,
                           dilation=DILATIONS, grads=True):
     """outs, states: the model's from x and state; masks: the oracle's (from the spy)."""
-    fwd, rev = _oracle_params(m, n, dilation)
-    x64 = _leaf64(x)
-    s64 = None if state is None else [[_leaf64(t) for t in pair] for pair in state]
-    want, want_states = convlstm(x64, fwd, s64, reverse=rev, masks=masks, lengths=lengths)
-    for a, b in zip(outs, want):
-        assert a.shape == b.shape and rel_err(a.cpu(), b) <= tol, rel_err(a.cpu(), b)
-    for (h, c), (h64, c64) in zip(states, want_states):
-        assert rel_err(h.cpu(), h64) <= tol and rel_err(c.cpu(), c64) <= tol
-    if not grads:
-        return
-    _loss(outs, states).backward()
-    _loss(want, want_states).backward()
-    assert rel_err(x.grad.cpu(), x64.grad) <= tol, rel_err(x.grad.cpu(), x64.grad)
-    if state is not None:
-        for pair, pair64 in zip(state, s64):
-            for t, t64 in zip(pair, pair64):
-                assert rel_err(t.grad.cpu(), t64.grad) <= tol
-    cells = [*m.cell_list, *(m.cell_list_reverse if m.bidirectional else [])]
-    for cell, p in zip(cells, [*fwd, *(rev or [])]):
-        assert rel_err(cell.conv.weight.grad.cpu(), p.weight.grad) <= tol
-        assert rel_err(cell.conv.bias.grad.cpu(), p.bias.grad) <= tol
-        assert rel_err(cell.peephole.grad.cpu(), p.peephole.grad) <= tol
+    check_against_oracle(m, n, x, state, tol, outs=outs, states=states, lengths=lengths,
+                         masks=masks, dilation=dilation, grads=grads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,85 +15,19 @@ import copy
 
 import pytest
 import torch
-from reference_fp64 import convlstm, params_from_module, rel_err
+from family_oracle import HIDDEN, LAYERS, SIZES, check_against_oracle
+from family_oracle import family_model as _model
+from family_oracle import loss as _loss
+from family_oracle import oracle_params as _oracle_params
+from family_oracle import sequence_inputs as _inputs
+from reference_fp64 import convlstm, rel_err
 
 from triton_convlstm import graphs
-from triton_convlstm.modules import ConvLSTM1d, ConvLSTM2d, ConvLSTM3d
-
-LAYERS = {1: ConvLSTM1d, 2: ConvLSTM2d, 3: ConvLSTM3d}
-SIZES = {1: (7,), 2: (4, 5), 3: (3, 3, 4)}
-KERNELS, DILATIONS = [3, 2], [1, 2]  # an even kernel and a dilation
-HIDDEN = [3, 4]
-
-
-def _model(n, bidirectional=False, backend="torch", dtype=torch.float64, seed=0, **kw):
-    torch.manual_seed(seed)
-    m = LAYERS[n](2, HIDDEN, KERNELS, 2, kw.pop("batch_first", True), return_all_layers=True,
-                  peephole=True, dilation=DILATIONS, bidirectional=bidirectional,
-                  backend=backend, **kw)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("peephole"):
-                p.normal_(0, 0.5)
-    return m.to(dtype)
-
-
-def _oracle_params(m, n, dilation=DILATIONS):
-    fwd = params_from_module(m, 2, dilation, spatial_dims=n)
-    rev = (params_from_module(m, 2, dilation, prefix="cell_list_reverse", spatial_dims=n)
-           if m.bidirectional else None)
-    return fwd, rev
-
-
-def _inputs(m, n, b, t, dtype=torch.float64, with_state=True, seed=1):
-    """x (B, T, 2, *spatial) and, if with_state, one given (h, c) per layer, all leaves."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = 2 if m.bidirectional else 1
-    x = torch.randn(b, t, 2, *SIZES[n], generator=g, dtype=dtype).requires_grad_()
-    state = None
-    if with_state:
-        state = [[(0.5 * torch.randn(b, dirs * hid, *SIZES[n], generator=g, dtype=dtype))
-                  .requires_grad_() for _ in range(2)] for hid in HIDDEN]
-    return x, state
-
-
-def _loss(outs, states):
-    """Every output and every final h and c reach the loss, sample by sample separably."""
-    return (sum((o * o).sum() for o in outs) + sum(c.sum() for _, c in states)
-            + sum((0.5 * h).sum() for h, _ in states))
-
-
-def _leaf64(t):
-    return None if t is None else t.detach().double().requires_grad_()
 
 
 def _check_against_oracle(m, n, x, state, lengths, tol, batch_first=True):
     """The model's outputs, states and every gradient vs the oracle's on float64 copies."""
-    outs, states = m(x, state, lengths=lengths)
-    fwd, rev = _oracle_params(m, n)
-    x64 = _leaf64(x)
-    s64 = None if state is None else [[_leaf64(t) for t in pair] for pair in state]
-    want, want_states = convlstm(x64, fwd, s64, batch_first=batch_first, reverse=rev,
-                                 lengths=lengths)
-    assert len(outs) == len(want)
-    for a, b in zip(outs, want):
-        assert a.shape == b.shape and rel_err(a, b) <= tol, rel_err(a, b)
-    for (h, c), (h64, c64) in zip(states, want_states):
-        assert rel_err(h, h64) <= tol and rel_err(c, c64) <= tol, (rel_err(h, h64),
-                                                                   rel_err(c, c64))
-    _loss(outs, states).backward()
-    _loss(want, want_states).backward()
-    assert rel_err(x.grad, x64.grad) <= tol, rel_err(x.grad, x64.grad)
-    if state is not None:
-        for pair, pair64 in zip(state, s64):
-            for t, t64 in zip(pair, pair64):
-                assert rel_err(t.grad, t64.grad) <= tol, rel_err(t.grad, t64.grad)
-    cells = [*m.cell_list, *(m.cell_list_reverse if m.bidirectional else [])]
-    for cell, p in zip(cells, [*fwd, *(rev or [])]):
-        assert rel_err(cell.conv.weight.grad, p.weight.grad) <= tol
-        assert rel_err(cell.conv.bias.grad, p.bias.grad) <= tol
-        assert rel_err(cell.peephole.grad, p.peephole.grad) <= tol
-    return outs, states
+    return check_against_oracle(m, n, x, state, tol, lengths=lengths, batch_first=batch_first)
 
 
 # ---------------------------------------------------------------------------------------------
