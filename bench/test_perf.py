@@ -80,13 +80,13 @@ LENGTHS_GATE = 0.8
 # the gates sit ~20% below the lowest ratio measured, which is not always the goal: measured
 # 2026-12-06 (2-core shared box, one thread, these tests, two runs):
 # inference cpu-s 0.93-0.99x, cpu-m 1.27-1.34x, cpu-1d 0.78-0.81x, cpu-3d 0.73-0.76x,
-# cpu-s-bi 1.01x, cpu-inf-deep 1.09-1.11x, cpu-inf-wide 1.02x; one frame at a time against the
+# cpu-s-bi 1.01x, cpu-inf-deep 0.89-1.11x, cpu-inf-wide 1.02-1.21x; one frame at a time against the
 # popular cell: the cell 0.71-0.79x (hid16 16x16) and 0.96-1.01x (hid64 64x64), the layer on
 # T=1 chunks 0.46-0.50x and 1.09-1.18x; compiled (training, cpu-s) 0.72-0.95x the layer eager
 # and 0.79x the compiled formulation. docs/PERF_NOTES.md says where the rest goes.
 CPU_INFER_GATES = {
     "cpu-s": 0.75, "cpu-m": 1.0, "cpu-1d": 0.6, "cpu-3d": 0.55, "cpu-s-bi": 0.8,
-    "cpu-inf-deep": 0.85, "cpu-inf-wide": 0.8,
+    "cpu-inf-deep": 0.7, "cpu-inf-wide": 0.8,
 }
 CPU_STREAM_GATES = {("cell", "stream-s"): 0.55, ("cell", "stream-m"): 0.75,
                     ("layer", "stream-s"): 0.35, ("layer", "stream-m"): 0.85}
@@ -150,31 +150,36 @@ def test_cpu_step(benchmark, shape, mode, impl):
     benchmark.pedantic(step, rounds=8, warmup_rounds=2, iterations=1)
 
 
+def _cpu_ratio_gate(case: str, steps: dict, fast: str, slow: str, gate: float,
+                    record_property, rounds: int = 7, reps: int = 3, warm: int = 2,
+                    per: float = 1.0, unit: str = "ms") -> None:
+    """Time ``steps`` interleaved on CPU, record and print slow/fast (fast's speedup), and
+    assert it is at least ``gate``. ``per`` divides the printed times (per frame, say)."""
+    _warm(steps, warm)
+    times = interleaved(steps, CPU, rounds=rounds, reps=reps)
+    ratio = ratio_of(times[fast], times[slow])
+    record_property(f"{fast}_over_{slow}", round(ratio, 3))
+    print(f"{case}: {fast} {statistics.median(times[fast]) / per:.2f} {unit}, {slow} "
+          f"{statistics.median(times[slow]) / per:.2f} {unit}, {ratio:.2f}x")
+    assert ratio >= gate, _gate_message(case, fast, slow, times, ratio, gate)
+
+
+def _cpu_steps(impls, shape: str, mode: str) -> dict:
+    return {i: build_step(i, SHAPES[shape], "fp32", mode, CPU) for i in impls}
+
+
 @pytest.mark.parametrize("shape", CPU_SHAPES + FAMILY_CPU_SHAPES)
 def test_cpu_train_gate(shape, record_property):
-    steps = {i: build_step(i, SHAPES[shape], "fp32", "train", CPU) for i in ("layer", "eager")}
-    _warm(steps, 2)
-    times = interleaved(steps, CPU, rounds=7, reps=3)
-    ratio = ratio_of(times["layer"], times["eager"])
-    record_property("layer_over_eager_train", round(ratio, 3))
-    print(f"cpu train {shape}: layer {statistics.median(times['layer']):.2f} ms, eager "
-          f"{statistics.median(times['eager']):.2f} ms, {ratio:.2f}x")
-    gate = CPU_TRAIN_GATES[shape]
-    assert ratio >= gate, _gate_message(f"cpu train {shape}", "layer", "eager", times, ratio, gate)
+    _cpu_ratio_gate(f"cpu train {shape}", _cpu_steps(("layer", "eager"), shape, "train"),
+                    "layer", "eager", CPU_TRAIN_GATES[shape], record_property)
 
 
 @pytest.mark.parametrize("shape", sorted(CPU_INFER_GATES))
 def test_cpu_infer_gate(shape, record_property):
-    steps = {i: build_step(i, SHAPES[shape], "fp32", "fwd", CPU) for i in ("layer", "eager")}
-    _warm(steps, 2)
     big = shape.startswith("cpu-inf")  # a forward takes a fraction of a second there
-    times = interleaved(steps, CPU, rounds=3 if big else 7, reps=1 if big else 3)
-    ratio = ratio_of(times["layer"], times["eager"])
-    record_property("layer_over_eager_fwd", round(ratio, 3))
-    print(f"cpu fwd {shape}: layer {statistics.median(times['layer']):.2f} ms, eager "
-          f"{statistics.median(times['eager']):.2f} ms, {ratio:.2f}x")
-    gate = CPU_INFER_GATES[shape]
-    assert ratio >= gate, _gate_message(f"cpu fwd {shape}", "layer", "eager", times, ratio, gate)
+    _cpu_ratio_gate(f"cpu fwd {shape}", _cpu_steps(("layer", "eager"), shape, "fwd"),
+                    "layer", "eager", CPU_INFER_GATES[shape], record_property,
+                    rounds=3 if big else 7, reps=1 if big else 3)
 
 
 @pytest.mark.parametrize(("impl", "size"), sorted(CPU_STREAM_GATES))
@@ -182,16 +187,9 @@ def test_cpu_stream_gate(impl, size, record_property):
     hidden, side = STREAM_SIZES[size]
     frames = 20 if size == "stream-s" else 4
     steps = {i: build_stream_step(i, hidden, side, CPU, frames) for i in (impl, "popular-cell")}
-    _warm(steps, 2)
-    times = interleaved(steps, CPU, rounds=7, reps=3)
-    ratio = ratio_of(times[impl], times["popular-cell"])
-    record_property(f"{impl}_over_popular_cell_stream", round(ratio, 3))
-    print(f"cpu stream {size}: {impl} {statistics.median(times[impl]) / frames * 1e3:.1f} us a "
-          f"frame, popular cell {statistics.median(times['popular-cell']) / frames * 1e3:.1f}"
-          f" us, {ratio:.2f}x")
-    gate = CPU_STREAM_GATES[(impl, size)]
-    assert ratio >= gate, _gate_message(f"cpu stream {size}", impl, "popular-cell", times,
-                                        ratio, gate)
+    _cpu_ratio_gate(f"cpu stream {size}", steps, impl, "popular-cell",
+                    CPU_STREAM_GATES[(impl, size)], record_property, per=frames / 1e3,
+                    unit="us a frame")
 
 
 @pytest.mark.parametrize("baseline", sorted(CPU_COMPILED_GATES))
@@ -199,31 +197,17 @@ def test_cpu_compiled_gate(baseline, record_property):
     """The layer compiled (torch.compile's default mode, training step) against the layer
     eager ("layer") and the formulation compiled ("compiled"), at steady state."""
     torch._dynamo.reset()
-    steps = {i: build_step(i, SHAPES["cpu-s"], "fp32", "train", CPU)
-             for i in ("layer-compiled", baseline)}
-    _warm(steps, 3)
-    times = interleaved(steps, CPU, rounds=7, reps=3)
-    ratio = ratio_of(times["layer-compiled"], times[baseline])
-    record_property(f"layer_compiled_over_{baseline}_train", round(ratio, 3))
-    print(f"cpu train cpu-s compiled: layer {statistics.median(times['layer-compiled']):.2f} ms,"
-          f" {baseline} {statistics.median(times[baseline]):.2f} ms, {ratio:.2f}x")
-    gate = CPU_COMPILED_GATES[baseline]
-    assert ratio >= gate, _gate_message("cpu train cpu-s compiled", "layer-compiled", baseline,
-                                        times, ratio, gate)
+    _cpu_ratio_gate("cpu train cpu-s compiled",
+                    _cpu_steps(("layer-compiled", baseline), "cpu-s", "train"),
+                    "layer-compiled", baseline, CPU_COMPILED_GATES[baseline], record_property,
+                    warm=3)
 
 
 @pytest.mark.parametrize("shape", ["cpu-s", "cpu-s-bi"])
 def test_cpu_lengths_gate(shape, record_property):
-    steps = {i: build_step(i, SHAPES[shape], "fp32", "train", CPU)
-             for i in ("layer-lengths", "layer")}
-    _warm(steps, 2)
-    times = interleaved(steps, CPU, rounds=7, reps=3)
-    ratio = ratio_of(times["layer-lengths"], times["layer"])
-    record_property("lengths_over_padded_train", round(ratio, 3))
-    print(f"cpu train {shape}: with lengths {statistics.median(times['layer-lengths']):.2f} ms, "
-          f"padded {statistics.median(times['layer']):.2f} ms, {ratio:.2f}x")
-    assert ratio >= LENGTHS_GATE, _gate_message(f"cpu train lengths {shape}", "layer-lengths",
-                                                "layer", times, ratio, LENGTHS_GATE)
+    _cpu_ratio_gate(f"cpu train lengths {shape}",
+                    _cpu_steps(("layer-lengths", "layer"), shape, "train"),
+                    "layer-lengths", "layer", LENGTHS_GATE, record_property)
 
 
 @pytest.mark.parametrize(("impl", "shape"), sorted(CPU_TRAIN_MEMORY_GATES))
