@@ -1,7 +1,7 @@
 """One ConvLSTM layer over a whole sequence: the forward and backward time loops.
 
 Layout: everything is time-major, ``(T, B, channels, *spatial)`` with 1 to 3 spatial dims,
-channels-last per frame (layout.py). The input
+each frame in layout.py's frame layout (channels-last but for 3-d on CPU). The input
 convolution runs once over all T*B frames; each step runs one hidden convolution and one fused
 gate update that writes h_t straight into its slot of the output buffer. The backward runs the
 gate gradient and the hidden input-gradient convolution per step, and every weight/bias gradient
@@ -139,7 +139,7 @@ def steps_per_chunk(t: int, b: int, hid: int, pixels: int, dtype: torch.dtype) -
 
 
 def _split(weight: Tensor, cin: int):
-    """The input and hidden parts of the combined weight, channels_last."""
+    """The input and hidden parts of the combined weight, in the frames' layout."""
     return conv_layout(weight[:, :cin]), conv_layout(weight[:, cin:])
 
 
