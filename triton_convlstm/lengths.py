@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .reference import step_valid
+
 
 def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> Tensor | None:
     """``lengths`` as the time loop takes it, checked.
@@ -80,9 +82,8 @@ def zero_padding(seq: Tensor, lengths: Tensor | None) -> Tensor:
     reach a result or a gradient (the steps past the end are computed, then masked)."""
     if lengths is None:
         return seq
-    t = torch.arange(seq.shape[0], device=lengths.device).unsqueeze(1)
-    valid = (t < lengths).view(*seq.shape[:2], *([1] * (seq.dim() - 2)))
-    return torch.where(valid, seq, 0)
+    steps = torch.arange(seq.shape[0], device=lengths.device).unsqueeze(1)
+    return torch.where(step_valid(lengths, steps, seq.dim(), torch.bool), seq, 0)
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:

@@ -199,20 +199,14 @@ def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | N
         if keep_g:
             g.copy_(tanh_g)
         g = tanh_g
-        if valid is not None:
-            gates[:, : 3 * hid].mul_(valid)
-            f.add_(1 - valid)
     elif p is None:
         torch.sigmoid(src[:, : 3 * hid], out=gates[:, : 3 * hid])
-        if valid is not None:  # i, f, o shut, then f opened (f + 0 stays f exactly)
-            gates[:, : 3 * hid].mul_(valid)
-            f.add_(1 - valid)
     else:
         torch.addcmul(zi, p[0], c_prev, out=i).sigmoid_()
         torch.addcmul(zf, p[1], c_prev, out=f).sigmoid_()
-        if valid is not None:
-            gates[:, : 2 * hid].mul_(valid)
-            f.add_(1 - valid)
+    if valid is not None:  # i, f (and o, activated already without peepholes) shut, f opened
+        gates[:, : (2 if p is not None else 3) * hid].mul_(valid)
+        f.add_(1 - valid)  # f + 0 stays f exactly
     if not dense:
         torch.tanh(zg, out=g)
     c = torch.mul(f, c_prev, out=c_out).addcmul_(i, g)

@@ -170,10 +170,9 @@ class _Steps:
             return
         self.unmasked = int(lengths.min()) if lengths.device.type == "cpu" and len(lengths) else 0
         if backend != "triton":
-            t, _, _, *spatial = x.shape
-            self.table = reference.step_valid(
-                lengths, torch.arange(t, device=lengths.device).view(t, 1),
-                2 + len(spatial) + 1, reference.state_dtype(x.dtype))
+            steps = torch.arange(x.shape[0], device=lengths.device).unsqueeze(1)
+            self.table = reference.step_valid(lengths, steps, x.dim(),
+                                              reference.state_dtype(x.dtype))
 
     def at(self, step: int) -> dict:
         """The gate update's keyword arguments for ``step``."""

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .reference import step_valid
+
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks of its own."""
@@ -106,5 +108,5 @@ def keep_past_end(lengths: Tensor | None, step: int, h: Tensor, c: Tensor,
     c_prev, written with ``torch.where`` (for the loops that call modules or standard ops)."""
     if lengths is None:
         return h, c
-    valid = (lengths > step).view(-1, *([1] * (h.dim() - 1)))
+    valid = step_valid(lengths, step, h.dim(), torch.bool)
     return torch.where(valid, h, 0), torch.where(valid, c, c_prev)
