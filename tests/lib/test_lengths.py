@@ -85,6 +85,17 @@ def _run(m, x, state, **kw):
     return outs, states, grads
 
 
+def _assert_same_run(got, want, grad_tol=None):
+    """Two _run results: outputs and states equal bit for bit, the gradients too (grad_tol
+    None) or within grad_tol (rel_err)."""
+    for a, b in zip(got[0], want[0]):
+        assert torch.equal(a, b)
+    for (h1, c1), (h2, c2) in zip(got[1], want[1]):
+        assert torch.equal(h1, h2) and torch.equal(c1, c2)
+    for a, b in zip(got[2], want[2]):
+        assert torch.equal(a, b) if grad_tol is None else rel_err(a, b) <= grad_tol
+
+
 def _fresh(m, x, state):
     m = copy.deepcopy(m)
     m.zero_grad(set_to_none=True)
@@ -100,13 +111,7 @@ def test_lengths_all_T_equal_no_lengths(bidirectional):
     x, state = _inputs(base, 2, 2, 3)
     want = _run(*_fresh(base, x, state))
     for lengths in ([3, 3], torch.tensor([3, 3])):
-        got = _run(*_fresh(base, x, state), lengths=lengths)
-        for a, b in zip(got[0], want[0]):
-            assert torch.equal(a, b)
-        for (h1, c1), (h2, c2) in zip(got[1], want[1]):
-            assert torch.equal(h1, h2) and torch.equal(c1, c2)
-        for a, b in zip(got[2], want[2]):
-            assert rel_err(a, b) <= 1e-13
+        _assert_same_run(_run(*_fresh(base, x, state), lengths=lengths), want, 1e-13)
 
 
 def test_lengths_as_a_list_or_any_integer_tensor_agree():
@@ -116,12 +121,7 @@ def test_lengths_as_a_list_or_any_integer_tensor_agree():
             for v in ([2, 4, 1], torch.tensor([2, 4, 1]), torch.tensor([2, 4, 1],
                                                                       dtype=torch.int32))]
     for got in runs[1:]:
-        for a, b in zip(got[0], runs[0][0]):
-            assert torch.equal(a, b)
-        for (h1, c1), (h2, c2) in zip(got[1], runs[0][1]):
-            assert torch.equal(h1, h2) and torch.equal(c1, c2)
-        for a, b in zip(got[2], runs[0][2]):
-            assert torch.equal(a, b)
+        _assert_same_run(got, runs[0])
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
@@ -173,13 +173,8 @@ def test_padded_steps_are_zero_and_never_read(bidirectional, backend):
     garbage = x.detach().clone()
     for b, length in enumerate(lengths):
         garbage[b, length:] = 100.0 * torch.randn_like(garbage[b, length:])
-    outs2, states2, grads2 = _run(*_fresh(base, garbage, state), lengths=lengths)
-    for a, b in zip(outs2, outs):
-        assert torch.equal(a, b)
-    for (h1, c1), (h2, c2) in zip(states2, states):
-        assert torch.equal(h1, h2) and torch.equal(c1, c2)
-    for a, b in zip(grads2, grads):
-        assert rel_err(a, b) <= (1e-13 if backend == "torch" else 1e-6)
+    _assert_same_run(_run(*_fresh(base, garbage, state), lengths=lengths),
+                     (outs, states, grads), 1e-13 if backend == "torch" else 1e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -198,12 +193,7 @@ def test_non_finite_padding_is_never_read(backend):
     poisoned[0, 2] = float("inf")
     want = _run(*_fresh(base, zero, state), lengths=lengths)
     got = _run(*_fresh(base, poisoned, state), lengths=lengths)
-    for a, b in zip(got[0], want[0]):
-        assert torch.equal(a, b)
-    for (h1, c1), (h2, c2) in zip(got[1], want[1]):
-        assert torch.equal(h1, h2) and torch.equal(c1, c2)
-    for a, b in zip(got[2], want[2]):
-        assert rel_err(a, b) <= (1e-13 if backend == "torch" else 1e-6)
+    _assert_same_run(got, want, 1e-13 if backend == "torch" else 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
