@@ -30,10 +30,11 @@ def family_model(n, bidirectional=False, backend="torch", dtype=torch.float64, s
 
 
 def oracle_params(m, n, dilation=DILATIONS):
-    """The oracle's parameters of m: (forward layers, reverse layers or None)."""
-    fwd = params_from_module(m, 2, dilation, spatial_dims=n)
-    rev = (params_from_module(m, 2, dilation, prefix="cell_list_reverse", spatial_dims=n)
-           if m.bidirectional else None)
+    """The oracle's parameters of m, on the CPU as its inputs (leaf64) whatever m's device:
+    (forward layers, reverse layers or None)."""
+    fwd = params_from_module(m, 2, dilation, spatial_dims=n, device="cpu")
+    rev = (params_from_module(m, 2, dilation, prefix="cell_list_reverse", spatial_dims=n,
+                              device="cpu") if m.bidirectional else None)
     return fwd, rev
 
 

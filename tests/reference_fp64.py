@@ -52,13 +52,14 @@ def _pair(v, n: int = 2) -> tuple[int, ...]:
 
 def params_from_module(module, num_layers: int, dilation=1, dtype=torch.float64,
                        requires_grad: bool = True, prefix: str = "cell_list",
-                       spatial_dims: int = 2) -> list[LayerParams]:
+                       spatial_dims: int = 2, device=None) -> list[LayerParams]:
     """Detached copies (in ``dtype``) of the parameters of a ConvLSTM, read through the
     state_dict keys of the popular module: cell_list.{l}.conv.weight/bias, cell_list.{l}.peephole
     (``prefix="cell_list_reverse"`` for a bidirectional model's reverse cells).
 
     ``dilation``: one value or a list per layer (an int or a tuple each); the test knows
-    what it constructed, so it is passed in rather than read from the module.
+    what it constructed, so it is passed in rather than read from the module. ``device``: where
+    the copies go (None: the module's).
     """
     sd = module.state_dict()
     dil = dilation if isinstance(dilation, list) else [dilation] * num_layers
@@ -68,7 +69,7 @@ def params_from_module(module, num_layers: int, dilation=1, dtype=torch.float64,
             t = sd.get(f"{prefix}.{layer}.{key}")
             if t is None:
                 return None
-            return t.detach().to(dtype).clone().requires_grad_(requires_grad)
+            return t.detach().to(device, dtype).clone().requires_grad_(requires_grad)
 
         out.append(LayerParams(get("conv.weight"), get("conv.bias"), get("peephole"),
                                _pair(dil[layer], spatial_dims)))

@@ -39,8 +39,17 @@ def exporting() -> bool:
     call rather than running it. Exported programs run where this package's Python ops cannot
     (ONNX Runtime, AOTInductor, ExecuTorch, TensorRT): they get standard torch ops only.
     (torch.onnx.export captures through one of the other two; asking torch.onnx itself would
-    import it, 30 ms, on the first forward of every program.)"""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    import it, 30 ms, on the first forward of every program.)
+
+    The flag behind ``torch.compiler.is_exporting()`` is read rather than the function: dynamo
+    before torch 2.13 answers that call with a constant True while it traces, torch.compile
+    included, which sent every compiled model down the unrolled export path (found on a GPU
+    box's torch 2.11). Both export modes set the flag while they trace, strict and non-strict,
+    and dynamo reads a module attribute as its value at trace time (with a guard)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is None:  # a torch without the flag: its function is all there is
+        flag = torch.compiler.is_exporting()
+    return bool(flag) or torch.jit.is_tracing()
 
 
 def cudnn_conv_tf32() -> bool:

@@ -65,17 +65,40 @@ def test_not_exporting_while_running():
     assert not exporting()
 
 
+def test_the_export_flag_decides_not_the_function(monkeypatch):
+    """Dynamo before torch 2.13 answers ``torch.compiler.is_exporting()`` with a constant True
+    while it traces, torch.compile included: a GPU box's torch 2.11 sent every compiled model
+    down the unrolled export path (test_sequence's graph-size test caught it there). The flag
+    both exporters set is what counts; a function that says True alone changes nothing.
+    (Dynamo 2.13 reads the flag itself, so the old answer cannot be replayed under it.)"""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert not exporting()
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
+    assert exporting()
+
+
+def test_a_torch_without_the_export_flag_asks_the_function(monkeypatch):
+    monkeypatch.delattr(torch.compiler, "_is_exporting_flag")
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert exporting()
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: False)
+    assert not exporting()
+
+
 # Padding modes other than zeros: reflect and circular in the two layers (wrap-around and
 # mirrored borders must survive export too).
 PADDINGS = ["zeros", ["circular", "reflect"]]
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("padding", PADDINGS, ids=["zeros", "circular-reflect"])
-def test_torch_export_captures_standard_ops_unrolled(device, padding):
+def test_torch_export_captures_standard_ops_unrolled(device, padding, strict):
+    """Both export modes: non-strict runs the module in Python, strict traces it with dynamo
+    (where the export flag, not torch.compiler.is_exporting(), tells export from compile)."""
     m, args = _model(device, padding), _inputs(device=device)
     with torch.no_grad():
         want = m(*args)
-        exported = torch.export.export(m, args)
+        exported = torch.export.export(m, args, strict=strict)
         got = exported.module()(*args)
     targets = _call_targets(exported.graph)
     assert not [t for t in targets if "triton_convlstm" in t]
