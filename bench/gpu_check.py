@@ -3,6 +3,11 @@
     python bench/gpu_check.py                    # about 330 s in all, never more
     python bench/gpu_check.py --budget-s 200 --out /tmp/h200.json
     python bench/gpu_check.py --dry-run          # on CPU, tiny shapes: the same plumbing
+    python bench/gpu_check.py --skip-bench --marker '' --test-paths tests/lib/test_export.py
+
+(the last: a targeted rerun of some test files. Ad-hoc commands on a GPU box install with
+``python -m pip install --no-index --no-deps --no-build-isolation -e .``: a bare ``pip`` there
+belongs to another Python, and the kernels then do not import, as ensure_importable knows.)
 
 (a) ``pytest -m gpu tests -n 8`` (xdist where installed), then ``pytest -m gpu
 bench/test_perf.py`` alone (the perf gates), within a time cap; on request (--profile,
@@ -133,7 +138,12 @@ def run_tests(cap: float, work: Path, paths: list[str], marker: str = "gpu", wor
               name: str = "tests") -> dict:
     # Benchmark storage in the scratch folder: pytest-benchmark would litter the checkout.
     # No -x: one device call is precious, so every failure is reported, not just the first.
+    # The gates run with -s: each prints its measurement as it ends, so a phase
+    # killed at its cap still reports them (pytest's failure messages come only at the end;
+    # the H100 run of 2026-12-06 lost four that way).
     select = ["-m", marker] if marker else []
+    if name == "perf-gates":
+        select.append("-s")
     spread = ["-n", str(workers)] if workers > 1 else []
     # A hung test (a deadlock on real streams, say) must not eat the whole phase.
     # The thread method: a test stuck inside a C call (a CUDA wait) ignores signals.

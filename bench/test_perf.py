@@ -249,5 +249,8 @@ def test_gpu_goal(benchmark, shape, dtype, mode):
 
     benchmark.pedantic(synced_layer_step, rounds=10, warmup_rounds=1, iterations=1)
     goal = GPU_GOALS[(mode, shape)]
+    print(f"gpu {mode} {shape} {dtype}: layer "
+          f"{statistics.median(times['layer']):.3f} ms, {best} "
+          f"{statistics.median(times[best]):.3f} ms, {ratio:.2f}x (goal {goal}x)", flush=True)
     assert ratio >= goal, _gate_message(
         f"gpu {mode} {shape} {dtype}", "layer", best, times, ratio, goal)

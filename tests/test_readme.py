@@ -10,15 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_performance_table_is_generated_from_committed_results(monkeypatch):
+def test_performance_tables_are_generated_from_committed_results(monkeypatch):
+    """Each table (one per card) follows the command that generated it."""
     monkeypatch.chdir(ROOT)  # the table names its files relative to the repository
-    command = re.search(r"`python -m triton_convlstm bench table ([^`]+)`", README)
-    assert command, "README names the command that generated its table"
-    files = [ROOT / p for p in command.group(1).split()]
-    assert all(f.exists() for f in files), files
-    shown = README.split("<!-- perf-table -->")[1].split("<!-- /perf-table -->")[0].strip()
-    generated = markdown_table([f.relative_to(ROOT) for f in files]).strip()
-    assert shown == generated
+    commands = re.findall(r"`python -m triton_convlstm bench table ([^`]+)`", README)
+    tables = [part.split("<!-- /perf-table -->")[0].strip()
+              for part in README.split("<!-- perf-table -->")[1:]]
+    assert commands and len(commands) == len(tables), (len(commands), len(tables))
+    for command, shown in zip(commands, tables):
+        files = [ROOT / p for p in command.split()]
+        assert all(f.exists() for f in files), files
+        assert shown == markdown_table([f.relative_to(ROOT) for f in files]).strip()
 
 
 def test_ci_runs_the_readme_test_command():
