@@ -21,6 +21,7 @@ The library, from the modules down to the kernels (each module one job):
 - ``step_op``: the single-step op: the gate update as torch ops, and cell_step.
 - ``export``: for exporters only: the time loop step by step in standard ops.
 - ``step_by_step``: when a layer calls its cells step by step (hooks and the like), and how.
+- ``quick_step``: the common one-frame CPU call (streaming), recognised in a few comparisons.
 - ``graphs``: the CUDA-graph cache, its entries' interface and the capture policy.
 - ``sequence``: one layer over a whole sequence: the forward and backward time loops.
 - ``gate_launchers``: the gate update with one calling convention: Triton's or plain torch's.

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import validation
 from .backend import check_backend_name, triton_import_error
 from .conv import PADDING_MODES, same_padding
+from .quick_step import quick_cell_step
 from .reference import state_dtype
 from .step_by_step import calls_conv
 from .step_op import cell_step, gate_update
@@ -158,6 +159,9 @@ class ConvLSTMCellNd(nn.Module):
             (h, c): the new states, (B, hidden, *spatial) each, h in the compute dtype, c in
             the state dtype.
         """
+        quick = quick_cell_step(self, input_tensor, cur_state)  # the common CPU call
+        if quick is not None:
+            return quick
         x = input_tensor
         plain = not calls_conv(self)
         # The weight is read once a step: a parametrized one is computed when read.

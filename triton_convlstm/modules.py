@@ -30,6 +30,7 @@ from .conv import PADDING_MODES
 from .export import layer_unrolled
 from .layer_op import run_layer
 from .lengths import check_lengths, last_step, pack_like, reverse_time, unpack, zero_padding
+from .quick_step import quick_layer_step
 from .step_by_step import layer_by_modules, runs_modules
 
 __all__ = ["ConvLSTM", "ConvLSTM1d", "ConvLSTM2d", "ConvLSTM3d", "ConvLSTMCell",
@@ -213,6 +214,10 @@ class ConvLSTMNd(nn.Module):
             padded, lengths = unpack(input_tensor, self.batch_first)
             outputs, last = self.forward(padded, hidden_state, lengths)
             return [pack_like(o, lengths, input_tensor) for o in outputs], last
+        quick = quick_layer_step(self, input_tensor, hidden_state, lengths,
+                                 ConvLSTMCellNd.forward)  # one frame on CPU: streaming
+        if quick is not None:
+            return quick
         # Argument names as the popular module's, so keyword calls keep working.
         x = input_tensor
         first = parameter_of(self.cell_list[0])  # device and dtype; weights are read once, below

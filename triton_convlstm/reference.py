@@ -157,11 +157,12 @@ def step_valid(lengths: Tensor | None, step: int | Tensor, dim: int,
     return valid.view(*valid.shape, *([1] * (dim - valid.dim())))
 
 
-# Below this many hidden channels (and without peepholes), one sigmoid runs over all 4*hidden
-# channels, g's wasted, rather than over the i, f, o slice: on channels-last frames a slice is
-# a strided run of 3*hidden values per pixel, which torch's CPU sigmoid takes ~2-3x slower per
-# element than a dense tensor (one thread, whole update: B2 hid16 16x16 138 -> 83 us, B1 88 ->
-# 51 us; hid32 and hid64 even, 553 vs 557 and 3519 vs 3592 us).
+# Below this many hidden channels (and without peepholes), one sigmoid and one tanh run over all
+# 4*hidden channels, the unused gates' results wasted, rather than over slices: on
+# channels-last frames a slice is a strided run of hidden values per pixel, which torch's CPU
+# sigmoid and tanh take ~2-5x slower per element than dense memory (one thread, whole update:
+# B2 hid16 16x16 138 -> 83 us with the sigmoid dense, -> 58 us with the tanh too; at hid32
+# 24x24 and hid64 32x32 the slices win, 385 vs 431 and 2637 vs 3002 us).
 DENSE_SIGMOID_BELOW = 32
 
 
@@ -189,29 +190,37 @@ def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | N
     """
     hid = gates.shape[1] // 4
     src = gates if pre is None else pre
-    i, f, o, g = gates.unflatten(1, (4, hid)).unbind(1)
-    zi, zf, zo, zg = src.unflatten(1, (4, hid)).unbind(1)
+
+    def slot(t: Tensor, k: int) -> Tensor:  # gate k's channels (views made only where used:
+        return t.narrow(1, k * hid, hid)     # each is a dispatch, per step, on CPU)
+
     p = _peephole_terms(peephole, gates.dtype, gates.dim())
-    dense = p is None and hid < DENSE_SIGMOID_BELOW
+    dense = p is None and hid < DENSE_SIGMOID_BELOW and gates.device.type == "cpu"
+    i, f, o = slot(gates, 0), slot(gates, 1), slot(gates, 2)
     if dense:
-        tanh_g = torch.tanh(zg, out=torch.empty_like(c_prev))  # before the sigmoid overwrites zg
+        # tanh over all 4*hidden channels too, g's slot kept: torch's CPU tanh and sigmoid
+        # take a strided channel slice ~5x slower per element than dense memory, so two dense
+        # passes beat a slice's (B2 hid16 16x16, one thread: 71 -> 58 us the update). Before
+        # the sigmoid, which may overwrite src.
+        g = slot(torch.tanh(src), 3)
         torch.sigmoid(src, out=gates)
         if keep_g:
-            g.copy_(tanh_g)
-        g = tanh_g
+            slot(gates, 3).copy_(g)
     elif p is None:
+        g = slot(gates, 3)
         torch.sigmoid(src[:, : 3 * hid], out=gates[:, : 3 * hid])
     else:
-        torch.addcmul(zi, p[0], c_prev, out=i).sigmoid_()
-        torch.addcmul(zf, p[1], c_prev, out=f).sigmoid_()
+        g = slot(gates, 3)
+        torch.addcmul(slot(src, 0), p[0], c_prev, out=i).sigmoid_()
+        torch.addcmul(slot(src, 1), p[1], c_prev, out=f).sigmoid_()
     if valid is not None:  # i, f (and o, activated already without peepholes) shut, f opened
         gates[:, : (2 if p is not None else 3) * hid].mul_(valid)
         f.add_(1 - valid)  # f + 0 stays f exactly
     if not dense:
-        torch.tanh(zg, out=g)
+        torch.tanh(slot(src, 3), out=g)
     c = torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
     if p is not None:
-        torch.addcmul(zo, p[2], c, out=o).sigmoid_()
+        torch.addcmul(slot(src, 2), p[2], c, out=o).sigmoid_()
         if valid is not None:
             o.mul_(valid)
     torch.mul(o, torch.tanh(c), out=h_out)

@@ -1,21 +1,24 @@
 """One frame at a time on CPU: the layer called on T=1 chunks in inference takes the cell's step
-(layer_op._one_step) and the cell convolves large frames channels-last (step_op.cell_step);
-both must give what the whole sequence gives, in the layouts the popular module returns."""
+(quick_step.py, or layer_op._one_step where that steps aside) and the cell convolves large
+frames channels-last (step_op.cell_step); both must give what the whole sequence gives, in the
+layouts the popular module returns."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from triton_convlstm import ConvLSTM, ConvLSTMCell, layer_op
+from triton_convlstm import ConvLSTM, ConvLSTMCell, layer_op, quick_step
 
 
 @pytest.mark.parametrize("side", [6, 32], ids=["small", "channels-last"])  # 32*32 >= 1024
 @pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
 def test_t1_chunks_equal_the_whole_sequence(side, padding_mode, monkeypatch):
     steps = []
-    real = layer_op._one_step
-    monkeypatch.setattr(layer_op, "_one_step", lambda *a: steps.append(1) or real(*a))
+    for module, name in ((layer_op, "_one_step"), (quick_step, "_step")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, real=real, name=name: steps.append(name) or real(*a))
     torch.manual_seed(0)
     m = ConvLSTM(2, [4, 3], [3, (2, 3)], 2, True, return_all_layers=True, peephole=True,
                  padding_mode=padding_mode).eval()
@@ -28,7 +31,10 @@ def test_t1_chunks_equal_the_whole_sequence(side, padding_mode, monkeypatch):
         for t in range(video.shape[1]):
             out, state = m(video[:, t : t + 1], state)
             outs.append(out)
-    assert len(steps) == 5 * 2  # every frame, every layer took the one-frame step
+    # Every frame, every layer took a one-frame step: quick_step's where the state is given
+    # and the padding needs no check, layer_op._one_step's otherwise.
+    assert len(steps) == 5 * 2
+    assert set(steps) == ({"_step"} if padding_mode == "zeros" else {"_one_step"})
     for layer, want in enumerate(whole):
         got = torch.cat([o[layer] for o in outs], dim=1)
         assert got.is_contiguous()
