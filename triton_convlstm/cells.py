@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import validation
 from .backend import check_backend_name, triton_import_error
-from .conv import PADDING_MODES, same_padding
+from .conv import PADDING_MODES, module_padding, same_padding
 from .quick_step import quick_cell_step
 from .reference import state_dtype
 from .step_by_step import calls_conv
@@ -127,9 +127,7 @@ class ConvLSTMCellNd(nn.Module):
         """The padding ``conv`` is built with: one int per dim where "same" padding is
         symmetric (odd kernels: k // 2 without dilation, as the popular module), else "same"
         (nn.Conv{n}d then pads the extra pixel at the end, as conv.same_padding)."""
-        pads = same_padding(self.kernel_size, self.dilation)  # F.pad order: last dim first
-        lo, hi = pads[0::2][::-1], pads[1::2][::-1]
-        return tuple(lo) if lo == hi else "same"
+        return module_padding(self.kernel_size, self.dilation)
 
     def check_padding(self, name: str, spatial: Sequence[int]) -> None:
         """A clear error where frames of ``spatial`` size are too small for the conv's

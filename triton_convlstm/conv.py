@@ -16,6 +16,7 @@ sequence backward can call it inside CUDA-graph capture.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -71,23 +72,42 @@ def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[i
     return pad
 
 
+@lru_cache(maxsize=256)
+def module_padding(kernel_size: tuple[int, ...],
+                   dilation: tuple[int, ...]) -> tuple[int, ...] | str:
+    """The ``padding`` argument of an nn.Conv{n}d that pads as :func:`same_padding`: one int
+    per dim where the padding is symmetric (odd kernels: k // 2 without dilation, as the
+    popular module), else "same" (nn.Conv{n}d then pads the extra pixel at the end).
+    Memoised: the cells' one-frame path compares with it every call."""
+    pads = same_padding(kernel_size, dilation)  # F.pad order: last dim first
+    lo, hi = pads[0::2][::-1], pads[1::2][::-1]
+    return tuple(lo) if lo == hi else "same"
+
+
 def _split_padding(weight: Tensor, dilation: Sequence[int],
                    padding_mode: str) -> tuple[tuple[int, ...] | None, list[int]]:
     """(extra F.pad amounts (:func:`same_padding`'s) or None, symmetric conv padding per dim,
-    first dim first)."""
+    first dim first). Memoised by sizes (a CPU step asks every time; ~3 us of Python)."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    pad = same_padding(weight.shape[2:], dilation)
+    pad, padding = _split_padding_of(tuple(weight.shape[2:]), tuple(dilation), padding_mode)
+    return pad, list(padding)  # a fresh list: callers may hand it on
+
+
+@lru_cache(maxsize=256)
+def _split_padding_of(kernel_size: tuple[int, ...], dilation: tuple[int, ...],
+                      padding_mode: str) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    pad = same_padding(kernel_size, dilation)
     if len(pad) == 4:  # unrolled, as in same_padding
         left, right, top, bottom = pad
-        symmetric, padding = left == right and top == bottom, [top, left]
+        symmetric, padding = left == right and top == bottom, (top, left)
     else:
-        symmetric, padding = pad[::2] == pad[1::2], [*pad[-2::-2]]
+        symmetric, padding = pad[::2] == pad[1::2], tuple(pad[-2::-2])
     # Symmetric zeros pad inside the convolution; no padding at all (a 1x1 kernel) is the same
     # convolution in every mode.
     if symmetric and (padding_mode == "zeros" or not any(pad)):
         return None, padding
-    return pad, [0] * len(padding)
+    return tuple(pad), (0,) * len(padding)
 
 
 def pad_fits(pad: Sequence[int], spatial: Sequence[int], padding_mode: str) -> bool:

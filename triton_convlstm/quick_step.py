@@ -14,29 +14,18 @@ caller runs the full path, errors included. Results are the full path's, bit for
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 from torch import Tensor, nn
 
 from . import graphs
 from .backend import exporting
-from .conv import same_padding
+from .conv import module_padding
 from .reference import state_dtype
 from .step_by_step import global_hooks
 from .step_op import cell_step
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _ZERO_PAD_MODES = ("zeros", "replicate")  # pad any frame size: no check to skip
-
-
-@lru_cache(maxsize=64)
-def _built_padding(kernel_size: tuple[int, ...], dilation: tuple[int, ...]):
-    """What ConvLSTMCellNd.conv_padding gives for these sizes (memoised: it is computed from
-    them alone)."""
-    pads = same_padding(kernel_size, dilation)
-    lo, hi = pads[0::2][::-1], pads[1::2][::-1]
-    return tuple(lo) if lo == hi else "same"
 
 
 def _unhooked(module: nn.Module) -> bool:
@@ -50,7 +39,7 @@ def _plain(cell: nn.Module, conv: nn.Module) -> bool:
     n = cell.spatial_dims
     return (type(conv) is _CONVS[n] and _unhooked(conv) and "forward" not in conv.__dict__
             and conv.groups == 1 and conv.stride == (1,) * n and conv.dilation == cell.dilation
-            and conv.padding == _built_padding(cell.kernel_size, cell.dilation))
+            and conv.padding == module_padding(cell.kernel_size, cell.dilation))
 
 
 def _ready(cell: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor] | None:

@@ -352,13 +352,16 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
         if h_prev is None:
             z = spec.conv(x_t, w_x, bias)
         else:
-            h_in = steps.recurrent(h_prev).to(x_t.dtype)
+            h_in = steps.recurrent(h_prev)
+            # (no no-op .to(): on CPU each call of this loop is a visible part of a step)
+            h_in = h_in if h_in.dtype == x_t.dtype else h_in.to(x_t.dtype)
             z = spec.conv(torch.cat([x_t, h_in], dim=1), w_all, bias)
         c_out = c_seq[step] if save and step < t - 1 else c_last
-        gate_forward_torch(z, None, None, c_prev, peephole, h_out=h_seq[step], c_out=c_out,
+        h_out = h_seq[step]
+        gate_forward_torch(z, None, None, c_prev, peephole, h_out=h_out, c_out=c_out,
                            z_out=z_seq[step] if save_z else None, save_z=save_z,
                            **steps.at(step))
-        c_prev, h_prev = c_out, h_seq[step]
+        c_prev, h_prev = c_out, h_out
     return h_seq, c_last, c_seq, z_seq
 
 
