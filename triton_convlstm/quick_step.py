@@ -42,22 +42,26 @@ def _plain(cell: nn.Module, conv: nn.Module) -> bool:
             and conv.padding == module_padding(cell.kernel_size, cell.dilation))
 
 
+def _untraced() -> bool:
+    """No compile or export tracing, no autocast on the CPU, no global module hooks: what
+    holds for a whole call, asked once."""
+    return not (torch.compiler.is_compiling() or exporting() or global_hooks()
+                or torch.is_autocast_enabled("cpu"))
+
+
 def _ready(cell: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor] | None:
-    """(conv, weight) where the cell and its input need no more checks than the state's: a
-    CPU tensor of the weight's dtype and the cell's channels and dims, no autocast, no
-    tracing, the plain conv with zeros or replicate padding, no global hooks; else None."""
-    if (type(x) is not Tensor or not x.is_cpu or cell.backend == "triton"
-            or torch.compiler.is_compiling() or exporting()):
+    """(conv, weight) where the cell and its input need no more checks than the state's (and
+    :func:`_untraced`'s): a CPU tensor of the weight's dtype and the cell's channels and dims,
+    the plain conv with zeros or replicate padding; else None."""
+    if type(x) is not Tensor or not x.is_cpu or cell.backend == "triton":
         return None
     conv = cell._modules.get("conv")
-    if (conv is None or not _plain(cell, conv) or global_hooks()
-            or conv.padding_mode not in _ZERO_PAD_MODES):
+    if conv is None or not _plain(cell, conv) or conv.padding_mode not in _ZERO_PAD_MODES:
         return None
     w = conv._parameters["weight"]
     shape = x.shape
     if (x.dtype != w.dtype or not w.is_cpu or len(shape) != cell.spatial_dims + 2
-            or shape[1] != cell.input_dim or x.numel() == 0
-            or torch.is_autocast_enabled("cpu")):
+            or shape[1] != cell.input_dim or x.numel() == 0):
         return None
     return conv, w
 
@@ -99,7 +103,7 @@ def quick_cell_step(cell: nn.Module, x: Tensor, state) -> tuple[Tensor, Tensor] 
     Returns:
         (h, c) as the cell's forward returns them, or None.
     """
-    ready = _ready(cell, x)
+    ready = _ready(cell, x) if _untraced() else None
     pair = None if ready is None else _state(cell, ready[1], x, state)
     if pair is None:
         return None
@@ -121,9 +125,9 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
     Returns:
         (layer_outputs, last_states) as the model's forward returns them, or None.
     """
-    if (torch.compiler.is_compiling() or lengths is not None or type(x) is not Tensor
-            or torch.is_grad_enabled() or model.bidirectional
-            or (graphs.EMULATE_ON_CPU and model.cuda_graphs)):
+    if (torch.is_grad_enabled() or lengths is not None or type(x) is not Tensor
+            or model.bidirectional or (graphs.EMULATE_ON_CPU and model.cuda_graphs)
+            or not _untraced()):
         return None  # (the emulated graph cache: tests replay T=1 captures on CPU)
     if x.dim() != model.spatial_dims + 3 or x.shape[1 if model.batch_first else 0] != 1:
         return None
@@ -137,9 +141,10 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
         hidden_state = [None] * len(cells)
     elif type(hidden_state) not in (list, tuple) or len(hidden_state) != len(cells):
         return None
-    if any(type(cell).forward is not plain_forward or "forward" in cell.__dict__
-           or not _unhooked(cell) for cell in cells):
-        return None  # before any step: none is computed twice
+    for cell in cells:  # before any step: none is computed twice
+        if (type(cell).forward is not plain_forward or "forward" in cell.__dict__
+                or not _unhooked(cell)):
+            return None
     frame = x[:, 0] if model.batch_first else x[0]
     outputs, last = [], []
     for cell, state in zip(cells, hidden_state):
