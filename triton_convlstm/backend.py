@@ -44,8 +44,11 @@ def exporting() -> bool:
     The flag behind ``torch.compiler.is_exporting()`` is read rather than the function: dynamo
     before torch 2.13 answers that call with a constant True while it traces, torch.compile
     included, which sent every compiled model down the unrolled export path (found on a GPU
-    box's torch 2.11). Both export modes set the flag while they trace, strict and non-strict,
-    and dynamo reads a module attribute as its value at trace time (with a guard)."""
+    box's torch 2.11). Both export modes set the flag while they trace in the torch versions
+    read (non-strict through torch.export's compiling-state context, strict through dynamo's
+    export entry points), and dynamo reads a module attribute as its value at trace time (with
+    a guard). A strict export by an older torch that did not set it would keep this package's
+    op in the exported program (runnable where the package is installed, not elsewhere)."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if flag is None:  # a torch without the flag: its function is all there is
         flag = torch.compiler.is_exporting()

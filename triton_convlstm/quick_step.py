@@ -58,9 +58,9 @@ def _ready(cell: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor] | None:
     conv = cell._modules.get("conv")
     if conv is None or not _plain(cell, conv) or conv.padding_mode not in _ZERO_PAD_MODES:
         return None
-    w = conv._parameters["weight"]
+    w = conv._parameters.get("weight")  # (a weight set as a plain tensor: the full path)
     shape = x.shape
-    if (x.dtype != w.dtype or not w.is_cpu or len(shape) != cell.spatial_dims + 2
+    if (w is None or x.dtype != w.dtype or not w.is_cpu or len(shape) != cell.spatial_dims + 2
             or shape[1] != cell.input_dim or x.numel() == 0):
         return None
     return conv, w

@@ -134,6 +134,12 @@ def _parametrized(cell):
     nn.utils.parametrizations.weight_norm(cell.conv)
 
 
+def _plain_tensor_weight(cell):  # as torch.func tools and weight-sharing tricks leave it
+    w = cell.conv.weight.detach().clone()
+    del cell.conv.weight
+    cell.conv.weight = w
+
+
 def _own_conv_forward(cell):
     forward = cell.conv.forward
     cell.conv.forward = lambda x: forward(x)
@@ -149,7 +155,7 @@ def test_a_hook_on_the_cell_runs_around_the_quick_step(taken):
 
 
 @pytest.mark.parametrize("change", [_hooked_conv, _conv_subclass, _reflect,
-                                    _parametrized, _own_conv_forward])
+                                    _parametrized, _own_conv_forward, _plain_tensor_weight])
 def test_the_cell_steps_aside_for_what_the_full_path_handles(change, taken):
     cell = _cell(2)
     change(cell)
