@@ -190,37 +190,34 @@ def gate_forward_inplace_ref(gates: Tensor, c_prev: Tensor, peephole: Tensor | N
     """
     hid = gates.shape[1] // 4
     src = gates if pre is None else pre
-
-    def slot(t: Tensor, k: int) -> Tensor:  # gate k's channels (views made only where used:
-        return t.narrow(1, k * hid, hid)     # each is a dispatch, per step, on CPU)
-
+    # The four gates' views in one call (on CPU each view is a dispatch, per step).
+    i, f, o, g = gates.chunk(4, dim=1)
     p = _peephole_terms(peephole, gates.dtype, gates.dim())
     dense = p is None and hid < DENSE_SIGMOID_BELOW and gates.device.type == "cpu"
-    i, f, o = slot(gates, 0), slot(gates, 1), slot(gates, 2)
     if dense:
         # tanh over all 4*hidden channels too, g's slot kept: torch's CPU tanh and sigmoid
         # take a strided channel slice ~5x slower per element than dense memory, so two dense
         # passes beat a slice's (B2 hid16 16x16, one thread: 71 -> 58 us the update). Before
         # the sigmoid, which may overwrite src.
-        g = slot(torch.tanh(src), 3)
+        tanh_g = torch.tanh(src).narrow(1, 3 * hid, hid)
         torch.sigmoid(src, out=gates)
         if keep_g:
-            slot(gates, 3).copy_(g)
+            g.copy_(tanh_g)
+        g = tanh_g
     elif p is None:
-        g = slot(gates, 3)
         torch.sigmoid(src[:, : 3 * hid], out=gates[:, : 3 * hid])
+        torch.tanh(src.narrow(1, 3 * hid, hid), out=g)
     else:
-        g = slot(gates, 3)
-        torch.addcmul(slot(src, 0), p[0], c_prev, out=i).sigmoid_()
-        torch.addcmul(slot(src, 1), p[1], c_prev, out=f).sigmoid_()
+        zi, zf, zo, zg = src.chunk(4, dim=1)
+        torch.addcmul(zi, p[0], c_prev, out=i).sigmoid_()
+        torch.addcmul(zf, p[1], c_prev, out=f).sigmoid_()
+        torch.tanh(zg, out=g)  # (src may be gates: zg is read before g's slot is written)
     if valid is not None:  # i, f (and o, activated already without peepholes) shut, f opened
         gates[:, : (2 if p is not None else 3) * hid].mul_(valid)
         f.add_(1 - valid)  # f + 0 stays f exactly
-    if not dense:
-        torch.tanh(slot(src, 3), out=g)
     c = torch.mul(f, c_prev, out=c_out).addcmul_(i, g)
     if p is not None:
-        torch.addcmul(slot(src, 2), p[2], c, out=o).sigmoid_()
+        torch.addcmul(zo, p[2], c, out=o).sigmoid_()
         if valid is not None:
             o.mul_(valid)
     torch.mul(o, torch.tanh(c), out=h_out)
