@@ -54,6 +54,19 @@ def _empty_channels_last(shape: tuple[int, ...], dtype: torch.dtype,
     return torch.empty((n, *spatial, c), dtype=dtype, device=device).movedim(-1, 1)
 
 
+def _moved_strides(shape: tuple[int, ...], to: int) -> tuple[int, ...]:
+    """The strides of ``torch.empty(shape without dim ``to``, then that dim last).movedim(-1,
+    to)``, computed, not allocated (a meta allocation is ~5 us of host time, several a call):
+    torch's contiguous strides, each the next one times the next size (at least 1)."""
+    order = [*shape[:to], *shape[to + 1:], shape[to]]
+    strides = [1] * len(order)
+    for k in range(len(order) - 2, -1, -1):
+        strides[k] = strides[k + 1] * max(order[k + 1], 1)
+    last = strides.pop()
+    strides.insert(to, last)
+    return tuple(strides)
+
+
 def channels_last(t: Tensor) -> Tensor:
     """t (N, C, *spatial) with channels as its fast axis: t itself when it already is, else one
     copy. Weights are laid out so for the convolutions, as the frames are."""
@@ -61,7 +74,7 @@ def channels_last(t: Tensor) -> Tensor:
         return t
     if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return t
-    if t.stride() == _empty_channels_last(tuple(t.shape), t.dtype, "meta").stride():
+    if t.stride() == _moved_strides(tuple(t.shape), 1):
         return t
     return _empty_channels_last(tuple(t.shape), t.dtype, t.device).copy_(t)
 
@@ -121,8 +134,9 @@ def in_seq_layout(t: Tensor) -> bool:
     Args:
         t: (T, B, C, *spatial), any dtype.
     """
-    return t.stride() == empty_seq(*t.shape, dtype=t.dtype, device="meta",
-                                   layout_of=t.device).stride()
+    shape = tuple(t.shape)
+    to = 2 if frames_channels_last(t.device, len(shape) - 3) else len(shape) - 1
+    return t.stride() == _moved_strides(shape, to)
 
 
 def like_seq(t: Tensor) -> Tensor:

@@ -460,3 +460,26 @@ def test_cpu_keeps_3d_frames_channels_first_and_the_rest_channels_last():
     w = torch.randn(12, 5, 3, 3, 3)
     h_seq, *_ = layer_forward(x, w, None, None, None, None, LayerSpec((1, 1, 1), "torch"), False)
     assert h_seq.is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 1, 1), (2, 0, 3, 4), (3, 5, 1, 7, 2),
+                                   (2, 3, 6, 7), (4, 1, 8, 1, 1), (1, 2, 3), (2, 3, 4, 5, 6)])
+def test_layout_strides_are_computed_as_torch_allocates_them(shape):
+    """layout._moved_strides (channels_last's and in_seq_layout's check, allocation-free) gives
+    the strides torch gives the allocation it describes, size-0 and size-1 dims included: the
+    layout checks compare strides exactly."""
+    from triton_convlstm.layout import _moved_strides, channels_last, empty_seq, in_seq_layout
+
+    for to in range(len(shape)):
+        rest = [*shape[:to], *shape[to + 1:], shape[to]]
+        assert _moved_strides(shape, to) == torch.empty(rest).movedim(-1, to).stride()
+    t = torch.randn(shape)
+    cl = channels_last(t)  # t itself where torch calls it channels-last already (size-1 dims)
+    assert torch.equal(cl, t) and (cl is t or cl.stride() == _moved_strides(shape, 1))
+    assert channels_last(cl) is cl
+    if len(shape) >= 4:
+        for device in ("cpu", "meta"):
+            seq = empty_seq(*shape, dtype=torch.float32, device=device)
+            assert in_seq_layout(seq)
+    if len(shape) == 5 and min(shape) > 1:  # 2-d frames: channels-last on CPU, exactly
+        assert not in_seq_layout(torch.empty(shape))
