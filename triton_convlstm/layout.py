@@ -35,7 +35,8 @@ def frames_channels_last(device: torch.device | str, spatial_dims: int) -> bool:
     >>> frames_channels_last("cpu", 2), frames_channels_last("cpu", 3)
     (True, False)
     """
-    return torch.device(device).type != "cpu" or spatial_dims not in CHANNELS_FIRST_ON_CPU
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return kind != "cpu" or spatial_dims not in CHANNELS_FIRST_ON_CPU
 
 
 def conv_layout(t: Tensor) -> Tensor:

@@ -52,7 +52,12 @@ def preactivation_ref(zx: Tensor, zh: Tensor | None = None, bias: Tensor | None 
         alone).
     """
     math = state_dtype(zx.dtype)
-    z = zx.to(math) if out is None or zx.dtype == math else out.copy_(zx)
+    if zx.dtype == math:  # (no no-op .to(): a dispatch a step on CPU)
+        z = zx
+    else:
+        z = zx.to(math) if out is None else out.copy_(zx)
+    if zh is None and bias is None:
+        return z
     terms = (None if zh is None else zh.to(math),
              None if bias is None else _per_channel(bias.to(math), zx.dim()))
     for term in terms:
