@@ -21,23 +21,18 @@ from . import graphs
 from .backend import exporting
 from .conv import module_padding
 from .reference import state_dtype
-from .step_by_step import global_hooks
+from .step_by_step import global_hooks, has_hooks
 from .step_op import cell_step
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _ZERO_PAD_MODES = ("zeros", "replicate")  # pad any frame size: no check to skip
 
 
-def _unhooked(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def _plain(cell: nn.Module, conv: nn.Module) -> bool:
     """step_by_step.plain_conv's answer for the exact conv class (a parametrized conv, a
     subclass, is left to the full path), in direct comparisons."""
     n = cell.spatial_dims
-    return (type(conv) is _CONVS[n] and _unhooked(conv) and "forward" not in conv.__dict__
+    return (type(conv) is _CONVS[n] and not has_hooks(conv) and "forward" not in conv.__dict__
             and conv.groups == 1 and conv.stride == (1,) * n and conv.dilation == cell.dilation
             and conv.padding == module_padding(cell.kernel_size, cell.dilation))
 
@@ -143,7 +138,7 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
         return None
     for cell in cells:  # before any step: none is computed twice
         if (type(cell).forward is not plain_forward or "forward" in cell.__dict__
-                or not _unhooked(cell)):
+                or has_hooks(cell)):
             return None
     frame = x[:, 0] if model.batch_first else x[0]
     outputs, last = [], []

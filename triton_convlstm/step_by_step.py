@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from .reference import step_valid
 
 
-def _hooked(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run hooks of its own."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
@@ -51,7 +51,7 @@ def plain_conv(conv: nn.Module, dilation: tuple[int, ...], padding,
         return False
     if "forward" in vars(conv):  # replaced on the instance (a wrapper, accelerate's hooks)
         return False
-    return (not _hooked(conv) and set(conv.stride) == {1} and conv.groups == 1
+    return (not has_hooks(conv) and set(conv.stride) == {1} and conv.groups == 1
             and tuple(conv.dilation) == tuple(dilation) and conv.padding == padding)
 
 
@@ -70,7 +70,7 @@ def runs_modules(cell: nn.Module, fast_forward: Callable) -> bool:
         fast_forward: ConvLSTMCell.forward, which the fast path computes the same as.
     """
     own_forward = type(cell).forward is not fast_forward or "forward" in vars(cell)
-    return _hooked(cell) or own_forward or calls_conv(cell)
+    return has_hooks(cell) or own_forward or calls_conv(cell)
 
 
 def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None, c0: Tensor | None,
