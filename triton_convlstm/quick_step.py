@@ -17,24 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import graphs
+from . import graphs, validation
 from .backend import exporting
-from .conv import module_padding
 from .reference import state_dtype
-from .step_by_step import global_hooks, has_hooks
+from .step_by_step import calls_cell, global_hooks, plain_conv
 from .step_op import cell_step
 
-_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _ZERO_PAD_MODES = ("zeros", "replicate")  # pad any frame size: no check to skip
-
-
-def _plain(cell: nn.Module, conv: nn.Module) -> bool:
-    """step_by_step.plain_conv's answer for the exact conv class (a parametrized conv, a
-    subclass, is left to the full path), in direct comparisons."""
-    n = cell.spatial_dims
-    return (type(conv) is _CONVS[n] and not has_hooks(conv) and "forward" not in conv.__dict__
-            and conv.groups == 1 and conv.stride == (1,) * n and conv.dilation == cell.dilation
-            and conv.padding == module_padding(cell.kernel_size, cell.dilation))
 
 
 def _untraced() -> bool:
@@ -51,9 +40,12 @@ def _ready(cell: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor] | None:
     if type(x) is not Tensor or not x.is_cpu or cell.backend == "triton":
         return None
     conv = cell._modules.get("conv")
-    if conv is None or not _plain(cell, conv) or conv.padding_mode not in _ZERO_PAD_MODES:
+    if (conv is None or not plain_conv(conv, cell.dilation, cell.conv_padding, cell.conv_class)
+            or conv.padding_mode not in _ZERO_PAD_MODES):  # (a replaced conv may have none)
         return None
-    w = conv._parameters.get("weight")  # (a weight set as a plain tensor: the full path)
+    # A parametrized weight (computed when read) or one set as a plain tensor is not a
+    # registered parameter: the full path reads those.
+    w = conv._parameters.get("weight")
     shape = x.shape
     if (w is None or x.dtype != w.dtype or not w.is_cpu or len(shape) != cell.spatial_dims + 2
             or shape[1] != cell.input_dim or x.numel() == 0):
@@ -64,10 +56,9 @@ def _ready(cell: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor] | None:
 def _step(cell: nn.Module, conv: nn.Module, w: Tensor, x: Tensor, h: Tensor | None,
           c: Tensor) -> tuple[Tensor, Tensor]:
     """The step as the full path computes it (h None: the zero state, x's taps alone)."""
-    peep = cell._parameters.get("peephole")
-    if peep is not None and peep.dtype != c.dtype:
-        peep = peep.to(c.dtype)
-    h, c = cell_step(x, h, c, w, conv._parameters.get("bias"), peep, cell.dilation, "torch",
+    w, bias, peep = validation.cast_params(w, conv._parameters.get("bias"),
+                                           cell._parameters.get("peephole"), w.dtype)
+    h, c = cell_step(x, h, c, w, bias, peep, cell.dilation, "torch",
                      padding_mode=conv.padding_mode)
     # Contiguous, as the popular cell's (see the cell's forward).
     return h.contiguous(), c.contiguous()
@@ -126,8 +117,7 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
         return None  # (the emulated graph cache: tests replay T=1 captures on CPU)
     if x.dim() != model.spatial_dims + 3 or x.shape[1 if model.batch_first else 0] != 1:
         return None
-    if model.training and (vars(model).get("dropout", 0.0) != 0.0
-                           or vars(model).get("recurrent_dropout", 0.0) != 0.0):
+    if model.training and any(x_rate or h_rate for x_rate, h_rate in model._dropout_rates()):
         return None
     cells = list(model.cell_list._modules.values())
     if hidden_state is None:
@@ -136,10 +126,8 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
         hidden_state = [None] * len(cells)
     elif type(hidden_state) not in (list, tuple) or len(hidden_state) != len(cells):
         return None
-    for cell in cells:  # before any step: none is computed twice
-        if (type(cell).forward is not plain_forward or "forward" in cell.__dict__
-                or has_hooks(cell)):
-            return None
+    if any(calls_cell(cell, plain_forward) for cell in cells):
+        return None  # before any step: none is computed twice
     frame = x[:, 0] if model.batch_first else x[0]
     outputs, last = [], []
     for cell, state in zip(cells, hidden_state):

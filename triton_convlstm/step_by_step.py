@@ -69,8 +69,14 @@ def runs_modules(cell: nn.Module, fast_forward: Callable) -> bool:
         cell: a ConvLSTMCell (or subclass).
         fast_forward: ConvLSTMCell.forward, which the fast path computes the same as.
     """
+    return calls_cell(cell, fast_forward) or calls_conv(cell)
+
+
+def calls_cell(cell: nn.Module, fast_forward: Callable) -> bool:
+    """Whether ``cell`` itself must be called as a module: hooks of its own, or a forward of
+    its own (a subclass's, or one set on the instance). Arguments as :func:`runs_modules`'s."""
     own_forward = type(cell).forward is not fast_forward or "forward" in vars(cell)
-    return has_hooks(cell) or own_forward or calls_conv(cell)
+    return has_hooks(cell) or own_forward
 
 
 def layer_by_modules(cell: nn.Module, seq: Tensor, h0: Tensor | None, c0: Tensor | None,
