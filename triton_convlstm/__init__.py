@@ -25,6 +25,8 @@ The library, from the modules down to the kernels (each module one job):
 - ``graphs``: the CUDA-graph cache, its entries' interface and the capture policy.
 - ``sequence``: one layer over a whole sequence: the forward and backward time loops.
 - ``gate_launchers``: the gate update with one calling convention: Triton's or plain torch's.
+- ``native_gates``: the CPU gate update, forward and backward, by the C kernels (``csrc/gates.c``).
+- ``native_build``: builds those kernels on first use (system C compiler), caches, loads them.
 - ``conv``: same-padded convolutions and their aten gradients.
 - ``reference``: the gate/state math in plain torch, written once.
 - ``layout``: every memory-layout helper.

@@ -35,6 +35,10 @@ def _info() -> int:
     device = torch.device("cuda" if cuda else "cpu")
     print(f"backend 'auto' on {device}: {resolve_backend('auto', device)}")
     print(f"TRITON_INTERPRET {'on' if interpreter_enabled() else 'off'}")
+    from . import native_build
+
+    lib, why = native_build.library(), native_build.load_error()
+    print(f"cpu gate kernels {'built: ' + lib._name if lib is not None else 'off: ' + str(why)}")
     return 0
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native_gates, reference
 
 
 def saved_gates_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
@@ -76,8 +76,11 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
     h = h_out if h_out.dtype == sdt else torch.empty_like(h_out, dtype=sdt)
     if valid is None:
         valid = reference.step_valid(lengths, step, gates.dim(), sdt)
-    reference.gate_forward_inplace_ref(gates, c_prev, peephole, h_out=h, c_out=c_out, pre=pre,
-                                       valid=valid, keep_g=save_z)
+    # The C kernel where it serves the call (fp32 CPU tensors), else the same math in torch ops.
+    if not native_gates.gate_forward(pre, gates if save_z else None, c_prev, peephole, h, c_out,
+                                     valid):
+        reference.gate_forward_inplace_ref(gates, c_prev, peephole, h_out=h, c_out=c_out,
+                                           pre=pre, valid=valid, keep_g=save_z)
     if h is not h_out:
         h_out.copy_(h)
     return h_out, c_out, z_out
@@ -116,6 +119,10 @@ def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tens
     """
     if dh is not None and lengths is not None and valid is None:
         dh = torch.where(reference.step_valid(lengths, step, dh.dim(), torch.bool), dh, 0)
+    done, dpeep = native_gates.gate_backward(gates, c_prev, c, peephole, dh, dh2, dc,
+                                             dz_out, dc_prev_out)
+    if done:
+        return dz_out, dc_prev_out, dpeep
     if dh is None:
         dh, dh2 = dh2, None
     if dh2 is not None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native_gates, reference
 from .backend import check_backend_name, resolve_backend
 from .conv import conv_same
 from .layout import channels_last, frames_channels_last
@@ -237,8 +237,9 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
             and frames_channels_last(x_t.device, x_t.dim() - 2)):
         frame, w = channels_last(frame), channels_last(w)
     z = conv_same(frame, w, dilation, conv_bias, padding_mode=padding_mode)
-    if on_torch:
-        return reference.gate_forward_ref(z, c, peephole)
+    if on_torch:  # the C kernel in inference where it serves the call, else torch ops
+        return native_gates.gate_forward_new(z, c, peephole) or reference.gate_forward_ref(
+            z, c, peephole)
     h, c, _ = gate_forward_op(z, None, bias, c if c.dtype == torch.float32 else c.float(),
                               peephole)
     return h, c

@@ -1,0 +1,228 @@
+"""The CPU gate update through the C kernels (``csrc/gates.c``, :mod:`native_build`): the
+forward and backward of the torch path's in-place gate math, one pass each.
+
+Each function answers False, having written nothing, where the kernels do not serve the call
+(no library, a dtype other than fp32, a layout the row view cannot express, a traced or fake
+tensor); the caller then runs the torch ops (:mod:`triton_convlstm.reference`), which compute
+the same function. The results agree with those to float rounding (the activations are
+polynomial approximations within a few ulp), not bit for bit.
+
+Measured (one thread, 2-core box; the whole in-place update): B4 hid16 L64 39 -> ~15 us,
+B2 hid16 16x16 55 -> ~25 us, B8 hid64 32x32 3.1 -> ~1.8 ms (see docs/PERF_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from . import native_build
+from .backend import exporting
+from .native_build import Plan, Rows
+
+_F32 = torch.float32
+_PLANS: dict = {}  # (sizes, strides, threads) -> one Plan per thread, or None
+_MAX_PLANS = 4096
+# Work (hidden elements) per thread below which one thread does the whole update: a hand-off
+# to the pool costs ~20-50 us, the kernel ~5 ns an element.
+ELEMENTS_PER_THREAD = 1 << 15
+_POOL: list = []  # [ThreadPoolExecutor, its size, the process it was made in]
+
+
+def _rows(t: Tensor, channels_last: bool) -> tuple[int, int] | None:
+    """t (B, C, *spatial) as B x M rows of N unit-stride elements: its (per-sample, per-row)
+    strides, or None where the view does not exist. Channels-last: rows are pixels, elements
+    channels; channels-first: rows are channels, elements pixels."""
+    shape, stride = t.shape, t.stride()
+    if channels_last:
+        if shape[1] > 1 and stride[1] != 1:
+            return None
+        step = row = stride[-1] if len(shape) > 2 else 1
+    else:
+        step, row = 1, stride[1]
+    for k in reversed(range(2, len(shape))):  # the pixels: one run of ``step``-strided elements
+        if shape[k] > 1 and stride[k] != step:
+            return None
+        step *= shape[k]
+    return stride[0], row
+
+
+def _split(elements: int, n_rows: int, threads: int) -> list[tuple[int, int]]:
+    """The rows 0..n_rows as one range per thread: at most ``threads``, with at least
+    ELEMENTS_PER_THREAD elements each."""
+    parts = max(1, min(threads, elements // ELEMENTS_PER_THREAD, n_rows))
+    return [(n_rows * k // parts, n_rows * (k + 1) // parts) for k in range(parts)]
+
+
+def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int) -> list[Plan] | None:
+    """The kernel's sizes for these tensors (the first gates-like (B, 4*hid, ...), the others
+    (B, hid, ...) or, at ``dz_index``, gates-like; None entries absent), one Plan per thread;
+    None where the row view does not fit them all."""
+    z = tensors[0]
+    b, hid = z.shape[0], z.shape[1] // 4
+    pixels = math.prod(z.shape[2:])
+    # One pixel fits either view (rows of channels then); channels-first reads long rows.
+    channels_last = pixels == 1 or z.stride(-1) != 1
+    rows = [Rows(0, 0) if t is None else _rows(t, channels_last) for t in tensors]
+    if any(r is None for r in rows):
+        return None
+    n_rows, n_el = (pixels, hid) if channels_last else (hid, pixels)
+    dz = tensors[dz_index] if dz_index else z
+    plans = []
+    for m0, m1 in _split(b * pixels * hid, n_rows, torch.get_num_threads()):
+        plan = Plan(B=b, m_begin=m0, m_end=m1, N=n_el, hid=hid, peep_on_n=int(channels_last))
+        plan.gate_step[0], plan.gate_step[1] = hid * z.stride(1), hid * dz.stride(1)
+        for k, r in enumerate(rows):
+            plan.rows[k] = r if isinstance(r, Rows) else Rows(*r)
+        plans.append(plan)
+    return plans
+
+
+def _plans(tensors: tuple[Tensor | None, ...], dz_index: int = 0) -> list[Plan] | None:
+    """:func:`_make_plans`, memoised by sizes, strides and torch's thread count: the loops
+    call with the same buffers' layouts step after step."""
+    key = (torch.get_num_threads(),
+           *[None if t is None else (t.shape, t.stride()) for t in tensors])
+    plans = _PLANS.get(key, False)
+    if plans is False:
+        plans = _make_plans(tensors, dz_index)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plans
+    return plans
+
+
+def _library():
+    """The kernels, or None where they cannot run: not built, or a tracer (dynamo, jit.trace)
+    is recording the call (it would not see a ctypes call), an exporter included. Asked
+    first: dynamo then never traces into the loader."""
+    if torch.compiler.is_compiling() or exporting():
+        return None
+    return native_build.library()
+
+
+def _served(tensors: tuple[Tensor | None, ...]) -> bool:
+    """fp32 plain CPU tensors (not fake, not a subclass)."""
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or t.dtype != _F32 or not t.is_cpu):
+            return False
+    return True
+
+
+def _vector(t: Tensor | None) -> Tensor | None:
+    """A contiguous fp32 copy of t unless it already is one (peepholes, valid multipliers)."""
+    if t is None or (t.dtype == _F32 and t.is_contiguous()):
+        return t
+    return t.detach().to(_F32).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _run(fn, plans: list[Plan], *args) -> None:
+    """fn(plan, *args) for each plan, on threads when there are several (ctypes drops the
+    GIL for the call, so they run in parallel; each writes only its own rows). A trailing
+    list among args gives each plan its own item (per-thread accumulators)."""
+    per_plan = isinstance(args[-1], list)
+    calls = [(p, *args[:-1], args[-1][k]) if per_plan else (p, *args)
+             for k, p in enumerate(plans)]
+    if len(calls) == 1:
+        fn(*calls[0])
+        return
+    # A forked child inherits the pool without its threads: it makes its own.
+    if not _POOL or _POOL[1] < len(calls) or _POOL[2] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        if _POOL and _POOL[2] == os.getpid():
+            _POOL[0].shutdown(wait=False)
+        _POOL[:] = [ThreadPoolExecutor(len(calls), thread_name_prefix="convlstm-gates"),
+                    len(calls), os.getpid()]
+    futures = [_POOL[0].submit(fn, *call) for call in calls[1:]]
+    fn(*calls[0])  # this thread does the first share
+    for f in futures:
+        f.result()
+
+
+def gate_forward(pre: Tensor, gates: Tensor | None, c_prev: Tensor, peephole: Tensor | None,
+                 h_out: Tensor, c_out: Tensor, valid: Tensor | None) -> bool:
+    """:func:`triton_convlstm.reference.gate_forward_inplace_ref` by the C kernel.
+
+    Args:
+        pre: (B, 4*hidden, *spatial) fp32 pre-activations, i, f, o, g.
+        gates: like pre (may be pre itself): where the activated gates go, or None.
+        c_prev: (B, hidden, *spatial) fp32; c_out, h_out: like it, written (c_out may be c_prev).
+        peephole: (3, hidden) or None.
+        valid: (B, 1, ...) step multiplier (:func:`reference.step_valid`) or None.
+
+    Returns:
+        True when done; False when the kernels do not serve the call (nothing written).
+    """
+    lib = _library()
+    tensors = (pre, c_prev, c_out, h_out)
+    if lib is None or not _served(tensors) or (
+            gates is not None and (not _served((gates,)) or gates.stride() != pre.stride())):
+        return False
+    plans = _plans(tensors)
+    if plans is None:
+        return False
+    _run(lib.tcl_gate_forward, plans, pre.data_ptr(), _ptr(gates), c_prev.data_ptr(),
+         c_out.data_ptr(), h_out.data_ptr(), _ptr(_vector(peephole)), _ptr(_vector(valid)))
+    return True
+
+
+def gate_backward(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | None,
+                  dh: Tensor | None, dh2: Tensor | None, dc: Tensor | None, dz_out: Tensor,
+                  dc_prev_out: Tensor) -> tuple[bool, Tensor | None]:
+    """:func:`triton_convlstm.reference.gate_backward_from_gates_ref` by the C kernel, with the
+    two h gradients summed inside (either may be None).
+
+    Args:
+        gates: (B, 4*hidden, *spatial) fp32 activated i, f, o, g.
+        c_prev, c: (B, hidden, *spatial) fp32, the step's cells.
+        peephole: (3, hidden) or None.
+        dh, dh2, dc: (B, hidden, *spatial) gradients, or None (zeros).
+        dz_out: like gates (may be gates): where dz goes.
+        dc_prev_out: like c (may be dc): where dc_prev goes.
+
+    Returns:
+        (done, the peephole gradient (3, hidden) fp32 or None); when not done nothing was
+        written.
+    """
+    lib = _library()
+    tensors = (gates, c_prev, c, dh, dh2, dc, dz_out, dc_prev_out)
+    if lib is None or not _served(tensors):
+        return False, None
+    plans = _plans(tensors, dz_index=6)
+    if plans is None:
+        return False, None
+    p = _vector(peephole)
+    # One peephole-gradient accumulator per thread (each adds into its own), summed after.
+    dpeep = None if p is None else torch.zeros(len(plans), 3, gates.shape[1] // 4, dtype=_F32)
+    _run(lib.tcl_gate_backward, plans, gates.data_ptr(), c_prev.data_ptr(), c.data_ptr(),
+         _ptr(dh), _ptr(dh2), _ptr(dc), dz_out.data_ptr(), dc_prev_out.data_ptr(), _ptr(p),
+         [None] * len(plans) if p is None else [a.data_ptr() for a in dpeep])
+    return True, None if dpeep is None else dpeep.sum(0)
+
+
+def gate_forward_new(z: Tensor, c_prev: Tensor,
+                     peephole: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """:func:`triton_convlstm.reference.gate_forward_ref` by the C kernel where nothing needs a
+    gradient (the one-frame inference step): (h, c) in new tensors laid out as c_prev, or None
+    where the kernels do not serve the call (or autograd must see it).
+
+    Args:
+        z: (B, 4*hidden, *spatial) fp32 pre-activations, i, f, o, g.
+        c_prev: (B, hidden, *spatial) fp32.
+        peephole: (3, hidden) or None.
+    """
+    if _library() is None or not _served((z, c_prev)):  # (before anything a tracer would see)
+        return None
+    if torch.is_grad_enabled() and (z.requires_grad or c_prev.requires_grad
+                                    or (peephole is not None and peephole.requires_grad)):
+        return None
+    h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
+    return (h, c) if gate_forward(z, None, c_prev, peephole, h, c, None) else None
