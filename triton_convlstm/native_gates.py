@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import native_build
 from .backend import exporting
+from .layout import empty_like_layout
 from .native_build import Plan, Rows
 
 _F32 = torch.float32
@@ -119,6 +120,14 @@ def _vector(t: Tensor | None) -> Tensor | None:
     return t.detach().to(_F32).contiguous()
 
 
+def _like(t: Tensor | None, like: Tensor) -> Tensor | None:
+    """t where its rows are those of ``like`` (a tensor of t's dims, maybe another channel
+    count), else a copy of t laid out as ``like``."""
+    if t is None or _rows(t, like.stride(1) == 1 and like.shape[1] > 1) is not None:
+        return t
+    return empty_like_layout(like, t.shape[1], shape=t.shape).copy_(t)
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -198,7 +207,13 @@ def gate_backward(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | N
         return False, None
     plans = _plans(tensors, dz_index=6)
     if plans is None:
-        return False, None
+        # The output's gradient often comes in the caller's layout (contiguous frames), the
+        # loop's buffers channels-last: the read-only gradients copied into c's layout.
+        dh, dh2, dc = (_like(t, c) for t in (dh, dh2, dc))
+        tensors = (gates, c_prev, c, dh, dh2, dc, dz_out, dc_prev_out)
+        plans = _plans(tensors, dz_index=6)
+        if plans is None:
+            return False, None
     p = _vector(peephole)
     # One peephole-gradient accumulator per thread (each adds into its own), summed after.
     dpeep = None if p is None else torch.zeros(len(plans), 3, gates.shape[1] // 4, dtype=_F32)
@@ -224,5 +239,8 @@ def gate_forward_new(z: Tensor, c_prev: Tensor,
     if torch.is_grad_enabled() and (z.requires_grad or c_prev.requires_grad
                                     or (peephole is not None and peephole.requires_grad)):
         return None
+    if _plans((z, c_prev, c_prev, c_prev)) is None:
+        # (frames of >= CHANNELS_LAST_PIXELS are convolved channels-last, the state may not be)
+        c_prev = _like(c_prev, z)
     h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
     return (h, c) if gate_forward(z, None, c_prev, peephole, h, c, None) else None

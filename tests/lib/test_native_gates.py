@@ -280,3 +280,26 @@ def test_a_forked_child_runs_the_split_rows_with_its_own_threads(monkeypatch):
         assert child.exitcode == 0 and queue.get(timeout=5)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gradients_in_another_layout_are_read_through_a_copy():
+    """The output's gradient arrives in the caller's layout (contiguous frames) while the
+    loop's buffers are channels-last: still the kernel, still the oracle's numbers."""
+    z, c_prev, pe = _case((4, 3), True, True)
+    gates, c = _activated(z, c_prev, pe)
+    dh, dc = make(c.shape, False), make(c.shape, False)  # contiguous, the rest channels-last
+    dz, dcp = torch.empty_like(z), torch.empty_like(c_prev)
+    done, dpeep = native_gates.gate_backward(gates, c_prev, c, pe, dh, None, dc, dz, dcp)
+    assert done
+    ref = oracle_backward(z, c_prev, pe, dh.to(F64), dc.to(F64))
+    assert rel_err(dz, ref[0]) < 1e-5 and rel_err(dcp, ref[1]) < 1e-5
+    assert rel_err(dpeep, ref[2]) < 1e-5
+
+
+def test_the_one_frame_step_reads_a_state_in_another_layout():
+    z, _, pe = _case((4, 3), True, True)  # a channels-last convolution's output
+    c_prev = make((3, 5, 4, 3), False)  # the user's contiguous state
+    with torch.no_grad():
+        h, c = native_gates.gate_forward_new(z, c_prev, pe)
+    h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
+    assert rel_err(h, h_ref) < TOL and rel_err(c, c_ref) < TOL
