@@ -234,13 +234,25 @@ def gate_forward_new(z: Tensor, c_prev: Tensor,
         c_prev: (B, hidden, *spatial) fp32.
         peephole: (3, hidden) or None.
     """
-    if _library() is None or not _served((z, c_prev)):  # (before anything a tracer would see)
+    lib = _library()
+    if lib is None or not _served((z, c_prev)):  # (before anything a tracer would see)
         return None
     if torch.is_grad_enabled() and (z.requires_grad or c_prev.requires_grad
                                     or (peephole is not None and peephole.requires_grad)):
         return None
-    if _plans((z, c_prev, c_prev, c_prev)) is None:
+    # The new h and c are laid out as c_prev, so one plan serves the four (checked once).
+    plans = _plans((z, c_prev, c_prev, c_prev))
+    if plans is None:
         # (frames of >= CHANNELS_LAST_PIXELS are convolved channels-last, the state may not be)
         c_prev = _like(c_prev, z)
+        plans = _plans((z, c_prev, c_prev, c_prev))
+        if plans is None:
+            return None
     h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
-    return (h, c) if gate_forward(z, None, c_prev, peephole, h, c, None) else None
+    if h.stride() != c_prev.stride():  # (a c_prev with gaps: the new ones are dense)
+        plans = _plans((z, c_prev, c, h))
+        if plans is None:
+            return None
+    _run(lib.tcl_gate_forward, plans, z.data_ptr(), None, c_prev.data_ptr(), c.data_ptr(),
+         h.data_ptr(), _ptr(_vector(peephole)), None)
+    return h, c

@@ -303,3 +303,13 @@ def test_the_one_frame_step_reads_a_state_in_another_layout():
         h, c = native_gates.gate_forward_new(z, c_prev, pe)
     h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
     assert rel_err(h, h_ref) < TOL and rel_err(c, c_ref) < TOL
+
+
+def test_the_one_frame_step_reads_a_state_with_gaps():
+    z, _, _ = _case((4, 3), False, False)
+    c_wide = make((3, 10, 4, 3), False)
+    c_prev = c_wide[:, ::2]  # every other channel: its new h and c are dense, c_prev is not
+    with torch.no_grad():
+        h, c = native_gates.gate_forward_new(z, c_prev, None)
+    h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64))
+    assert rel_err(h, h_ref) < TOL and rel_err(c, c_ref) < TOL
