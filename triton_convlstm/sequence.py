@@ -34,6 +34,7 @@ from .layout import (
     empty_seq,
     frames_as_seq,
     in_seq_layout,
+    like_seq,
     seq_frames,
 )
 
@@ -162,7 +163,7 @@ class _Steps:
 
     def __init__(self, lengths: Tensor | None, recurrent_mask: Tensor | None, backend: str,
                  x: Tensor) -> None:
-        self.lengths, self.mask = lengths, recurrent_mask
+        self.lengths, self.mask, self.backend = lengths, recurrent_mask, backend
         self.plain = lengths is None and recurrent_mask is None
         self.table = None
         self.unmasked = x.shape[0]  # steps before this one need no mask
@@ -183,11 +184,17 @@ class _Steps:
         return {"lengths": self.lengths, "step": step}
 
     def output_grad(self, grad_h_seq: Tensor | None) -> Tensor | None:
-        """The output gradient as the torch twins read it: zero past each sample's end (the
-        kernels skip it themselves), so that a non-finite one there cannot leak through 0 * inf."""
-        if grad_h_seq is None or self.table is None:
+        """The output gradient as the torch twins read it: in the sequence layout, the loop's
+        buffers' (it often comes in the caller's, contiguous frames: one copy here rather than
+        one per step, by the CPU gate kernels or mixed-layout torch ops; the Triton kernels
+        read any strides as fast), and zero past each sample's end (the kernels skip it
+        themselves), so that a non-finite one there cannot leak through 0 * inf."""
+        if grad_h_seq is None or self.backend == "triton":
             return grad_h_seq
-        return torch.where(self.table.bool(), grad_h_seq, 0)
+        if self.table is not None:
+            out = empty_seq(*grad_h_seq.shape, dtype=grad_h_seq.dtype, device=grad_h_seq.device)
+            return torch.where(self.table.bool(), grad_h_seq, grad_h_seq.new_zeros(()), out=out)
+        return grad_h_seq if in_seq_layout(grad_h_seq) else like_seq(grad_h_seq)
 
     def recurrent(self, h: Tensor) -> Tensor:
         """h as the hidden convolution reads it (any leading dims before B)."""
