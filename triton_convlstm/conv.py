@@ -16,7 +16,7 @@ sequence backward can call it inside CUDA-graph capture.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,21 @@ def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> tuple[i
     return pad
 
 
-@lru_cache(maxsize=256)
+def _memoised(fn):
+    """fn with an lru_cache, except while dynamo traces (it warns on every cache-wrapped call,
+    and a user compiling a model should see no warning of ours): it then traces fn itself."""
+    cached = lru_cache(maxsize=256)(fn)
+
+    @wraps(fn)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return fn(*args)
+        return cached(*args)
+
+    return call
+
+
+@_memoised
 def module_padding(kernel_size: tuple[int, ...],
                    dilation: tuple[int, ...]) -> tuple[int, ...] | str:
     """The ``padding`` argument of an nn.Conv{n}d that pads as :func:`same_padding`: one int
@@ -94,7 +108,7 @@ def _split_padding(weight: Tensor, dilation: Sequence[int],
     return pad, list(padding)  # a fresh list: callers may hand it on
 
 
-@lru_cache(maxsize=256)
+@_memoised
 def _split_padding_of(kernel_size: tuple[int, ...], dilation: tuple[int, ...],
                       padding_mode: str) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
     pad = same_padding(kernel_size, dilation)
