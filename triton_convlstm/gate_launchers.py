@@ -1,6 +1,8 @@
 """The gate update with one calling convention for both implementations: the Triton kernels'
-launchers (:mod:`triton_convlstm.kernels.gates`) and their plain-torch twins here, which the
-time loops call on CPU (or where Triton is missing). :func:`gate_launchers` picks the pair.
+launchers (:mod:`triton_convlstm.kernels.gates`) and their torch twins here, which the time
+loops call on CPU (or where Triton is missing). :func:`gate_launchers` picks the pair. The
+twins run the CPU C kernels (:mod:`triton_convlstm.native_gates`) where those serve the call,
+else the torch ops of :mod:`triton_convlstm.reference` (the same function).
 
 The calling convention is the launchers': outputs are written into buffers the caller owns
 (slices of the sequence's (T, B, ...) buffers), the cell may be updated in place, and the
@@ -41,7 +43,8 @@ def gate_forward_torch(zx: Tensor, zh: Tensor | None, bias: Tensor | None, c_pre
                        z_out: Tensor | None = None, save_z: bool = False,
                        lengths: Tensor | None = None, step: int = 0,
                        valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`triton_convlstm.kernels.gates.gate_forward` in plain torch.
+    """:func:`triton_convlstm.kernels.gates.gate_forward` on CPU: the C kernel where it serves
+    the call, else torch ops.
 
     zx, zh and bias are summed in the state dtype, as the kernel sums them.
 
@@ -91,8 +94,8 @@ def gate_backward_torch(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tens
                         dz_out: Tensor, dc_prev_out: Tensor, dbias_acc: Tensor | None = None,
                         lengths: Tensor | None = None, step: int = 0,
                         valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`triton_convlstm.kernels.gates.gate_backward` in plain torch, from the activated
-    gates :func:`gate_forward_torch` saved.
+    """:func:`triton_convlstm.kernels.gates.gate_backward` on CPU (the C kernel, else torch
+    ops), from the activated gates :func:`gate_forward_torch` saved.
 
     Args:
         gates: (B, 4*hidden, H, W) activated i, f, o, g, state dtype.
