@@ -178,8 +178,11 @@ def gate_forward(pre: Tensor, gates: Tensor | None, c_prev: Tensor, peephole: Te
     plans = _plans(tensors)
     if plans is None:
         return False
+    # (the converted copies held in names until the call returns: a pointer does not keep
+    # its tensor alive)
+    peephole, valid = _vector(peephole), _vector(valid)
     _run(lib.tcl_gate_forward, plans, pre.data_ptr(), _ptr(gates), c_prev.data_ptr(),
-         c_out.data_ptr(), h_out.data_ptr(), _ptr(_vector(peephole)), _ptr(_vector(valid)))
+         c_out.data_ptr(), h_out.data_ptr(), _ptr(peephole), _ptr(valid))
     return True
 
 
@@ -253,6 +256,7 @@ def gate_forward_new(z: Tensor, c_prev: Tensor,
         plans = _plans((z, c_prev, c, h))
         if plans is None:
             return None
+    peephole = _vector(peephole)  # (held until the call returns)
     _run(lib.tcl_gate_forward, plans, z.data_ptr(), None, c_prev.data_ptr(), c.data_ptr(),
-         h.data_ptr(), _ptr(_vector(peephole)), None)
+         h.data_ptr(), _ptr(peephole), None)
     return h, c

@@ -313,3 +313,19 @@ def test_the_one_frame_step_reads_a_state_with_gaps():
         h, c = native_gates.gate_forward_new(z, c_prev, None)
     h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64))
     assert rel_err(h, h_ref) < TOL and rel_err(c, c_ref) < TOL
+
+
+def test_peepholes_and_multipliers_of_another_dtype_or_layout_are_read_correctly():
+    """Converted to contiguous fp32 for the kernel, and kept alive through the call."""
+    z, c_prev, pe = _case((4, 3), True, True)
+    pe64 = pe.double()  # fp64: converted
+    pe_t = pe.t().contiguous().t()  # (3, hid) transposed strides: made contiguous
+    valid = step_valid(torch.tensor([5, 2, 3]), 1, z.dim(), torch.float64)
+    h_ref, c_ref = oracle_forward(z.to(F64), c_prev.to(F64), pe.to(F64))
+    for p in (pe64, pe_t):
+        h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
+        assert native_gates.gate_forward(z, None, c_prev, p, h, c, valid)
+        assert rel_err(h, h_ref) < TOL and rel_err(c, c_ref) < TOL
+        with torch.no_grad():
+            h, c = native_gates.gate_forward_new(z, c_prev, p)
+        assert rel_err(h, h_ref) < TOL and rel_err(c, c_ref) < TOL
