@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ SOURCE = Path(__file__).with_name("csrc") / "gates.c"
 # -fopenmp-simd honours the source's "omp simd" loops without linking an OpenMP runtime; errno
 # and FP traps off so that the activations vectorize (no -ffast-math: NaN and inf must behave).
 FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
-ARCH_FLAGS = ("-march=native",)  # tried first; a compiler without it builds for the baseline
+ARCH_FLAGS = ("-march=native",)  # where the CPU can be identified (Linux), else the baseline
 ENV_SWITCH = "TRITON_CONVLSTM_NATIVE"
 ENV_CACHE = "TRITON_CONVLSTM_CACHE"
 ENV_CC = "CC"
@@ -71,70 +72,110 @@ def cache_dir() -> Path:
     return Path(base) / "triton_convlstm"
 
 
-def compiler() -> str | None:
-    """The C compiler to build with: ``$CC`` if set, else the first of cc, gcc, clang."""
+def compiler() -> list[str] | None:
+    """The C compiler command: ``$CC`` if set (split as a shell would: ``ccache gcc``), else
+    the first of cc, gcc, clang found."""
     if os.environ.get(ENV_CC):
-        return os.environ[ENV_CC]
-    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+        return shlex.split(os.environ[ENV_CC])
+    found = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    return None if found is None else [found]
 
 
-def _cpu_identity() -> str:
-    """What -march=native builds for: the CPU's model and feature flags."""
+def _cpu_identity() -> str | None:
+    """What -march=native builds for: the CPU's model and feature flags (Linux); None where
+    they cannot be read, and the build is then for the architecture's baseline (a cache
+    shared by different machines must not hand one another's instructions to another)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine()
+        return None
     wanted = ("model name", "flags", "Features", "CPU part")
     lines = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in wanted]
     return "\n".join(sorted(set(lines)))
 
 
-def _build(cc: str, out: Path) -> str | None:
-    """Compiles SOURCE into ``out`` (atomically); None on success, else the compiler's words."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for arch in (ARCH_FLAGS, ()):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, *FLAGS, *arch, "-o", tmp, str(SOURCE)]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as exc:
-            done, err = None, f"{' '.join(cmd)}: {exc}"
-        if done is not None and done.returncode == 0:
-            os.replace(tmp, out)
-            return None
+def _private_dir(path: Path) -> str | None:
+    """None where ``path`` is a directory only this user can write (a library loaded from it
+    runs as this process), else why not. Made (0700) if missing."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} belongs to another user"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by others (chmod go-w it, or set {ENV_CACHE})"
+    return None
+
+
+def _build(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
+    """Compiles SOURCE into ``out`` (atomically: concurrent builds each replace it whole),
+    with ``arch`` and, if that fails, without; None on success, else the compiler's words."""
+    error = _compile(cc, arch, out)
+    if error is not None and arch:
+        second = _compile(cc, (), out)
+        error = None if second is None else f"{error}\n{second}"
+    return error
+
+
+def _compile(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [*cc, *FLAGS, *arch, "-o", tmp, str(SOURCE)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
         os.unlink(tmp)
-        if done is not None:
-            err = f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}"
-        errors.append(err)
-    return "\n".join(errors)
+        return f"{' '.join(cmd)}: {exc}"
+    if done.returncode != 0:
+        os.unlink(tmp)
+        return f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}"
+    os.replace(tmp, out)
+    return None
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def build_plan() -> tuple[list[str], tuple[str, ...], Path] | None:
+    """(compiler command, architecture flags, the cached library's path) for this machine, or
+    None without a compiler. The path names a hash of the source, flags, compiler and CPU."""
+    cc = compiler()
+    if not cc:
+        return None
+    cpu = _cpu_identity()
+    arch = ARCH_FLAGS if cpu is not None else ()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + arch), *cc,
+                                    platform.machine(), cpu or ""]).encode())
+    return cc, arch, cache_dir() / f"gates-{key.hexdigest()[:16]}.so"
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if not enabled():
         return None, f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
-    cc = compiler()
-    if cc is None:
+    plan = build_plan()
+    if plan is None:
         return None, "no C compiler found (set CC, or install cc/gcc/clang)"
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + ARCH_FLAGS), cc,
-                                    platform.machine(), _cpu_identity()]).encode())
-    path = cache_dir() / f"gates-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        try:
-            error = _build(cc, path)
-        except OSError as exc:  # an unwritable cache directory
-            error = f"cannot build into {path.parent}: {exc}"
-        if error is not None:
-            return None, error
+    cc, arch, path = plan
     try:
-        lib = ctypes.CDLL(str(path))
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, None
-    except (OSError, AttributeError) as exc:
-        return None, f"cannot load {path}: {exc}"
-    return lib, None
+        error = _private_dir(path.parent)
+        if error is None and not path.exists():
+            error = _build(cc, arch, path)
+    except OSError as exc:  # an unwritable cache directory
+        error = f"cannot build into {path.parent}: {exc}"
+    if error is not None:
+        return None, error
+    try:
+        return _open(path), None
+    except (OSError, AttributeError):  # a truncated or foreign file: built again, once
+        try:
+            error = _build(cc, arch, path)
+            return (_open(path), None) if error is None else (None, error)
+        except (OSError, AttributeError) as exc:
+            return None, f"cannot load {path}: {exc}"
 
 
 def library() -> ctypes.CDLL | None:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import native_build
 from .backend import exporting
@@ -31,6 +33,7 @@ _MAX_PLANS = 4096
 # to the pool costs ~20-50 us, the kernel ~5 ns an element.
 ELEMENTS_PER_THREAD = 1 << 15
 _POOL: list = []  # [ThreadPoolExecutor, its size, the process it was made in]
+_POOL_LOCK = threading.Lock()
 
 
 def _rows(t: Tensor, channels_last: bool) -> tuple[int, int] | None:
@@ -51,6 +54,18 @@ def _rows(t: Tensor, channels_last: bool) -> tuple[int, int] | None:
     return stride[0], row
 
 
+def _no_overlap(t: Tensor) -> bool:
+    """Whether no two elements of t share memory (strides in increasing order each past all
+    the smaller dims reach; gaps allowed): a written tensor must not, or threads would race
+    where torch ops raise."""
+    reach = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < reach:
+            return False
+        reach += stride * (size - 1)
+    return True
+
+
 def _split(elements: int, n_rows: int, threads: int) -> list[tuple[int, int]]:
     """The rows 0..n_rows as one range per thread: at most ``threads``, with at least
     ELEMENTS_PER_THREAD elements each."""
@@ -58,12 +73,21 @@ def _split(elements: int, n_rows: int, threads: int) -> list[tuple[int, int]]:
     return [(n_rows * k // parts, n_rows * (k + 1) // parts) for k in range(parts)]
 
 
-def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int) -> list[Plan] | None:
+def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int,
+                outputs: tuple[int, ...]) -> list[Plan] | None:
     """The kernel's sizes for these tensors (the first gates-like (B, 4*hid, ...), the others
-    (B, hid, ...) or, at ``dz_index``, gates-like; None entries absent), one Plan per thread;
-    None where the row view does not fit them all."""
+    (B, hid, ...) or, at ``dz_index``, gates-like; None entries absent; those at ``outputs``
+    written), one Plan per thread; None where the shapes disagree, a written tensor overlaps
+    itself, or the row view does not fit them all."""
     z = tensors[0]
+    if z.dim() < 2 or z.shape[1] % 4:
+        return None
     b, hid = z.shape[0], z.shape[1] // 4
+    for k, t in enumerate(tensors):
+        channels = 4 * hid if k in (0, dz_index) else hid
+        if t is not None and (t.shape != (b, channels, *z.shape[2:])
+                              or (k in outputs and not _no_overlap(t))):
+            return None
     pixels = math.prod(z.shape[2:])
     # One pixel fits either view (rows of channels then); channels-first reads long rows.
     channels_last = pixels == 1 or z.stride(-1) != 1
@@ -82,14 +106,15 @@ def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int) -> list[Plan]
     return plans
 
 
-def _plans(tensors: tuple[Tensor | None, ...], dz_index: int = 0) -> list[Plan] | None:
+def _plans(tensors: tuple[Tensor | None, ...], dz_index: int = 0,
+           outputs: tuple[int, ...] = (2, 3)) -> list[Plan] | None:
     """:func:`_make_plans`, memoised by sizes, strides and torch's thread count: the loops
-    call with the same buffers' layouts step after step."""
-    key = (torch.get_num_threads(),
+    call with the same buffers' layouts step after step. The defaults are the forward's."""
+    key = (torch.get_num_threads(), dz_index, outputs,
            *[None if t is None else (t.shape, t.stride()) for t in tensors])
     plans = _PLANS.get(key, False)
     if plans is False:
-        plans = _make_plans(tensors, dz_index)
+        plans = _make_plans(tensors, dz_index, outputs)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = plans
@@ -102,7 +127,24 @@ def _library():
     first: dynamo then never traces into the loader."""
     if torch.compiler.is_compiling() or exporting():
         return None
+    # functorch transforms (vmap, grad, jvp) and forward-mode AD must see torch ops (their
+    # tensors carry more than memory), and so must dispatch modes (make_fx records the ops it
+    # sees) unless they say they need not.
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return None
+    if torch._C._len_torch_dispatch_stack() and not _modes_allow_kernels():
+        return None
     return native_build.library()
+
+
+def _modes_allow_kernels() -> bool:
+    """Whether every active dispatch mode sets ``allows_opaque_kernels = True``: it may miss
+    the kernels' work (it counts tensors, which the kernels do not create, as the bench's
+    TensorMemoryTracker does)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return all(getattr(m, "allows_opaque_kernels", False)
+               for m in _get_current_dispatch_mode_stack())
 
 
 def _served(tensors: tuple[Tensor | None, ...]) -> bool:
@@ -111,6 +153,13 @@ def _served(tensors: tuple[Tensor | None, ...]) -> bool:
         if t is not None and (type(t) is not Tensor or t.dtype != _F32 or not t.is_cpu):
             return False
     return True
+
+
+def _vectors_fit(peephole: Tensor | None, valid: Tensor | None, z: Tensor) -> bool:
+    """A (3, hid) peephole and a multiplier of one value per sample, or None: what the kernels
+    index without bounds."""
+    return ((peephole is None or peephole.shape == (3, z.shape[1] // 4))
+            and (valid is None or valid.numel() == z.shape[0]))
 
 
 def _vector(t: Tensor | None) -> Tensor | None:
@@ -142,15 +191,16 @@ def _run(fn, plans: list[Plan], *args) -> None:
     if len(calls) == 1:
         fn(*calls[0])
         return
-    # A forked child inherits the pool without its threads: it makes its own.
-    if not _POOL or _POOL[1] < len(calls) or _POOL[2] != os.getpid():
-        from concurrent.futures import ThreadPoolExecutor
+    with _POOL_LOCK:
+        # A forked child inherits the pool without its threads: it makes its own. A pool
+        # outgrown is left to finish what another thread may have submitted to it.
+        if not _POOL or _POOL[1] < len(calls) or _POOL[2] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
 
-        if _POOL and _POOL[2] == os.getpid():
-            _POOL[0].shutdown(wait=False)
-        _POOL[:] = [ThreadPoolExecutor(len(calls), thread_name_prefix="convlstm-gates"),
-                    len(calls), os.getpid()]
-    futures = [_POOL[0].submit(fn, *call) for call in calls[1:]]
+            _POOL[:] = [ThreadPoolExecutor(len(calls), thread_name_prefix="convlstm-gates"),
+                        len(calls), os.getpid()]
+        pool = _POOL[0]
+    futures = [pool.submit(fn, *call) for call in calls[1:]]
     fn(*calls[0])  # this thread does the first share
     for f in futures:
         f.result()
@@ -172,11 +222,12 @@ def gate_forward(pre: Tensor, gates: Tensor | None, c_prev: Tensor, peephole: Te
     """
     lib = _library()
     tensors = (pre, c_prev, c_out, h_out)
-    if lib is None or not _served(tensors) or (
-            gates is not None and (not _served((gates,)) or gates.stride() != pre.stride())):
+    if lib is None or not _served(tensors) or (gates is not None and (
+            not _served((gates,)) or gates.shape != pre.shape or gates.stride() != pre.stride()
+            or not _no_overlap(gates))):
         return False
     plans = _plans(tensors)
-    if plans is None:
+    if plans is None or not _vectors_fit(peephole, valid, pre):
         return False
     # (the converted copies held in names until the call returns: a pointer does not keep
     # its tensor alive)
@@ -208,13 +259,15 @@ def gate_backward(gates: Tensor, c_prev: Tensor, c: Tensor, peephole: Tensor | N
     tensors = (gates, c_prev, c, dh, dh2, dc, dz_out, dc_prev_out)
     if lib is None or not _served(tensors):
         return False, None
-    plans = _plans(tensors, dz_index=6)
+    plans = _plans(tensors, dz_index=6, outputs=(6, 7))
+    if not _vectors_fit(peephole, None, gates):
+        return False, None
     if plans is None:
         # The output's gradient often comes in the caller's layout (contiguous frames), the
         # loop's buffers channels-last: the read-only gradients copied into c's layout.
         dh, dh2, dc = (_like(t, c) for t in (dh, dh2, dc))
         tensors = (gates, c_prev, c, dh, dh2, dc, dz_out, dc_prev_out)
-        plans = _plans(tensors, dz_index=6)
+        plans = _plans(tensors, dz_index=6, outputs=(6, 7))
         if plans is None:
             return False, None
     p = _vector(peephole)
@@ -243,12 +296,14 @@ def gate_forward_new(z: Tensor, c_prev: Tensor,
     if torch.is_grad_enabled() and (z.requires_grad or c_prev.requires_grad
                                     or (peephole is not None and peephole.requires_grad)):
         return None
-    # The new h and c are laid out as c_prev, so one plan serves the four (checked once).
-    plans = _plans((z, c_prev, c_prev, c_prev))
+    if not _vectors_fit(peephole, None, z):
+        return None
+    # The new h and c are laid out as c_prev (dense), so one plan serves the four.
+    plans = _plans((z, c_prev, c_prev, c_prev), outputs=())
     if plans is None:
         # (frames of >= CHANNELS_LAST_PIXELS are convolved channels-last, the state may not be)
         c_prev = _like(c_prev, z)
-        plans = _plans((z, c_prev, c_prev, c_prev))
+        plans = _plans((z, c_prev, c_prev, c_prev), outputs=())
         if plans is None:
             return None
     h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)

@@ -34,7 +34,6 @@ from .layout import (
     empty_seq,
     frames_as_seq,
     in_seq_layout,
-    like_seq,
     seq_frames,
 )
 
@@ -164,6 +163,7 @@ class _Steps:
     def __init__(self, lengths: Tensor | None, recurrent_mask: Tensor | None, backend: str,
                  x: Tensor) -> None:
         self.lengths, self.mask, self.backend = lengths, recurrent_mask, backend
+        self.scratch = None  # step_grad's
         self.plain = lengths is None and recurrent_mask is None
         self.table = None
         self.unmasked = x.shape[0]  # steps before this one need no mask
@@ -184,17 +184,28 @@ class _Steps:
         return {"lengths": self.lengths, "step": step}
 
     def output_grad(self, grad_h_seq: Tensor | None) -> Tensor | None:
-        """The output gradient as the torch twins read it: in the sequence layout, the loop's
-        buffers' (it often comes in the caller's, contiguous frames: one copy here rather than
-        one per step, by the CPU gate kernels or mixed-layout torch ops; the Triton kernels
-        read any strides as fast), and zero past each sample's end (the kernels skip it
-        themselves), so that a non-finite one there cannot leak through 0 * inf."""
-        if grad_h_seq is None or self.backend == "triton":
+        """The output gradient as the torch twins read it: zero past each sample's end (the
+        kernels skip it themselves), so that a non-finite one there cannot leak through 0 * inf;
+        written in the sequence layout (see :meth:`step_grad`)."""
+        if grad_h_seq is None or self.table is None:
             return grad_h_seq
-        if self.table is not None:
-            out = empty_seq(*grad_h_seq.shape, dtype=grad_h_seq.dtype, device=grad_h_seq.device)
-            return torch.where(self.table.bool(), grad_h_seq, grad_h_seq.new_zeros(()), out=out)
-        return grad_h_seq if in_seq_layout(grad_h_seq) else like_seq(grad_h_seq)
+        out = empty_seq(*grad_h_seq.shape, dtype=grad_h_seq.dtype, device=grad_h_seq.device)
+        return torch.where(self.table.bool(), grad_h_seq, grad_h_seq.new_zeros(()), out=out)
+
+    def step_grad(self, grad_h_seq: Tensor | None, step: int, like: Tensor) -> Tensor | None:
+        """Step ``step``'s output gradient for the torch twins, laid out as ``like`` (the
+        loop's buffers): it often comes in the caller's layout (contiguous frames), which the
+        CPU gate kernels would copy per step and torch ops read slowly; copied into one scratch
+        reused by every step (a whole-sequence copy would add T frames to the backward's
+        peak). The Triton kernels read any strides as fast: as given."""
+        if grad_h_seq is None:
+            return None
+        dh = grad_h_seq[step]
+        if self.backend == "triton" or dh.stride() == like.stride():
+            return dh
+        if self.scratch is None:
+            self.scratch = torch.empty_like(like, dtype=dh.dtype)
+        return self.scratch.copy_(dh)
 
     def recurrent(self, h: Tensor) -> Tensor:
         """h as the hidden convolution reads it (any leading dims before B)."""
@@ -500,7 +511,7 @@ def layer_backward(
         for step in reversed(range(t0, t1)):
             c_t = c_last if step == t - 1 else c_seq[step]
             c_prev = (c0 if c0 is not None else c_zero) if step == 0 else c_seq[step - 1]
-            dh_out = None if grad_h_seq is None else grad_h_seq[step]
+            dh_out = steps.step_grad(grad_h_seq, step, c_t)
             z = z_seq[step] if not recompute else _recompute_gates(
                 gate_forward, dz[step - t0], h0 if step == 0 else h_seq[step - 1], w_h,
                 gate_bias, c_prev, peephole, spec, gdt, h_scratch[0], c_scratch, steps, step)

@@ -200,6 +200,23 @@ def test_without_a_working_compiler_the_reason_is_kept_and_torch_ops_run(fresh_b
     assert not native_gates.gate_forward(z, None, c_prev, None, h, c, None)
 
 
+def test_a_compiler_command_with_arguments_and_a_corrupt_cached_build(fresh_build,
+                                                                      monkeypatch):
+    cc = native_build.compiler()
+    monkeypatch.setenv("CC", f"env {' '.join(cc)}")  # as "ccache gcc" would be split
+    _, _, path = native_build.build_plan()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_bytes(b"")  # a truncated file where the build should be (a full disk, say)
+    assert native_build.library() is not None, native_build.load_error()  # built again
+    assert path.stat().st_size > 0
+
+
+def test_a_cache_directory_others_can_write_is_not_loaded_from(fresh_build):
+    fresh_build.chmod(0o777)
+    assert native_build.library() is None
+    assert "writable by others" in native_build.load_error()
+
+
 def test_turned_off_by_the_environment(fresh_build, monkeypatch):
     monkeypatch.setenv(native_build.ENV_SWITCH, "0")
     assert native_build.library() is None
@@ -329,3 +346,115 @@ def test_peepholes_and_multipliers_of_another_dtype_or_layout_are_read_correctly
         with torch.no_grad():
             h, c = native_gates.gate_forward_new(z, c_prev, p)
         assert rel_err(h, h_ref) < TOL and rel_err(c, c_ref) < TOL
+
+
+# ---- what must see torch ops, what the kernels must refuse ------------------------------------
+
+
+def _cell_and_inputs():
+    from triton_convlstm import ConvLSTMCell
+
+    torch.manual_seed(0)
+    cell = ConvLSTMCell(2, 3, (3, 3), True)
+    x, h, c = torch.randn(4, 2, 5, 6), torch.randn(4, 3, 5, 6), torch.randn(4, 3, 5, 6)
+    return cell, x, h, c
+
+
+def _without_kernels(monkeypatch, fn):
+    with monkeypatch.context() as mp:
+        mp.setattr(native_build, "library", lambda: None)
+        return fn()
+
+
+def test_vmap_jvp_and_forward_ad_see_torch_ops(monkeypatch):
+    """functorch's wrapped tensors and dual tensors carry more than memory: a ctypes call on
+    them crashed (vmap, jvp) or dropped the tangent (forward AD)."""
+    import torch.autograd.forward_ad as fwAD
+
+    cell, x, h, c = _cell_and_inputs()
+    with torch.no_grad():
+        def vmapped():
+            return torch.vmap(lambda a, b, d: cell(a[None], (b[None], d[None])))(x, h, c)
+        got, want = vmapped(), _without_kernels(monkeypatch, vmapped)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6)
+    tangent = torch.randn_like(x)
+
+    def jvp():
+        return torch.func.jvp(lambda a: cell(a, (h, c))[0], (x,), (tangent,))[1]
+
+    assert torch.allclose(jvp(), _without_kernels(monkeypatch, jvp), atol=1e-6)
+
+    def dual():
+        with fwAD.dual_level():
+            out = cell(fwAD.make_dual(x, tangent), (h, c))[0]
+            return fwAD.unpack_dual(out).tangent
+
+    got = dual()
+    assert got is not None and torch.allclose(got, _without_kernels(monkeypatch, dual), atol=1e-6)
+
+
+def test_make_fx_records_the_gate_math():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    z, c_prev, _ = _case((4, 3), False, False)
+
+    def step(z, c):
+        with torch.no_grad():
+            out = native_gates.gate_forward_new(z, c, None)
+        return out if out is not None else torch.zeros(0)
+
+    graph = make_fx(step, tracing_mode="real")(z, c_prev)
+    assert "empty_like" not in str(graph.code)  # declined: nothing half-recorded
+    from triton_convlstm.apps.bench.memory import TensorMemoryTracker
+
+    with TensorMemoryTracker():  # a mode that only counts tensors lets the kernels run
+        assert native_gates.gate_forward_new(z, c_prev, None) is not None
+
+
+def test_inputs_the_kernels_would_misread_are_refused():
+    z, c_prev, pe = _case((4, 3), False, True)  # B3 hid5
+    h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
+    one = torch.ones(1, 1, 1, 1)
+    assert not native_gates.gate_forward(z, None, c_prev, None, h, c, one)  # valid of B1
+    assert not native_gates.gate_forward(z, None, c_prev, pe[:, :1], h, c, None)  # (3, 1)
+    assert not native_gates.gate_forward(z, None, c_prev[:1], None, h, c, None)  # batch 1
+    wide = torch.empty(3, 5, 4, 1).expand(3, 5, 4, 3)  # a written tensor overlapping itself
+    assert not native_gates.gate_forward(z, None, c_prev, None, h, wide, None)
+    gates, cc = _activated(z, c_prev, pe)
+    dz, dcp = torch.empty_like(z), torch.empty_like(c_prev)
+    assert not native_gates.gate_backward(gates, c_prev, cc, pe[:, :2], h, None, None, dz,
+                                          dcp)[0]
+
+
+def test_a_shut_forget_gate_times_an_infinite_cell_is_nan_as_in_torch():
+    z = torch.zeros(1, 4, 1, 1)
+    z[0, 1] = -float("inf")
+    c_prev = torch.full((1, 1, 1, 1), float("inf"))
+    h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
+    assert native_gates.gate_forward(z, None, c_prev, None, h, c, None)
+    _, c_ref = oracle_forward(z.to(F64), c_prev.to(F64))
+    assert c_ref.isnan().all() and c.isnan().all()
+
+
+def test_a_training_backward_runs_every_step_in_the_kernels(monkeypatch):
+    """The output's gradient arrives contiguous, the loop's buffers are channels-last: the loop
+    copies each step's into its scratch, so the kernels never decline nor copy it again."""
+    done, copied = [], []
+    real_backward, real_like = native_gates.gate_backward, native_gates._like
+
+    def backward(*args):
+        out = real_backward(*args)
+        done.append(out[0])
+        return out
+
+    def like(t, layout):
+        copied.append(t is not None)
+        return real_like(t, layout)
+
+    monkeypatch.setattr(native_gates, "gate_backward", backward)
+    monkeypatch.setattr(native_gates, "_like", like)
+    model = ConvLSTM(3, 6, (3, 3), 1, batch_first=True)
+    out, _ = model(torch.randn(2, 4, 3, 6, 5))
+    out[0].square().sum().backward()
+    assert done == [True] * 4 and not any(copied)

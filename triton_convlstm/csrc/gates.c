@@ -13,11 +13,11 @@
 typedef int64_t i64;
 typedef union { float f; int32_t i; } f32_bits;
 
-/* exp(x) for x <= 0: Cephes' range reduction and degree-6 polynomial (~1 ulp). Below -87 it
-   answers exp(-87) ~ 1.6e-38 (off by less than that). A NaN stays NaN through the arithmetic;
+/* exp(x) for x <= 0: Cephes' range reduction and degree-6 polynomial (~1 ulp); 0 below -87
+   (so that sigmoid(-inf) * inf is NaN, as torch's). A NaN stays NaN through the arithmetic;
    only its integer conversion (undefined in C) is steered to a defined value. Rounds by adding
    1.5 * 2^23 (gcc does not vectorize floorf here). Every select costs: the kernels' time is
-   these polynomials (no flush below -87, no NaN select: 14 -> 12 us at hid16 16x16). */
+   these polynomials (without a NaN select and a second clamp: 14 -> 12 us at hid16 16x16). */
 static inline float exp_nonpos(float x) {
     const float xc = x < -87.0f ? -87.0f : x;
     const float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -31,7 +31,7 @@ static inline float exp_nonpos(float x) {
     y = y * r * r + r + 1.0f;
     f32_bits scale;
     scale.i = ((int32_t)(fx > -127.0f ? fx : -127.0f) + 127) << 23;  /* NaN: -127 */
-    return y * scale.f;
+    return x < -87.0f ? 0.0f : y * scale.f;
 }
 
 /* The activations as a ratio num / den (den in [1, 2]), so that a row's several activations

@@ -63,6 +63,10 @@ class TensorMemoryTracker(TorchDispatchMode):
         peak_bytes: the most ``current_bytes`` seen after any op.
     """
 
+    # The CPU gate kernels (native_gates) run under it: they create no tensor, so what is
+    # counted is the default path's memory, not the torch-op fallback's.
+    allows_opaque_kernels = True
+
     def __init__(self) -> None:
         super().__init__()
         self.current_bytes = 0
