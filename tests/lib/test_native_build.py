@@ -1,0 +1,65 @@
+"""native_build: the CPU gate kernels built once into a private cache, the reason kept where
+they cannot be (torch ops then), and the switches that turn them off."""
+
+import pytest
+import torch
+
+from triton_convlstm import native_build, native_gates
+
+
+def _case():
+    z = torch.randn(3, 20, 4, 3).contiguous(memory_format=torch.channels_last)
+    c_prev = torch.randn(3, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+    return z, c_prev
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """native_build with its own cache directory and a fresh load; restored after."""
+    monkeypatch.setenv(native_build.ENV_CACHE, str(tmp_path))
+    native_build.reset()
+    yield tmp_path
+    monkeypatch.undo()
+    native_build.reset()
+
+
+def test_builds_into_its_cache_once(fresh_build):
+    assert native_build.library() is not None, native_build.load_error()
+    (built,) = fresh_build.glob("gates-*.so")
+    stamp = built.stat().st_mtime_ns
+    native_build.reset()
+    assert native_build.library() is not None
+    assert built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_without_a_working_compiler_the_reason_is_kept_and_torch_ops_run(fresh_build,
+                                                                         monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert native_build.library() is None
+    assert "false" in native_build.load_error() and "exited" in native_build.load_error()
+    z, c_prev = _case()
+    h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
+    assert not native_gates.gate_forward(z, None, c_prev, None, h, c, None)
+
+
+def test_a_compiler_command_with_arguments_and_a_corrupt_cached_build(fresh_build,
+                                                                      monkeypatch):
+    cc = native_build.compiler()
+    monkeypatch.setenv("CC", f"env {' '.join(cc)}")  # as "ccache gcc" would be split
+    _, _, path = native_build.build_plan()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_bytes(b"")  # a truncated file where the build should be (a full disk, say)
+    assert native_build.library() is not None, native_build.load_error()  # built again
+    assert path.stat().st_size > 0
+
+
+def test_a_cache_directory_others_can_write_is_not_loaded_from(fresh_build):
+    fresh_build.chmod(0o777)
+    assert native_build.library() is None
+    assert "writable by others" in native_build.load_error()
+
+
+def test_turned_off_by_the_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv(native_build.ENV_SWITCH, "0")
+    assert native_build.library() is None
+    assert native_build.ENV_SWITCH in native_build.load_error()
