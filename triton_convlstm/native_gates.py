@@ -7,8 +7,10 @@ tensor); the caller then runs the torch ops (:mod:`triton_convlstm.reference`), 
 the same function. The results agree with those to float rounding (the activations are
 polynomial approximations within a few ulp), not bit for bit.
 
-Measured (one thread, 2-core box; the whole in-place update): B4 hid16 L64 39 -> ~15 us,
-B2 hid16 16x16 55 -> ~25 us, B8 hid64 32x32 3.1 -> ~1.8 ms (see docs/PERF_NOTES.md).
+Measured (one thread, 2-core box): a training step's update, forward and backward, 2.2-2.8x
+the torch ops at B2 hid16 16x16 and 1.9-2.1x at B4 hid32 24x24 (the perf suite's
+``test_cpu_gate_kernels_gate``); the forward alone at B1 hid16 16x16 ~12-19 us in C against
+32-36 us (docs/PERF_NOTES.md, session 9).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .layout import empty_like_layout
 from .native_build import Plan, Rows
 
 _F32 = torch.float32
-_PLANS: dict = {}  # (sizes, strides, threads) -> one Plan per thread, or None
+_PLANS: dict = {}  # (threads, roles, sizes and strides) -> one Plan per thread, or None
 _MAX_PLANS = 4096
 # Work (hidden elements) per thread below which one thread does the whole update: a hand-off
 # to the pool costs ~20-50 us, the kernel ~5 ns an element.
