@@ -1,15 +1,25 @@
 """Shared by the lengths and dropout tests: a small two-layer model of each spatial rank (an
 even kernel, a dilation, peepholes), its inputs, and one check of outputs, final states and
-every gradient against the float64 oracle (reference_fp64.convlstm) on float64 copies."""
+every gradient against the float64 oracle (reference_fp64.convlstm) on float64 copies. Its
+tables of the family's classes serve the family and quick-step tests too."""
 
 from __future__ import annotations
 
 import torch
 from reference_fp64 import convlstm, params_from_module, rel_err
 
-from triton_convlstm.modules import ConvLSTM1d, ConvLSTM2d, ConvLSTM3d
+from triton_convlstm.modules import (
+    ConvLSTM1d,
+    ConvLSTM2d,
+    ConvLSTM3d,
+    ConvLSTMCell1d,
+    ConvLSTMCell2d,
+    ConvLSTMCell3d,
+)
 
+# The family by spatial rank (test_family and test_quick_step read these too).
 LAYERS = {1: ConvLSTM1d, 2: ConvLSTM2d, 3: ConvLSTM3d}
+CELLS = {1: ConvLSTMCell1d, 2: ConvLSTMCell2d, 3: ConvLSTMCell3d}
 SIZES = {1: (7,), 2: (4, 5), 3: (3, 3, 4)}
 KERNELS, DILATIONS = [3, 2], [1, 2]  # an even kernel and a dilation
 HIDDEN = [3, 4]

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from family_oracle import CELLS, LAYERS
 from reference_fp64 import LayerParams, cell_step, convlstm, params_from_module, rel_err
 from torch import nn
 
@@ -19,13 +20,9 @@ from triton_convlstm.modules import (
     ConvLSTM1d,
     ConvLSTM2d,
     ConvLSTM3d,
-    ConvLSTMCell1d,
     ConvLSTMCell2d,
-    ConvLSTMCell3d,
 )
 
-LAYERS = {1: ConvLSTM1d, 2: ConvLSTM, 3: ConvLSTM3d}
-CELLS = {1: ConvLSTMCell1d, 2: ConvLSTMCell, 3: ConvLSTMCell3d}
 SIZES = {1: (9,), 2: (5, 6), 3: (3, 4, 5)}
 # An even kernel and a dilation in each: (kernel per layer, dilation per layer).
 KERNELS = {1: ([3, 2], [1, 2]), 2: ([3, (2, 3)], [1, (1, 2)]), 3: ([3, (2, 3, 1)], [1, (1, 1, 2)])}

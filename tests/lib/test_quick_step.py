@@ -4,22 +4,11 @@ its errors, runs) wherever anything differs."""
 
 import pytest
 import torch
+from family_oracle import CELLS, LAYERS
 from torch import nn
 
-from triton_convlstm import (
-    ConvLSTM,
-    ConvLSTM1d,
-    ConvLSTM3d,
-    ConvLSTMCell,
-    ConvLSTMCell1d,
-    ConvLSTMCell3d,
-    cells,
-    modules,
-    quick_step,
-)
+from triton_convlstm import ConvLSTM, cells, modules, quick_step
 
-CELLS = {1: ConvLSTMCell1d, 2: ConvLSTMCell, 3: ConvLSTMCell3d}
-LAYERS = {1: ConvLSTM1d, 2: ConvLSTM, 3: ConvLSTM3d}
 SIZES = {1: (9,), 2: (5, 6), 3: (3, 4, 5)}
 
 
