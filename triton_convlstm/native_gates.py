@@ -15,6 +15,7 @@ the torch ops at B2 hid16 16x16 and 1.9-2.1x at B4 hid32 24x24 (the perf suite's
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -60,8 +61,13 @@ def _no_overlap(t: Tensor) -> bool:
     """Whether no two elements of t share memory (strides in increasing order each past all
     the smaller dims reach; gaps allowed): a written tensor must not, or threads would race
     where torch ops raise."""
+    return _no_overlap_of(tuple(t.shape), t.stride())
+
+
+@functools.lru_cache(maxsize=1024)  # the training forward asks of its gates every step
+def _no_overlap_of(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     reach = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+    for stride, size in sorted((st, sz) for st, sz in zip(strides, shape) if sz > 1):
         if stride < reach:
             return False
         reach += stride * (size - 1)
