@@ -99,13 +99,12 @@ def module_padding(kernel_size: tuple[int, ...],
 
 
 def _split_padding(weight: Tensor, dilation: Sequence[int],
-                   padding_mode: str) -> tuple[tuple[int, ...] | None, list[int]]:
+                   padding_mode: str) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
     """(extra F.pad amounts (:func:`same_padding`'s) or None, symmetric conv padding per dim,
     first dim first). Memoised by sizes (a CPU step asks every time; ~3 us of Python)."""
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    pad, padding = _split_padding_of(tuple(weight.shape[2:]), tuple(dilation), padding_mode)
-    return pad, list(padding)  # a fresh list: callers may hand it on
+    return _split_padding_of(tuple(weight.shape[2:]), tuple(dilation), padding_mode)
 
 
 @_memoised
@@ -203,7 +202,7 @@ def _pad_backward(grad: Tensor, x_shape: Sequence[int], pad: Sequence[int],
 
 
 def _padded(x: Tensor, weight: Tensor, dilation: Sequence[int],
-            padding_mode: str) -> tuple[Tensor, list[int]]:
+            padding_mode: str) -> tuple[Tensor, tuple[int, ...]]:
     """x padded where the convolution cannot pad itself, and the padding left to it."""
     pad, padding = _split_padding(weight, dilation, padding_mode)
     if pad is not None:
@@ -226,7 +225,7 @@ def conv_same(x: Tensor, weight: Tensor, dilation: Sequence[int],
         (N, O, *spatial), x's dtype.
     """
     x, padding = _padded(x, weight, dilation, padding_mode)
-    return _CONV[len(padding)](x, weight, bias, padding=padding, dilation=list(dilation))
+    return _CONV[len(padding)](x, weight, bias, 1, padding, dilation)
 
 
 def conv_same_input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor,

@@ -31,6 +31,7 @@ from .native_build import Plan, Rows
 
 _F32 = torch.float32
 _PLANS: dict = {}  # (threads, roles, sizes and strides) -> one Plan per thread, or None
+_NEW_PLANS: dict = {}  # gate_forward_new's (threads, sizes, strides) -> (plans, relaid)
 _MAX_PLANS = 4096
 # Work (hidden elements) per thread below which one thread does the whole update: a hand-off
 # to the pool costs ~20-50 us, the kernel ~5 ns an element.
@@ -193,6 +194,9 @@ def _run(fn, plans: list[Plan], *args) -> None:
     """fn(plan, *args) for each plan, on threads when there are several (ctypes drops the
     GIL for the call, so they run in parallel; each writes only its own rows). A trailing
     list among args gives each plan its own item (per-thread accumulators)."""
+    if len(plans) == 1 and not isinstance(args[-1], list):
+        fn(plans[0], *args)  # (the common small update, without the list building below)
+        return
     per_plan = isinstance(args[-1], list)
     calls = [(p, *args[:-1], args[-1][k]) if per_plan else (p, *args)
              for k, p in enumerate(plans)]
@@ -293,33 +297,49 @@ def gate_forward_new(z: Tensor, c_prev: Tensor,
     gradient (the one-frame inference step): (h, c) in new tensors laid out as c_prev, or None
     where the kernels do not serve the call (or autograd must see it).
 
+    The streaming step's hot path (a hid16 16x16 frame: ~11 us of kernel), so its checks are
+    written out and its plans memoised apart from :func:`_plans`'.
+
     Args:
         z: (B, 4*hidden, *spatial) fp32 pre-activations, i, f, o, g.
         c_prev: (B, hidden, *spatial) fp32.
         peephole: (3, hidden) or None.
     """
     lib = _library()
-    if lib is None or not _served((z, c_prev)):  # (before anything a tracer would see)
-        return None
+    if (lib is None or type(z) is not Tensor or type(c_prev) is not Tensor
+            or z.dtype != _F32 or c_prev.dtype != _F32 or not (z.is_cpu and c_prev.is_cpu)):
+        return None  # (before anything a tracer would see)
     if torch.is_grad_enabled() and (z.requires_grad or c_prev.requires_grad
                                     or (peephole is not None and peephole.requires_grad)):
         return None
-    if not _vectors_fit(peephole, None, z):
+    if peephole is not None and peephole.shape != (3, z.shape[1] // 4):
         return None
-    # The new h and c are laid out as c_prev (dense), so one plan serves the four.
-    plans = _plans((z, c_prev, c_prev, c_prev), outputs=())
+    key = (torch.get_num_threads(), z.shape, z.stride(), c_prev.shape, c_prev.stride())
+    found = _NEW_PLANS.get(key)
+    if found is None:
+        found = _NEW_PLANS[key] = _new_plans(z, c_prev)
+        if len(_NEW_PLANS) > _MAX_PLANS:
+            _NEW_PLANS.clear()
+    plans, relaid = found
     if plans is None:
-        # (frames of >= CHANNELS_LAST_PIXELS are convolved channels-last, the state may not be)
+        return None
+    if relaid:  # (frames of >= CHANNELS_LAST_PIXELS are convolved channels-last, c_prev not)
         c_prev = _like(c_prev, z)
-        plans = _plans((z, c_prev, c_prev, c_prev), outputs=())
-        if plans is None:
-            return None
     h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
-    if h.stride() != c_prev.stride():  # (a c_prev with gaps: the new ones are dense)
-        plans = _plans((z, c_prev, c, h))
-        if plans is None:
-            return None
     peephole = _vector(peephole)  # (held until the call returns)
     _run(lib.tcl_gate_forward, plans, z.data_ptr(), None, c_prev.data_ptr(), c.data_ptr(),
          h.data_ptr(), _ptr(peephole), None)
     return h, c
+
+
+def _new_plans(z: Tensor, c_prev: Tensor) -> tuple[list[Plan] | None, bool]:
+    """gate_forward_new's plans for z and c_prev, the new h and c laid out as c_prev (or as
+    :func:`_like` relays it: the flag), or None where the kernels do not serve them."""
+    relaid = False
+    if _make_plans((z, c_prev, c_prev, c_prev), 0, ()) is None:
+        c_prev, relaid = _like(c_prev, z), True
+    if _make_plans((z, c_prev, c_prev, c_prev), 0, ()) is None:
+        return None, relaid
+    # The new h and c are dense whatever gaps c_prev has: one plan reads the four.
+    new = torch.empty_like(c_prev)
+    return _make_plans((z, c_prev, new, new), 0, (2, 3)), relaid

@@ -56,8 +56,10 @@ def _ready(cell: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor] | None:
 def _step(cell: nn.Module, conv: nn.Module, w: Tensor, x: Tensor, h: Tensor | None,
           c: Tensor) -> tuple[Tensor, Tensor]:
     """The step as the full path computes it (h None: the zero state, x's taps alone)."""
-    w, bias, peep = validation.cast_params(w, conv._parameters.get("bias"),
-                                           cell._parameters.get("peephole"), w.dtype)
+    bias, peep = conv._parameters.get("bias"), cell._parameters.get("peephole")
+    if (bias is not None and bias.dtype != w.dtype) or (
+            peep is not None and peep.dtype != c.dtype):  # (c: the state dtype)
+        w, bias, peep = validation.cast_params(w, bias, peep, w.dtype)
     h, c = cell_step(x, h, c, w, bias, peep, cell.dilation, "torch",
                      padding_mode=conv.padding_mode)
     # Contiguous, as the popular cell's (see the cell's forward).
@@ -119,7 +121,7 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
         return None
     if model.training and any(x_rate or h_rate for x_rate, h_rate in model._dropout_rates()):
         return None
-    cells = list(model.cell_list._modules.values())
+    cells = list(model._modules["cell_list"]._modules.values())
     if hidden_state is None:
         if model._own_initial_state():
             return None
@@ -128,7 +130,7 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
         return None
     if any(calls_cell(cell, plain_forward) for cell in cells):
         return None  # before any step: none is computed twice
-    frame = x[:, 0] if model.batch_first else x[0]
+    frame = x.select(1 if model.batch_first else 0, 0)
     outputs, last = [], []
     for cell, state in zip(cells, hidden_state):
         ready = _ready(cell, frame)
@@ -150,4 +152,4 @@ def quick_layer_step(model: nn.Module, x: Tensor, hidden_state, lengths,
         outputs, last = outputs[-1:], last[-1:]
     # (B, 1, hidden, ...) outputs whatever batch_first, as the full path (and the popular
     # module) returns them: their own memory, not h's.
-    return [h.unsqueeze(1).clone() for h in outputs], last
+    return [torch.stack((h,), 1) for h in outputs], last

@@ -228,12 +228,12 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
     """
     # The cell has checked its arguments: no second round of gate_update's checks. The torch
     # path adds the bias inside the convolution (free in oneDNN), as the popular cell does.
-    on_torch = resolve_backend(backend, x_t.device, x_t.dtype) == "torch"
+    on_torch = backend == "torch" or resolve_backend(backend, x_t.device, x_t.dtype) == "torch"
     conv_bias = bias if on_torch else None
     # A zero h pads to zeros in every mode: its taps contribute nothing.
     frame = x_t if h is None else torch.cat([x_t, h], dim=1)
     w = weight if h is not None else weight[:, : x_t.shape[1]]
-    if (x_t.device.type == "cpu" and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
+    if (x_t.is_cpu and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
             and frames_channels_last(x_t.device, x_t.dim() - 2)):
         frame, w = channels_last(frame), channels_last(w)
     z = conv_same(frame, w, dilation, conv_bias, padding_mode=padding_mode)
