@@ -38,7 +38,8 @@ def _info() -> int:
     from . import native_build
 
     lib, why = native_build.library(), native_build.load_error()
-    print(f"cpu gate kernels {'built: ' + lib._name if lib is not None else 'off: ' + str(why)}")
+    state = "built: " + lib._name if lib is not None else "off: " + str(why)
+    print(f"cpu kernels (gates, small 1-d/3-d convolutions) {state}")
     return 0
 
 

@@ -1,9 +1,10 @@
-"""The CPU gate kernels (``csrc/gates.c``): built on first use, cached on disk, loaded by ctypes.
+"""The CPU kernels (``csrc/gates.c``, ``csrc/im2col.c``): built on first use, cached on disk,
+loaded by ctypes.
 
 Plain C without torch headers builds in about 1.5 s (2-core box) with the system's C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-march=native``: the
-kernels' transcendental loops are vectorized). The library is cached under
-``$TRITON_CONVLSTM_CACHE`` (default ``~/.cache/triton_convlstm``), keyed by the source, the
+kernels' transcendental loops are vectorized) into one library, cached under
+``$TRITON_CONVLSTM_CACHE`` (default ``~/.cache/triton_convlstm``), keyed by the sources, the
 flags, the compiler and the CPU, so a shared home directory serves each machine its own build.
 
 Where nothing builds (no compiler, a failed build, ``TRITON_CONVLSTM_NATIVE=0``), :func:`library`
@@ -24,7 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "gates.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gates.c", "im2col.c"))
 # -fopenmp-simd honours the source's "omp simd" loops without linking an OpenMP runtime; errno
 # and FP traps off so that the activations vectorize (no -ffast-math: NaN and inf must behave).
 FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
@@ -52,10 +53,29 @@ class Plan(ctypes.Structure):
                 ("gate_step", ctypes.c_int64 * 2), ("rows", Rows * 8)]
 
 
+class Geometry(ctypes.Structure):
+    """A small convolution's sizes (``geom_t`` in im2col.c): the frame (1-d and 2-d with unit
+    leading dims), kernel, dilation, the pads before each dim and each dim's total pad."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "B", "D", "H", "W", "KD", "KH", "KW", "dd", "dh", "dw", "pd", "ph", "pw", "td", "th",
+        "tw")]
+
+
+class View(ctypes.Structure):
+    """A tensor as (B, channels, pixels) for im2col.c (``view_t``): data and element strides."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("channels", ctypes.c_int64),
+                ("sample", ctypes.c_int64), ("channel", ctypes.c_int64),
+                ("pixel", ctypes.c_int64)]
+
+
 _P = ctypes.c_void_p
-_SIGNATURES = {
-    "tcl_gate_forward": [ctypes.POINTER(Plan)] + [_P] * 7,
-    "tcl_gate_backward": [ctypes.POINTER(Plan)] + [_P] * 10,
+_SIGNATURES = {  # name: (argument types, result type)
+    "tcl_gate_forward": ([ctypes.POINTER(Plan)] + [_P] * 7, None),
+    "tcl_gate_backward": ([ctypes.POINTER(Plan)] + [_P] * 10, None),
+    "tcl_im2col": ([ctypes.POINTER(Geometry)] + [ctypes.POINTER(View)] * 3, ctypes.c_int),
+    "tcl_col2im": ([ctypes.POINTER(Geometry)] + [ctypes.POINTER(View)] * 2, ctypes.c_int),
 }
 
 
@@ -107,7 +127,7 @@ def _private_dir(path: Path) -> str | None:
 
 
 def _build(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
-    """Compiles SOURCE into ``out`` (atomically: concurrent builds each replace it whole),
+    """Compiles SOURCES into ``out`` (atomically: concurrent builds each replace it whole),
     with ``arch`` and, if that fails, without; None on success, else the compiler's words."""
     error = _compile(cc, arch, out)
     if error is not None and arch:
@@ -119,7 +139,7 @@ def _build(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
 def _compile(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [*cc, *FLAGS, *arch, "-o", tmp, str(SOURCE)]
+    cmd = [*cc, *FLAGS, *arch, "-o", tmp, *map(str, SOURCES)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -134,23 +154,23 @@ def _compile(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
+    for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, restype
     return lib
 
 
 def build_plan() -> tuple[list[str], tuple[str, ...], Path] | None:
     """(compiler command, architecture flags, the cached library's path) for this machine, or
-    None without a compiler. The path names a hash of the source, flags, compiler and CPU."""
+    None without a compiler. The path names a hash of the sources, flags, compiler and CPU."""
     cc = compiler()
     if not cc:
         return None
     cpu = _cpu_identity()
     arch = ARCH_FLAGS if cpu is not None else ()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + arch), *cc,
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS + arch), *cc,
                                     platform.machine(), cpu or ""]).encode())
-    return cc, arch, cache_dir() / f"gates-{key.hexdigest()[:16]}.so"
+    return cc, arch, cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None]:

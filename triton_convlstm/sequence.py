@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native_conv, reference
 from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
 from .layout import (
     conv_layout,
     empty_seq,
     frames_as_seq,
+    frames_channels_last,
     in_seq_layout,
     seq_frames,
 )
@@ -56,19 +57,44 @@ class LayerSpec:
     # The convolutions' padding, as nn.Conv2d's padding_mode (conv.PADDING_MODES).
     padding_mode: str = "zeros"
 
-    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """:func:`~triton_convlstm.conv.conv_same` with this layer's dilation and padding."""
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+             h: Tensor | None = None) -> Tensor:
+        """:func:`~triton_convlstm.conv.conv_same` of x, or of [x, h] where h is given, with
+        this layer's dilation and padding (small CPU frames: :mod:`native_conv`'s products,
+        which read x and h where they are)."""
+        if self._native():
+            z = native_conv.conv_small(x, h, weight, bias, self.dilation,
+                                       frames_channels_last(x.device, x.dim() - 2))
+            if z is not None:
+                return z
+        if h is not None:
+            x = torch.cat([x, h], dim=1)
         return conv_same(x, weight, self.dilation, bias, padding_mode=self.padding_mode)
 
     def conv_input_grad(self, grad: Tensor, x_shape: Sequence[int], weight: Tensor) -> Tensor:
         """:func:`~triton_convlstm.conv.conv_same_input_grad` with this layer's settings."""
+        if self._native():
+            dx = native_conv.conv_input_grad_small(
+                grad, x_shape, weight, self.dilation,
+                frames_channels_last(grad.device, grad.dim() - 2))
+            if dx is not None:
+                return dx
         return conv_same_input_grad(grad, x_shape, weight, self.dilation,
                                     padding_mode=self.padding_mode)
 
     def conv_weight_grad(self, grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
         """:func:`~triton_convlstm.conv.conv_same_weight_grad` with this layer's settings."""
+        if self._native():
+            dw = native_conv.conv_weight_grad_small(grad, x, weight, self.dilation)
+            if dw is not None:
+                return dw
         return conv_same_weight_grad(grad, x, weight, self.dilation,
                                      padding_mode=self.padding_mode)
+
+    def _native(self) -> bool:
+        """Whether :mod:`native_conv` may serve (it checks the tensors): the torch path's
+        zero padding (the Triton path, the interpreter's included, keeps torch's convolution)."""
+        return self.backend == "torch" and self.padding_mode == "zeros"
 
 
 def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
@@ -373,7 +399,7 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
             h_in = steps.recurrent(h_prev)
             # (no no-op .to(): on CPU each call of this loop is a visible part of a step)
             h_in = h_in if h_in.dtype == x_t.dtype else h_in.to(x_t.dtype)
-            z = spec.conv(torch.cat([x_t, h_in], dim=1), w_all, bias)
+            z = spec.conv(x_t, w_all, bias, h=h_in)
         c_out = c_seq[step] if save and step < t - 1 else c_last
         h_out = h_seq[step]
         gate_forward_torch(z, None, None, c_prev, peephole, h_out=h_out, c_out=c_out,

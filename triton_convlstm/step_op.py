@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import native_gates, reference
+from . import native_conv, native_gates, reference
 from .backend import check_backend_name, resolve_backend
 from .conv import conv_same
 from .layout import channels_last, frames_channels_last
@@ -231,12 +231,17 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
     on_torch = backend == "torch" or resolve_backend(backend, x_t.device, x_t.dtype) == "torch"
     conv_bias = bias if on_torch else None
     # A zero h pads to zeros in every mode: its taps contribute nothing.
-    frame = x_t if h is None else torch.cat([x_t, h], dim=1)
     w = weight if h is not None else weight[:, : x_t.shape[1]]
-    if (x_t.is_cpu and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
-            and frames_channels_last(x_t.device, x_t.dim() - 2)):
-        frame, w = channels_last(frame), channels_last(w)
-    z = conv_same(frame, w, dilation, conv_bias, padding_mode=padding_mode)
+    last = (x_t.is_cpu and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
+            and frames_channels_last(x_t.device, x_t.dim() - 2))
+    z = None
+    if on_torch and padding_mode == "zeros":  # small 1-d and 3-d frames: C columns, products
+        z = native_conv.conv_small(x_t, h, w, conv_bias, dilation, last)
+    if z is None:
+        frame = x_t if h is None else torch.cat([x_t, h], dim=1)
+        if last:
+            frame, w = channels_last(frame), channels_last(w)
+        z = conv_same(frame, w, dilation, conv_bias, padding_mode=padding_mode)
     if on_torch:  # the C kernel in inference where it serves the call, else torch ops
         return native_gates.gate_forward_new(z, c, peephole) or reference.gate_forward_ref(
             z, c, peephole)

@@ -25,7 +25,7 @@ def fresh_build(monkeypatch, tmp_path):
 
 def test_builds_into_its_cache_once(fresh_build):
     assert native_build.library() is not None, native_build.load_error()
-    (built,) = fresh_build.glob("gates-*.so")
+    (built,) = fresh_build.glob("kernels-*.so")
     stamp = built.stat().st_mtime_ns
     native_build.reset()
     assert native_build.library() is not None

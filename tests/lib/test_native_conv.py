@@ -1,0 +1,166 @@
+"""native_conv: small 1-d and 3-d convolutions and their gradients as C columns and matrix
+products, against torch's convolution in float64 (conv.py, the functions they stand in for);
+the calls they decline; and the layer, which gives the same results with and without them."""
+
+import itertools
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from triton_convlstm import ConvLSTM1d, ConvLSTM3d, native_build, native_conv
+from triton_convlstm.conv import conv_same, conv_same_input_grad, conv_same_weight_grad
+
+pytestmark = pytest.mark.skipif(native_build.library() is None,
+                                reason="no C compiler here: the torch convolution runs")
+
+
+def _laid(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if channels_last else t.contiguous()
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert not got.isnan().any()
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+CASES = list(itertools.product(
+    [(7,), (4, 5, 6)],  # spatial
+    [1, 2, 3],  # kernel (even: the odd pixel pads at the end)
+    [1, 2],  # dilation
+    [False, True],  # input channels-last
+    [False, True],  # output channels-last
+))
+
+
+@pytest.mark.parametrize(("spatial", "k", "d", "cl_in", "cl_out"), CASES)
+def test_the_convolution_and_its_input_gradient_match_torch(spatial, k, d, cl_in, cl_out):
+    torch.manual_seed(0)
+    n = len(spatial)
+    kernel, dilation = (k,) * n, (d,) * n
+    x = _laid(torch.randn(3, 2, *spatial, dtype=torch.float64), cl_in)
+    h = _laid(torch.randn(3, 4, *spatial, dtype=torch.float64), cl_in)
+    w = torch.randn(8, 6, *kernel, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    want = conv_same(torch.cat([x, h], 1), w, dilation, b)
+    got = native_conv.conv_small(x.float(), h.float(), w.float(), b.float(), dilation, cl_out)
+    assert got.shape == want.shape and _rel(got, want) < 1e-5
+    assert (got.stride(1) == 1) == cl_out
+    alone = native_conv.conv_small(x.float(), None, w[:, :2].float(), None, dilation, cl_out)
+    assert _rel(alone, conv_same(x, w[:, :2], dilation)) < 1e-5
+
+    grad = _laid(torch.randn_like(want), cl_in)
+    want_dx = conv_same_input_grad(grad, (3, 6, *spatial), w, dilation)
+    dx = native_conv.conv_input_grad_small(grad.float(), (3, 6, *spatial), w.float(), dilation,
+                                           cl_out)
+    assert dx.shape == want_dx.shape and _rel(dx, want_dx) < 1e-5
+    assert (dx.stride(1) == 1) == cl_out
+
+
+@pytest.mark.parametrize("spatial", [(9,), (3, 4, 5)])
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_weight_gradient_matches_torch_for_channels_last_gradients(spatial, k):
+    torch.manual_seed(1)
+    n = len(spatial)
+    x = _laid(torch.randn(5, 3, *spatial, dtype=torch.float64), True)
+    w = torch.randn(8, 3, *(k,) * n, dtype=torch.float64)
+    grad = _laid(torch.randn(5, 8, *spatial, dtype=torch.float64), True)
+    want = conv_same_weight_grad(grad, x, w, (2,) * n)
+    got = native_conv.conv_weight_grad_small(grad.float(), x.float(), w.float(), (2,) * n)
+    assert got.shape == w.shape and got.is_contiguous() and _rel(got, want) < 1e-5
+    # Channels-first gradients are left to torch (a product per frame was no faster).
+    assert native_conv.conv_weight_grad_small(grad.float().contiguous(), x.float(), w.float(),
+                                              (2,) * n) is None
+
+
+def test_frames_with_gaps_between_samples_are_read_in_place():
+    video = torch.randn(2, 5, 3, 10)  # (B, T, C, L): frame t is x[:, t], a gap per sample
+    w = torch.randn(4, 3, 3)
+    frame = video[:, 2]
+    got = native_conv.conv_small(frame, None, w, None, (1,), False)
+    assert _rel(got, conv_same(frame.double(), w.double(), (1,))) < 1e-5
+
+
+def _args(**change):
+    """A served conv_small call, with one argument changed."""
+    args = dict(x=torch.randn(2, 3, 6), h=torch.randn(2, 4, 6), weight=torch.randn(8, 7, 3),
+                bias=torch.randn(8), dilation=(1,), channels_last=False)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change", [
+    dict(x=torch.randn(2, 3, 6, 6), h=torch.randn(2, 4, 6, 6), weight=torch.randn(8, 7, 3, 3),
+         dilation=(1, 1)),  # 2-d: torch's convolution
+    dict(x=torch.randn(2, 3, 6, dtype=torch.float64)),
+    dict(bias=torch.randn(8, dtype=torch.bfloat16)),
+    dict(weight=torch.randn(8, 6, 3)),  # channels disagree
+    dict(h=torch.randn(2, 4, 5)),  # sizes disagree
+    dict(x=torch.randn(2, 3, 4096 + 1), h=None, weight=torch.randn(8, 3, 3)),  # too long
+    dict(x=torch.randn(2, 3, 0), h=None, weight=torch.randn(8, 3, 3)),
+])
+def test_calls_not_served_are_declined(change):
+    assert native_conv.conv_small(**_args(**change)) is None
+
+
+def test_pixels_at_one_stride_are_read_where_they_are():
+    args = _args(x=torch.randn(2, 3, 12)[..., ::2])  # every other pixel
+    want = conv_same(torch.cat([args["x"], args["h"]], 1).double(), args["weight"].double(),
+                     (1,), args["bias"].double())
+    assert _rel(native_conv.conv_small(**args), want) < 1e-5
+
+
+def test_pixels_at_no_single_stride_are_declined():
+    x = torch.randn(1, 2, 4, 5, 6).transpose(3, 4)  # (z, y, x) no longer in memory order
+    assert native_conv.conv_small(x, None, torch.randn(4, 2, 3, 3, 3), None, (1, 1, 1),
+                                  False) is None
+
+
+def test_autograd_fake_tensors_and_a_turned_off_library_see_torch(monkeypatch):
+    w = torch.randn(8, 7, 3, requires_grad=True)
+    assert native_conv.conv_small(**_args(weight=w)) is None
+    with torch.no_grad():
+        assert native_conv.conv_small(**_args(weight=w)) is not None
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(2, 3, 6))
+        assert native_conv.conv_small(**_args(x=fake)) is None
+    monkeypatch.setattr(native_conv, "_library", lambda: None)
+    assert native_conv.conv_small(**_args()) is None
+
+
+@pytest.mark.parametrize(("cls", "spatial"), [(ConvLSTM1d, (12,)), (ConvLSTM3d, (3, 4, 5))])
+def test_the_layer_gives_the_same_results_with_and_without_them(monkeypatch, cls, spatial):
+    torch.manual_seed(2)
+    model = cls(2, 4, 3, 2, batch_first=True, dilation=2)
+    x = torch.randn(2, 3, 2, *spatial, requires_grad=True)
+    served = {}
+
+    def spy(name):
+        fn = getattr(native_conv, name)
+
+        def call(*args):
+            out = fn(*args)
+            served[name] = served.get(name, False) or out is not None
+            return out
+
+        return call
+
+    for name in ("conv_small", "conv_input_grad_small", "conv_weight_grad_small"):
+        monkeypatch.setattr(native_conv, name, spy(name))
+
+    def run():
+        out, state = model(x)
+        (out[0].square().sum() + state[0][1].sum()).backward()
+        grads = [x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+        x.grad = None
+        model.zero_grad()
+        return [out[0].detach(), *grads]
+
+    with_columns = run()
+    # Every convolution of the forward and the input gradients; the weight gradient where
+    # the frames are channels-last (1-d on CPU).
+    assert served == {"conv_small": True, "conv_input_grad_small": True,
+                      "conv_weight_grad_small": cls is ConvLSTM1d}
+    monkeypatch.setattr(native_conv, "_library", lambda: None)
+    for got, want in zip(with_columns, run()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
