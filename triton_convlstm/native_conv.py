@@ -146,13 +146,20 @@ def conv_small(x: Tensor, h: Tensor | None, weight: Tensor, bias: Tensor | None,
     o = weight.shape[0]
     w = weight.reshape(o, -1)
     if channels_last:  # (B, pixels, O): the product transposed
-        z = torch.matmul(cols.transpose(1, 2), w.t())
-        if bias is not None:
-            z += bias
+        if b == 1:  # (mm: matmul would broadcast into a batched product)
+            z = torch.mm(cols[0].t(), w.t()) if bias is None else torch.addmm(
+                bias, cols[0].t(), w.t())
+        else:
+            z = torch.matmul(cols.transpose(1, 2), w.t())
+            if bias is not None:
+                z += bias
         return z.view(b, *spatial, o).movedim(-1, 1)
-    z = torch.matmul(w, cols)
-    if bias is not None:
-        z += bias.unsqueeze(1)
+    if b == 1:
+        z = torch.mm(w, cols[0]) if bias is None else torch.addmm(bias.unsqueeze(1), w, cols[0])
+    else:
+        z = torch.matmul(w, cols)
+        if bias is not None:
+            z += bias.unsqueeze(1)
     return z.view(b, o, *spatial)
 
 
