@@ -40,6 +40,9 @@ def _info() -> int:
     lib, why = native_build.library(), native_build.load_error()
     state = "built: " + lib._name if lib is not None else "off: " + str(why)
     print(f"cpu kernels (gates, small 1-d/3-d convolutions) {state}")
+    if lib is not None:
+        fused = "on" if native_build.has_sgemm() else "off (no BLAS sgemm in torch's libraries)"
+        print(f"cpu one-step kernel (streaming inference) {fused}")
     return 0
 
 

@@ -25,7 +25,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("gates.c", "im2col.c"))
+_CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(_CSRC / name for name in ("gates.c", "im2col.c", "step.c"))
+HEADERS = (_CSRC / "kernels.h",)
 # -fopenmp-simd honours the source's "omp simd" loops without linking an OpenMP runtime; errno
 # and FP traps off so that the activations vectorize (no -ffast-math: NaN and inf must behave).
 FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
@@ -54,28 +56,37 @@ class Plan(ctypes.Structure):
 
 
 class Geometry(ctypes.Structure):
-    """A small convolution's sizes (``geom_t`` in im2col.c): the frame (1-d and 2-d with unit
-    leading dims), kernel, dilation, the pads before each dim and each dim's total pad."""
+    """A small convolution's sizes (``geom_t``): the frame (1-d and 2-d with unit leading
+    dims), kernel, dilation, the pads before each dim and each dim's total pad."""
 
     _fields_ = [(name, ctypes.c_int64) for name in (
         "B", "D", "H", "W", "KD", "KH", "KW", "dd", "dh", "dw", "pd", "ph", "pw", "td", "th",
         "tw")]
 
 
-class View(ctypes.Structure):
-    """A tensor as (B, channels, pixels) for im2col.c (``view_t``): data and element strides."""
+class Layout(ctypes.Structure):
+    """A tensor as (B, channels, pixels) for im2col.c (``layout_t``): element strides."""
 
-    _fields_ = [("data", ctypes.c_void_p), ("channels", ctypes.c_int64),
-                ("sample", ctypes.c_int64), ("channel", ctypes.c_int64),
-                ("pixel", ctypes.c_int64)]
+    _fields_ = [(name, ctypes.c_int64) for name in ("channels", "sample", "channel", "pixel")]
+
+
+class StepPlan(ctypes.Structure):
+    """A fused inference step's sizes (``step_plan_t`` in step.c)."""
+
+    _fields_ = [("g", Geometry), ("x", Layout), ("h", Layout), ("cols", Layout),
+                ("gates", Plan), ("rows", ctypes.c_int64), ("out", ctypes.c_int64),
+                ("pixels", ctypes.c_int64), ("w_row", ctypes.c_int64)]
 
 
 _P = ctypes.c_void_p
+_G, _L = ctypes.POINTER(Geometry), ctypes.POINTER(Layout)
 _SIGNATURES = {  # name: (argument types, result type)
     "tcl_gate_forward": ([ctypes.POINTER(Plan)] + [_P] * 7, None),
     "tcl_gate_backward": ([ctypes.POINTER(Plan)] + [_P] * 10, None),
-    "tcl_im2col": ([ctypes.POINTER(Geometry)] + [ctypes.POINTER(View)] * 3, ctypes.c_int),
-    "tcl_col2im": ([ctypes.POINTER(Geometry)] + [ctypes.POINTER(View)] * 2, ctypes.c_int),
+    "tcl_im2col": ([_G, _L, _P, _L, _P, _L, _P], ctypes.c_int),
+    "tcl_col2im": ([_G, _L, _P, _L, _P], ctypes.c_int),
+    "tcl_set_sgemm": ([_P], None),
+    "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 8, ctypes.c_int),
 }
 
 
@@ -157,7 +168,33 @@ def _open(path: Path) -> ctypes.CDLL:
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
+    sgemm = _torch_sgemm()
+    lib.tcl_set_sgemm(sgemm)
+    lib.has_sgemm = sgemm is not None  # (read by has_sgemm)
     return lib
+
+
+def _torch_sgemm() -> int | None:
+    """The address of the Fortran BLAS ``sgemm_`` in the library torch links (MKL in the x86
+    wheels, OpenBLAS beside torch in others), or None: the fused step then declines."""
+    import torch
+
+    root = Path(torch.__file__).parent
+    found = [root / "lib" / name for name in ("libtorch_cpu.so", "libtorch_cpu.dylib")]
+    found += sorted((root.parent / "torch.libs").glob("libopenblas*.so*"))
+    for path in found:
+        try:
+            fn = ctypes.CDLL(str(path)).sgemm_
+        except (OSError, AttributeError):
+            continue
+        return ctypes.cast(fn, ctypes.c_void_p).value
+    return None
+
+
+def has_sgemm() -> bool:
+    """Whether the loaded library was handed a BLAS sgemm (the fused step needs one)."""
+    lib = library()
+    return lib is not None and lib.has_sgemm
 
 
 def build_plan() -> tuple[list[str], tuple[str, ...], Path] | None:
@@ -168,7 +205,8 @@ def build_plan() -> tuple[list[str], tuple[str, ...], Path] | None:
         return None
     cpu = _cpu_identity()
     arch = ARCH_FLAGS if cpu is not None else ()
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), " ".join(FLAGS + arch), *cc,
+    texts = [s.read_text() for s in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS + arch), *cc,
                                     platform.machine(), cpu or ""]).encode())
     return cc, arch, cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .native_build import Geometry, View
+from .native_build import Geometry, Layout
 from .native_gates import _library
 
 _F32 = torch.float32
@@ -35,6 +35,7 @@ SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above)
 MAX_PIXELS = 4096
 MAX_COLUMN_FLOATS = 1 << 18
 _GEOMETRY: dict = {}  # (B, spatial, kernel, dilation) -> Geometry
+_NO_LAYOUT = Layout(0, 0, 0, 1)
 
 
 def _pixel_stride(t: Tensor) -> int | None:
@@ -52,8 +53,8 @@ def _pixel_stride(t: Tensor) -> int | None:
     return 1 if stride is None else stride
 
 
-def _view(t: Tensor, pixel: int) -> View:
-    return View(t.data_ptr(), t.shape[1], t.stride(0), t.stride(1), pixel)
+def _layout(t: Tensor, pixel: int) -> Layout:
+    return Layout(t.shape[1], t.stride(0), t.stride(1), pixel)
 
 
 def _geometry(b: int, spatial: Sequence[int], kernel: Sequence[int],
@@ -109,9 +110,10 @@ def _columns(lib, x: Tensor, h: Tensor | None, kernel: Sequence[int], dilation: 
         cols = torch.empty(b, pixels, rows, dtype=_F32).transpose(1, 2)
     else:
         cols = torch.empty(b, rows, pixels, dtype=_F32)
-    none = View(None, 0, 0, 0, 1)
-    failed = lib.tcl_im2col(_geometry(b, spatial, kernel, dilation), _view(x, px),
-                            none if h is None else _view(h, ph), _view(cols, cols.stride(2)))
+    failed = lib.tcl_im2col(
+        _geometry(b, spatial, kernel, dilation), _layout(x, px), x.data_ptr(),
+        _NO_LAYOUT if h is None else _layout(h, ph), None if h is None else h.data_ptr(),
+        _layout(cols, cols.stride(2)), cols.data_ptr())
     return None if failed else cols
 
 
@@ -189,8 +191,8 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     g = grad.as_strided((n, o, pixels), (grad.stride(0), grad.stride(1), pg))
     dcols = torch.matmul(weight.reshape(o, -1).t(), g)  # (N, rows, pixels)
     dx = _empty_frames(n, c, spatial, channels_last)
-    if lib.tcl_col2im(_geometry(n, spatial, kernel, dilation), _view(dcols, dcols.stride(2)),
-                      _view(dx, _pixel_stride(dx))):
+    if lib.tcl_col2im(_geometry(n, spatial, kernel, dilation), _layout(dcols, dcols.stride(2)),
+                      dcols.data_ptr(), _layout(dx, _pixel_stride(dx)), dx.data_ptr()):
         return None
     return dx
 

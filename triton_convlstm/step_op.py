@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import native_conv, native_gates, reference
+from . import native_conv, native_gates, native_step, reference
 from .backend import check_backend_name, resolve_backend
 from .conv import conv_same
 from .layout import channels_last, frames_channels_last
@@ -235,7 +235,12 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
     last = (x_t.is_cpu and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
             and frames_channels_last(x_t.device, x_t.dim() - 2))
     z = None
-    if on_torch and padding_mode == "zeros":  # small 1-d and 3-d frames: C columns, products
+    if on_torch and padding_mode == "zeros":
+        # Small frames in inference: the whole step in one C call; else small 1-d and 3-d
+        # frames' convolution by C columns and a product.
+        done = native_step.step_forward(x_t, h, c, w, conv_bias, peephole, dilation)
+        if done is not None:
+            return done
         z = native_conv.conv_small(x_t, h, w, conv_bias, dilation, last)
     if z is None:
         frame = x_t if h is None else torch.cat([x_t, h], dim=1)

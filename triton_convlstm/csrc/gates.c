@@ -8,9 +8,8 @@
    channels-first: M channels, N pixels), each row handed to a function the compiler
    vectorizes (the "omp simd" loops: the activations below are selects and arithmetic only). */
 
-#include <stdint.h>
+#include "kernels.h"
 
-typedef int64_t i64;
 typedef union { float f; int32_t i; } f32_bits;
 
 /* exp(x) for x <= 0: Cephes' range reduction and degree-6 polynomial (~1 ulp); 0 below -87
@@ -126,20 +125,6 @@ static const row_forward_fn ROW_FORWARD_FNS[12] = {
     row_forward_0000, row_forward_0001, row_forward_0010, row_forward_0011,
     row_forward_1000, row_forward_1001, row_forward_1010, row_forward_1011,
     row_forward_1100, row_forward_1101, row_forward_1110, row_forward_1111};
-
-/* Strides, in elements, of one tensor seen as rows: (batch, row). */
-typedef struct { i64 b, m; } rows_t;
-
-/* A call's sizes (native_gates builds one per layout and keeps it): rows m_begin..m_end - 1 of
-   B x M rows of N elements (a caller may split the rows between threads: each writes only its
-   own rows); gate k of a gates-like tensor at k * gate_step[0] (the backward's dz: [1]) from
-   gate i; peep_on_n: a row's elements are channels (one peephole value each), else the row is
-   one channel. rows: each tensor's strides, in the order of the function's arguments. */
-typedef struct {
-    i64 B, m_begin, m_end, N, hid, peep_on_n;
-    i64 gate_step[2];
-    rows_t rows[8];
-} plan_t;
 
 /* The forward. src: pre-activations (rows[0]); gates: where the activated gates go (src's
    strides; may be src), or NULL; c_prev, c_out, h_out: rows[1..3] (c_out may be c_prev);

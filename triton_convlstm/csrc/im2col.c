@@ -3,29 +3,15 @@
    For small 1-d and 3-d frames that beats the convolutions torch picks (its 3-d CPU
    convolution builds its columns itself, slowly; native_conv.py has the numbers).
 
-   A tensor is seen as (B, C, pixels): strides per sample, per channel and per pixel, the
-   pixels (z, y, x) in order at one uniform stride, which covers channels-first (pixel stride 1)
+   A tensor is seen as (B, C, pixels) (layout_t), which covers channels-first (pixel stride 1)
    and channels-last (pixel stride C) frames of 1 to 3 dims (1-d and 2-d as D = H = 1 and
    D = 1). The columns are (B, C * KD * KH * KW, pixels) at any strides: row (c, kz, ky, kx),
    column the output pixel, zero where the tap falls in the padding. Both kernels go through a
    zero-padded channels-first copy of one sample, so that no tap needs a bounds test. */
 
-#include <stdint.h>
 #include <stdlib.h>
 
-typedef int64_t i64;
-
-/* A convolution's sizes (native_conv.Geometry): the frame, the kernel, the dilation, the pads
-   before each dim and each dim's total pad (an odd total pads one more at the end). */
-typedef struct {
-    i64 B, D, H, W, KD, KH, KW, dd, dh, dw, pd, ph, pw, td, th, tw;
-} geom_t;
-
-/* A tensor as (B, C, pixels): its data and strides. */
-typedef struct {
-    float *data;
-    i64 channels, sample, channel, pixel;
-} view_t;
+#include "kernels.h"
 
 /* One row of n floats from s to d at pixel stride ps (1: contiguous). Rows of 3-d and small
    2-d frames are short: a constant length lets the compiler emit one or two vector moves
@@ -60,10 +46,11 @@ static i64 tap_row(const geom_t *g, i64 c, i64 kz, i64 ky, i64 kx, i64 z, i64 y)
 }
 
 /* Sample b of src into the padded copy's channels from ``first`` on (its borders stay 0). */
-static void pad_in(float *pad, const geom_t *g, const view_t *src, i64 b, i64 first) {
+static void pad_in(float *pad, const geom_t *g, const layout_t *src, const float *data, i64 b,
+                   i64 first) {
     const i64 Hp = g->H + g->th, Wp = g->W + g->tw;
     for (i64 c = 0; c < src->channels; ++c) {
-        const float *s = src->data + b * src->sample + c * src->channel;
+        const float *s = data + b * src->sample + c * src->channel;
         float *p = pad + (first + c) * padded_plane(g) + (g->pd * Hp + g->ph) * Wp + g->pw;
         for (i64 z = 0; z < g->D; ++z)
             for (i64 y = 0; y < g->H; ++y) {
@@ -80,10 +67,11 @@ static void pad_in(float *pad, const geom_t *g, const view_t *src, i64 b, i64 fi
 }
 
 /* The padded copy's interior, channels from ``first`` on, into sample b of dst. */
-static void pad_out(const float *pad, const geom_t *g, const view_t *dst, i64 b, i64 first) {
+static void pad_out(const float *pad, const geom_t *g, const layout_t *dst, float *data, i64 b,
+                    i64 first) {
     const i64 Hp = g->H + g->th, Wp = g->W + g->tw;
     for (i64 c = 0; c < dst->channels; ++c) {
-        float *d = dst->data + b * dst->sample + c * dst->channel;
+        float *d = data + b * dst->sample + c * dst->channel;
         const float *p = pad + (first + c) * padded_plane(g) + (g->pd * Hp + g->ph) * Wp + g->pw;
         for (i64 z = 0; z < g->D; ++z)
             for (i64 y = 0; y < g->H; ++y) {
@@ -99,25 +87,26 @@ static void pad_out(const float *pad, const geom_t *g, const view_t *dst, i64 b,
     }
 }
 
-/* cols[b] = the columns of sample b of [x, h] (h's channels after x's; h.channels may be 0).
+/* cols[b] = the columns of sample b of [x, h] (h's channels after x's; h may be NULL).
    Returns 0, or 1 where the padded copy could not be allocated (nothing written). */
-int tcl_im2col(const geom_t *g, const view_t *x, const view_t *h, const view_t *cols) {
-    const i64 C = x->channels + h->channels;
+int tcl_im2col(const geom_t *g, const layout_t *lx, const float *x, const layout_t *lh,
+               const float *h, const layout_t *lc, float *cols) {
+    const i64 C = lx->channels + (h ? lh->channels : 0);
     float *pad = calloc((size_t)(C * padded_plane(g)), sizeof(float));
     if (pad == NULL) return 1;
     for (i64 b = 0; b < g->B; ++b) {
-        pad_in(pad, g, x, b, 0);
-        pad_in(pad, g, h, b, x->channels);
+        pad_in(pad, g, lx, x, b, 0);
+        if (h) pad_in(pad, g, lh, h, b, lx->channels);
         for (i64 c = 0; c < C; ++c)
             for (i64 kz = 0; kz < g->KD; ++kz)
                 for (i64 ky = 0; ky < g->KH; ++ky)
                     for (i64 kx = 0; kx < g->KW; ++kx) {
                         const i64 r = ((c * g->KD + kz) * g->KH + ky) * g->KW + kx;
-                        float *out = cols->data + b * cols->sample + r * cols->channel;
+                        float *out = cols + b * lc->sample + r * lc->channel;
                         for (i64 z = 0; z < g->D; ++z)
                             for (i64 y = 0; y < g->H; ++y) {
-                                copy_row(out + (z * g->H + y) * g->W * cols->pixel,
-                                         cols->pixel, pad + tap_row(g, c, kz, ky, kx, z, y),
+                                copy_row(out + (z * g->H + y) * g->W * lc->pixel,
+                                         lc->pixel, pad + tap_row(g, c, kz, ky, kx, z, y),
                                          g->W);
                             }
                     }
@@ -129,8 +118,9 @@ int tcl_im2col(const geom_t *g, const view_t *x, const view_t *h, const view_t *
 /* dx[b] = the adjoint of tcl_im2col for one input: each column entry added back to the pixel
    its tap read (in a fixed order: the same sums every run). Returns 0, or 1 where the padded
    copy could not be allocated (nothing written). */
-int tcl_col2im(const geom_t *g, const view_t *dcols, const view_t *dx) {
-    const i64 C = dx->channels, plane = padded_plane(g);
+int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const layout_t *lx,
+               float *dx) {
+    const i64 C = lx->channels, plane = padded_plane(g);
     float *pad = malloc((size_t)(C * plane) * sizeof(float));
     if (pad == NULL) return 1;
     for (i64 b = 0; b < g->B; ++b) {
@@ -140,20 +130,20 @@ int tcl_col2im(const geom_t *g, const view_t *dcols, const view_t *dx) {
                 for (i64 ky = 0; ky < g->KH; ++ky)
                     for (i64 kx = 0; kx < g->KW; ++kx) {
                         const i64 r = ((c * g->KD + kz) * g->KH + ky) * g->KW + kx;
-                        const float *in = dcols->data + b * dcols->sample + r * dcols->channel;
+                        const float *in = dcols + b * lc->sample + r * lc->channel;
                         for (i64 z = 0; z < g->D; ++z)
                             for (i64 y = 0; y < g->H; ++y) {
                                 float *s = pad + tap_row(g, c, kz, ky, kx, z, y);
-                                const float *d = in + (z * g->H + y) * g->W * dcols->pixel;
-                                if (dcols->pixel == 1) {
+                                const float *d = in + (z * g->H + y) * g->W * lc->pixel;
+                                if (lc->pixel == 1) {
                                     _Pragma("omp simd")
                                     for (i64 i = 0; i < g->W; ++i) s[i] += d[i];
                                 } else {
-                                    for (i64 i = 0; i < g->W; ++i) s[i] += d[i * dcols->pixel];
+                                    for (i64 i = 0; i < g->W; ++i) s[i] += d[i * lc->pixel];
                                 }
                             }
                     }
-        pad_out(pad, g, dx, b, 0);
+        pad_out(pad, g, lx, dx, b, 0);
     }
     free(pad);
     return 0;

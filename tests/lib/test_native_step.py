@@ -1,0 +1,141 @@
+"""native_step: a whole inference step (columns, torch's BLAS sgemm, bias, gate update) in one
+C call, against the float64 reference (conv_same, then reference.gate_forward_ref); the calls
+it declines; the cell and the layer's one-frame call, which use it; and threads."""
+
+import itertools
+import threading
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from triton_convlstm import ConvLSTM, ConvLSTMCell, ConvLSTMCell3d, native_build, native_step
+from triton_convlstm.conv import conv_same
+from triton_convlstm.reference import gate_forward_ref
+
+pytestmark = pytest.mark.skipif(native_build.library() is None,
+                                reason="no C compiler here: the torch ops run")
+
+
+def test_the_x86_torch_wheel_hands_over_its_sgemm():
+    # CI runs torch's x86 wheel (MKL): a lost sgemm would quietly lose the fused step.
+    assert native_build.has_sgemm()
+
+
+def _case(b, cx, hid, spatial, k, peephole, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cx, *spatial, generator=g)
+    h = torch.randn(b, hid, *spatial, generator=g)
+    c = torch.randn(b, hid, *spatial, generator=g)
+    w = torch.randn(4 * hid, cx + hid, *(k,) * len(spatial), generator=g) * 0.3
+    bias = torch.randn(4 * hid, generator=g)
+    p = torch.randn(3, hid, generator=g) if peephole else None
+    return x, h, c, w, bias, p
+
+
+def _want(x, h, c, w, bias, p, dilation):
+    frame = x if h is None else torch.cat([x, h], 1)
+    z = conv_same(frame.double(), w.double(), dilation,
+                  None if bias is None else bias.double())
+    return gate_forward_ref(z, c.double(), None if p is None else p.double())
+
+
+def _close(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.is_contiguous() and not g.isnan().any()
+        assert ((g.double() - w).abs().max() / w.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize(("spatial", "k", "d", "peephole", "bias", "b"), [
+    *itertools.product([(13,), (6, 7), (3, 4, 5)], [2, 3], [1, 2], [False, True], [True],
+                       [2]),
+    ((6, 7), 3, 1, False, False, 1),
+])
+def test_the_step_matches_the_float64_reference(spatial, k, d, peephole, bias, b):
+    x, h, c, w, bias_t, p = _case(b, 2, 4, spatial, k, peephole)
+    bias_t = bias_t if bias else None
+    dilation = (d,) * len(spatial)
+    _close(native_step.step_forward(x, h, c, w, bias_t, p, dilation),
+           _want(x, h, c, w, bias_t, p, dilation))
+    # The zero state: the weight's x channels alone (a slice, rows with gaps between them).
+    _close(native_step.step_forward(x, None, c, w[:, :2], bias_t, p, dilation),
+           _want(x, None, c, w[:, :2], bias_t, p, dilation))
+
+
+def test_inputs_in_other_layouts_are_read_where_they_are():
+    x, h, c, w, bias, p = _case(2, 3, 4, (5, 6), 3, True)
+    video = torch.randn(2, 4, 3, 5, 6)
+    x = video[:, 1]  # a frame of a batch-first video: a gap per sample
+    h = h.contiguous(memory_format=torch.channels_last)
+    _close(native_step.step_forward(x, h, c, w, bias, p, (1, 1)),
+           _want(x, h, c, w, bias, p, (1, 1)))
+
+
+def _declined(**change):
+    x, h, c, w, bias, p = _case(1, 2, 4, (5, 6), 3, True)
+    args = dict(x=x, h=h, c=c, weight=w, bias=bias, peephole=p, dilation=(1, 1))
+    args.update(change)
+    return native_step.step_forward(**args) is None
+
+
+def test_calls_it_does_not_serve_are_declined(monkeypatch):
+    x, h, c, w, bias, p = _case(1, 2, 4, (5, 6), 3, True)
+    assert not _declined()
+    assert _declined(x=x.double())
+    assert _declined(c=c.contiguous(memory_format=torch.channels_last))  # the gate plan's rows
+    assert _declined(weight=w.contiguous(memory_format=torch.channels_last))
+    assert _declined(weight=w[:, :5])  # channels disagree
+    assert _declined(h=torch.randn(1, 4, 5, 5))
+    assert _declined(peephole=torch.randn(3, 5))
+    assert _declined(bias=torch.randn(8, 2)[:, 0])  # a strided bias
+    big = torch.randn(1, 2, 64, 65)
+    assert _declined(x=big, h=torch.randn(1, 4, 64, 65), c=torch.randn(1, 4, 64, 65))
+    assert _declined(weight=w.clone().requires_grad_())  # autograd must see it
+    with torch.no_grad():
+        assert not _declined(weight=w.clone().requires_grad_())
+    with FakeTensorMode() as mode:
+        assert _declined(x=mode.from_tensor(x))
+    monkeypatch.setattr(native_build.library(), "has_sgemm", False)
+    assert _declined()
+
+
+def test_the_cell_and_the_layers_one_frame_call_run_it_with_the_same_results(monkeypatch):
+    torch.manual_seed(3)
+    cell = ConvLSTMCell(2, 4, 3, peephole=True).eval()
+    layer = ConvLSTM(2, 4, 3, 2, batch_first=True, return_all_layers=True).eval()
+    x = torch.randn(2, 1, 2, 6, 6)
+    state = (torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6))
+    served = []
+    fused = native_step.step_forward
+    monkeypatch.setattr(native_step, "step_forward",
+                        lambda *a: served.append(1) or fused(*a))
+    with torch.no_grad():
+        runs = [(cell(x[:, 0], state), layer(x, [state, state]))]
+        assert len(served) == 3  # the cell, then both layers
+        monkeypatch.setattr(native_build.library(), "has_sgemm", False)
+        runs.append((cell(x[:, 0], state), layer(x, [state, state])))
+    (cell_a, (out_a, last_a)), (cell_b, (out_b, last_b)) = runs
+    for a, b in zip([*cell_a, *out_a, *sum(last_a, [])], [*cell_b, *out_b, *sum(last_b, [])]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_each_get_their_own_scratch():
+    cell = ConvLSTMCell3d(1, 3, 3).eval()
+    frames = [torch.randn(2, 1, 4, 5, 6) for _ in range(4)]
+    state = (torch.zeros(2, 3, 4, 5, 6), torch.zeros(2, 3, 4, 5, 6))
+    with torch.no_grad():
+        want = [cell(f, state) for f in frames]
+    got = [None] * 4
+
+    def run(k):
+        with torch.no_grad():
+            for _ in range(20):
+                got[k] = cell(frames[k], state)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (h, c), (hw, cw) in zip(got, want):
+        assert torch.equal(h, hw) and torch.equal(c, cw)
