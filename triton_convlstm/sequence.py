@@ -388,13 +388,12 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)
-    w_x = conv_layout(weight[:, :cin])
     w_all = conv_layout(weight)
     c_prev, h_prev = _initial_cell(c_last, c0), h0
     for step in range(t):
         x_t = frames[step * b : (step + 1) * b]
-        if h_prev is None:
-            z = spec.conv(x_t, w_x, bias)
+        if h_prev is None:  # (the zero state: step 0 without h0)
+            z = spec.conv(x_t, conv_layout(weight[:, :cin]), bias)
         else:
             h_in = steps.recurrent(h_prev)
             # (no no-op .to(): on CPU each call of this loop is a visible part of a step)
