@@ -1,5 +1,5 @@
-"""The CPU kernels (``csrc/gates.c``, ``csrc/im2col.c``): built on first use, cached on disk,
-loaded by ctypes.
+"""The CPU kernels (``csrc/gates.c``, ``csrc/im2col.c``, ``csrc/step.c``): built on first use,
+cached on disk, loaded by ctypes.
 
 Plain C without torch headers builds in about 1.5 s (2-core box) with the system's C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-march=native``: the

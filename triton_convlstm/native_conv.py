@@ -34,6 +34,9 @@ SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above)
 # gain, and oneDNN's blocking wins.
 MAX_PIXELS = 4096
 MAX_COLUMN_FLOATS = 1 << 18
+# All the frames of one call (the backward's batched gradients read T * B of them): at most
+# this many column floats (64 MiB), more is left to torch's convolution and its own memory.
+MAX_CALL_COLUMN_FLOATS = 1 << 24
 _GEOMETRY: dict = {}  # (B, spatial, kernel, dilation) -> Geometry
 _NO_LAYOUT = Layout(0, 0, 0, 1)
 
@@ -76,17 +79,18 @@ def _geometry(b: int, spatial: Sequence[int], kernel: Sequence[int],
 
 
 def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Sequence[int],
-            rows: int) -> bool:
+            rows: int, dilation: Sequence[int], frames: int) -> bool:
     """fp32 plain CPU tensors (parameters included) autograd need not see, frames and columns
-    within the limits."""
+    within the limits, a positive dilation."""
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.dtype != _F32 or not t.is_cpu):
             return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     pixels = math.prod(spatial)
-    return (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) and 0 < pixels
-            and pixels <= MAX_PIXELS and rows * pixels <= MAX_COLUMN_FLOATS)
+    return (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) == len(dilation)
+            and 0 < pixels <= MAX_PIXELS and rows * pixels <= MAX_COLUMN_FLOATS
+            and frames * rows * pixels <= MAX_CALL_COLUMN_FLOATS and min(dilation) >= 1)
 
 
 def _empty_frames(b: int, channels: int, spatial: Sequence[int], channels_last: bool) -> Tensor:
@@ -138,7 +142,7 @@ def conv_small(x: Tensor, h: Tensor | None, weight: Tensor, bias: Tensor | None,
     kernel = weight.shape[2:]
     channels = c + (0 if h is None else h.shape[1])
     if (lib is None or not _served((x, h, weight, bias), spatial, kernel,
-                                   channels * math.prod(kernel))
+                                   channels * math.prod(kernel), dilation, b)
             or weight.shape[1] != channels or b == 0
             or (h is not None and h.shape != (b, h.shape[1], *spatial))):
         return None
@@ -184,7 +188,7 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     kernel = weight.shape[2:]
     pg = _pixel_stride(grad)
     if (lib is None or pg is None or n == 0
-            or not _served((grad, weight), spatial, kernel, c * math.prod(kernel))
+            or not _served((grad, weight), spatial, kernel, c * math.prod(kernel), dilation, n)
             or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
         return None
     o, pixels = weight.shape[0], math.prod(spatial)
@@ -216,7 +220,7 @@ def conv_weight_grad_small(grad: Tensor, x: Tensor, weight: Tensor,
     kernel = weight.shape[2:]
     pg = _pixel_stride(grad)
     if (lib is None or pg is None or n == 0
-            or not _served((grad, x), spatial, kernel, c * math.prod(kernel))
+            or not _served((grad, x), spatial, kernel, c * math.prod(kernel), dilation, n)
             or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
         return None
     o, pixels = weight.shape[0], math.prod(spatial)

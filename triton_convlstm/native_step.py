@@ -53,8 +53,9 @@ def _make_plan(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor,
             or tuple(weight.shape) != (4 * hid, channels, *kernel)
             or tuple(c.shape) != (b, hid, *spatial)
             or (h is not None and tuple(h.shape) != (b, hid, *spatial))
-            or not _dense_rows(weight)):
-        return None
+            or not _dense_rows(weight) or not rows <= weight.stride(0) < 2**31
+            or min(dilation) < 1):
+        return None  # (rows closer than a row apart overlap: an expanded weight, say)
     px, pc = _pixel_stride(x), _pixel_stride(c)
     ph = None if h is None else _pixel_stride(h)
     if px is None or pc != 1 or (h is not None and ph is None):

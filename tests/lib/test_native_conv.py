@@ -98,6 +98,7 @@ def _args(**change):
     dict(h=torch.randn(2, 4, 5)),  # sizes disagree
     dict(x=torch.randn(2, 3, 4096 + 1), h=None, weight=torch.randn(8, 3, 3)),  # too long
     dict(x=torch.randn(2, 3, 0), h=None, weight=torch.randn(8, 3, 3)),
+    dict(dilation=(0,)), dict(dilation=(-1,)),
 ])
 def test_calls_not_served_are_declined(change):
     assert native_conv.conv_small(**_args(**change)) is None
@@ -164,3 +165,10 @@ def test_the_layer_gives_the_same_results_with_and_without_them(monkeypatch, cls
     monkeypatch.setattr(native_conv, "_library", lambda: None)
     for got, want in zip(with_columns, run()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_calls_past_the_columns_budget_are_left_to_torch(monkeypatch):
+    monkeypatch.setattr(native_conv, "MAX_CALL_COLUMN_FLOATS", 2 * 21 * 6 - 1)  # < 2 frames'
+    assert native_conv.conv_small(**_args()) is None
+    grad, w = torch.randn(2, 8, 6), torch.randn(8, 7, 3)
+    assert native_conv.conv_input_grad_small(grad, (2, 7, 6), w, (1,), False) is None

@@ -3,6 +3,7 @@ C call, against the float64 reference (conv_same, then reference.gate_forward_re
 it declines; the cell and the layer's one-frame call, which use it; and threads."""
 
 import itertools
+import platform
 import threading
 
 import pytest
@@ -17,6 +18,8 @@ pytestmark = pytest.mark.skipif(native_build.library() is None,
                                 reason="no C compiler here: the torch ops run")
 
 
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                    reason="the sgemm is looked up where torch's x86 Linux wheel has it")
 def test_the_x86_torch_wheel_hands_over_its_sgemm():
     # CI runs torch's x86 wheel (MKL): a lost sgemm would quietly lose the fused step.
     assert native_build.has_sgemm()
@@ -88,6 +91,10 @@ def test_calls_it_does_not_serve_are_declined(monkeypatch):
     assert _declined(h=torch.randn(1, 4, 5, 5))
     assert _declined(peephole=torch.randn(3, 5))
     assert _declined(bias=torch.randn(8, 2)[:, 0])  # a strided bias
+    # Rows of the weight closer than a row apart overlap (sgemm would refuse them).
+    assert _declined(weight=w[:1].expand_as(w))
+    assert _declined(weight=w.as_strided(w.shape, (w[0].numel() - 1, *w.stride()[1:])))
+    assert _declined(dilation=(0, 1)) and _declined(dilation=(-1, 1))
     big = torch.randn(1, 2, 64, 65)
     assert _declined(x=big, h=torch.randn(1, 4, 64, 65), c=torch.randn(1, 4, 64, 65))
     assert _declined(weight=w.clone().requires_grad_())  # autograd must see it
@@ -120,17 +127,22 @@ def test_the_cell_and_the_layers_one_frame_call_run_it_with_the_same_results(mon
 
 
 def test_threads_each_get_their_own_scratch():
+    # Each thread's steps of growing sizes (its scratch grows), and one past the kept size.
     cell = ConvLSTMCell3d(1, 3, 3).eval()
-    frames = [torch.randn(2, 1, 4, 5, 6) for _ in range(4)]
-    state = (torch.zeros(2, 3, 4, 5, 6), torch.zeros(2, 3, 4, 5, 6))
+    sizes = [(2, 3, 4), (4, 5, 6), (3, 4, 5), (8, 8, 8)]
+    frames = [torch.randn(b, 1, *s) for b, s in zip([2, 2, 3, 40], sizes)]
+    states = [(torch.randn(f.shape[0], 3, *f.shape[2:]),) * 2 for f in frames]
     with torch.no_grad():
-        want = [cell(f, state) for f in frames]
+        want = [cell(f, s) for f, s in zip(frames, states)]
     got = [None] * 4
 
     def run(k):
         with torch.no_grad():
-            for _ in range(20):
-                got[k] = cell(frames[k], state)
+            for j in range(20):
+                n = (k + j) % 4
+                out = cell(frames[n], states[n])
+                if n == k:
+                    got[k] = out
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
     for t in threads:

@@ -1,6 +1,6 @@
 /* What the CPU kernels share (gates.c, im2col.c, step.c): the types the Python side mirrors
-   in native_build.py (Plan, Rows, Geometry, Layout, StepPlan) and the entry points one file
-   calls in another. */
+   in native_build.py (Plan, Rows, Geometry, Layout, StepPlan) and the entry points (ctypes
+   calls them all; step.c also calls the others). */
 
 #ifndef TCL_KERNELS_H
 #define TCL_KERNELS_H
@@ -35,10 +35,31 @@ typedef struct {
    pixels (z, y, x) in order at the one pixel stride. */
 typedef struct { i64 channels, sample, channel, pixel; } layout_t;
 
+/* A fused inference step's sizes (native_step builds one per signature and keeps it). */
+typedef struct {
+    geom_t g;
+    layout_t x, h, cols;  /* cols: (B, rows, pixels), dense, in the scratch */
+    plan_t gates;         /* the update over z (B, out, pixels), dense, in the scratch */
+    i64 rows, out, pixels, w_row; /* w_row: the weight's row stride (a slice may have gaps) */
+} step_plan_t;
+
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,
                       float *c_out, float *h_out, const float *peep, const float *valid);
 
+void tcl_gate_backward(const plan_t *plan, const float *gates, const float *c_prev,
+                       const float *c, const float *dh, const float *dh2, const float *dc,
+                       float *dz, float *dc_prev, const float *peep, float *dpeep);
+
 int tcl_im2col(const geom_t *g, const layout_t *lx, const float *x, const layout_t *lh,
                const float *h, const layout_t *lc, float *cols);
+
+int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const layout_t *lx,
+               float *dx);
+
+void tcl_set_sgemm(void *fn);
+
+int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
+                     const float *bias, const float *c_prev, const float *peep, float *c_out,
+                     float *h_out);
 
 #endif

@@ -4,6 +4,7 @@
    (gates.c). For small frames, where a step is a few torch ops of microseconds each, this
    replaces cat, convolution, and the gate kernel's own call (native_step.py has the numbers). */
 
+#include <pthread.h>
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -18,28 +19,48 @@ static sgemm_fn SGEMM = NULL;
 
 void tcl_set_sgemm(void *fn) { SGEMM = (sgemm_fn)fn; }
 
-/* A step's sizes (native_step builds one per signature and keeps it). */
-typedef struct {
-    geom_t g;
-    layout_t x, h, cols;  /* cols: (B, rows, pixels), dense, in the scratch */
-    plan_t gates;         /* the update over z (B, out, pixels), dense, in the scratch */
-    i64 rows, out, pixels, w_row; /* w_row: the weight's row stride (a slice may have gaps) */
-} step_plan_t;
+/* A scratch block per thread, kept and grown up to KEPT_FLOATS (4 MiB; a fresh block per step
+   would cost the page faults of a large malloc each time) and freed when its thread ends;
+   larger steps allocate their own and free it. */
+#define KEPT_FLOATS (1 << 20)
 
-/* A scratch block per thread, kept and grown (and never freed: one per thread that ran a step,
-   at most the largest step's columns and gates, ~1.3 MiB): a fresh one per step would cost the
-   page faults of a large malloc each time. */
-static _Thread_local float *scratch = NULL;
-static _Thread_local i64 scratch_size = 0;
+typedef struct { float *data; i64 size; } scratch_t;
 
-static float *scratch_of(i64 n) {
-    if (n > scratch_size) {
-        float *grown = realloc(scratch, (size_t)n * sizeof(float));
-        if (grown == NULL) return NULL;
-        scratch = grown;
-        scratch_size = n;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok = 0;
+
+static void free_scratch(void *p) {
+    scratch_t *s = p;
+    free(s->data);
+    free(s);
+}
+
+static void make_scratch_key(void) {
+    scratch_key_ok = pthread_key_create(&scratch_key, free_scratch) == 0;
+}
+
+/* n floats: the thread's kept block (borrowed: *owned = 0) or a new one (*owned = 1). */
+static float *scratch_of(i64 n, int *owned) {
+    *owned = 1;
+    pthread_once(&scratch_once, make_scratch_key);
+    if (n > KEPT_FLOATS || !scratch_key_ok) return malloc((size_t)n * sizeof(float));
+    scratch_t *s = pthread_getspecific(scratch_key);
+    if (s == NULL) {
+        s = calloc(1, sizeof *s);
+        if (s == NULL || pthread_setspecific(scratch_key, s) != 0) {
+            free(s);
+            return malloc((size_t)n * sizeof(float));
+        }
     }
-    return scratch;
+    if (n > s->size) {
+        free(s->data);
+        s->data = malloc((size_t)n * sizeof(float));
+        s->size = s->data ? n : 0;
+        if (s->data == NULL) return NULL;
+    }
+    *owned = 0;
+    return s->data;
 }
 
 /* h_out, c_out = the step from x, h (NULL: the zero state, the weight's x columns alone),
@@ -48,12 +69,18 @@ static float *scratch_of(i64 n) {
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
                      float *h_out) {
-    if (SGEMM == NULL) return 1;
+    /* (a row stride under the row's length is overlapping rows: sgemm would refuse it and
+       leave z unwritten) */
+    if (SGEMM == NULL || p->w_row < p->rows || p->w_row > INT32_MAX) return 1;
     const i64 B = p->g.B, cols_size = B * p->rows * p->pixels;
-    float *buf = scratch_of(cols_size + B * p->out * p->pixels);
+    int owned;
+    float *buf = scratch_of(cols_size + B * p->out * p->pixels, &owned);
     if (buf == NULL) return 1;
     float *cols = buf, *z = buf + cols_size;
-    if (tcl_im2col(&p->g, &p->x, x, &p->h, h, &p->cols, cols)) return 1;
+    if (tcl_im2col(&p->g, &p->x, x, &p->h, h, &p->cols, cols)) {
+        if (owned) free(buf);
+        return 1;
+    }
     const int m = (int)p->pixels, n = (int)p->out, k = (int)p->rows, ldb = (int)p->w_row;
     const float one = 1.0f, zero = 0.0f;
     for (i64 b = 0; b < B; ++b) {
@@ -72,5 +99,6 @@ int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const
               bias ? &one : &zero, zb, &m);
     }
     tcl_gate_forward(&p->gates, z, NULL, c_prev, c_out, h_out, peep, NULL);
+    if (owned) free(buf);
     return 0;
 }
