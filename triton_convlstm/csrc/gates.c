@@ -2,8 +2,9 @@
    triton_convlstm.reference.gate_forward_inplace_ref / gate_backward_from_gates_ref in one pass
    over memory each, instead of the ~10 torch ops (and their dispatches) the reference takes.
 
-   Plain C, no torch headers: it builds in ~1.5 s, once per machine (native_build.py compiles it
-   on first use, -O3 -march=native -fopenmp-simd) and is called through ctypes. The tensors are
+   Plain C, no torch headers: built with im2col.c and step.c into one library, once per machine
+   (native_build.py compiles them on first use, -O3 -march=native -fopenmp-simd, ~2.5 s) and
+   called through ctypes. The tensors are
    seen as B x M rows of N unit-stride elements (channels-last: M pixels, N channels;
    channels-first: M channels, N pixels), each row handed to a function the compiler
    vectorizes (the "omp simd" loops: the activations below are selects and arithmetic only). */
