@@ -75,7 +75,8 @@ class StepPlan(ctypes.Structure):
 
     _fields_ = [("g", Geometry), ("x", Layout), ("h", Layout), ("cols", Layout),
                 ("gates", Plan), ("rows", ctypes.c_int64), ("out", ctypes.c_int64),
-                ("pixels", ctypes.c_int64), ("w_row", ctypes.c_int64)]
+                ("pixels", ctypes.c_int64), ("w_row", ctypes.c_int64),
+                ("z_pixel_major", ctypes.c_int64)]
 
 
 _P = ctypes.c_void_p
@@ -86,7 +87,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_im2col": ([_G, _L, _P, _L, _P, _L, _P], ctypes.c_int),
     "tcl_col2im": ([_G, _L, _P, _L, _P], ctypes.c_int),
     "tcl_set_sgemm": ([_P], None),
-    "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 8, ctypes.c_int),
+    "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 10, ctypes.c_int),
 }
 
 

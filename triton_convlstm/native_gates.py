@@ -82,12 +82,12 @@ def _split(elements: int, n_rows: int, threads: int) -> list[tuple[int, int]]:
     return [(n_rows * k // parts, n_rows * (k + 1) // parts) for k in range(parts)]
 
 
-def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int,
-                outputs: tuple[int, ...]) -> list[Plan] | None:
+def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int, outputs: tuple[int, ...],
+                threads: int | None = None) -> list[Plan] | None:
     """The kernel's sizes for these tensors (the first gates-like (B, 4*hid, ...), the others
     (B, hid, ...) or, at ``dz_index``, gates-like; None entries absent; those at ``outputs``
-    written), one Plan per thread; None where the shapes disagree, a written tensor overlaps
-    itself, or the row view does not fit them all."""
+    written), one Plan per thread (``threads``, default torch's count); None where the shapes
+    disagree, a written tensor overlaps itself, or the row view does not fit them all."""
     z = tensors[0]
     if z.dim() < 2 or z.shape[1] % 4:
         return None
@@ -106,7 +106,8 @@ def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int,
     n_rows, n_el = (pixels, hid) if channels_last else (hid, pixels)
     dz = tensors[dz_index] if dz_index else z
     plans = []
-    for m0, m1 in _split(b * pixels * hid, n_rows, torch.get_num_threads()):
+    threads = torch.get_num_threads() if threads is None else threads
+    for m0, m1 in _split(b * pixels * hid, n_rows, threads):
         plan = Plan(B=b, m_begin=m0, m_end=m1, N=n_el, hid=hid, peep_on_n=int(channels_last))
         plan.gate_step[0], plan.gate_step[1] = hid * z.stride(1), hid * dz.stride(1)
         for k, r in enumerate(rows):

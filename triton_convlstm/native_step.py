@@ -21,13 +21,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .native_build import Layout, Plan, Rows, StepPlan
+from .native_build import Layout, StepPlan
 from .native_conv import MAX_COLUMN_FLOATS, MAX_PIXELS, _geometry, _pixel_stride
-from .native_gates import _library, _vector
+from .native_gates import _library, _make_plans, _ptr, _vector
 
 _F32 = torch.float32
 _PLAIN = (Tensor, torch.nn.Parameter)
 _PLANS: dict = {}  # sizes and strides -> StepPlan, or None where not served
+# 2-d frames of a batch above one: torch's convolution is oneDNN's, channels-last, which beats
+# the columns past about this many column floats a sample. Measured (one thread, a step, C +
+# hidden channels, side): B2 4+16 16x16 (46K) 148 vs 179 us; B2 8+32 16x16 (92K) 438 vs 439;
+# B2 4+16 24x24 (104K) 5% slower; B4 8+32 24x24 (207K) and B2 4+16 32x32 (184K) 25-30%
+# slower. At batch 1 torch's 2-d convolution is itself columns and a product: B1 1+16 32x32
+# (157K) 285 vs 317 us. 1-d and 3-d frames have only native_conv's columns to compare with.
+MAX_2D_BATCHED_COLUMN_FLOATS = 1 << 16
 
 
 def _dense_rows(t: Tensor) -> bool:
@@ -41,85 +48,123 @@ def _dense_rows(t: Tensor) -> bool:
     return True
 
 
-def _make_plan(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor,
-               dilation: Sequence[int]) -> StepPlan | None:
+def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out: Tensor,
+               gates: Tensor | None, weight: Tensor, dilation: Sequence[int],
+               pixel_major: bool) -> StepPlan | None:
     b, cx, *spatial = x.shape
-    hid = c.shape[1]
+    hid = c_prev.shape[1]
     channels = cx + (0 if h is None else h.shape[1])
     kernel = tuple(weight.shape[2:])
     pixels, rows = math.prod(spatial), channels * math.prod(kernel)
     if (not 1 <= len(spatial) <= 3 or len(kernel) != len(spatial) or b == 0 or pixels == 0
             or pixels > MAX_PIXELS or rows * pixels > MAX_COLUMN_FLOATS
+            or (len(spatial) == 2 and b > 1 and rows * pixels > MAX_2D_BATCHED_COLUMN_FLOATS)
             or tuple(weight.shape) != (4 * hid, channels, *kernel)
-            or tuple(c.shape) != (b, hid, *spatial)
             or (h is not None and tuple(h.shape) != (b, hid, *spatial))
             or not _dense_rows(weight) or not rows <= weight.stride(0) < 2**31
-            or min(dilation) < 1):
+            or len(dilation) != len(spatial) or min(dilation) < 1):
         return None  # (rows closer than a row apart overlap: an expanded weight, say)
-    px, pc = _pixel_stride(x), _pixel_stride(c)
+    px = _pixel_stride(x)
     ph = None if h is None else _pixel_stride(h)
-    if px is None or pc != 1 or (h is not None and ph is None):
+    if px is None or (h is not None and ph is None):
         return None
     out = 4 * hid
-    gates = Plan(B=b, m_begin=0, m_end=hid, N=pixels, hid=hid, peep_on_n=0)
-    gates.gate_step[0] = hid * pixels
-    gates.rows[0] = Rows(out * pixels, pixels)  # z in the scratch
-    gates.rows[1] = Rows(c.stride(0), c.stride(1))
-    gates.rows[2] = gates.rows[3] = Rows(hid * pixels, pixels)  # the new c and h, dense
+    # z as the scratch holds it, for the gate plan: (B, out, pixels), or pixel-major.
+    z_shape = (b, out, *spatial)
+    if pixel_major:
+        z = torch.empty(b, *spatial, out, device="meta").movedim(-1, 1)
+    else:
+        z = torch.empty(z_shape, device="meta")
+    if gates is not None and (gates.shape != z.shape or gates.stride() != z.stride()):
+        return None
+    # One plan, no thread split: the step is one call (its product may use torch's threads).
+    plans = _make_plans((z, c_prev, c_out, h_out), 0, (2, 3), threads=1)
+    if plans is None:
+        return None
     return StepPlan(
         g=_geometry(b, spatial, kernel, dilation), x=Layout(cx, x.stride(0), x.stride(1), px),
         h=Layout(0, 0, 0, 1) if h is None else Layout(h.shape[1], h.stride(0), h.stride(1),
                                                       ph),
-        cols=Layout(rows, rows * pixels, pixels, 1), gates=gates, rows=rows, out=out,
-        pixels=pixels, w_row=weight.stride(0))
+        cols=Layout(rows, rows * pixels, pixels, 1), gates=plans[0], rows=rows, out=out,
+        pixels=pixels, w_row=weight.stride(0), z_pixel_major=int(pixel_major))
+
+
+def _key(t: Tensor | None):
+    return None if t is None else (t.shape, t.stride())
+
+
+def step_into(x: Tensor, h: Tensor | None, c_prev: Tensor, weight: Tensor, bias: Tensor | None,
+              peephole: Tensor | None, dilation: Sequence[int], *, h_out: Tensor,
+              c_out: Tensor, gates: Tensor | None = None, valid: Tensor | None = None,
+              pixel_major: bool = False) -> bool:
+    """``step_op.cell_step``'s step (zeros padding) written into the given tensors, in one C
+    call; False, having written nothing, where not served.
+
+    Args:
+        x: (B, C, *spatial) fp32, 1 to 3 spatial dims, any layout with one pixel stride.
+        h: (B, hidden, *spatial) fp32, likewise, or None (the zero state: the weight has x's
+            channels alone).
+        c_prev: (B, hidden, *spatial) fp32.
+        weight: (4*hidden, C + hidden, *k) fp32 (C without h), each output row dense.
+        bias: (4*hidden,) or None.
+        peephole: (3, hidden) or None.
+        dilation: one int per spatial dim.
+        h_out, c_out: like c_prev, written (c_out may be c_prev: updated in place). The gate
+            plan's row view must fit c_prev, c_out and h_out with z's (see pixel_major).
+        gates: where the activated gates go (the training loop saves them), laid out as z, or
+            None.
+        valid: (B, ...) per-sample step multipliers (reference.step_valid), or None.
+        pixel_major: z channels-last (the loops' 2-d and 1-d frames), else channels-first.
+
+    Returns:
+        True when done.
+    """
+    lib = _library()
+    if lib is None or not lib.has_sgemm:
+        return False
+    tensors = (x, h, c_prev, weight, bias, peephole, h_out, c_out, gates, valid)
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.dtype != _F32 or not t.is_cpu):
+            return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    key = (_key(x), _key(h), _key(c_prev), _key(c_out), _key(h_out), _key(gates),
+           _key(weight), tuple(dilation), pixel_major)
+    plan = _PLANS.get(key, False)
+    if plan is False:
+        plan = _make_plan(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major)
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    hid = c_prev.shape[1]
+    if plan is None or (peephole is not None and peephole.shape != (3, hid)) or (
+            bias is not None and (bias.shape != (4 * hid,) or bias.stride(0) != 1)) or (
+            valid is not None and valid.numel() != x.shape[0]):
+        return False
+    # (the converted copies held until the call returns)
+    peephole, valid = _vector(peephole), _vector(valid)
+    return not lib.tcl_step_forward(
+        plan, x.data_ptr(), _ptr(h), weight.data_ptr(), _ptr(bias), c_prev.data_ptr(),
+        _ptr(peephole), c_out.data_ptr(), h_out.data_ptr(), _ptr(gates), _ptr(valid))
 
 
 def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Tensor | None,
                  peephole: Tensor | None,
                  dilation: Sequence[int]) -> tuple[Tensor, Tensor] | None:
-    """``step_op.cell_step``'s (h, c) in one C call, zeros padding, or None where not served.
+    """:func:`step_into` into new contiguous h and c (the one-frame path: the cell, the
+    layer's T=1 call), or None where not served.
 
     Args:
-        x: (B, C, *spatial) fp32, 1 to 3 spatial dims, any layout.
-        h: (B, hidden, *spatial) fp32 or None (the zero state: the weight has x's channels).
+        x, h, weight, bias, peephole, dilation: as :func:`step_into`'s.
         c: (B, hidden, *spatial) fp32, channels-first pixels (the state the cell keeps).
-        weight: (4*hidden, C + hidden, *k) fp32 (C without h), each output row dense.
-        bias: (4*hidden,) or None.
-        peephole: (3, hidden) or None.
-        dilation: one int per spatial dim.
 
     Returns:
         (h, c), each (B, hidden, *spatial) contiguous fp32, or None.
     """
-    lib = _library()
-    if lib is None or not lib.has_sgemm:
+    lib = _library()  # (first: nothing below for a tracer to see)
+    if lib is None or not lib.has_sgemm or type(c) not in _PLAIN:
         return None
-    for t in (x, h, c, weight, bias, peephole):
-        if t is not None and (type(t) not in _PLAIN or t.dtype != _F32 or not t.is_cpu):
-            return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, h, c, weight, bias, peephole)):
-        return None
-    key = (x.shape, x.stride(), None if h is None else (h.shape, h.stride()), c.shape,
-           c.stride(), weight.shape, weight.stride(), tuple(dilation))
-    plan = _PLANS.get(key, False)
-    if plan is False:
-        plan = _make_plan(x, h, c, weight, dilation)
-        if len(_PLANS) > 1024:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    if plan is None:
-        return None
-    hid = c.shape[1]
-    if (peephole is not None and peephole.shape != (3, hid)) or (
-            bias is not None and (bias.shape != (4 * hid,) or bias.stride(0) != 1)):
-        return None
-    peephole = _vector(peephole)  # (held until the call returns)
     h_new, c_new = torch.empty(c.shape, dtype=_F32), torch.empty(c.shape, dtype=_F32)
-    if lib.tcl_step_forward(plan, x.data_ptr(), None if h is None else h.data_ptr(),
-                            weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                            c.data_ptr(), None if peephole is None else peephole.data_ptr(),
-                            c_new.data_ptr(), h_new.data_ptr()):
+    if not step_into(x, h, c, weight, bias, peephole, dilation, h_out=h_new, c_out=c_new):
         return None
     return h_new, c_new
-

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import native_conv, reference
+from . import native_conv, native_step, reference
 from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
 from .layout import (
@@ -388,22 +388,35 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)
-    w_all = conv_layout(weight)
+    w_all = None  # the weight in the frames' layout, for torch's convolution (made once)
+    fused = spec._native()  # small frames: the whole step in one C call (native_step)
+    pixel_major = frames_channels_last(x.device, x.dim() - 3)
     c_prev, h_prev = _initial_cell(c_last, c0), h0
     for step in range(t):
         x_t = frames[step * b : (step + 1) * b]
-        if h_prev is None:  # (the zero state: step 0 without h0)
-            z = spec.conv(x_t, conv_layout(weight[:, :cin]), bias)
-        else:
+        h_in = None
+        if h_prev is not None:  # (else the zero state: step 0 without h0)
             h_in = steps.recurrent(h_prev)
             # (no no-op .to(): on CPU each call of this loop is a visible part of a step)
             h_in = h_in if h_in.dtype == x_t.dtype else h_in.to(x_t.dtype)
-            z = spec.conv(x_t, w_all, bias, h=h_in)
         c_out = c_seq[step] if save and step < t - 1 else c_last
         h_out = h_seq[step]
+        z_out = z_seq[step] if save_z else None
+        masks = steps.at(step)
+        if fused and native_step.step_into(
+                x_t, h_in, c_prev, weight if h_in is not None else weight[:, :cin], bias,
+                peephole, spec.dilation, h_out=h_out, c_out=c_out, gates=z_out,
+                valid=masks.get("valid"), pixel_major=pixel_major):
+            c_prev, h_prev = c_out, h_out
+            continue
+        fused = False  # (a step it declines, the next ones would be declined too)
+        if h_in is None:
+            z = spec.conv(x_t, conv_layout(weight[:, :cin]), bias)
+        else:
+            w_all = conv_layout(weight) if w_all is None else w_all
+            z = spec.conv(x_t, w_all, bias, h=h_in)
         gate_forward_torch(z, None, None, c_prev, peephole, h_out=h_out, c_out=c_out,
-                           z_out=z_seq[step] if save_z else None, save_z=save_z,
-                           **steps.at(step))
+                           z_out=z_out, save_z=save_z, **masks)
         c_prev, h_prev = c_out, h_out
     return h_seq, c_last, c_seq, z_seq
 

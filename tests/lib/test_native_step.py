@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from triton_convlstm import ConvLSTM, ConvLSTMCell, ConvLSTMCell3d, native_build, native_step
+from triton_convlstm import (
+    ConvLSTM,
+    ConvLSTM3d,
+    ConvLSTMCell,
+    ConvLSTMCell3d,
+    native_build,
+    native_step,
+)
 from triton_convlstm.conv import conv_same
 from triton_convlstm.reference import gate_forward_ref
 
@@ -151,3 +158,60 @@ def test_threads_each_get_their_own_scratch():
         t.join()
     for (h, c), (hw, cw) in zip(got, want):
         assert torch.equal(h, hw) and torch.equal(c, cw)
+
+
+@pytest.mark.parametrize("spatial", [(9,), (4, 5), (3, 4, 5)])
+@pytest.mark.parametrize("pixel_major", [False, True])
+def test_into_given_buffers_in_place_with_saved_gates_and_a_mask(spatial, pixel_major):
+    # The time loops' form: h into its slot, c updated in place, the activated gates saved
+    # (laid out as z), a sample past its end masked (it keeps its cell, its h is zero).
+    x, h, c, w, bias, p = _case(2, 2, 4, spatial, 3, True, seed=4)
+
+    def laid(t):
+        return t.movedim(1, -1).contiguous().movedim(-1, 1) if pixel_major else t.contiguous()
+
+    x, h, c = laid(x), laid(h), laid(c)
+    c_in = c.clone()
+    h_out, gates = laid(torch.empty_like(h)), laid(torch.empty(2, 16, *spatial))
+    valid = torch.tensor([1.0, 0.0]).view(2, *(1,) * (len(spatial) + 1))
+    assert native_step.step_into(x, h, c, w, bias, p, (1,) * len(spatial), h_out=h_out, c_out=c,
+                                 gates=gates, valid=valid, pixel_major=pixel_major)
+    want_h, want_c = _want(x[:1], h[:1], c_in[:1], w, bias, p, (1,) * len(spatial))
+    _close((h_out[:1].contiguous(), c[:1].contiguous()), (want_h, want_c))
+    assert torch.equal(c[1], c_in[1]) and not h_out[1].any()  # the masked sample
+    z = conv_same(torch.cat([x, h], 1)[:1].double(), w.double(), (1,) * len(spatial),
+                  bias.double())
+    i, f, o, g = z.chunk(4, 1)
+    pd = p.double().view(3, 4, *(1,) * len(spatial))
+    want_i = torch.sigmoid(i + pd[0] * c_in[:1].double())
+    assert ((gates[:1, :4].double() - want_i).abs().max() < 1e-5)
+    assert torch.equal(gates[1, :4], torch.zeros_like(gates[1, :4]))  # i shut past the end
+
+
+@pytest.mark.parametrize(("cls", "spatial"), [(ConvLSTM, (6, 6)), (ConvLSTM3d, (3, 4, 4))])
+def test_the_loops_run_it_with_the_same_results(monkeypatch, cls, spatial):
+    # Inference and training, lengths included, against the same layer without the sgemm.
+    torch.manual_seed(5)
+    model = cls(2, 4, 3, 2, batch_first=True)
+    x = torch.randn(3, 4, 2, *spatial, requires_grad=True)
+    lengths = torch.tensor([4, 2, 3])
+    served = []
+    into = native_step.step_into
+    monkeypatch.setattr(native_step, "step_into", lambda *a, **k: served.append(into(*a, **k))
+                        or served[-1])
+
+    def run():
+        with torch.no_grad():
+            inferred = model(x, lengths=lengths)[0][0]
+        out, state = model(x, lengths=lengths)
+        (out[0].square().sum() + state[0][1].sum()).backward()
+        grads = [x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+        x.grad = None
+        model.zero_grad()
+        return [inferred, out[0].detach(), *grads]
+
+    fused = run()
+    assert served and all(served)
+    monkeypatch.setattr(native_build.library(), "has_sgemm", False)
+    for got, want in zip(fused, run()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -35,12 +35,16 @@ typedef struct {
    pixels (z, y, x) in order at the one pixel stride. */
 typedef struct { i64 channels, sample, channel, pixel; } layout_t;
 
-/* A fused inference step's sizes (native_step builds one per signature and keeps it). */
+/* A fused step's sizes (native_step builds one per signature and keeps it). z, the
+   pre-activations, lives in the scratch: (B, out, pixels) dense, or (B, pixels, out) where
+   z_pixel_major (channels-last frames). gates: the update over z (its rows[0]) and c_prev,
+   c_out, h_out (rows[1..3]); the saved gates, if any, have z's strides. */
 typedef struct {
     geom_t g;
     layout_t x, h, cols;  /* cols: (B, rows, pixels), dense, in the scratch */
-    plan_t gates;         /* the update over z (B, out, pixels), dense, in the scratch */
+    plan_t gates;
     i64 rows, out, pixels, w_row; /* w_row: the weight's row stride (a slice may have gaps) */
+    i64 z_pixel_major;
 } step_plan_t;
 
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,
@@ -60,6 +64,6 @@ void tcl_set_sgemm(void *fn);
 
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
-                     float *h_out);
+                     float *h_out, float *gates, const float *valid);
 
 #endif

@@ -64,41 +64,58 @@ static float *scratch_of(i64 n, int *owned) {
 }
 
 /* h_out, c_out = the step from x, h (NULL: the zero state, the weight's x columns alone),
-   c_prev, the weight (out, rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or
-   NULL. Returns 0; 1 where there is no sgemm or no memory (nothing written). */
+   c_prev (c_out may be c_prev: each element is read before it is written), the weight (out,
+   rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or NULL; gates: where the
+   activated gates go (training saves them), or NULL; valid: per-sample multipliers (B,) or
+   NULL (gates.c's). Returns 0; 1 where there is no sgemm or no memory (nothing written). */
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
-                     float *h_out) {
+                     float *h_out, float *gates, const float *valid) {
     /* (a row stride under the row's length is overlapping rows: sgemm would refuse it and
        leave z unwritten) */
     if (SGEMM == NULL || p->w_row < p->rows || p->w_row > INT32_MAX) return 1;
-    const i64 B = p->g.B, cols_size = B * p->rows * p->pixels;
+    const i64 B = p->g.B, P = p->pixels, O = p->out, cols_size = B * p->rows * P;
     int owned;
-    float *buf = scratch_of(cols_size + B * p->out * p->pixels, &owned);
+    float *buf = scratch_of(cols_size + B * O * P, &owned);
     if (buf == NULL) return 1;
     float *cols = buf, *z = buf + cols_size;
     if (tcl_im2col(&p->g, &p->x, x, &p->h, h, &p->cols, cols)) {
         if (owned) free(buf);
         return 1;
     }
-    const int m = (int)p->pixels, n = (int)p->out, k = (int)p->rows, ldb = (int)p->w_row;
+    const int k = (int)p->rows, ldw = (int)p->w_row, o32 = (int)O, p32 = (int)P;
     const float one = 1.0f, zero = 0.0f;
+    const float *beta = bias ? &one : &zero;
     for (i64 b = 0; b < B; ++b) {
-        float *zb = z + b * p->out * p->pixels;
-        if (bias) {
-            for (i64 o = 0; o < p->out; ++o) {
-                float *row = zb + o * p->pixels;
-                const float v = bias[o];
-                _Pragma("omp simd")
-                for (i64 i = 0; i < p->pixels; ++i) row[i] = v;
+        float *zb = z + b * O * P;
+        const float *cb = cols + b * p->rows * P;
+        if (p->z_pixel_major) {
+            /* z_b (pixels, out) row-major = cols_b^T w^T; column-major: z_b^T (out x pixels)
+               = w (out x rows, stored rows x out: transposed) cols_b (rows x pixels, stored
+               pixels x rows: transposed). */
+            if (bias) {
+                for (i64 i = 0; i < P; ++i) {
+                    float *row = zb + i * O;
+                    _Pragma("omp simd")
+                    for (i64 o = 0; o < O; ++o) row[o] = bias[o];
+                }
             }
+            SGEMM("T", "T", &o32, &p32, &k, &one, w, &ldw, cb, &p32, beta, zb, &o32);
+        } else {
+            /* z_b (out, pixels) row-major = w cols_b; column-major: z_b^T (pixels x out) =
+               cols_b^T (pixels x rows) w^T (rows x out), both as stored. */
+            if (bias) {
+                for (i64 o = 0; o < O; ++o) {
+                    float *row = zb + o * P;
+                    const float v = bias[o];
+                    _Pragma("omp simd")
+                    for (i64 i = 0; i < P; ++i) row[i] = v;
+                }
+            }
+            SGEMM("N", "N", &p32, &o32, &k, &one, cb, &p32, w, &ldw, beta, zb, &p32);
         }
-        /* z_b (out, pixels) row-major = w (out, rows) @ cols_b (rows, pixels): column-major,
-           z_b^T (pixels x out) = cols_b^T (pixels x rows) w^T (rows x out). */
-        SGEMM("N", "N", &m, &n, &k, &one, cols + b * p->rows * p->pixels, &m, w, &ldb,
-              bias ? &one : &zero, zb, &m);
     }
-    tcl_gate_forward(&p->gates, z, NULL, c_prev, c_out, h_out, peep, NULL);
+    tcl_gate_forward(&p->gates, z, gates, c_prev, c_out, h_out, peep, valid);
     if (owned) free(buf);
     return 0;
 }
