@@ -7,7 +7,8 @@ Measured (one thread, 2-core box, same run; cat + torch's convolution vs this, f
 1-d B4 C4+16 L64 83-95 vs 38-44 us; 3-d B1 C2+8 8x8x8 185-192 vs 113-123 us (torch's CPU
 3-d convolution builds its columns itself, slowly). 2-d frames keep torch's convolution: at
 B1 it already is columns and a product (the same numbers), and channels-last oneDNN beat the
-columns at the perf suite's 2-d shapes (B2 C4+16 16x16: 115-124 vs 129-139 us).
+columns at the perf suite's 2-d shapes (B2 C4+16 16x16: 115-124 vs 129-139 us); but 2-d input
+gradients of few channels (the first layer's dx) are served (MAX_2D_INPUT_GRAD_ROWS).
 
 Each function answers None, having computed nothing, where it does not serve the call (no
 library, another dtype or device, 2-d frames, frames past the size limits, another padding,
@@ -28,7 +29,12 @@ from .native_gates import _library
 
 _F32 = torch.float32
 _PLAIN = (Tensor, torch.nn.Parameter)  # not fake, not a subclass that means more than memory
-SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above)
+SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above, and the next)
+# 2-d input gradients of few channels (rows = channels * kernel taps) are served: oneDNN's
+# backward-data runs slowly for them. Measured (one thread, over T*B frames, channels-last):
+# B2 T8 C4 16x16 (36 rows) 290 vs 602 us; B4 T8 C8 24x24 (72 rows) 3.4 vs 4.6 ms; at 144
+# rows (hid16) a tie, at 288 (hid32) 1.4x slower.
+MAX_2D_INPUT_GRAD_ROWS = 96
 # Per sample, frames of at most this many pixels, and columns of at most this many floats
 # (1 MiB, about what stays in a core's L2): past them the copies cost more than the products
 # gain, and oneDNN's blocking wins.
@@ -79,16 +85,16 @@ def _geometry(b: int, spatial: Sequence[int], kernel: Sequence[int],
 
 
 def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Sequence[int],
-            rows: int, dilation: Sequence[int], frames: int) -> bool:
-    """fp32 plain CPU tensors (parameters included) autograd need not see, frames and columns
-    within the limits, a positive dilation."""
+            rows: int, dilation: Sequence[int], frames: int, dims=SERVED_DIMS) -> bool:
+    """fp32 plain CPU tensors (parameters included) autograd need not see, frames of ``dims``
+    spatial dims and columns within the limits, a positive dilation."""
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.dtype != _F32 or not t.is_cpu):
             return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     pixels = math.prod(spatial)
-    return (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) == len(dilation)
+    return (len(spatial) in dims and len(kernel) == len(spatial) == len(dilation)
             and 0 < pixels <= MAX_PIXELS and rows * pixels <= MAX_COLUMN_FLOATS
             and frames * rows * pixels <= MAX_CALL_COLUMN_FLOATS and min(dilation) >= 1)
 
@@ -187,8 +193,10 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     n, c, *spatial = x_shape
     kernel = weight.shape[2:]
     pg = _pixel_stride(grad)
+    rows = c * math.prod(kernel)
+    dims = (*SERVED_DIMS, 2) if rows <= MAX_2D_INPUT_GRAD_ROWS else SERVED_DIMS
     if (lib is None or pg is None or n == 0
-            or not _served((grad, weight), spatial, kernel, c * math.prod(kernel), dilation, n)
+            or not _served((grad, weight), spatial, kernel, rows, dilation, n, dims)
             or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
         return None
     o, pixels = weight.shape[0], math.prod(spatial)

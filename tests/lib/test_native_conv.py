@@ -174,3 +174,19 @@ def test_calls_past_the_columns_budget_are_left_to_torch(monkeypatch):
     assert native_conv.conv_small(**_args()) is None
     grad, w = torch.randn(2, 8, 6), torch.randn(8, 7, 3)
     assert native_conv.conv_input_grad_small(grad, (2, 7, 6), w, (1,), False) is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_2d_input_gradients_of_few_channels_are_served(channels_last):
+    torch.manual_seed(6)
+    w = torch.randn(16, 3, 3, 3, dtype=torch.float64)  # 27 rows: served
+    grad = _laid(torch.randn(4, 16, 7, 9, dtype=torch.float64), channels_last)
+    want = conv_same_input_grad(grad, (4, 3, 7, 9), w, (1, 2))
+    got = native_conv.conv_input_grad_small(grad.float(), (4, 3, 7, 9), w.float(), (1, 2),
+                                            channels_last)
+    assert _rel(got, want) < 1e-5 and (got.stride(1) == 1) == channels_last
+    wide = torch.randn(16, 16, 3, 3)  # 144 rows: oneDNN's
+    assert native_conv.conv_input_grad_small(grad.float(), (4, 16, 7, 9), wide, (1, 1),
+                                             channels_last) is None
+    assert native_conv.conv_small(torch.randn(4, 3, 7, 9), None, w.float(), None, (1, 1),
+                                  False) is None  # 2-d forward: torch's
