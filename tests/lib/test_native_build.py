@@ -1,6 +1,10 @@
 """native_build: the CPU gate kernels built once into a private cache, the reason kept where
 they cannot be (torch ops then), and the switches that turn them off."""
 
+import fnmatch
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +67,18 @@ def test_turned_off_by_the_environment(fresh_build, monkeypatch):
     monkeypatch.setenv(native_build.ENV_SWITCH, "0")
     assert native_build.library() is None
     assert native_build.ENV_SWITCH in native_build.load_error()
+
+
+def test_every_file_the_build_reads_is_installed_with_the_package():
+    # A wheel carries only what package-data names: a missing header would leave an installed
+    # package without its kernels (the torch ops then), with nothing failing loudly.
+    root = Path(native_build.__file__).parent
+    text = (root.parent / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    patterns = re.findall(r'"([^"]+)"', re.search(r"triton_convlstm = \[(.*?)\]", section,
+                                                  re.S).group(1))
+    for path in native_build.SOURCES + native_build.HEADERS:
+        name = path.relative_to(root).as_posix()
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), (name, patterns)
+    assert sorted(p.name for p in (root / "csrc").iterdir()) == sorted(
+        p.name for p in native_build.SOURCES + native_build.HEADERS)  # none left unbuilt
