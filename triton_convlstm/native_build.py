@@ -87,7 +87,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_im2col": ([_G, _L, _P, _L, _P, _L, _P], ctypes.c_int),
     "tcl_col2im": ([_G, _L, _P, _L, _P], ctypes.c_int),
     "tcl_set_sgemm": ([_P], None),
-    "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 10, ctypes.c_int),
+    "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 11, ctypes.c_int),
 }
 
 

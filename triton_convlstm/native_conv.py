@@ -7,8 +7,9 @@ Measured (one thread, 2-core box, same run; cat + torch's convolution vs this, f
 1-d B4 C4+16 L64 83-95 vs 38-44 us; 3-d B1 C2+8 8x8x8 185-192 vs 113-123 us (torch's CPU
 3-d convolution builds its columns itself, slowly). 2-d frames keep torch's convolution: at
 B1 it already is columns and a product (the same numbers), and channels-last oneDNN beat the
-columns at the perf suite's 2-d shapes (B2 C4+16 16x16: 115-124 vs 129-139 us); but 2-d input
-gradients of few channels (the first layer's dx) are served (MAX_2D_INPUT_GRAD_ROWS).
+columns at the perf suite's 2-d shapes (B2 C4+16 16x16: 115-124 vs 129-139 us). (2-d input
+gradients of few channels ran 1.35-2x oneDNN's, but their columns raised the training peak
+1.11x: left to torch.)
 
 Each function answers None, having computed nothing, where it does not serve the call (no
 library, another dtype or device, 2-d frames, frames past the size limits, another padding,
@@ -29,12 +30,14 @@ from .native_gates import _library
 
 _F32 = torch.float32
 _PLAIN = (Tensor, torch.nn.Parameter)  # not fake, not a subclass that means more than memory
-SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above, and the next)
-# 2-d input gradients of few channels (rows = channels * kernel taps) are served: oneDNN's
-# backward-data runs slowly for them. Measured (one thread, over T*B frames, channels-last):
-# B2 T8 C4 16x16 (36 rows) 290 vs 602 us; B4 T8 C8 24x24 (72 rows) 3.4 vs 4.6 ms; at 144
-# rows (hid16) a tie, at 288 (hid32) 1.4x slower.
-MAX_2D_INPUT_GRAD_ROWS = 96
+SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above)
+# Columns and their gradients exist a chunk of frames (and, past one frame, of channels) at a
+# time, at most this many floats (64 KiB) or one channel of one frame: a training step's peak
+# memory counts them (torch's own convolutions keep theirs inside ATen, where a tensor
+# tracker does not see them). At cpu-1d (one thread, training, layer / formulation): whole
+# batches 1.16x the peak and 1.79x the speed, 64 KiB chunks 0.99x and 1.66x, 16 KiB 0.92x
+# and 1.17x.
+CHUNK_FLOATS = 1 << 14
 # Per sample, frames of at most this many pixels, and columns of at most this many floats
 # (1 MiB, about what stays in a core's L2): past them the copies cost more than the products
 # gain, and oneDNN's blocking wins.
@@ -85,16 +88,16 @@ def _geometry(b: int, spatial: Sequence[int], kernel: Sequence[int],
 
 
 def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Sequence[int],
-            rows: int, dilation: Sequence[int], frames: int, dims=SERVED_DIMS) -> bool:
-    """fp32 plain CPU tensors (parameters included) autograd need not see, frames of ``dims``
-    spatial dims and columns within the limits, a positive dilation."""
+            rows: int, dilation: Sequence[int], frames: int) -> bool:
+    """fp32 plain CPU tensors (parameters included) autograd need not see, frames and columns
+    within the limits, a positive dilation."""
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.dtype != _F32 or not t.is_cpu):
             return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     pixels = math.prod(spatial)
-    return (len(spatial) in dims and len(kernel) == len(spatial) == len(dilation)
+    return (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) == len(dilation)
             and 0 < pixels <= MAX_PIXELS and rows * pixels <= MAX_COLUMN_FLOATS
             and frames * rows * pixels <= MAX_CALL_COLUMN_FLOATS and min(dilation) >= 1)
 
@@ -104,6 +107,14 @@ def _empty_frames(b: int, channels: int, spatial: Sequence[int], channels_last: 
     if channels_last:
         return torch.empty(b, *spatial, channels, dtype=_F32).movedim(-1, 1)
     return torch.empty(b, channels, *spatial, dtype=_F32)
+
+
+def _chunks(frames: int, channels: int, per_channel: int) -> tuple[int, int]:
+    """(frames, channels) per chunk: CHUNK_FLOATS of columns, each channel of a frame
+    ``per_channel`` floats (one channel of one frame at least)."""
+    if channels * per_channel <= CHUNK_FLOATS:
+        return max(1, min(frames, CHUNK_FLOATS // (channels * per_channel))), channels
+    return 1, max(1, CHUNK_FLOATS // per_channel)
 
 
 def _columns(lib, x: Tensor, h: Tensor | None, kernel: Sequence[int], dilation: Sequence[int],
@@ -152,27 +163,28 @@ def conv_small(x: Tensor, h: Tensor | None, weight: Tensor, bias: Tensor | None,
             or weight.shape[1] != channels or b == 0
             or (h is not None and h.shape != (b, h.shape[1], *spatial))):
         return None
-    cols = _columns(lib, x, h, kernel, dilation, pixels_major=False)
-    if cols is None:
-        return None
-    o = weight.shape[0]
+    o, pixels = weight.shape[0], math.prod(spatial)
     w = weight.reshape(o, -1)
-    if channels_last:  # (B, pixels, O): the product transposed
-        if b == 1:  # (mm: matmul would broadcast into a batched product)
-            z = torch.mm(cols[0].t(), w.t()) if bias is None else torch.addmm(
-                bias, cols[0].t(), w.t())
-        else:
-            z = torch.matmul(cols.transpose(1, 2), w.t())
-            if bias is not None:
-                z += bias
-        return z.view(b, *spatial, o).movedim(-1, 1)
-    if b == 1:
-        z = torch.mm(w, cols[0]) if bias is None else torch.addmm(bias.unsqueeze(1), w, cols[0])
-    else:
-        z = torch.matmul(w, cols)
-        if bias is not None:
-            z += bias.unsqueeze(1)
-    return z.view(b, o, *spatial)
+    z = _empty_frames(b, o, spatial, channels_last)
+    # (B, pixels, O) or (B, O, pixels): a product per chunk of frames into its slice of z
+    zm = z.as_strided((b, pixels, o), (z.stride(0), z.stride(-1), z.stride(1))) if (
+        channels_last) else z.view(b, o, pixels)
+    step = _chunks(b, channels, math.prod(kernel) * pixels)[0]
+    for f0 in range(0, b, step):
+        f1 = min(b, f0 + step)
+        cols = _columns(lib, x[f0:f1], None if h is None else h[f0:f1], kernel, dilation,
+                        pixels_major=False)
+        if cols is None:
+            return None
+        for k in range(f1 - f0):  # (mm: matmul would broadcast into a batched product)
+            out = zm[f0 + k]
+            if channels_last:
+                torch.mm(cols[k].t(), w.t(), out=out)
+            else:
+                torch.mm(w, cols[k], out=out)
+    if bias is not None:
+        z += bias.view(1, o, *(1,) * len(spatial))
+    return z
 
 
 def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
@@ -193,19 +205,28 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     n, c, *spatial = x_shape
     kernel = weight.shape[2:]
     pg = _pixel_stride(grad)
-    rows = c * math.prod(kernel)
-    dims = (*SERVED_DIMS, 2) if rows <= MAX_2D_INPUT_GRAD_ROWS else SERVED_DIMS
     if (lib is None or pg is None or n == 0
-            or not _served((grad, weight), spatial, kernel, rows, dilation, n, dims)
+            or not _served((grad, weight), spatial, kernel, c * math.prod(kernel), dilation, n)
             or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
         return None
-    o, pixels = weight.shape[0], math.prod(spatial)
+    o, pixels, taps = weight.shape[0], math.prod(spatial), math.prod(kernel)
     g = grad.as_strided((n, o, pixels), (grad.stride(0), grad.stride(1), pg))
-    dcols = torch.matmul(weight.reshape(o, -1).t(), g)  # (N, rows, pixels)
+    w = weight.reshape(o, -1)
     dx = _empty_frames(n, c, spatial, channels_last)
-    if lib.tcl_col2im(_geometry(n, spatial, kernel, dilation), _layout(dcols, dcols.stride(2)),
-                      dcols.data_ptr(), _layout(dx, _pixel_stride(dx)), dx.data_ptr()):
-        return None
+    pd = _pixel_stride(dx)
+    frames, channels = _chunks(n, c, taps * pixels)
+    for f0 in range(0, n, frames):
+        f1 = min(n, f0 + frames)
+        for c0 in range(0, c, channels):
+            c1 = min(c, c0 + channels)
+            wc = w[:, c0 * taps : c1 * taps].t()  # (rows of these channels, O)
+            dcols = torch.matmul(wc, g[f0:f1]) if f1 - f0 > 1 else torch.mm(
+                wc, g[f0]).unsqueeze(0)  # (frames, rows, pixels)
+            part = dx[f0:f1, c0:c1]
+            if lib.tcl_col2im(_geometry(f1 - f0, spatial, kernel, dilation),
+                              _layout(dcols, dcols.stride(2)), dcols.data_ptr(),
+                              _layout(part, pd), part.data_ptr()):
+                return None
     return dx
 
 
@@ -237,9 +258,21 @@ def conv_weight_grad_small(grad: Tensor, x: Tensor, weight: Tensor,
     # frame no faster than torch's (3-d 8x8x8 B4: 129 vs 115 us).
     if not (pg == o and grad.stride(1) == 1 and grad.stride(0) == pixels * o):
         return None
-    cols = _columns(lib, x, None, kernel, dilation, pixels_major=True)
-    if cols is None:
-        return None
-    g = grad.as_strided((n * pixels, o), (o, 1))
-    dw = torch.mm(g.t(), cols.transpose(1, 2).reshape(n * pixels, -1))
+    taps = math.prod(kernel)
+    dw = torch.empty(o, c * taps, dtype=_F32)
+    frames, channels = _chunks(n, c, taps * pixels)
+    for c0 in range(0, c, channels):
+        c1 = min(c, c0 + channels)
+        part = dw[:, c0 * taps : c1 * taps]
+        for f0 in range(0, n, frames):
+            f1 = min(n, f0 + frames)
+            cols = _columns(lib, x[f0:f1, c0:c1], None, kernel, dilation, pixels_major=True)
+            if cols is None:
+                return None
+            g = grad[f0:f1].as_strided(((f1 - f0) * pixels, o), (o, 1))
+            cols = cols.transpose(1, 2).reshape((f1 - f0) * pixels, -1)
+            if f0 == 0:
+                torch.mm(g.t(), cols, out=part)
+            else:
+                part.addmm_(g.t(), cols)
     return dw.view(weight.shape)

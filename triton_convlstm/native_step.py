@@ -123,9 +123,11 @@ def _run(lib, plan: StepPlan, x: Tensor, h: Tensor | None, c_prev: Tensor, weigh
         return False
     # (the converted copies held until the call returns)
     peephole, valid = _vector(peephole), _vector(valid)
+    scratch = torch.empty(plan.g.B * (plan.rows + plan.out) * plan.pixels, dtype=_F32)
     return not lib.tcl_step_forward(
         plan, x.data_ptr(), _ptr(h), weight.data_ptr(), _ptr(bias), c_prev.data_ptr(),
-        _ptr(peephole), c_out.data_ptr(), h_out.data_ptr(), _ptr(gates), _ptr(valid))
+        _ptr(peephole), c_out.data_ptr(), h_out.data_ptr(), _ptr(gates), _ptr(valid),
+        scratch.data_ptr())
 
 
 def step_into(x: Tensor, h: Tensor | None, c_prev: Tensor, weight: Tensor, bias: Tensor | None,

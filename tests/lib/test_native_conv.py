@@ -176,17 +176,31 @@ def test_calls_past_the_columns_budget_are_left_to_torch(monkeypatch):
     assert native_conv.conv_input_grad_small(grad, (2, 7, 6), w, (1,), False) is None
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_2d_input_gradients_of_few_channels_are_served(channels_last):
+def test_chunks_of_frames_and_channels_give_the_same_results(monkeypatch):
+    # Columns a chunk at a time (a training step's peak counts them): frames, and past one
+    # frame's worth, channels, for the forward and both gradients.
     torch.manual_seed(6)
-    w = torch.randn(16, 3, 3, 3, dtype=torch.float64)  # 27 rows: served
-    grad = _laid(torch.randn(4, 16, 7, 9, dtype=torch.float64), channels_last)
-    want = conv_same_input_grad(grad, (4, 3, 7, 9), w, (1, 2))
-    got = native_conv.conv_input_grad_small(grad.float(), (4, 3, 7, 9), w.float(), (1, 2),
-                                            channels_last)
-    assert _rel(got, want) < 1e-5 and (got.stride(1) == 1) == channels_last
-    wide = torch.randn(16, 16, 3, 3)  # 144 rows: oneDNN's
-    assert native_conv.conv_input_grad_small(grad.float(), (4, 16, 7, 9), wide, (1, 1),
-                                             channels_last) is None
-    assert native_conv.conv_small(torch.randn(4, 3, 7, 9), None, w.float(), None, (1, 1),
-                                  False) is None  # 2-d forward: torch's
+    x = _laid(torch.randn(5, 6, 4, 3, 5, dtype=torch.float64), False)
+    w = torch.randn(8, 6, 3, 3, 3, dtype=torch.float64)
+    grad = torch.randn(5, 8, 4, 3, 5, dtype=torch.float64)
+    x1 = _laid(torch.randn(5, 6, 11, dtype=torch.float64), True)
+    w1 = torch.randn(8, 6, 3, dtype=torch.float64)
+    grad1 = _laid(torch.randn(5, 8, 11, dtype=torch.float64), True)
+    wants = (conv_same(x, w, (1, 1, 1)), conv_same_input_grad(grad, x.shape, w, (1, 1, 1)),
+             conv_same_weight_grad(grad1, x1, w1, (2,)))
+    for chunk in (1, 27 * 60, 27 * 60 * 2 + 5, 1 << 16):  # one channel, frames, all
+        monkeypatch.setattr(native_conv, "CHUNK_FLOATS", chunk)
+        got = (native_conv.conv_small(x.float(), None, w.float(), None, (1, 1, 1), False),
+               native_conv.conv_input_grad_small(grad.float(), x.shape, w.float(), (1, 1, 1),
+                                                 True),
+               native_conv.conv_weight_grad_small(grad1.float(), x1.float(), w1.float(), (2,)))
+        for g, want in zip(got, wants):
+            assert _rel(g, want) < 1e-5, chunk
+
+
+def test_2d_frames_are_left_to_torch():
+    grad = torch.randn(4, 16, 7, 9)
+    assert native_conv.conv_input_grad_small(grad, (4, 3, 7, 9), torch.randn(16, 3, 3, 3),
+                                             (1, 1), False) is None
+    assert native_conv.conv_small(torch.randn(4, 3, 7, 9), None, torch.randn(16, 3, 3, 3),
+                                  None, (1, 1), False) is None

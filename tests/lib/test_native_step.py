@@ -133,8 +133,7 @@ def test_the_cell_and_the_layers_one_frame_call_run_it_with_the_same_results(mon
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_threads_each_get_their_own_scratch():
-    # Each thread's steps of growing sizes (its scratch grows), and one past the kept size.
+def test_threads_running_steps_of_different_sizes_at_once():
     cell = ConvLSTMCell3d(1, 3, 3).eval()
     sizes = [(2, 3, 4), (4, 5, 6), (3, 4, 5), (8, 8, 8)]
     frames = [torch.randn(b, 1, *s) for b, s in zip([2, 2, 3, 40], sizes)]

@@ -64,6 +64,6 @@ void tcl_set_sgemm(void *fn);
 
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
-                     float *h_out, float *gates, const float *valid);
+                     float *h_out, float *gates, const float *valid, float *scratch);
 
 #endif

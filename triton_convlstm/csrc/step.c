@@ -4,8 +4,7 @@
    (gates.c). For small frames, where a step is a few torch ops of microseconds each, this
    replaces cat, convolution, and the gate kernel's own call (native_step.py has the numbers). */
 
-#include <pthread.h>
-#include <stdlib.h>
+#include <stddef.h>
 
 #include "kernels.h"
 
@@ -19,70 +18,22 @@ static sgemm_fn SGEMM = NULL;
 
 void tcl_set_sgemm(void *fn) { SGEMM = (sgemm_fn)fn; }
 
-/* A scratch block per thread, kept and grown up to KEPT_FLOATS (4 MiB; a fresh block per step
-   would cost the page faults of a large malloc each time) and freed when its thread ends;
-   larger steps allocate their own and free it. */
-#define KEPT_FLOATS (1 << 20)
-
-typedef struct { float *data; i64 size; } scratch_t;
-
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-static int scratch_key_ok = 0;
-
-static void free_scratch(void *p) {
-    scratch_t *s = p;
-    free(s->data);
-    free(s);
-}
-
-static void make_scratch_key(void) {
-    scratch_key_ok = pthread_key_create(&scratch_key, free_scratch) == 0;
-}
-
-/* n floats: the thread's kept block (borrowed: *owned = 0) or a new one (*owned = 1). */
-static float *scratch_of(i64 n, int *owned) {
-    *owned = 1;
-    pthread_once(&scratch_once, make_scratch_key);
-    if (n > KEPT_FLOATS || !scratch_key_ok) return malloc((size_t)n * sizeof(float));
-    scratch_t *s = pthread_getspecific(scratch_key);
-    if (s == NULL) {
-        s = calloc(1, sizeof *s);
-        if (s == NULL || pthread_setspecific(scratch_key, s) != 0) {
-            free(s);
-            return malloc((size_t)n * sizeof(float));
-        }
-    }
-    if (n > s->size) {
-        free(s->data);
-        s->data = malloc((size_t)n * sizeof(float));
-        s->size = s->data ? n : 0;
-        if (s->data == NULL) return NULL;
-    }
-    *owned = 0;
-    return s->data;
-}
-
 /* h_out, c_out = the step from x, h (NULL: the zero state, the weight's x columns alone),
    c_prev (c_out may be c_prev: each element is read before it is written), the weight (out,
    rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or NULL; gates: where the
    activated gates go (training saves them), or NULL; valid: per-sample multipliers (B,) or
-   NULL (gates.c's). Returns 0; 1 where there is no sgemm or no memory (nothing written). */
+   NULL (gates.c's); scratch: B * (rows + out) * pixels floats for the columns and z (a torch
+   tensor of the caller's: memory tools see it). Returns 0; 1 where there is no sgemm or no
+   memory (nothing written). */
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
-                     float *h_out, float *gates, const float *valid) {
+                     float *h_out, float *gates, const float *valid, float *scratch) {
     /* (a row stride under the row's length is overlapping rows: sgemm would refuse it and
        leave z unwritten) */
     if (SGEMM == NULL || p->w_row < p->rows || p->w_row > INT32_MAX) return 1;
-    const i64 B = p->g.B, P = p->pixels, O = p->out, cols_size = B * p->rows * P;
-    int owned;
-    float *buf = scratch_of(cols_size + B * O * P, &owned);
-    if (buf == NULL) return 1;
-    float *cols = buf, *z = buf + cols_size;
-    if (tcl_im2col(&p->g, &p->x, x, &p->h, h, &p->cols, cols)) {
-        if (owned) free(buf);
-        return 1;
-    }
+    const i64 B = p->g.B, P = p->pixels, O = p->out;
+    float *cols = scratch, *z = scratch + B * p->rows * P;
+    if (tcl_im2col(&p->g, &p->x, x, &p->h, h, &p->cols, cols)) return 1;
     const int k = (int)p->rows, ldw = (int)p->w_row, o32 = (int)O, p32 = (int)P;
     const float one = 1.0f, zero = 0.0f;
     const float *beta = bias ? &one : &zero;
@@ -116,6 +67,5 @@ int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const
         }
     }
     tcl_gate_forward(&p->gates, z, gates, c_prev, c_out, h_out, peep, valid);
-    if (owned) free(buf);
     return 0;
 }
