@@ -76,7 +76,8 @@ class StepPlan(ctypes.Structure):
     _fields_ = [("g", Geometry), ("x", Layout), ("h", Layout), ("cols", Layout),
                 ("gates", Plan), ("rows", ctypes.c_int64), ("out", ctypes.c_int64),
                 ("pixels", ctypes.c_int64), ("w_row", ctypes.c_int64),
-                ("z_pixel_major", ctypes.c_int64)]
+                ("z_pixel_major", ctypes.c_int64), ("tile_rows", ctypes.c_int64),
+                ("z_in_gates", ctypes.c_int64)]
 
 
 _P = ctypes.c_void_p

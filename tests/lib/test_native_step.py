@@ -214,3 +214,23 @@ def test_the_loops_run_it_with_the_same_results(monkeypatch, cls, spatial):
     monkeypatch.setattr(native_build.library(), "has_sgemm", False)
     for got, want in zip(fused, run()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pixel_major", [False, True])
+@pytest.mark.parametrize("tile", [1, 40])
+def test_columns_built_a_tile_of_rows_at_a_time_give_the_same_step(monkeypatch, pixel_major,
+                                                                   tile):
+    # One output row per tile (and a few): the products add onto the bias tile by tile.
+    monkeypatch.setattr(native_step, "TILE_FLOATS", tile)
+    monkeypatch.setattr(native_step, "_PLANS", {})
+    x, h, c, w, bias, p = _case(2, 2, 4, (3, 4, 5), 3, True, seed=7)
+    if pixel_major:
+        x, h, c = (t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (x, h, c))
+    want = _want(x, h, c, w, bias, p, (1, 1, 1))
+    h_out, gates = torch.empty_like(c), torch.empty(2, 16, 3, 4, 5)
+    if pixel_major:
+        gates = gates.movedim(1, -1).contiguous().movedim(-1, 1)
+    c_out = torch.empty_like(c)
+    assert native_step.step_into(x, h, c, w, bias, p, (1, 1, 1), h_out=h_out, c_out=c_out,
+                                 gates=gates, pixel_major=pixel_major)
+    _close((h_out.contiguous(), c_out.contiguous()), want)

@@ -87,6 +87,32 @@ static void pad_out(const float *pad, const geom_t *g, const layout_t *dst, floa
     }
 }
 
+i64 tcl_padded_plane(const geom_t *g) { return padded_plane(g); }
+
+/* Sample b of [x, h] (h may be NULL) into the padded copy's interior (its borders, zeroed by
+   the caller once, stay zero). */
+void tcl_pad_sample(const geom_t *g, const layout_t *lx, const float *x, const layout_t *lh,
+                    const float *h, i64 b, float *pad) {
+    pad_in(pad, g, lx, x, b, 0);
+    if (h) pad_in(pad, g, lh, h, b, lx->channels);
+}
+
+/* The columns of output rows r0..r1 - 1 (a row: the W pixels of one (z, y)) of a padded
+   sample of C channels: cols[r][p - r0 * W] at row stride ld. */
+void tcl_tile_columns(const geom_t *g, i64 C, const float *pad, i64 r0, i64 r1, float *cols,
+                      i64 ld) {
+    for (i64 c = 0; c < C; ++c)
+        for (i64 kz = 0; kz < g->KD; ++kz)
+            for (i64 ky = 0; ky < g->KH; ++ky)
+                for (i64 kx = 0; kx < g->KW; ++kx) {
+                    const i64 r = ((c * g->KD + kz) * g->KH + ky) * g->KW + kx;
+                    for (i64 row = r0; row < r1; ++row)
+                        copy_row(cols + r * ld + (row - r0) * g->W, 1,
+                                 pad + tap_row(g, c, kz, ky, kx, row / g->H, row % g->H),
+                                 g->W);
+                }
+}
+
 /* cols[b] = the columns of sample b of [x, h] (h's channels after x's; h may be NULL).
    Returns 0, or 1 where the padded copy could not be allocated (nothing written). */
 int tcl_im2col(const geom_t *g, const layout_t *lx, const float *x, const layout_t *lh,

@@ -45,6 +45,8 @@ typedef struct {
     plan_t gates;
     i64 rows, out, pixels, w_row; /* w_row: the weight's row stride (a slice may have gaps) */
     i64 z_pixel_major;
+    i64 tile_rows;   /* output rows (W pixels each) whose columns are built at a time */
+    i64 z_in_gates;  /* z is computed in the saved gates' buffer (then activated in place) */
 } step_plan_t;
 
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,
@@ -56,6 +58,14 @@ void tcl_gate_backward(const plan_t *plan, const float *gates, const float *c_pr
 
 int tcl_im2col(const geom_t *g, const layout_t *lx, const float *x, const layout_t *lh,
                const float *h, const layout_t *lc, float *cols);
+
+i64 tcl_padded_plane(const geom_t *g);
+
+void tcl_pad_sample(const geom_t *g, const layout_t *lx, const float *x, const layout_t *lh,
+                    const float *h, i64 b, float *pad);
+
+void tcl_tile_columns(const geom_t *g, i64 C, const float *pad, i64 r0, i64 r1, float *cols,
+                      i64 ld);
 
 int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const layout_t *lx,
                float *dx);

@@ -22,48 +22,60 @@ void tcl_set_sgemm(void *fn) { SGEMM = (sgemm_fn)fn; }
    c_prev (c_out may be c_prev: each element is read before it is written), the weight (out,
    rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or NULL; gates: where the
    activated gates go (training saves them), or NULL; valid: per-sample multipliers (B,) or
-   NULL (gates.c's); scratch: B * (rows + out) * pixels floats for the columns and z (a torch
-   tensor of the caller's: memory tools see it). Returns 0; 1 where there is no sgemm or no
-   memory (nothing written). */
+   NULL (gates.c's); scratch: native_step.scratch_floats(p) floats (a torch tensor of the
+   caller's: memory tools see it) for the padded sample, a tile of columns and, unless
+   z_in_gates, z. The columns are built tile_rows output rows at a time, so that the scratch
+   stays small whatever the frame. Returns 0; 1 where there is no sgemm (nothing written). */
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
                      float *h_out, float *gates, const float *valid, float *scratch) {
     /* (a row stride under the row's length is overlapping rows: sgemm would refuse it and
        leave z unwritten) */
     if (SGEMM == NULL || p->w_row < p->rows || p->w_row > INT32_MAX) return 1;
-    const i64 B = p->g.B, P = p->pixels, O = p->out;
-    float *cols = scratch, *z = scratch + B * p->rows * P;
-    if (tcl_im2col(&p->g, &p->x, x, &p->h, h, &p->cols, cols)) return 1;
-    const int k = (int)p->rows, ldw = (int)p->w_row, o32 = (int)O, p32 = (int)P;
-    const float one = 1.0f, zero = 0.0f;
-    const float *beta = bias ? &one : &zero;
+    const geom_t *g = &p->g;
+    const i64 B = g->B, P = p->pixels, O = p->out, W = g->W, n_rows = g->D * g->H;
+    const i64 C = p->x.channels + (h ? p->h.channels : 0);
+    const i64 pad_size = C * tcl_padded_plane(g), tile = p->tile_rows * W;
+    float *pad = scratch, *cols = scratch + pad_size;
+    float *z = p->z_in_gates ? gates : cols + p->rows * tile;
+    for (i64 k = 0; k < pad_size; ++k) pad[k] = 0.0f;
+    const int k32 = (int)p->rows, ldw = (int)p->w_row, o32 = (int)O;
+    const float one = 1.0f;
     for (i64 b = 0; b < B; ++b) {
         float *zb = z + b * O * P;
-        const float *cb = cols + b * p->rows * P;
+        /* the bias first; each tile's product then adds onto it */
         if (p->z_pixel_major) {
-            /* z_b (pixels, out) row-major = cols_b^T w^T; column-major: z_b^T (out x pixels)
-               = w (out x rows, stored rows x out: transposed) cols_b (rows x pixels, stored
-               pixels x rows: transposed). */
-            if (bias) {
-                for (i64 i = 0; i < P; ++i) {
-                    float *row = zb + i * O;
-                    _Pragma("omp simd")
-                    for (i64 o = 0; o < O; ++o) row[o] = bias[o];
-                }
+            for (i64 i = 0; i < P; ++i) {
+                float *row = zb + i * O;
+                _Pragma("omp simd")
+                for (i64 o = 0; o < O; ++o) row[o] = bias ? bias[o] : 0.0f;
             }
-            SGEMM("T", "T", &o32, &p32, &k, &one, w, &ldw, cb, &p32, beta, zb, &o32);
         } else {
-            /* z_b (out, pixels) row-major = w cols_b; column-major: z_b^T (pixels x out) =
-               cols_b^T (pixels x rows) w^T (rows x out), both as stored. */
-            if (bias) {
-                for (i64 o = 0; o < O; ++o) {
-                    float *row = zb + o * P;
-                    const float v = bias[o];
-                    _Pragma("omp simd")
-                    for (i64 i = 0; i < P; ++i) row[i] = v;
-                }
+            for (i64 o = 0; o < O; ++o) {
+                float *row = zb + o * P;
+                const float v = bias ? bias[o] : 0.0f;
+                _Pragma("omp simd")
+                for (i64 i = 0; i < P; ++i) row[i] = v;
             }
-            SGEMM("N", "N", &p32, &o32, &k, &one, cb, &p32, w, &ldw, beta, zb, &p32);
+        }
+        tcl_pad_sample(g, &p->x, x, &p->h, h, b, pad);
+        for (i64 r0 = 0; r0 < n_rows; r0 += p->tile_rows) {
+            const i64 r1 = r0 + p->tile_rows < n_rows ? r0 + p->tile_rows : n_rows;
+            const int n = (int)((r1 - r0) * W), ldc = (int)tile;
+            tcl_tile_columns(g, C, pad, r0, r1, cols, tile);
+            if (p->z_pixel_major) {
+                /* z rows r0*W.. (pixels, out) row-major; column-major: (out x n) = w (stored
+                   rows x out: transposed) cols (rows x n, stored n x rows at ld tile:
+                   transposed). */
+                SGEMM("T", "T", &o32, &n, &k32, &one, w, &ldw, cols, &ldc, &one,
+                      zb + r0 * W * O, &o32);
+            } else {
+                /* z columns r0*W.. of (out, pixels) row-major; column-major: (n x out, ld P)
+                   = cols^T (n x rows at ld tile) w^T (rows x out at ld w_row). */
+                const int p32 = (int)P;
+                SGEMM("N", "N", &n, &o32, &k32, &one, cols, &ldc, w, &ldw, &one,
+                      zb + r0 * W, &p32);
+            }
         }
     }
     tcl_gate_forward(&p->gates, z, gates, c_prev, c_out, h_out, peep, valid);
