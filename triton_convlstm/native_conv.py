@@ -97,9 +97,14 @@ def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Se
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
     pixels = math.prod(spatial)
-    return (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) == len(dilation)
-            and 0 < pixels <= MAX_PIXELS and rows * pixels <= MAX_COLUMN_FLOATS
-            and frames * rows * pixels <= MAX_CALL_COLUMN_FLOATS and min(dilation) >= 1)
+    if not (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) == len(dilation)
+            and 0 < pixels <= MAX_PIXELS and 0 < rows and rows * pixels <= MAX_COLUMN_FLOATS
+            and frames * rows * pixels <= MAX_CALL_COLUMN_FLOATS and min(dilation) >= 1):
+        return False
+    # The padded copy of a sample: past the columns' own limit only with a large dilation,
+    # where it is mostly zeros to write.
+    padded = math.prod(n + d * (k - 1) for n, k, d in zip(spatial, kernel, dilation))
+    return rows // math.prod(kernel) * padded <= MAX_COLUMN_FLOATS
 
 
 def _empty_frames(b: int, channels: int, spatial: Sequence[int], channels_last: bool) -> Tensor:

@@ -63,7 +63,8 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     channels = cx + (0 if h is None else h.shape[1])
     kernel = tuple(weight.shape[2:])
     pixels, rows = math.prod(spatial), channels * math.prod(kernel)
-    if (not 1 <= len(spatial) <= 3 or len(kernel) != len(spatial) or b == 0 or pixels == 0
+    if (not 1 <= len(spatial) <= 3 or len(kernel) != len(spatial) or b == 0 or rows == 0
+            or pixels == 0
             or pixels > MAX_PIXELS or rows * pixels > MAX_COLUMN_FLOATS
             or (len(spatial) == 2 and b > 1 and rows * pixels > MAX_2D_BATCHED_COLUMN_FLOATS)
             or tuple(weight.shape) != (4 * hid, channels, *kernel)
@@ -82,8 +83,9 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
         z = torch.empty(b, *spatial, out, device="meta").movedim(-1, 1)
     else:
         z = torch.empty(z_shape, device="meta")
-    if gates is not None and (gates.shape != z.shape or gates.stride() != z.stride()):
-        return None
+    if gates is not None and (gates.shape != z.shape or any(
+            n > 1 and a != b for n, a, b in zip(z.shape, gates.stride(), z.stride()))):
+        return None  # (strides of size-1 dims never move an address)
     # One plan, no thread split: the step is one call (its product may use torch's threads).
     plans = _make_plans((z, c_prev, c_out, h_out), 0, (2, 3), threads=1)
     if plans is None:
@@ -92,6 +94,8 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     width = geometry.W
     tile_rows = max(1, min(pixels // width, TILE_FLOATS // (rows * width)))
     padded = (geometry.D + geometry.td) * (geometry.H + geometry.th) * (width + geometry.tw)
+    if channels * padded > MAX_COLUMN_FLOATS:
+        return None  # (a large dilation's padded copy: zeroed every step, bigger than the work)
     scratch = channels * padded + rows * tile_rows * width + (0 if gates is not None
                                                               else b * out * pixels)
     plan = StepPlan(

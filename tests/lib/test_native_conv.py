@@ -99,6 +99,7 @@ def _args(**change):
     dict(x=torch.randn(2, 3, 4096 + 1), h=None, weight=torch.randn(8, 3, 3)),  # too long
     dict(x=torch.randn(2, 3, 0), h=None, weight=torch.randn(8, 3, 3)),
     dict(dilation=(0,)), dict(dilation=(-1,)),
+    dict(dilation=(100_000,)),  # a padded copy far larger than the columns
 ])
 def test_calls_not_served_are_declined(change):
     assert native_conv.conv_small(**_args(**change)) is None

@@ -102,6 +102,7 @@ def test_calls_it_does_not_serve_are_declined(monkeypatch):
     assert _declined(weight=w[:1].expand_as(w))
     assert _declined(weight=w.as_strided(w.shape, (w[0].numel() - 1, *w.stride()[1:])))
     assert _declined(dilation=(0, 1)) and _declined(dilation=(-1, 1))
+    assert _declined(dilation=(300, 300))  # a padded copy far larger than the work
     big = torch.randn(1, 2, 64, 65)
     assert _declined(x=big, h=torch.randn(1, 4, 64, 65), c=torch.randn(1, 4, 64, 65))
     assert _declined(weight=w.clone().requires_grad_())  # autograd must see it
@@ -159,9 +160,10 @@ def test_threads_running_steps_of_different_sizes_at_once():
         assert torch.equal(h, hw) and torch.equal(c, cw)
 
 
-@pytest.mark.parametrize("spatial", [(9,), (4, 5), (3, 4, 5)])
+@pytest.mark.parametrize("spatial", [(9,), (4, 5), (3, 4, 5), (1,), (1, 1, 1)])
 @pytest.mark.parametrize("pixel_major", [False, True])
 def test_into_given_buffers_in_place_with_saved_gates_and_a_mask(spatial, pixel_major):
+    # (one pixel: the buffers' strides of size-1 dims differ from z's, and do not matter)
     # The time loops' form: h into its slot, c updated in place, the activated gates saved
     # (laid out as z), a sample past its end masked (it keeps its cell, its h is zero).
     x, h, c, w, bias, p = _case(2, 2, 4, spatial, 3, True, seed=4)
@@ -217,10 +219,11 @@ def test_the_loops_run_it_with_the_same_results(monkeypatch, cls, spatial):
 
 
 @pytest.mark.parametrize("pixel_major", [False, True])
-@pytest.mark.parametrize("tile", [1, 40])
+@pytest.mark.parametrize("tile", [1, 162 * 5 * 5])  # rows 162, W 5: 1, then 5 rows a tile
 def test_columns_built_a_tile_of_rows_at_a_time_give_the_same_step(monkeypatch, pixel_major,
                                                                    tile):
-    # One output row per tile (and a few): the products add onto the bias tile by tile.
+    # One output row per tile, then 5 of the 12 (a partial last tile): the products add onto
+    # the bias tile by tile.
     monkeypatch.setattr(native_step, "TILE_FLOATS", tile)
     monkeypatch.setattr(native_step, "_PLANS", {})
     x, h, c, w, bias, p = _case(2, 2, 4, (3, 4, 5), 3, True, seed=7)

@@ -22,10 +22,11 @@ void tcl_set_sgemm(void *fn) { SGEMM = (sgemm_fn)fn; }
    c_prev (c_out may be c_prev: each element is read before it is written), the weight (out,
    rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or NULL; gates: where the
    activated gates go (training saves them), or NULL; valid: per-sample multipliers (B,) or
-   NULL (gates.c's); scratch: native_step.scratch_floats(p) floats (a torch tensor of the
+   NULL (gates.c's); scratch: the floats native_step._make_plan counts (a torch tensor of the
    caller's: memory tools see it) for the padded sample, a tile of columns and, unless
    z_in_gates, z. The columns are built tile_rows output rows at a time, so that the scratch
-   stays small whatever the frame. Returns 0; 1 where there is no sgemm (nothing written). */
+   stays small whatever the frame. h_out may be h: every h is read (into the padded copy)
+   before any gate is written. Returns 0; 1 where there is no sgemm (nothing written). */
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
                      float *h_out, float *gates, const float *valid, float *scratch) {
