@@ -34,9 +34,9 @@ SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above)
 # Columns and their gradients exist a chunk of frames (and, past one frame, of channels) at a
 # time, at most this many floats (64 KiB) or one channel of one frame: a training step's peak
 # memory counts them (torch's own convolutions keep theirs inside ATen, where a tensor
-# tracker does not see them). At cpu-1d (one thread, training, layer / formulation): whole
-# batches 1.16x the peak and 1.79x the speed, 64 KiB chunks 0.99x and 1.66x, 16 KiB 0.92x
-# and 1.17x.
+# tracker does not see them). At cpu-1d (one thread, training, layer / formulation): 256 KiB
+# chunks (there the whole batch) 1.16x the peak and 1.79x the speed, 64 KiB chunks 0.99x and
+# 1.66x, 16 KiB 0.92x and 1.17x.
 CHUNK_FLOATS = 1 << 14
 # Per sample, frames of at most this many pixels, and columns of at most this many floats
 # (1 MiB, about what stays in a core's L2): past them the copies cost more than the products

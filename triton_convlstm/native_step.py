@@ -27,7 +27,7 @@ from .native_gates import _library, _make_plans, _ptr, _vector
 
 _F32 = torch.float32
 _PLAIN = (Tensor, torch.nn.Parameter)
-_PLANS: dict = {}  # sizes and strides -> StepPlan, or None where not served
+_PLANS: dict = {}  # sizes and strides -> (StepPlan, scratch floats), or None where not served
 # 2-d frames of a batch above one: torch's convolution is oneDNN's, channels-last, which beats
 # the columns past about this many column floats a sample. Measured (one thread, a step, C +
 # hidden channels, side): B2 4+16 16x16 (46K) 148 vs 179 us; B2 8+32 16x16 (92K) 438 vs 439;
