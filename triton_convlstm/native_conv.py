@@ -87,14 +87,21 @@ def _geometry(b: int, spatial: Sequence[int], kernel: Sequence[int],
     return found
 
 
-def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Sequence[int],
-            rows: int, dilation: Sequence[int], frames: int) -> bool:
-    """fp32 plain CPU tensors (parameters included) autograd need not see, frames and columns
-    within the limits, a positive dilation."""
+def plain_fp32(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether these (None entries aside) are fp32 plain CPU tensors (parameters included)
+    that autograd need not see: what the C kernels read. native_step asks it too."""
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.dtype != _F32 or not t.is_cpu):
             return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    return not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Sequence[int],
+            rows: int, dilation: Sequence[int], frames: int) -> bool:
+    """:func:`plain_fp32` tensors, frames and columns within the limits, a positive
+    dilation."""
+    if not plain_fp32(tensors):
         return False
     pixels = math.prod(spatial)
     if not (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) == len(dilation)
@@ -192,6 +199,20 @@ def conv_small(x: Tensor, h: Tensor | None, weight: Tensor, bias: Tensor | None,
     return z
 
 
+def _grad_pixel_stride(grad: Tensor, other: Tensor, shape: Sequence[int], weight: Tensor,
+                       dilation: Sequence[int]) -> int | None:
+    """Both gradients' checks: grad (N, O, *spatial) at one pixel stride (returned), ``other``
+    (the weight or the input) and the frames ``shape`` (N, C, *spatial) served; else None."""
+    n, c, *spatial = shape
+    kernel = weight.shape[2:]
+    pg = _pixel_stride(grad)
+    if (pg is None or n == 0
+            or not _served((grad, other), spatial, kernel, c * math.prod(kernel), dilation, n)
+            or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
+        return None
+    return pg
+
+
 def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
                           dilation: Sequence[int], channels_last: bool) -> Tensor | None:
     """``conv.conv_same_input_grad`` with zeros padding, or None where not served.
@@ -207,13 +228,11 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
         (N, C, *spatial), or None.
     """
     lib = _library()
+    pg = None if lib is None else _grad_pixel_stride(grad, weight, x_shape, weight, dilation)
+    if pg is None:
+        return None
     n, c, *spatial = x_shape
     kernel = weight.shape[2:]
-    pg = _pixel_stride(grad)
-    if (lib is None or pg is None or n == 0
-            or not _served((grad, weight), spatial, kernel, c * math.prod(kernel), dilation, n)
-            or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
-        return None
     o, pixels, taps = weight.shape[0], math.prod(spatial), math.prod(kernel)
     g = grad.as_strided((n, o, pixels), (grad.stride(0), grad.stride(1), pg))
     w = weight.reshape(o, -1)
@@ -250,13 +269,11 @@ def conv_weight_grad_small(grad: Tensor, x: Tensor, weight: Tensor,
         (O, C, *k) contiguous, or None.
     """
     lib = _library()
+    pg = None if lib is None else _grad_pixel_stride(grad, x, x.shape, weight, dilation)
+    if pg is None:
+        return None
     n, c, *spatial = x.shape
     kernel = weight.shape[2:]
-    pg = _pixel_stride(grad)
-    if (lib is None or pg is None or n == 0
-            or not _served((grad, x), spatial, kernel, c * math.prod(kernel), dilation, n)
-            or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
-        return None
     o, pixels = weight.shape[0], math.prod(spatial)
     # Only where grad reads as (N * pixels, O) (channels-last frames back to back): one
     # product with the columns pixel-major. Channels-first frames (3-d) ran a product per

@@ -22,11 +22,18 @@ import torch
 from torch import Tensor
 
 from .native_build import Layout, StepPlan
-from .native_conv import MAX_COLUMN_FLOATS, MAX_PIXELS, _geometry, _pixel_stride
+from .native_conv import (
+    _NO_LAYOUT,
+    MAX_COLUMN_FLOATS,
+    MAX_PIXELS,
+    _geometry,
+    _layout,
+    _pixel_stride,
+    plain_fp32,
+)
 from .native_gates import _library, _make_plans, _ptr, _vector
 
 _F32 = torch.float32
-_PLAIN = (Tensor, torch.nn.Parameter)
 _PLANS: dict = {}  # sizes and strides -> (StepPlan, scratch floats), or None where not served
 # 2-d frames of a batch above one: torch's convolution is oneDNN's, channels-last, which beats
 # the columns past about this many column floats a sample. Measured (one thread, a step, C +
@@ -84,7 +91,8 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     else:
         z = torch.empty(z_shape, device="meta")
     if gates is not None and (gates.shape != z.shape or any(
-            n > 1 and a != b for n, a, b in zip(z.shape, gates.stride(), z.stride()))):
+            size > 1 and st != want for size, st, want in zip(z.shape, gates.stride(),
+                                                               z.stride()))):
         return None  # (strides of size-1 dims never move an address)
     # One plan, no thread split: the step is one call (its product may use torch's threads).
     plans = _make_plans((z, c_prev, c_out, h_out), 0, (2, 3), threads=1)
@@ -99,9 +107,7 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     scratch = channels * padded + rows * tile_rows * width + (0 if gates is not None
                                                               else b * out * pixels)
     plan = StepPlan(
-        g=geometry, x=Layout(cx, x.stride(0), x.stride(1), px),
-        h=Layout(0, 0, 0, 1) if h is None else Layout(h.shape[1], h.stride(0), h.stride(1),
-                                                      ph),
+        g=geometry, x=_layout(x, px), h=_NO_LAYOUT if h is None else _layout(h, ph),
         cols=Layout(rows, rows * pixels, pixels, 1), gates=plans[0], rows=rows, out=out,
         pixels=pixels, w_row=weight.stride(0), z_pixel_major=int(pixel_major),
         tile_rows=tile_rows, z_in_gates=int(gates is not None))
@@ -110,15 +116,6 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
 
 def _key(t: Tensor | None):
     return None if t is None else (t.shape, t.stride())
-
-
-def _served(tensors: tuple[Tensor | None, ...]) -> bool:
-    """fp32 plain CPU tensors (parameters included) that autograd need not see."""
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.dtype != _F32 or not t.is_cpu):
-            return False
-    return not (torch.is_grad_enabled()
-                and any(t is not None and t.requires_grad for t in tensors))
 
 
 def _plan(key: tuple, make) -> tuple[StepPlan, int] | None:
@@ -178,7 +175,8 @@ def step_into(x: Tensor, h: Tensor | None, c_prev: Tensor, weight: Tensor, bias:
     """
     lib = _library()
     if (lib is None or not lib.has_sgemm
-            or not _served((x, h, c_prev, weight, bias, peephole, h_out, c_out, gates, valid))):
+            or not plain_fp32((x, h, c_prev, weight, bias, peephole, h_out, c_out, gates,
+                               valid))):
         return False
     key = (_key(x), _key(h), _key(c_prev), _key(c_out), _key(h_out), _key(gates),
            _key(weight), tuple(dilation), pixel_major)
@@ -203,7 +201,7 @@ def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: T
         (h, c), each (B, hidden, *spatial) contiguous fp32, or None.
     """
     lib = _library()  # (first: nothing below for a tracer to see)
-    if lib is None or not lib.has_sgemm or not _served((x, h, c, weight, bias, peephole)):
+    if lib is None or not lib.has_sgemm or not plain_fp32((x, h, c, weight, bias, peephole)):
         return None
 
     def make():
