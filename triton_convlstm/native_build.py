@@ -73,7 +73,7 @@ class Layout(ctypes.Structure):
 class StepPlan(ctypes.Structure):
     """A fused inference step's sizes (``step_plan_t`` in step.c)."""
 
-    _fields_ = [("g", Geometry), ("x", Layout), ("h", Layout), ("cols", Layout),
+    _fields_ = [("g", Geometry), ("x", Layout), ("h", Layout),
                 ("gates", Plan), ("rows", ctypes.c_int64), ("out", ctypes.c_int64),
                 ("pixels", ctypes.c_int64), ("w_row", ctypes.c_int64),
                 ("z_pixel_major", ctypes.c_int64), ("tile_rows", ctypes.c_int64),

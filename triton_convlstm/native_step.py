@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .native_build import Layout, StepPlan
+from .native_build import StepPlan
 from .native_conv import (
     _NO_LAYOUT,
     MAX_COLUMN_FLOATS,
@@ -108,7 +108,7 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
                                                               else b * out * pixels)
     plan = StepPlan(
         g=geometry, x=_layout(x, px), h=_NO_LAYOUT if h is None else _layout(h, ph),
-        cols=Layout(rows, rows * pixels, pixels, 1), gates=plans[0], rows=rows, out=out,
+        gates=plans[0], rows=rows, out=out,
         pixels=pixels, w_row=weight.stride(0), z_pixel_major=int(pixel_major),
         tile_rows=tile_rows, z_in_gates=int(gates is not None))
     return plan, scratch

@@ -41,8 +41,7 @@ typedef struct { i64 channels, sample, channel, pixel; } layout_t;
    c_out, h_out (rows[1..3]); the saved gates, if any, have z's strides. */
 typedef struct {
     geom_t g;
-    layout_t x, h, cols;  /* cols: unused (each tile's columns are dense at row stride
-                             tile_rows * W) */
+    layout_t x, h;  /* (each tile's columns are dense at row stride tile_rows * W) */
     plan_t gates;
     i64 rows, out, pixels, w_row; /* w_row: the weight's row stride (a slice may have gaps) */
     i64 z_pixel_major;
