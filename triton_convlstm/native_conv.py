@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .native_build import Geometry, Layout
-from .native_gates import _library
+from .native_gates import _library, memoised
 
 _F32 = torch.float32
 _PLAIN = (Tensor, torch.nn.Parameter)  # not fake, not a subclass that means more than memory
@@ -72,19 +72,15 @@ def _layout(t: Tensor, pixel: int) -> Layout:
 def _geometry(b: int, spatial: Sequence[int], kernel: Sequence[int],
               dilation: Sequence[int]) -> Geometry:
     """tcl_im2col's sizes, memoised (1-d and 2-d as 3-d with unit leading dims)."""
-    key = (b, tuple(spatial), tuple(kernel), tuple(dilation))
-    found = _GEOMETRY.get(key)
-    if found is None:
+    def make():
         lead = (1,) * (3 - len(spatial))
         d = lead + tuple(dilation)
         total = [di * (ki - 1) for ki, di in zip(lead + tuple(kernel), d)]
         # as conv.same_padding: total // 2 before, the odd pixel at the end
-        found = Geometry(b, *lead, *spatial, *lead, *kernel, *d, *[t // 2 for t in total],
-                         *total)
-        if len(_GEOMETRY) > 1024:
-            _GEOMETRY.clear()
-        _GEOMETRY[key] = found
-    return found
+        return Geometry(b, *lead, *spatial, *lead, *kernel, *d, *[t // 2 for t in total],
+                        *total)
+
+    return memoised(_GEOMETRY, (b, tuple(spatial), tuple(kernel), tuple(dilation)), make, 1024)
 
 
 def plain_fp32(tensors: Sequence[Tensor | None]) -> bool:

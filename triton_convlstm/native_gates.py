@@ -116,19 +116,26 @@ def _make_plans(tensors: tuple[Tensor | None, ...], dz_index: int, outputs: tupl
     return plans
 
 
+def memoised(cache: dict, key, make, limit: int = _MAX_PLANS):
+    """cache[key], made by ``make()`` the first time (None answers are kept too); a cache that
+    holds ``limit`` entries (layouts seen: many shapes, say) is emptied first. The plan and
+    geometry caches of native_gates, native_conv and native_step."""
+    found = cache.get(key, cache)  # (the cache itself: a sentinel no entry can be)
+    if found is cache:
+        found = make()
+        if len(cache) >= limit:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
 def _plans(tensors: tuple[Tensor | None, ...], dz_index: int = 0,
            outputs: tuple[int, ...] = (2, 3)) -> list[Plan] | None:
     """:func:`_make_plans`, memoised by sizes, strides and torch's thread count: the loops
     call with the same buffers' layouts step after step. The defaults are the forward's."""
     key = (torch.get_num_threads(), dz_index, outputs,
            *[None if t is None else (t.shape, t.stride()) for t in tensors])
-    plans = _PLANS.get(key, False)
-    if plans is False:
-        plans = _make_plans(tensors, dz_index, outputs)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plans
-    return plans
+    return memoised(_PLANS, key, lambda: _make_plans(tensors, dz_index, outputs))
 
 
 def _library():
@@ -316,12 +323,7 @@ def gate_forward_new(z: Tensor, c_prev: Tensor,
     if peephole is not None and peephole.shape != (3, z.shape[1] // 4):
         return None
     key = (torch.get_num_threads(), z.shape, z.stride(), c_prev.shape, c_prev.stride())
-    found = _NEW_PLANS.get(key)
-    if found is None:
-        found = _NEW_PLANS[key] = _new_plans(z, c_prev)
-        if len(_NEW_PLANS) > _MAX_PLANS:
-            _NEW_PLANS.clear()
-    plans, relaid = found
+    plans, relaid = memoised(_NEW_PLANS, key, lambda: _new_plans(z, c_prev))
     if plans is None:
         return None
     if relaid:  # (frames of >= CHANNELS_LAST_PIXELS are convolved channels-last, c_prev not)

@@ -31,10 +31,11 @@ from .native_conv import (
     _pixel_stride,
     plain_fp32,
 )
-from .native_gates import _library, _make_plans, _ptr, _vector
+from .native_gates import _library, _make_plans, _ptr, _vector, memoised
 
 _F32 = torch.float32
 _PLANS: dict = {}  # sizes and strides -> (StepPlan, scratch floats), or None where not served
+_MAX_PLANS = 1024
 # 2-d frames of a batch above one: torch's convolution is oneDNN's, channels-last, which beats
 # the columns past about this many column floats a sample. Measured (one thread, a step, C +
 # hidden channels, side): B2 4+16 16x16 (46K) 148 vs 179 us; B2 8+32 16x16 (92K) 438 vs 439;
@@ -118,16 +119,6 @@ def _key(t: Tensor | None):
     return None if t is None else (t.shape, t.stride())
 
 
-def _plan(key: tuple, make) -> tuple[StepPlan, int] | None:
-    plan = _PLANS.get(key, False)
-    if plan is False:
-        plan = make()
-        if len(_PLANS) > 1024:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
-
-
 def _run(lib, found: tuple[StepPlan, int], x: Tensor, h: Tensor | None, c_prev: Tensor,
          weight: Tensor, bias: Tensor | None, peephole: Tensor | None, c_out: Tensor,
          h_out: Tensor, gates: Tensor | None, valid: Tensor | None) -> bool:
@@ -180,8 +171,8 @@ def step_into(x: Tensor, h: Tensor | None, c_prev: Tensor, weight: Tensor, bias:
         return False
     key = (_key(x), _key(h), _key(c_prev), _key(c_out), _key(h_out), _key(gates),
            _key(weight), tuple(dilation), pixel_major)
-    plan = _plan(key, lambda: _make_plan(x, h, c_prev, c_out, h_out, gates, weight, dilation,
-                                         pixel_major))
+    plan = memoised(_PLANS, key, lambda: _make_plan(x, h, c_prev, c_out, h_out, gates, weight,
+                                                    dilation, pixel_major), _MAX_PLANS)
     return plan is not None and _run(lib, plan, x, h, c_prev, weight, bias, peephole, c_out,
                                      h_out, gates, valid)
 
@@ -208,7 +199,8 @@ def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: T
         new = torch.empty(c.shape, device="meta")
         return _make_plan(x, h, c, new, new, None, weight, dilation, False)
 
-    plan = _plan((_key(x), _key(h), _key(c), _key(weight), tuple(dilation)), make)
+    plan = memoised(_PLANS, (_key(x), _key(h), _key(c), _key(weight), tuple(dilation)), make,
+                    _MAX_PLANS)
     if plan is None:
         return None
     h_new, c_new = torch.empty(c.shape, dtype=_F32), torch.empty(c.shape, dtype=_F32)
