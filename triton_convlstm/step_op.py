@@ -232,15 +232,16 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
     conv_bias = bias if on_torch else None
     # A zero h pads to zeros in every mode: its taps contribute nothing.
     w = weight if h is not None else weight[:, : x_t.shape[1]]
-    last = (x_t.is_cpu and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
-            and frames_channels_last(x_t.device, x_t.dim() - 2))
-    z = None
+    # Small frames in inference: the whole step in one C call (before anything else: the
+    # streaming step's hot path).
     if on_torch and padding_mode == "zeros":
-        # Small frames in inference: the whole step in one C call; else small 1-d and 3-d
-        # frames' convolution by C columns and a product.
         done = native_step.step_forward(x_t, h, c, w, conv_bias, peephole, dilation)
         if done is not None:
             return done
+    last = (x_t.is_cpu and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS
+            and frames_channels_last(x_t.device, x_t.dim() - 2))
+    z = None
+    if on_torch and padding_mode == "zeros":  # small 1-d and 3-d frames: C columns, a product
         z = native_conv.conv_small(x_t, h, w, conv_bias, dilation, last)
     if z is None:
         frame = x_t if h is None else torch.cat([x_t, h], dim=1)
