@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import graphs
+from . import gate_buffer, graphs
 from .layout import in_layout_of, like_seq
 from .reference import state_dtype
 from .sequence import LayerSpec, layer_backward, layer_forward, output_buffers
@@ -149,6 +149,7 @@ def layer_backward_op(
     padding_mode: str = "zeros",
     lengths: Tensor | None = None,
     recurrent_mask: Tensor | None = None,
+    fused: bool = False,
 ) -> list[Tensor]:
     """Gradients of :func:`layer_forward_op` (:func:`triton_convlstm.sequence.layer_backward`).
 
@@ -160,7 +161,7 @@ def layer_backward_op(
         dilation, backend, use_graphs, keep_gates, padding_mode: as the forward's.
         needs: six flags: which of (x, weight, bias, peephole, h0, c0) get a gradient.
         bias: the forward's, read only when the gates are recomputed (keep_gates=False).
-        lengths, recurrent_mask: the forward's.
+        lengths, recurrent_mask, fused: the forward's (fused: how a forward run again rounds).
 
     Returns:
         Gradients for (x, weight, bias, peephole, h0, c0), each shaped, typed and laid out as
@@ -169,13 +170,13 @@ def layer_backward_op(
     """
     return _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
                           c_seq, z_seq, dilation, backend, needs, use_graphs, keep_gates, bias,
-                          padding_mode, lengths, recurrent_mask)
+                          padding_mode, lengths, recurrent_mask, fused)
 
 
 def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = False):
     """The backward as a function of its 14 tensor arguments (layer_backward's 11, then the
     bias, the lengths and the recurrent mask), gradients in promised layouts. ``consume`` as
-    in :func:`layer_backward` (never for the op: its inputs are immutable)."""
+    in :func:`layer_backward`."""
     def run(*a):
         grads = layer_backward(*a[:11], spec, needs, consume, bias=a[11], lengths=a[12],
                                recurrent_mask=a[13])
@@ -188,21 +189,34 @@ def _backward_runner(spec: LayerSpec, needs: tuple[bool, ...], consume: bool = F
 @_on_device
 def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
                    z_seq, dilation, backend, needs, use_graphs, keep_gates=True, bias=None,
-                   padding_mode="zeros", lengths=None, recurrent_mask=None):
-    spec = LayerSpec(tuple(dilation), backend, keep_gates, padding_mode=padding_mode)
+                   padding_mode="zeros", lengths=None, recurrent_mask=None, fused=False):
+    spec = LayerSpec(tuple(dilation), backend, keep_gates, fused, padding_mode)
     needs = tuple(bool(n) for n in needs)
     args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
             bias, lengths, recurrent_mask)
-    run = _backward_runner(spec, needs)
     if use_graphs and graphs.can_capture(x):
+        run = _backward_runner(spec, needs)
         return graphs.BACKWARD.run(run, args, key=(spec, needs), layouts=_ARG0_SEQ_LAYOUT)
-    return run(*args)
+    # The op's inputs are immutable, but saved gates carrying gate_buffer's mark are the
+    # forward's own, read by this backward alone: it overwrites them as the eager one does,
+    # and a second backward over the same forward (retain_graph) finds them marked and runs
+    # the forward again.
+    consume = False
+    if keep_gates and z_seq.dtype == x.dtype:
+        claimed = gate_buffer.claim(z_seq)
+        if claimed is False:
+            h_seq, c_last, c_seq, z_seq = _forward_runner(spec, True)(
+                x, weight, bias, peephole, h0, c0, lengths, recurrent_mask)
+            args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
+                    c_seq, z_seq, bias, lengths, recurrent_mask)
+        consume = claimed is not None
+    return _backward_runner(spec, needs, consume)(*args)
 
 
 @layer_backward_op.register_fake
 def _(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
       dilation, backend, needs, use_graphs, keep_gates=True, bias=None, padding_mode="zeros",
-      lengths=None, recurrent_mask=None):
+      lengths=None, recurrent_mask=None, fused=False):
     likes = _grad_likes(x, weight, peephole, h0, c0)
     return [
         torch.empty_like(like) if need and like is not None else x.new_empty(0)
@@ -245,7 +259,7 @@ def _backward(ctx, grad_h_seq, grad_c_last, _grad_c_seq, _grad_z_seq, backward_f
         grads = layer_backward_op(
             grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq, z_seq,
             spec.dilation, spec.backend, needs, use_graphs, spec.keep_gates, bias,
-            spec.padding_mode, lengths, recurrent_mask,
+            spec.padding_mode, lengths, recurrent_mask, spec.fused,
         )
     else:
         grads = backward_fn(ctx, grad_h_seq, grad_c_last, x, weight, bias, peephole, h0, c0,

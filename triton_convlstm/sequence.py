@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import native_conv, native_step, reference
 from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
+from .gate_buffer import empty_gates
 from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
 from .layout import (
     conv_layout,
@@ -131,7 +132,7 @@ def output_buffers(x: Tensor, weight: Tensor, save: bool, backend: str,
             z_seq = torch.empty(0, dtype=x.dtype, **kw)
         elif z_seq is None:
             zdt = saved_gates_dtype(x.dtype, backend)
-            z_seq = empty_seq(t, b, 4 * hid, *spatial, dtype=zdt, **kw)
+            z_seq = empty_gates(t, b, 4 * hid, *spatial, dtype=zdt, **kw)
     else:
         c_seq = torch.empty(0, dtype=sdt, **kw)
         z_seq = torch.empty(0, dtype=x.dtype, **kw)

@@ -317,8 +317,13 @@ def test_chunked_recomputed_gates_training_equals_saved_gates(monkeypatch, backe
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_chunked_op_backward_with_retain_graph_equals_whole_sequence(monkeypatch, backend):
-    """The custom op's backward never overwrites the saved gates: its gate gradients go to a
-    buffer of a chunk of steps, reused chunk after chunk; twice (retain_graph) the same."""
+    """Saved gates without gate_buffer's mark (a saved-tensor hook's copy, say) are never
+    overwritten by the custom op's backward: its gate gradients go to a buffer of a chunk of
+    steps, reused chunk after chunk; twice (retain_graph) the same."""
+    from triton_convlstm import gate_buffer
+
+    monkeypatch.setattr(gate_buffer, "claim", lambda gates: None)
+
     def grads():
         args = _op_args(t=_CHUNK_T)
         args[7] = backend
