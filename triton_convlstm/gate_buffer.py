@@ -14,64 +14,72 @@ never overwritten. CPU only: on CUDA a captured backward replays without running
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .layout import empty_seq
+from .layout import empty_seq, frames_channels_last
 
-_MAGIC = b"tclgate"  # the mark's first bytes: a storage that merely happens to be longer fails
-_FRESH, _USED = 0, 1
-_MARK_BYTES = len(_MAGIC) + 1  # then the state byte
+# The mark: one int64 at the first 8-byte boundary past the gates. Its value says fresh or used;
+# a storage that merely happens to be longer holds neither (odds 2**-63).
+_FRESH = 0x74636C6761746530  # "tclgate0"
+_USED = _FRESH + 1
+
+
+def _mark_offset(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8
 
 
 def empty_gates(t: int, b: int, ch: int, *spatial: int, dtype: torch.dtype,
                 device: torch.device) -> Tensor:
-    """:func:`~triton_convlstm.layout.empty_seq`'s buffer, marked fresh: the gates a backward
-    may overwrite once (:func:`claim`).
+    """:func:`~triton_convlstm.layout.empty_seq`'s buffer, marked fresh on CPU: the gates a
+    backward may overwrite once (:func:`claim`).
 
     Args:
-        t, b, ch, spatial, dtype: as empty_seq's.
-        device: a CPU device (elsewhere the plain empty_seq buffer is returned).
+        t, b, ch, spatial, dtype, device: as empty_seq's.
 
     Returns:
         (t, b, ch, *spatial), uninitialised, with empty_seq's strides.
     """
-    like = empty_seq(t, b, ch, *spatial, dtype=dtype, device="meta", layout_of=device)
-    if torch.device(device).type != "cpu":
+    if getattr(device, "type", device) != "cpu":
         return empty_seq(t, b, ch, *spatial, dtype=dtype, device=device)
-    size = like.numel() * like.element_size()
-    flat = torch.empty(size + _MARK_BYTES, dtype=torch.uint8, device=device)
-    # (torch.tensor, not a buffer: under a fake mode, opcheck's, this is a fake constant too)
-    flat[size:] = torch.tensor([*_MAGIC, _FRESH], dtype=torch.uint8)
-    return flat[:size].view(dtype).as_strided(like.shape, like.stride())
+    numel = math.prod((t, b, ch, *spatial))
+    at = _mark_offset(numel * dtype.itemsize) // dtype.itemsize  # in elements
+    flat = torch.empty(at + 8 // dtype.itemsize, dtype=dtype, device=device)
+    # (fill_, not a copy of a constant: under a fake mode, opcheck's, this runs on fakes too)
+    flat[at:].view(torch.int64).fill_(_FRESH)
+    if not frames_channels_last(device, len(spatial)):
+        return flat[:numel].view(t, b, ch, *spatial)
+    return flat[:numel].view(t, b, *spatial, ch).movedim(-1, 2)
 
 
 def _mark(gates: Tensor) -> Tensor | None:
-    """The mark's bytes (a uint8 view), or None where the storage has none just past the
-    gates' last element (a copy, or another producer's buffer)."""
+    """The mark (a one-int64 view), or None where the storage has none just past the gates'
+    last element (a copy, or another producer's buffer)."""
     if gates.device.type != "cpu" or gates.numel() == 0 or gates.storage_offset() != 0:
         return None
     extent = 1 + sum((n - 1) * s for n, s in zip(gates.shape, gates.stride()))
-    size = extent * gates.element_size()
+    at = _mark_offset(extent * gates.element_size())
     storage = gates.untyped_storage()
-    if storage.nbytes() != size + _MARK_BYTES:
+    if storage.nbytes() != at + 8:
         return None
-    mark = torch.empty(0, dtype=torch.uint8).set_(storage, size, (_MARK_BYTES,))
-    return mark if bytes(mark[:-1].tolist()) == _MAGIC else None
+    mark = torch.empty(0, dtype=torch.int64).set_(storage, at // 8, (1,))
+    return mark if mark.item() in (_FRESH, _USED) else None
 
 
 def claim(gates: Tensor) -> bool | None:
     """Claim the gates for a backward that overwrites them.
 
     Returns:
-        True: they were fresh, and are now marked used (mark first: a backward that fails
+        True: they were fresh, and are now marked used (marked first: a backward that fails
         half-way leaves them garbage too). False: a backward already overwrote them (run the
         forward again). None: unmarked, not to be overwritten.
     """
     mark = _mark(gates)
     if mark is None:
         return None
-    if int(mark[-1]) != _FRESH:
+    if mark.item() == _USED:
         return False
-    mark[-1] = _USED
+    mark.fill_(_USED)
     return True
