@@ -24,6 +24,7 @@ The library, from the modules down to the kernels (each module one job):
 - ``quick_step``: the common one-frame CPU call (streaming), recognised in a few comparisons.
 - ``graphs``: the CUDA-graph cache, its entries' interface and the capture policy.
 - ``sequence``: one layer over a whole sequence: the forward and backward time loops.
+- ``gate_buffer``: CPU saved gates, marked so that a compiled backward overwrites them once.
 - ``gate_launchers``: the gate update with one calling convention: Triton's or plain torch's.
 - ``native_gates``: the CPU gate update, forward and backward, by the C kernels (``csrc/gates.c``).
 - ``native_conv``: small 1-d/3-d CPU convolutions and their gradients as C columns and products.
