@@ -62,6 +62,8 @@ CPU_TRAIN_GATE = 1.05
 # kernels), two runs: cpu-1d 1.24-1.27x, cpu-3d 1.05-1.07x, cpu-s-bi 1.37-1.38x. Session 10
 # (native_conv: small 1-d/3-d convolutions as C columns and products; native_step: each small
 # step one C call), final two runs: cpu-1d 1.61-1.64x, cpu-3d 1.27-1.29x, cpu-s-bi 1.42x.
+# Session 11 (native_conv's input gradient: one columns buffer, per-chunk work made once),
+# two runs: cpu-1d 1.53-1.54x, cpu-3d 1.33-1.35x, cpu-s-bi 1.39-1.44x.
 CPU_TRAIN_GATES = {
     **{shape: CPU_TRAIN_GATE for shape in CPU_SHAPES},
     "cpu-1d": 1.3, "cpu-3d": 1.0, "cpu-s-bi": 1.15,
@@ -103,10 +105,16 @@ LENGTHS_GATE = 0.75
 # 1.20-1.21x, cpu-1d 2.00-2.18x, cpu-3d 1.80-2.00x, cpu-s-bi 1.56-1.87x, cpu-inf-deep
 # 1.25-1.31x, cpu-inf-wide 1.08-1.11x; one frame at a time the cell 1.25-1.31x (stream-s) and
 # 1.08-1.11x (stream-m), the layer 1.07-1.10x and 1.36-1.39x; compiled training cpu-s
-# 0.92-1.02x the layer eager, 0.92-1.11x the compiled formulation. docs/PERF_NOTES.md says
-# where the rest goes.
+# 0.92-1.02x the layer eager, 0.92-1.11x the compiled formulation. Session 11 (the compiled
+# backward overwrites the saved gates, gate_buffer.py), two runs: inference cpu-s 1.48-1.52x,
+# cpu-m 1.23-1.24x, cpu-1d 1.97-2.01x, cpu-3d 1.51-1.52x (session 10's final commit measured
+# 1.49-1.56x beside it: the box, not the code; its gate 1.45 -> 1.2), cpu-s-bi 1.52-1.56x,
+# cpu-inf-deep 1.37-1.39x, cpu-inf-wide 1.08-1.09x; the cell 1.17-1.30x and 1.09x, the layer
+# 1.05-1.08x and 1.32-1.38x; compiled training cpu-s 0.92-0.94x the layer eager (0.95-1.01x
+# at T=64, where it was 0.95-0.96x), 1.00-1.04x the compiled formulation.
+# docs/PERF_NOTES.md says where the rest goes.
 CPU_INFER_GATES = {
-    "cpu-s": 1.2, "cpu-m": 0.95, "cpu-1d": 1.6, "cpu-3d": 1.45, "cpu-s-bi": 1.25,
+    "cpu-s": 1.2, "cpu-m": 0.95, "cpu-1d": 1.6, "cpu-3d": 1.2, "cpu-s-bi": 1.25,
     "cpu-inf-deep": 1.0, "cpu-inf-wide": 0.85,
 }
 CPU_STREAM_GATES = {("cell", "stream-s"): 1.0, ("cell", "stream-m"): 0.85,
