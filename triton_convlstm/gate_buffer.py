@@ -7,9 +7,11 @@ same forward (``retain_graph=True``) knows to run the forward again first. Under
 the backward is an op whose only memory is its tensors, so the buffer carries the mark itself:
 a few bytes past the gates' last element, in the same storage.
 
-The mark travels with the gates wherever the storage goes. A saved-tensor hook that copies them
-(``save_on_cpu``, offloading) makes a tensor without the mark, which is then left intact and
-never overwritten. CPU only: on CUDA a captured backward replays without running this check.
+The mark travels with the storage: a saved-tensor hook that keeps the tensor (``save_on_cpu``
+on CPU tensors passes it through) or copies its whole storage (``torch.save``, deepcopy) keeps
+a mark, and each such copy is a whole fresh set of gates; one that copies the elements alone
+(``clone``) makes a tensor without the mark, which is left intact. CPU only: on CUDA a
+captured backward replays without running this check.
 """
 
 from __future__ import annotations

@@ -197,20 +197,23 @@ def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, 
     if use_graphs and graphs.can_capture(x):
         run = _backward_runner(spec, needs)
         return graphs.BACKWARD.run(run, args, key=(spec, needs), layouts=_ARG0_SEQ_LAYOUT)
-    # The op's inputs are immutable, but saved gates carrying gate_buffer's mark are the
-    # forward's own, read by this backward alone: it overwrites them as the eager one does,
-    # and a second backward over the same forward (retain_graph) finds them marked and runs
-    # the forward again.
-    consume = False
-    if keep_gates and z_seq.dtype == x.dtype:
-        claimed = gate_buffer.claim(z_seq)
-        if claimed is False:
-            h_seq, c_last, c_seq, z_seq = _forward_runner(spec, True)(
-                x, weight, bias, peephole, h0, c0, lengths, recurrent_mask)
-            args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last,
-                    c_seq, z_seq, bias, lengths, recurrent_mask)
-        consume = claimed is not None
-    return _backward_runner(spec, needs, consume)(*args)
+    # Saved gates carrying gate_buffer's mark are the forward's own, read by this backward
+    # alone: it overwrites them as the eager one does, and a second backward over the same
+    # forward (retain_graph) finds them marked used and runs the forward again. This knowingly
+    # breaks the op's schema, which declares no input mutable (torch's SchemaCheckMode says
+    # so): declared, functionalization would copy the gates first, the very cost avoided.
+    claimed = gate_buffer.claim(z_seq) if keep_gates and z_seq.dtype == x.dtype else None
+    if claimed is None:
+        return _backward_runner(spec, needs)(*args)
+    if claimed is False:
+        h_seq, c_last, c_seq, z_seq = _forward_runner(spec, True)(
+            x, weight, bias, peephole, h0, c0, lengths, recurrent_mask)
+        args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
+                z_seq, bias, lengths, recurrent_mask)
+    # Torch's in-place math (fp64, the first step's h0 gradient) bumps z_seq's version: a
+    # second backward must still unpack it, find the mark used and rerun the forward.
+    with torch.autograd._unsafe_preserve_version_counter(z_seq):
+        return _backward_runner(spec, needs, consume=True)(*args)
 
 
 @layer_backward_op.register_fake

@@ -78,20 +78,28 @@ def test_the_ops_backward_leaves_unmarked_gates_intact():
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
-def test_compiled_model_overwrites_the_gates_and_retain_graph_still_matches_eager(monkeypatch):
+@pytest.mark.parametrize("case", ["fp32", "fp64", "initial-state"])
+def test_compiled_model_overwrites_the_gates_and_retain_graph_still_matches_eager(monkeypatch,
+                                                                               case):
     """torch.compile's backward claims the gates (overwriting them, as eager does), and a second
-    backward through the same compiled forward gets the eager gradients again."""
+    backward through the same compiled forward gets the eager gradients again. fp64 and a
+    given h0 overwrite them with torch's in-place ops (the C kernels bump no version): the
+    second backward must still unpack them."""
     claims = []
     real = gate_buffer.claim
     monkeypatch.setattr(gate_buffer, "claim", lambda z: claims.append(real(z)) or claims[-1])
     torch.manual_seed(0)
-    m = ConvLSTM(3, [4, 5], (3, 3), 2, batch_first=True)
-    x = torch.randn(2, 4, 3, 6, 5, requires_grad=True)
+    dtype = torch.float64 if case == "fp64" else torch.float32
+    m = ConvLSTM(3, [4, 5], (3, 3), 2, batch_first=True).to(dtype)
+    x = torch.randn(2, 4, 3, 6, 5, dtype=dtype, requires_grad=True)
+    state = None
+    if case == "initial-state":
+        state = [(torch.randn(2, hid, 6, 5), torch.randn(2, hid, 6, 5)) for hid in (4, 5)]
     leaves = [x, *m.parameters()]
-    outs, _ = m(x)
+    outs, _ = m(x, state)
     want = torch.autograd.grad(outs[-1].square().sum(), leaves)
     torch._dynamo.reset()
-    outs, _ = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+    outs, _ = torch.compile(m, backend="aot_eager", fullgraph=True)(x, state)
     loss = outs[-1].square().sum()
     claims.clear()
     first = torch.autograd.grad(loss, leaves, retain_graph=True)
@@ -101,3 +109,23 @@ def test_compiled_model_overwrites_the_gates_and_retain_graph_still_matches_eage
     for a, b, c in zip(first, second, want):
         torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_overwriting_marked_gates_is_a_known_schema_break():
+    """The op's schema declares no input mutable; overwriting marked gates breaks it on
+    purpose (declared, functionalization would copy them first). PyTorch's schema checker
+    says so, naming the argument; unmarked gates pass it."""
+    from torch._subclasses.schema_check_mode import SchemaCheckMode
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(2, 1, 2, 4, 5, generator=g), torch.randn(12, 5, 3, 3, generator=g)
+    h_seq, c_last, c_seq, z_seq = layer_forward_op(x, w, None, None, None, None, [1, 1],
+                                                   "torch", True, False)
+    needs = [True, True, False, False, False, False]
+    run = lambda z: layer_op_module.layer_backward_op(
+        torch.ones_like(h_seq), None, x, w, None, None, None, h_seq, c_last, c_seq, z, [1, 1],
+        "torch", needs, False)
+    with SchemaCheckMode():
+        run(z_seq.clone())
+    with pytest.raises(RuntimeError, match="z_seq is not defined as mutable"), SchemaCheckMode():
+        run(z_seq)
