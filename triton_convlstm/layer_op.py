@@ -205,14 +205,13 @@ def _backward_impl(grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, 
     claimed = gate_buffer.claim(z_seq) if keep_gates and z_seq.dtype == x.dtype else None
     if claimed is None:
         return _backward_runner(spec, needs)(*args)
-    if claimed is False:
-        h_seq, c_last, c_seq, z_seq = _forward_runner(spec, True)(
-            x, weight, bias, peephole, h0, c0, lengths, recurrent_mask)
-        args = (grad_h_seq, grad_c_last, x, weight, peephole, h0, c0, h_seq, c_last, c_seq,
-                z_seq, bias, lengths, recurrent_mask)
+    if claimed is False:  # (the forward's outputs are args 7-10, in its order)
+        saved = _forward_runner(spec, True)(x, weight, bias, peephole, h0, c0, lengths,
+                                            recurrent_mask)
+        args = (*args[:7], *saved, *args[11:])
     # Torch's in-place math (fp64, the first step's h0 gradient) bumps z_seq's version: a
     # second backward must still unpack it, find the mark used and rerun the forward.
-    with torch.autograd._unsafe_preserve_version_counter(z_seq):
+    with torch.autograd._unsafe_preserve_version_counter(args[10]):
         return _backward_runner(spec, needs, consume=True)(*args)
 
 
