@@ -104,10 +104,17 @@ def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Se
             and 0 < pixels <= MAX_PIXELS and 0 < rows and rows * pixels <= MAX_COLUMN_FLOATS
             and frames * rows * pixels <= MAX_CALL_COLUMN_FLOATS and min(dilation) >= 1):
         return False
-    # The padded copy of a sample: past the columns' own limit only with a large dilation,
-    # where it is mostly zeros to write.
-    padded = math.prod(n + d * (k - 1) for n, k, d in zip(spatial, kernel, dilation))
-    return rows // math.prod(kernel) * padded <= MAX_COLUMN_FLOATS
+    return (padded_copy_floats(rows // math.prod(kernel), spatial, kernel, dilation)
+            <= MAX_COLUMN_FLOATS)
+
+
+def padded_copy_floats(channels: int, spatial: Sequence[int], kernel: Sequence[int],
+                       dilation: Sequence[int]) -> int:
+    """The floats of one sample's zero-padded copy (im2col.c's: channels times its padded
+    plane), which the columns and native_step's one-call step both build. Past
+    MAX_COLUMN_FLOATS only with a large dilation, where it is mostly zeros to write: both
+    decline it."""
+    return channels * math.prod(n + d * (k - 1) for n, k, d in zip(spatial, kernel, dilation))
 
 
 def _empty_frames(b: int, channels: int, spatial: Sequence[int], channels_last: bool) -> Tensor:

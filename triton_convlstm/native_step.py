@@ -29,6 +29,7 @@ from .native_conv import (
     _geometry,
     _layout,
     _pixel_stride,
+    padded_copy_floats,
     plain_fp32,
 )
 from .native_gates import _library, _make_plans, _ptr, _vector, memoised
@@ -102,11 +103,10 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     geometry = _geometry(b, spatial, kernel, dilation)
     width = geometry.W
     tile_rows = max(1, min(pixels // width, TILE_FLOATS // (rows * width)))
-    padded = (geometry.D + geometry.td) * (geometry.H + geometry.th) * (width + geometry.tw)
-    if channels * padded > MAX_COLUMN_FLOATS:
+    padded = padded_copy_floats(channels, spatial, kernel, dilation)
+    if padded > MAX_COLUMN_FLOATS:
         return None  # (a large dilation's padded copy: zeroed every step, bigger than the work)
-    scratch = channels * padded + rows * tile_rows * width + (0 if gates is not None
-                                                              else b * out * pixels)
+    scratch = padded + rows * tile_rows * width + (0 if gates is not None else b * out * pixels)
     plan = StepPlan(
         g=geometry, x=_layout(x, px), h=_NO_LAYOUT if h is None else _layout(h, ph),
         gates=plans[0], rows=rows, out=out,
