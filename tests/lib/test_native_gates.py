@@ -128,6 +128,34 @@ def test_backward_in_place_over_the_gates_and_the_cell_gradient():
     assert rel_err(dpeep, ref[2]) < 1e-5
 
 
+# Row lengths (the unit-stride run: hid channels-last, the pixels channels-first) on both of
+# gates.c's paths: whole vectors (16, 32) run in place; other lengths are packed into 256-float
+# pieces, several short rows to a piece (3, 8, 12) or one long row over several pieces (300,
+# 323). (hid, spatial, channels_last).
+ROW_LENGTHS = [(16, (3, 2), True), (3, (4, 8), False), (8, (5, 6), True), (3, (4, 5), True),
+               (12, (2, 3), True), (300, (1, 2), True), (2, (17, 19), False)]
+
+
+@pytest.mark.parametrize(("hid", "spatial", "channels_last"), ROW_LENGTHS)
+def test_whole_and_packed_rows_match_the_oracle_forward_and_backward(hid, spatial,
+                                                                     channels_last):
+    z, c_prev, pe = _case(spatial, channels_last, True, b=2, hid=hid)
+    valid = step_valid(torch.tensor([5, 2]), 2, z.dim(), torch.float32)  # sample 1 ended
+    gates, h, c = torch.empty_like(z), torch.empty_like(c_prev), torch.empty_like(c_prev)
+    assert native_gates.gate_forward(z, gates, c_prev, pe, h, c, valid)
+    h_ref, c_ref = oracle_forward(z[:1].to(F64), c_prev[:1].to(F64), pe.to(F64))
+    assert rel_err(h[:1], h_ref) < TOL and rel_err(c[:1], c_ref) < TOL
+    assert torch.equal(c[1], c_prev[1]) and not h[1].any()
+    # The backward of sample 0, in place over its gates and its cell gradient.
+    gates, c = _activated(z[:1], c_prev[:1], pe)
+    dh, dh2, dc = (make(c.shape, channels_last) for _ in range(3))
+    ref = oracle_backward(z[:1], c_prev[:1], pe, dh.to(F64) + dh2.to(F64), dc.to(F64))
+    done, dpeep = native_gates.gate_backward(gates, c_prev[:1], c, pe, dh, dh2, dc, gates, dc)
+    assert done
+    assert rel_err(gates, ref[0]) < 1e-5 and rel_err(dc, ref[1]) < 1e-5
+    assert rel_err(dpeep, ref[2]) < 1e-5
+
+
 def test_non_finite_inputs_behave_as_the_math_says():
     z = torch.zeros(1, 8, 1, 3)
     c_prev = torch.tensor([[[[0.5, 0.5, float("nan")]], [[1.0, 1.0, 1.0]]]])

@@ -3,22 +3,28 @@
    over memory each, instead of the ~10 torch ops (and their dispatches) the reference takes.
 
    Plain C, no torch headers: built with im2col.c and step.c into one library, once per machine
-   (native_build.py compiles them on first use, -O3 -march=native -fopenmp-simd, ~2.5 s) and
+   (native_build.py compiles them on first use, -O3 -march=native -fopenmp-simd, ~5 s) and
    called through ctypes. The tensors are
    seen as B x M rows of N unit-stride elements (channels-last: M pixels, N channels;
    channels-first: M channels, N pixels), each row handed to a function the compiler
    vectorizes (the "omp simd" loops: the activations below are selects and arithmetic only). */
 
+#include <string.h>
+
 #include "kernels.h"
 
 typedef union { float f; int32_t i; } f32_bits;
+
+/* The activations must inline into every row function (each exists in 36 variants: past
+   gcc's growth limits it calls them out of line, and the loops no longer vectorize). */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* exp(x) for x <= 0: Cephes' range reduction and degree-6 polynomial (~1 ulp); 0 below -87
    (so that sigmoid(-inf) * inf is NaN, as torch's). A NaN stays NaN through the arithmetic;
    only its integer conversion (undefined in C) is steered to a defined value. Rounds by adding
    1.5 * 2^23 (gcc does not vectorize floorf here). Every select costs: the kernels' time is
    these polynomials (without a NaN select and a second clamp: 14 -> 12 us at hid16 16x16). */
-static inline float exp_nonpos(float x) {
+ALWAYS_INLINE float exp_nonpos(float x) {
     const float xc = x < -87.0f ? -87.0f : x;
     const float fx = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     const float r = xc - fx * 0.693359375f + fx * 2.12194440e-4f;
@@ -36,7 +42,7 @@ static inline float exp_nonpos(float x) {
 
 /* The activations as a ratio num / den (den in [1, 2]), so that a row's several activations
    share one division. sigmoid(x) = 1 / (1 + e) or e / (1 + e), e = exp(-|x|). */
-static inline void sigmoid_ratio(float x, float *num, float *den) {
+ALWAYS_INLINE void sigmoid_ratio(float x, float *num, float *den) {
     const float e = exp_nonpos(x < 0.0f ? x : -x);
     *num = x < 0.0f ? e : 1.0f;
     *den = 1.0f + e;
@@ -44,7 +50,7 @@ static inline void sigmoid_ratio(float x, float *num, float *den) {
 
 /* tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|); below |x| = 0.4 the odd Taylor series
    through x^11 (den 1), where the ratio's subtraction would cancel (as kernels/_common.tanh). */
-static inline void tanh_ratio(float x, float *num, float *den) {
+ALWAYS_INLINE void tanh_ratio(float x, float *num, float *den) {
     const float ax = x < 0.0f ? -x : x;
     const float e = exp_nonpos(-2.0f * ax);
     const float x2 = x * x;
@@ -56,17 +62,51 @@ static inline void tanh_ratio(float x, float *num, float *den) {
     *den = small ? 1.0f : 1.0f + e;
 }
 
+/* ---- rows of odd lengths ---------------------------------------------------------------- */
+
+/* A row's elements past its last whole vector may run as scalar code, where the activations'
+   selects become branches that random signs mispredict: built before these paths, hid 8
+   (channels-last rows of 8) took 52 ns a cell, hid 16 3.2. Rows of a multiple of VEC floats
+   (AVX-512's 16; AVX2's 8 divides it) run in place; of a multiple of 8, in place with 8-float
+   vectors (the row functions' second set, below); any other length is packed: rows copied back
+   to back into PACK-float local arrays (a piece may split a row), run as one row padded with
+   zeros to whole vectors, and copied back (hid 4: 10 ns a cell, hid 12: 5.4). Peepholes are
+   spread to one value per element there, so packed rows take the per-element (PN) functions. */
+#define VEC 16
+#define PACK 256
+
+/* Where a piece starts: row m, element n of it (for sample b's rows m_begin..m_end - 1). */
+typedef struct { i64 m, n; } cursor_t;
+
+/* The next segment of a piece at cursor *c: min(what is left of the row, room) elements, from
+   element c->n of row c->m; advances the cursor. */
+static inline i64 next_segment(const plan_t *plan, cursor_t *c, i64 room, i64 *m, i64 *n) {
+    const i64 left = plan->N - c->n, take = left < room ? left : room;
+    *m = c->m;
+    *n = c->n;
+    c->n += take;
+    if (c->n == plan->N) {
+        c->n = 0;
+        ++c->m;
+    }
+    return take;
+}
+
+static inline void fill(float *dst, float value, i64 count) {
+    for (i64 k = 0; k < count; ++k) dst[k] = value;
+}
+
 /* ---- forward ---------------------------------------------------------------------------- */
 
 /* One row of the forward. z*: pre-activations; g*: where the activated gates go (G); p*:
    peepholes (P; one per element when PN, else one per row); v: the sample's valid multiplier
    (V: 0 shuts i and o and opens f, so c = c_prev and h = 0). */
-#define ROW_FORWARD(NAME, P, PN, G, V)                                                        \
+#define ROW_FORWARD(NAME, SIMD, P, PN, G, V)                                                  \
     static void NAME(const float *zi, const float *zf, const float *zo, const float *zg,     \
                      const float *cp, float *co, float *ho, float *gi, float *gf, float *go, \
                      float *gg, const float *pi, const float *pf, const float *po, i64 n_el, \
                      float v) {                                                               \
-        _Pragma("omp simd")                                                                   \
+        _Pragma(SIMD)                                                                         \
         for (i64 n = 0; n < n_el; ++n) {                                                      \
             const float c0 = cp[n];                                                           \
             float a_i = zi[n], a_f = zf[n], a_o = zo[n];                                      \
@@ -105,36 +145,114 @@ static inline void tanh_ratio(float x, float *num, float *den) {
         }                                                                                     \
     }
 
-ROW_FORWARD(row_forward_0000, 0, 0, 0, 0)
-ROW_FORWARD(row_forward_0001, 0, 0, 0, 1)
-ROW_FORWARD(row_forward_0010, 0, 0, 1, 0)
-ROW_FORWARD(row_forward_0011, 0, 0, 1, 1)
-ROW_FORWARD(row_forward_1000, 1, 0, 0, 0)
-ROW_FORWARD(row_forward_1001, 1, 0, 0, 1)
-ROW_FORWARD(row_forward_1010, 1, 0, 1, 0)
-ROW_FORWARD(row_forward_1011, 1, 0, 1, 1)
-ROW_FORWARD(row_forward_1100, 1, 1, 0, 0)
-ROW_FORWARD(row_forward_1101, 1, 1, 0, 1)
-ROW_FORWARD(row_forward_1110, 1, 1, 1, 0)
-ROW_FORWARD(row_forward_1111, 1, 1, 1, 1)
+/* Each row function twice: with the compiler's widest vectors (16 floats under AVX-512), and
+   with 8-float ones for rows of 8, 24, 40... (hid 8 channels-last: 4.6 ns a cell, against 6.0
+   packed; hid 16: 3.2). */
+#define SIMD16 "omp simd"
+#define SIMD8 "omp simd simdlen(8)"
+#define ROW_FORWARD_SET(NAME, SIMD)                 \
+    ROW_FORWARD(NAME##_0000, SIMD, 0, 0, 0, 0)      \
+    ROW_FORWARD(NAME##_0001, SIMD, 0, 0, 0, 1)      \
+    ROW_FORWARD(NAME##_0010, SIMD, 0, 0, 1, 0)      \
+    ROW_FORWARD(NAME##_0011, SIMD, 0, 0, 1, 1)      \
+    ROW_FORWARD(NAME##_1000, SIMD, 1, 0, 0, 0)      \
+    ROW_FORWARD(NAME##_1001, SIMD, 1, 0, 0, 1)      \
+    ROW_FORWARD(NAME##_1010, SIMD, 1, 0, 1, 0)      \
+    ROW_FORWARD(NAME##_1011, SIMD, 1, 0, 1, 1)      \
+    ROW_FORWARD(NAME##_1100, SIMD, 1, 1, 0, 0)      \
+    ROW_FORWARD(NAME##_1101, SIMD, 1, 1, 0, 1)      \
+    ROW_FORWARD(NAME##_1110, SIMD, 1, 1, 1, 0)      \
+    ROW_FORWARD(NAME##_1111, SIMD, 1, 1, 1, 1)
+
+ROW_FORWARD_SET(row_forward, SIMD16)
+ROW_FORWARD_SET(row_forward8, SIMD8)
 
 typedef void (*row_forward_fn)(const float *, const float *, const float *, const float *,
                                const float *, float *, float *, float *, float *, float *,
                                float *, const float *, const float *, const float *, i64, float);
 
-static const row_forward_fn ROW_FORWARD_FNS[12] = {
-    row_forward_0000, row_forward_0001, row_forward_0010, row_forward_0011,
-    row_forward_1000, row_forward_1001, row_forward_1010, row_forward_1011,
-    row_forward_1100, row_forward_1101, row_forward_1110, row_forward_1111};
+#define ROW_FORWARD_NAMES(NAME)                                                       \
+    NAME##_0000, NAME##_0001, NAME##_0010, NAME##_0011, NAME##_1000, NAME##_1001,     \
+        NAME##_1010, NAME##_1011, NAME##_1100, NAME##_1101, NAME##_1110, NAME##_1111
+
+/* [8-float vectors][options] */
+static const row_forward_fn ROW_FORWARD_FNS[2][12] = {{ROW_FORWARD_NAMES(row_forward)},
+                                                      {ROW_FORWARD_NAMES(row_forward8)}};
+
+/* tcl_gate_forward for rows of odd lengths (see VEC): each piece is read whole before any of
+   it is written, so gates may be src and c_out c_prev as there. */
+static void gate_forward_packed(const plan_t *plan, const float *src, float *gates,
+                                const float *c_prev, float *c_out, float *h_out,
+                                const float *peep, const float *valid) {
+    const row_forward_fn row =
+        ROW_FORWARD_FNS[0][(peep ? 8 : 0) + (gates ? 2 : 0) + (valid ? 1 : 0)];
+    const i64 gs = plan->gate_step[0], hid = plan->hid, sz = (i64)sizeof(float);
+    const int pn = plan->peep_on_n;
+    const rows_t s_z = plan->rows[0], s_cp = plan->rows[1], s_co = plan->rows[2],
+                 s_h = plan->rows[3];
+    float zi[PACK], zf[PACK], zo[PACK], zg[PACK], cp[PACK], co[PACK], ho[PACK];
+    float gi[PACK], gf[PACK], go[PACK], gg[PACK], pi[PACK], pf[PACK], po[PACK];
+    for (i64 b = 0; b < plan->B; ++b) {
+        const float v = valid ? valid[b] : 1.0f;
+        cursor_t at = {plan->m_begin, 0};
+        while (at.m < plan->m_end) {
+            const cursor_t start = at;
+            i64 len = 0, m, n;
+            while (len < PACK && at.m < plan->m_end) {
+                const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
+                const float *z = src + b * s_z.b + m * s_z.m + n;
+                memcpy(zi + len, z, take * sz);
+                memcpy(zf + len, z + gs, take * sz);
+                memcpy(zo + len, z + 2 * gs, take * sz);
+                memcpy(zg + len, z + 3 * gs, take * sz);
+                memcpy(cp + len, c_prev + b * s_cp.b + m * s_cp.m + n, take * sz);
+                if (peep && pn) {
+                    memcpy(pi + len, peep + n, take * sz);
+                    memcpy(pf + len, peep + hid + n, take * sz);
+                    memcpy(po + len, peep + 2 * hid + n, take * sz);
+                } else if (peep) {
+                    fill(pi + len, peep[m], take);
+                    fill(pf + len, peep[hid + m], take);
+                    fill(po + len, peep[2 * hid + m], take);
+                }
+                len += take;
+            }
+            const i64 padded = (len + VEC - 1) / VEC * VEC;
+            float *const pads[8] = {zi, zf, zo, zg, cp, pi, pf, po};
+            for (int k = 0; k < (peep ? 8 : 5); ++k) fill(pads[k] + len, 0.0f, padded - len);
+            row(zi, zf, zo, zg, cp, co, ho, gi, gf, go, gg, pi, pf, po, padded, v);
+            at = start;
+            len = 0;
+            while (len < PACK && at.m < plan->m_end) {
+                const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
+                memcpy(c_out + b * s_co.b + m * s_co.m + n, co + len, take * sz);
+                memcpy(h_out + b * s_h.b + m * s_h.m + n, ho + len, take * sz);
+                if (gates) {
+                    float *g = gates + b * s_z.b + m * s_z.m + n;
+                    memcpy(g, gi + len, take * sz);
+                    memcpy(g + gs, gf + len, take * sz);
+                    memcpy(g + 2 * gs, go + len, take * sz);
+                    memcpy(g + 3 * gs, gg + len, take * sz);
+                }
+                len += take;
+            }
+        }
+    }
+}
 
 /* The forward. src: pre-activations (rows[0]); gates: where the activated gates go (src's
    strides; may be src), or NULL; c_prev, c_out, h_out: rows[1..3] (c_out may be c_prev);
    peep: (3, hid) contiguous or NULL; valid: (B,) multipliers or NULL. */
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,
                       float *c_out, float *h_out, const float *peep, const float *valid) {
+    if (plan->N % 8) {
+        gate_forward_packed(plan, src, gates, c_prev, c_out, h_out, peep, valid);
+        return;
+    }
     const int pn = peep && plan->peep_on_n;
-    const row_forward_fn row =
-        ROW_FORWARD_FNS[(peep ? (pn ? 8 : 4) : 0) + (gates ? 2 : 0) + (valid ? 1 : 0)];
+    const row_forward_fn row = ROW_FORWARD_FNS[plan->N % VEC != 0]
+                                              [(peep ? (pn ? 8 : 4) : 0) + (gates ? 2 : 0) +
+                                               (valid ? 1 : 0)];
     const i64 gs = plan->gate_step[0], hid = plan->hid;
     const rows_t s_z = plan->rows[0], s_cp = plan->rows[1], s_co = plan->rows[2],
                  s_h = plan->rows[3];
@@ -158,14 +276,14 @@ void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const 
    summed (either NULL: zero, H1/H2); dc: the c gradient (DC); dz*: where dz goes (may be the
    gates); dcp: where dc_prev goes (may be dc). With peepholes (P), acc* take the row's
    peephole-gradient terms, summed over the row when the row is one channel (!PN). */
-#define ROW_BACKWARD(NAME, P, PN, H1, H2, DC)                                                   \
+#define ROW_BACKWARD(NAME, SIMD, P, PN, H1, H2, DC)                                             \
     static void NAME(const float *gi, const float *gf, const float *go, const float *gg,       \
                      const float *cp, const float *cc, const float *dh, const float *dh2,      \
                      const float *dc, float *dzi, float *dzf, float *dzo, float *dzg,          \
                      float *dcp, const float *pi, const float *pf, const float *po,            \
                      float *acc_i, float *acc_f, float *acc_o, i64 n_el) {                     \
         float si = 0.0f, sf = 0.0f, so = 0.0f;                                                  \
-        _Pragma("omp simd reduction(+ : si, sf, so)")                                           \
+        _Pragma(SIMD)                                                                           \
         for (i64 n = 0; n < n_el; ++n) {                                                        \
             const float i = gi[n], f = gf[n], o = go[n], g = gg[n], c0 = cp[n], c = cc[n];      \
             float d_h = 0.0f;                                                                   \
@@ -208,19 +326,25 @@ void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const 
     }
 
 /* Peepholes none / per row / per element, times dh, dh2, dc present or not. */
-#define ROW_BACKWARD_P(P, PN, NAME)                \
-    ROW_BACKWARD(NAME##_000, P, PN, 0, 0, 0)       \
-    ROW_BACKWARD(NAME##_001, P, PN, 0, 0, 1)       \
-    ROW_BACKWARD(NAME##_010, P, PN, 0, 1, 0)       \
-    ROW_BACKWARD(NAME##_011, P, PN, 0, 1, 1)       \
-    ROW_BACKWARD(NAME##_100, P, PN, 1, 0, 0)       \
-    ROW_BACKWARD(NAME##_101, P, PN, 1, 0, 1)       \
-    ROW_BACKWARD(NAME##_110, P, PN, 1, 1, 0)       \
-    ROW_BACKWARD(NAME##_111, P, PN, 1, 1, 1)
+#define ROW_BACKWARD_P(P, PN, NAME, SIMD)                \
+    ROW_BACKWARD(NAME##_000, SIMD, P, PN, 0, 0, 0)       \
+    ROW_BACKWARD(NAME##_001, SIMD, P, PN, 0, 0, 1)       \
+    ROW_BACKWARD(NAME##_010, SIMD, P, PN, 0, 1, 0)       \
+    ROW_BACKWARD(NAME##_011, SIMD, P, PN, 0, 1, 1)       \
+    ROW_BACKWARD(NAME##_100, SIMD, P, PN, 1, 0, 0)       \
+    ROW_BACKWARD(NAME##_101, SIMD, P, PN, 1, 0, 1)       \
+    ROW_BACKWARD(NAME##_110, SIMD, P, PN, 1, 1, 0)       \
+    ROW_BACKWARD(NAME##_111, SIMD, P, PN, 1, 1, 1)
 
-ROW_BACKWARD_P(0, 0, row_backward_nopeep)
-ROW_BACKWARD_P(1, 0, row_backward_peeprow)
-ROW_BACKWARD_P(1, 1, row_backward_peepel)
+/* (the vector widths of SIMD16 and SIMD8, with the peephole sums) */
+#define SUMS16 "omp simd reduction(+ : si, sf, so)"
+#define SUMS8 "omp simd simdlen(8) reduction(+ : si, sf, so)"
+ROW_BACKWARD_P(0, 0, row_backward_nopeep, SUMS16)
+ROW_BACKWARD_P(1, 0, row_backward_peeprow, SUMS16)
+ROW_BACKWARD_P(1, 1, row_backward_peepel, SUMS16)
+ROW_BACKWARD_P(0, 0, row_backward8_nopeep, SUMS8)
+ROW_BACKWARD_P(1, 0, row_backward8_peeprow, SUMS8)
+ROW_BACKWARD_P(1, 1, row_backward8_peepel, SUMS8)
 
 typedef void (*row_backward_fn)(const float *, const float *, const float *, const float *,
                                 const float *, const float *, const float *, const float *,
@@ -232,9 +356,91 @@ typedef void (*row_backward_fn)(const float *, const float *, const float *, con
     NAME##_000, NAME##_001, NAME##_010, NAME##_011, NAME##_100, NAME##_101, NAME##_110, \
         NAME##_111
 
-static const row_backward_fn ROW_BACKWARD_FNS[24] = {ROW_BACKWARD_SET(row_backward_nopeep),
-                                                     ROW_BACKWARD_SET(row_backward_peeprow),
-                                                     ROW_BACKWARD_SET(row_backward_peepel)};
+/* [8-float vectors][options] */
+static const row_backward_fn ROW_BACKWARD_FNS[2][24] = {
+    {ROW_BACKWARD_SET(row_backward_nopeep), ROW_BACKWARD_SET(row_backward_peeprow),
+     ROW_BACKWARD_SET(row_backward_peepel)},
+    {ROW_BACKWARD_SET(row_backward8_nopeep), ROW_BACKWARD_SET(row_backward8_peeprow),
+     ROW_BACKWARD_SET(row_backward8_peepel)}};
+
+/* tcl_gate_backward for rows of odd lengths (see VEC), read a piece at a time before it is
+   written (dz may be the gates, dc_prev dc). The peephole terms come back per element and are
+   summed into dpeep per channel. */
+static void gate_backward_packed(const plan_t *plan, const float *gates, const float *c_prev,
+                                 const float *c, const float *dh, const float *dh2,
+                                 const float *dc, float *dz, float *dc_prev, const float *peep,
+                                 float *dpeep) {
+    const row_backward_fn row = ROW_BACKWARD_FNS[0][(peep ? 16 : 0) + (dh ? 4 : 0) +
+                                                 (dh2 ? 2 : 0) + (dc ? 1 : 0)];
+    const i64 gs = plan->gate_step[0], ds = plan->gate_step[1], hid = plan->hid;
+    const i64 sz = (i64)sizeof(float);
+    const int pn = plan->peep_on_n;
+    const rows_t *r = plan->rows;
+    float gi[PACK], gf[PACK], go[PACK], gg[PACK], cp[PACK], cc[PACK], d1[PACK], d2[PACK];
+    float dcl[PACK], dzi[PACK], dzf[PACK], dzo[PACK], dzg[PACK], dcp[PACK];
+    float pi[PACK], pf[PACK], po[PACK], ai[PACK], af[PACK], ao[PACK];
+    for (i64 b = 0; b < plan->B; ++b) {
+        cursor_t at = {plan->m_begin, 0};
+        while (at.m < plan->m_end) {
+            const cursor_t start = at;
+            i64 len = 0, m, n;
+            while (len < PACK && at.m < plan->m_end) {
+                const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
+                const float *g = gates + b * r[0].b + m * r[0].m + n;
+                memcpy(gi + len, g, take * sz);
+                memcpy(gf + len, g + gs, take * sz);
+                memcpy(go + len, g + 2 * gs, take * sz);
+                memcpy(gg + len, g + 3 * gs, take * sz);
+                memcpy(cp + len, c_prev + b * r[1].b + m * r[1].m + n, take * sz);
+                memcpy(cc + len, c + b * r[2].b + m * r[2].m + n, take * sz);
+                if (dh) memcpy(d1 + len, dh + b * r[3].b + m * r[3].m + n, take * sz);
+                if (dh2) memcpy(d2 + len, dh2 + b * r[4].b + m * r[4].m + n, take * sz);
+                if (dc) memcpy(dcl + len, dc + b * r[5].b + m * r[5].m + n, take * sz);
+                if (peep && pn) {
+                    memcpy(pi + len, peep + n, take * sz);
+                    memcpy(pf + len, peep + hid + n, take * sz);
+                    memcpy(po + len, peep + 2 * hid + n, take * sz);
+                } else if (peep) {
+                    fill(pi + len, peep[m], take);
+                    fill(pf + len, peep[hid + m], take);
+                    fill(po + len, peep[2 * hid + m], take);
+                }
+                len += take;
+            }
+            const i64 padded = (len + VEC - 1) / VEC * VEC;
+            float *const pads[12] = {gi, gf, go, gg, cp, cc, d1, d2, dcl, pi, pf, po};
+            for (int k = 0; k < (peep ? 12 : 9); ++k) fill(pads[k] + len, 0.0f, padded - len);
+            if (peep) {
+                fill(ai, 0.0f, padded);
+                fill(af, 0.0f, padded);
+                fill(ao, 0.0f, padded);
+            }
+            row(gi, gf, go, gg, cp, cc, d1, d2, dcl, dzi, dzf, dzo, dzg, dcp, pi, pf, po, ai, af,
+                ao, padded);
+            at = start;
+            len = 0;
+            while (len < PACK && at.m < plan->m_end) {
+                const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
+                float *d = dz + b * r[6].b + m * r[6].m + n;
+                memcpy(d, dzi + len, take * sz);
+                memcpy(d + ds, dzf + len, take * sz);
+                memcpy(d + 2 * ds, dzo + len, take * sz);
+                memcpy(d + 3 * ds, dzg + len, take * sz);
+                memcpy(dc_prev + b * r[7].b + m * r[7].m + n, dcp + len, take * sz);
+                if (peep) {  /* per channel: an element's (pn), else the row's */
+                    float *a = pn ? dpeep + n : dpeep + m;
+                    for (i64 k = 0; k < take; ++k) {
+                        const i64 e = pn ? k : 0;
+                        a[e] += ai[len + k];
+                        a[hid + e] += af[len + k];
+                        a[2 * hid + e] += ao[len + k];
+                    }
+                }
+                len += take;
+            }
+        }
+    }
+}
 
 /* The backward. gates: activated i, f, o, g (rows[0], gate_step[0]); c_prev, c: the step's
    cells; dh, dh2, dc: gradients or NULL; dz: the gate gradients (rows[6], gate_step[1]; may be
@@ -243,8 +449,13 @@ static const row_backward_fn ROW_BACKWARD_FNS[24] = {ROW_BACKWARD_SET(row_backwa
 void tcl_gate_backward(const plan_t *plan, const float *gates, const float *c_prev,
                        const float *c, const float *dh, const float *dh2, const float *dc,
                        float *dz, float *dc_prev, const float *peep, float *dpeep) {
+    if (plan->N % 8) {
+        gate_backward_packed(plan, gates, c_prev, c, dh, dh2, dc, dz, dc_prev, peep, dpeep);
+        return;
+    }
     const int pn = peep && plan->peep_on_n;
-    const row_backward_fn row = ROW_BACKWARD_FNS[(peep ? (pn ? 16 : 8) : 0) + (dh ? 4 : 0) +
+    const row_backward_fn row = ROW_BACKWARD_FNS[plan->N % VEC != 0]
+                                                [(peep ? (pn ? 16 : 8) : 0) + (dh ? 4 : 0) +
                                                  (dh2 ? 2 : 0) + (dc ? 1 : 0)];
     const i64 gs = plan->gate_step[0], ds = plan->gate_step[1], hid = plan->hid;
     const rows_t *r = plan->rows;
