@@ -7,14 +7,14 @@ Measured (one thread, 2-core box, same run; cat + torch's convolution vs this, f
 1-d B4 C4+16 L64 83-95 vs 38-44 us; 3-d B1 C2+8 8x8x8 185-192 vs 113-123 us (torch's CPU
 3-d convolution builds its columns itself, slowly). 2-d frames keep torch's convolution: at
 B1 it already is columns and a product (the same numbers), and channels-last oneDNN beat the
-columns at the perf suite's 2-d shapes (B2 C4+16 16x16: 115-124 vs 129-139 us). (2-d input
-gradients of few channels ran 1.35-2x oneDNN's, but their columns raised the training peak
-1.11x: left to torch.)
+columns at the perf suite's 2-d shapes (B2 C4+16 16x16: 115-124 vs 129-139 us), except for
+input gradients into a few channels (GRAD_2D_MAX_CHANNELS), which they serve.
 
 Each function answers None, having computed nothing, where it does not serve the call (no
-library, another dtype or device, 2-d frames, frames past the size limits, another padding,
-a tensor autograd or a tracer must see); the caller then runs torch's convolution, which
-computes the same function (to float rounding: another summation order).
+library, another dtype or device, 2-d frames (but those input gradients), frames past the
+size limits, another padding, a tensor autograd or a tracer must see); the caller then runs
+torch's convolution, which computes the same function (to float rounding: another summation
+order).
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ from .native_gates import _library, memoised
 
 _F32 = torch.float32
 _PLAIN = (Tensor, torch.nn.Parameter)  # not fake, not a subclass that means more than memory
-SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above)
+SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above, and the next)
+# 2-d input gradients into at most this many channels (a first layer's 1 to 4 input channels:
+# radar echoes, RGB) are served too: oneDNN's backward-data into so few channels barely
+# vectorizes. Per call (one thread): 16 frames 1 channel 64x64 from 32: 3.9 ms against the
+# columns' 0.95; 3 channels 32x32 from 64: 2.1 against 1.5. From 8 channels on, oneDNN's was
+# as fast or faster (training steps with hid 8's recurrent gradient served: 0.885x).
+GRAD_2D_MAX_CHANNELS = 4
 # Columns and their gradients exist a chunk of frames (and, past one frame, of channels) at a
 # time, at most this many floats (64 KiB) or one channel of one frame: a training step's peak
 # memory counts them (torch's own convolutions keep theirs inside ATen, where a tensor
@@ -94,13 +100,14 @@ def plain_fp32(tensors: Sequence[Tensor | None]) -> bool:
 
 
 def _served(tensors: Sequence[Tensor | None], spatial: Sequence[int], kernel: Sequence[int],
-            rows: int, dilation: Sequence[int], frames: int) -> bool:
+            rows: int, dilation: Sequence[int], frames: int,
+            dims: Sequence[int] = SERVED_DIMS) -> bool:
     """:func:`plain_fp32` tensors, frames and columns within the limits, a positive
-    dilation."""
+    dilation, ``dims`` spatial dims."""
     if not plain_fp32(tensors):
         return False
     pixels = math.prod(spatial)
-    if not (len(spatial) in SERVED_DIMS and len(kernel) == len(spatial) == len(dilation)
+    if not (len(spatial) in dims and len(kernel) == len(spatial) == len(dilation)
             and 0 < pixels <= MAX_PIXELS and 0 < rows and rows * pixels <= MAX_COLUMN_FLOATS
             and frames * rows * pixels <= MAX_CALL_COLUMN_FLOATS and min(dilation) >= 1):
         return False
@@ -203,14 +210,16 @@ def conv_small(x: Tensor, h: Tensor | None, weight: Tensor, bias: Tensor | None,
 
 
 def _grad_pixel_stride(grad: Tensor, other: Tensor, shape: Sequence[int], weight: Tensor,
-                       dilation: Sequence[int]) -> int | None:
+                       dilation: Sequence[int], dims: Sequence[int] = SERVED_DIMS) -> int | None:
     """Both gradients' checks: grad (N, O, *spatial) at one pixel stride (returned), ``other``
-    (the weight or the input) and the frames ``shape`` (N, C, *spatial) served; else None."""
+    (the weight or the input) and the frames ``shape`` (N, C, *spatial) in ``dims`` dims
+    served; else None."""
     n, c, *spatial = shape
     kernel = weight.shape[2:]
     pg = _pixel_stride(grad)
     if (pg is None or n == 0
-            or not _served((grad, other), spatial, kernel, c * math.prod(kernel), dilation, n)
+            or not _served((grad, other), spatial, kernel, c * math.prod(kernel), dilation, n,
+                           dims)
             or tuple(grad.shape) != (n, weight.shape[0], *spatial) or weight.shape[1] != c):
         return None
     return pg
@@ -231,7 +240,9 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
         (N, C, *spatial), or None.
     """
     lib = _library()
-    pg = None if lib is None else _grad_pixel_stride(grad, weight, x_shape, weight, dilation)
+    dims = (*SERVED_DIMS, 2) if x_shape[1] <= GRAD_2D_MAX_CHANNELS else SERVED_DIMS
+    pg = None if lib is None else _grad_pixel_stride(grad, weight, x_shape, weight, dilation,
+                                                       dims)
     if pg is None:
         return None
     n, c, *spatial = x_shape

@@ -31,6 +31,7 @@ from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from .gate_buffer import empty_gates
 from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
 from .layout import (
+    cat_channels,
     conv_layout,
     empty_seq,
     frames_as_seq,
@@ -69,7 +70,7 @@ class LayerSpec:
             if z is not None:
                 return z
         if h is not None:
-            x = torch.cat([x, h], dim=1)
+            x = cat_channels(x, h)
         return conv_same(x, weight, self.dilation, bias, padding_mode=self.padding_mode)
 
     def conv_input_grad(self, grad: Tensor, x_shape: Sequence[int], weight: Tensor) -> Tensor:

@@ -199,9 +199,27 @@ def test_chunks_of_frames_and_channels_give_the_same_results(monkeypatch):
             assert _rel(g, want) < 1e-5, chunk
 
 
-def test_2d_frames_are_left_to_torch():
+def test_2d_frames_are_left_to_torch_but_input_gradients_of_few_channels():
     grad = torch.randn(4, 16, 7, 9)
-    assert native_conv.conv_input_grad_small(grad, (4, 3, 7, 9), torch.randn(16, 3, 3, 3),
-                                             (1, 1), False) is None
+    many = native_conv.GRAD_2D_MAX_CHANNELS + 1
+    assert native_conv.conv_input_grad_small(grad, (4, many, 7, 9),
+                                             torch.randn(16, many, 3, 3), (1, 1), False) is None
     assert native_conv.conv_small(torch.randn(4, 3, 7, 9), None, torch.randn(16, 3, 3, 3),
                                   None, (1, 1), False) is None
+    assert native_conv.conv_weight_grad_small(
+        _laid(grad, True), _laid(torch.randn(4, 3, 7, 9), True), torch.randn(16, 3, 3, 3),
+        (1, 1)) is None
+
+
+@pytest.mark.parametrize(("c", "k", "d", "cl_out"), [(1, 3, 1, True), (3, 3, 2, False),
+                                                     (native_conv.GRAD_2D_MAX_CHANNELS, 2, 1,
+                                                      True)])
+def test_2d_input_gradients_of_few_channels_match_torch(c, k, d, cl_out):
+    torch.manual_seed(2)
+    w = torch.randn(12, c, k, k, dtype=torch.float64)
+    grad = _laid(torch.randn(5, 12, 6, 7, dtype=torch.float64), True)
+    want = conv_same_input_grad(grad, (5, c, 6, 7), w, (d, d))
+    dx = native_conv.conv_input_grad_small(grad.float(), (5, c, 6, 7), w.float(), (d, d),
+                                           cl_out)
+    assert dx.shape == want.shape and _rel(dx, want) < 1e-5
+    assert (dx.stride(1) == 1) == cl_out
