@@ -9,8 +9,6 @@
    channels-first: M channels, N pixels), each row handed to a function the compiler
    vectorizes (the "omp simd" loops: the activations below are selects and arithmetic only). */
 
-#include <string.h>
-
 #include "kernels.h"
 
 typedef union { float f; int32_t i; } f32_bits;
@@ -90,6 +88,19 @@ static inline i64 next_segment(const plan_t *plan, cursor_t *c, i64 room, i64 *m
         ++c->m;
     }
     return take;
+}
+
+/* A segment (a row of 4 to 12 channels: 16 to 48 bytes) copied inline: a memcpy call each
+   cost the packed rows more than their math (hid 4: 0.82x torch ops). gcc would turn the loop
+   back into a call (its loop distribution) in the functions that do not say otherwise. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define NO_MEMCPY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define NO_MEMCPY_CALLS
+#endif
+
+static inline void copy(float *restrict dst, const float *restrict src, i64 count) {
+    for (i64 k = 0; k < count; ++k) dst[k] = src[k];
 }
 
 static inline void fill(float *dst, float value, i64 count) {
@@ -181,12 +192,12 @@ static const row_forward_fn ROW_FORWARD_FNS[2][12] = {{ROW_FORWARD_NAMES(row_for
 
 /* tcl_gate_forward for rows of odd lengths (see VEC): each piece is read whole before any of
    it is written, so gates may be src and c_out c_prev as there. */
-static void gate_forward_packed(const plan_t *plan, const float *src, float *gates,
+NO_MEMCPY_CALLS static void gate_forward_packed(const plan_t *plan, const float *src, float *gates,
                                 const float *c_prev, float *c_out, float *h_out,
                                 const float *peep, const float *valid) {
     const row_forward_fn row =
         ROW_FORWARD_FNS[0][(peep ? 8 : 0) + (gates ? 2 : 0) + (valid ? 1 : 0)];
-    const i64 gs = plan->gate_step[0], hid = plan->hid, sz = (i64)sizeof(float);
+    const i64 gs = plan->gate_step[0], hid = plan->hid;
     const int pn = plan->peep_on_n;
     const rows_t s_z = plan->rows[0], s_cp = plan->rows[1], s_co = plan->rows[2],
                  s_h = plan->rows[3];
@@ -201,15 +212,15 @@ static void gate_forward_packed(const plan_t *plan, const float *src, float *gat
             while (len < PACK && at.m < plan->m_end) {
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
                 const float *z = src + b * s_z.b + m * s_z.m + n;
-                memcpy(zi + len, z, take * sz);
-                memcpy(zf + len, z + gs, take * sz);
-                memcpy(zo + len, z + 2 * gs, take * sz);
-                memcpy(zg + len, z + 3 * gs, take * sz);
-                memcpy(cp + len, c_prev + b * s_cp.b + m * s_cp.m + n, take * sz);
+                copy(zi + len, z, take);
+                copy(zf + len, z + gs, take);
+                copy(zo + len, z + 2 * gs, take);
+                copy(zg + len, z + 3 * gs, take);
+                copy(cp + len, c_prev + b * s_cp.b + m * s_cp.m + n, take);
                 if (peep && pn) {
-                    memcpy(pi + len, peep + n, take * sz);
-                    memcpy(pf + len, peep + hid + n, take * sz);
-                    memcpy(po + len, peep + 2 * hid + n, take * sz);
+                    copy(pi + len, peep + n, take);
+                    copy(pf + len, peep + hid + n, take);
+                    copy(po + len, peep + 2 * hid + n, take);
                 } else if (peep) {
                     fill(pi + len, peep[m], take);
                     fill(pf + len, peep[hid + m], take);
@@ -225,14 +236,14 @@ static void gate_forward_packed(const plan_t *plan, const float *src, float *gat
             len = 0;
             while (len < PACK && at.m < plan->m_end) {
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
-                memcpy(c_out + b * s_co.b + m * s_co.m + n, co + len, take * sz);
-                memcpy(h_out + b * s_h.b + m * s_h.m + n, ho + len, take * sz);
+                copy(c_out + b * s_co.b + m * s_co.m + n, co + len, take);
+                copy(h_out + b * s_h.b + m * s_h.m + n, ho + len, take);
                 if (gates) {
                     float *g = gates + b * s_z.b + m * s_z.m + n;
-                    memcpy(g, gi + len, take * sz);
-                    memcpy(g + gs, gf + len, take * sz);
-                    memcpy(g + 2 * gs, go + len, take * sz);
-                    memcpy(g + 3 * gs, gg + len, take * sz);
+                    copy(g, gi + len, take);
+                    copy(g + gs, gf + len, take);
+                    copy(g + 2 * gs, go + len, take);
+                    copy(g + 3 * gs, gg + len, take);
                 }
                 len += take;
             }
@@ -366,14 +377,13 @@ static const row_backward_fn ROW_BACKWARD_FNS[2][24] = {
 /* tcl_gate_backward for rows of odd lengths (see VEC), read a piece at a time before it is
    written (dz may be the gates, dc_prev dc). The peephole terms come back per element and are
    summed into dpeep per channel. */
-static void gate_backward_packed(const plan_t *plan, const float *gates, const float *c_prev,
+NO_MEMCPY_CALLS static void gate_backward_packed(const plan_t *plan, const float *gates, const float *c_prev,
                                  const float *c, const float *dh, const float *dh2,
                                  const float *dc, float *dz, float *dc_prev, const float *peep,
                                  float *dpeep) {
     const row_backward_fn row = ROW_BACKWARD_FNS[0][(peep ? 16 : 0) + (dh ? 4 : 0) +
                                                  (dh2 ? 2 : 0) + (dc ? 1 : 0)];
     const i64 gs = plan->gate_step[0], ds = plan->gate_step[1], hid = plan->hid;
-    const i64 sz = (i64)sizeof(float);
     const int pn = plan->peep_on_n;
     const rows_t *r = plan->rows;
     float gi[PACK], gf[PACK], go[PACK], gg[PACK], cp[PACK], cc[PACK], d1[PACK], d2[PACK];
@@ -387,19 +397,19 @@ static void gate_backward_packed(const plan_t *plan, const float *gates, const f
             while (len < PACK && at.m < plan->m_end) {
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
                 const float *g = gates + b * r[0].b + m * r[0].m + n;
-                memcpy(gi + len, g, take * sz);
-                memcpy(gf + len, g + gs, take * sz);
-                memcpy(go + len, g + 2 * gs, take * sz);
-                memcpy(gg + len, g + 3 * gs, take * sz);
-                memcpy(cp + len, c_prev + b * r[1].b + m * r[1].m + n, take * sz);
-                memcpy(cc + len, c + b * r[2].b + m * r[2].m + n, take * sz);
-                if (dh) memcpy(d1 + len, dh + b * r[3].b + m * r[3].m + n, take * sz);
-                if (dh2) memcpy(d2 + len, dh2 + b * r[4].b + m * r[4].m + n, take * sz);
-                if (dc) memcpy(dcl + len, dc + b * r[5].b + m * r[5].m + n, take * sz);
+                copy(gi + len, g, take);
+                copy(gf + len, g + gs, take);
+                copy(go + len, g + 2 * gs, take);
+                copy(gg + len, g + 3 * gs, take);
+                copy(cp + len, c_prev + b * r[1].b + m * r[1].m + n, take);
+                copy(cc + len, c + b * r[2].b + m * r[2].m + n, take);
+                if (dh) copy(d1 + len, dh + b * r[3].b + m * r[3].m + n, take);
+                if (dh2) copy(d2 + len, dh2 + b * r[4].b + m * r[4].m + n, take);
+                if (dc) copy(dcl + len, dc + b * r[5].b + m * r[5].m + n, take);
                 if (peep && pn) {
-                    memcpy(pi + len, peep + n, take * sz);
-                    memcpy(pf + len, peep + hid + n, take * sz);
-                    memcpy(po + len, peep + 2 * hid + n, take * sz);
+                    copy(pi + len, peep + n, take);
+                    copy(pf + len, peep + hid + n, take);
+                    copy(po + len, peep + 2 * hid + n, take);
                 } else if (peep) {
                     fill(pi + len, peep[m], take);
                     fill(pf + len, peep[hid + m], take);
@@ -422,11 +432,11 @@ static void gate_backward_packed(const plan_t *plan, const float *gates, const f
             while (len < PACK && at.m < plan->m_end) {
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
                 float *d = dz + b * r[6].b + m * r[6].m + n;
-                memcpy(d, dzi + len, take * sz);
-                memcpy(d + ds, dzf + len, take * sz);
-                memcpy(d + 2 * ds, dzo + len, take * sz);
-                memcpy(d + 3 * ds, dzg + len, take * sz);
-                memcpy(dc_prev + b * r[7].b + m * r[7].m + n, dcp + len, take * sz);
+                copy(d, dzi + len, take);
+                copy(d + ds, dzf + len, take);
+                copy(d + 2 * ds, dzo + len, take);
+                copy(d + 3 * ds, dzg + len, take);
+                copy(dc_prev + b * r[7].b + m * r[7].m + n, dcp + len, take);
                 if (peep) {  /* per channel: an element's (pn), else the row's */
                     float *a = pn ? dpeep + n : dpeep + m;
                     for (i64 k = 0; k < take; ++k) {
