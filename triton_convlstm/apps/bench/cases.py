@@ -128,6 +128,9 @@ SHAPES = {
         # over long sequences, and a wide one.
         Shape("cpu-inf-deep", 2, 32, 1, 16, 64, layers=3),
         Shape("cpu-inf-wide", 8, 16, 16, 64, 32, layers=2),
+        # Few hidden channels on larger frames with a one-channel input (radar echoes): the C
+        # gate kernels' rows shorter than a vector and the [x, h] concatenation's layout.
+        Shape("cpu-hid8", 1, 16, 1, 8, 64),
     )
 }
 GPU_SHAPES = ("S", "M", "L")
