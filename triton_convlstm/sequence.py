@@ -394,7 +394,16 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     fused = spec._native()  # small frames: the whole step in one C call (native_step)
     pixel_major = frames_channels_last(x.device, x.dim() - 3)
     c_prev, h_prev = _initial_cell(c_last, c0), h0
-    for step in range(t):
+    start = 0  # the leading steps without masks, run by native_step in one loop of C calls
+    if fused and steps.mask is None:
+        start = native_step.steps_into(
+            frames, min(t, steps.unmasked), h0, c_prev, weight, bias, peephole, spec.dilation,
+            h_seq=h_seq, c_seq=c_seq, c_last=c_last, z_seq=z_seq if save_z else None,
+            save=save, pixel_major=pixel_major)
+        if start:
+            c_prev = c_seq[start - 1] if save and start < t else c_last
+            h_prev = h_seq[start - 1]
+    for step in range(start, t):
         x_t = frames[step * b : (step + 1) * b]
         h_in = None
         if h_prev is not None:  # (else the zero state: step 0 without h0)

@@ -237,3 +237,60 @@ def test_columns_built_a_tile_of_rows_at_a_time_give_the_same_step(monkeypatch, 
     assert native_step.step_into(x, h, c, w, bias, p, (1, 1, 1), h_out=h_out, c_out=c_out,
                                  gates=gates, pixel_major=pixel_major)
     _close((h_out.contiguous(), c_out.contiguous()), want)
+
+
+@pytest.mark.parametrize(("cls", "spatial"), [(ConvLSTM, (6, 6)), (ConvLSTM3d, (3, 4, 4))])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("given_state", [False, True])
+def test_the_loops_unmasked_steps_in_one_loop_of_calls_equal_the_step_by_step_calls(
+        monkeypatch, cls, spatial, steps, given_state):
+    # steps_into makes the same C calls as step_into, its checks and plans made once: the
+    # same bits, in inference and training (saved gates and cells), with h0/c0 or the zero
+    # state, peepholes, and lengths (the leading steps before the first sample's end).
+    torch.manual_seed(6)
+    model = cls(2, 4, 3, 1, batch_first=True, peephole=True)
+    x = torch.randn(3, steps, 2, *spatial, requires_grad=True)
+    state = [tuple(torch.randn(3, 4, *spatial) for _ in range(2))] if given_state else None
+    lengths = torch.tensor([steps, max(1, steps - 2), steps])
+    ran = []
+    into = native_step.steps_into
+    monkeypatch.setattr(native_step, "steps_into",
+                        lambda *a, **k: ran.append(into(*a, **k)) or ran[-1])
+
+    def run(**kw):
+        with torch.no_grad():
+            inferred = model(x, state, **kw)
+        out, last = model(x, state, **kw)
+        (out[0].square().sum() + last[0][1].sum()).backward()
+        grads = [x.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+        x.grad = None
+        model.zero_grad()
+        return [inferred[0][0], *inferred[1][0], out[0].detach(), *grads]
+
+    for kw in ({}, {"lengths": lengths}):
+        ran.clear()
+        looped = run(**kw)
+        want = min(steps, int(lengths.min())) if kw else steps
+        assert ran and all(n == want for n in ran), (ran, want)
+        monkeypatch.setattr(native_step, "steps_into", lambda *a, **k: 0)
+        for got, expected in zip(looped, run(**kw)):
+            assert torch.equal(got, expected)
+        monkeypatch.setattr(native_step, "steps_into",
+                            lambda *a, **k: ran.append(into(*a, **k)) or ran[-1])
+
+
+def test_the_loop_of_calls_declines_what_it_does_not_serve():
+    h_seq, c_seq, c_last = torch.zeros(2, 1, 4, 3, 3), torch.zeros(1, 1, 4, 3, 3), torch.zeros(
+        1, 4, 3, 3)
+    frames, w = torch.randn(2, 2, 3, 3), torch.randn(16, 6, 3, 3)
+    kw = dict(h_seq=h_seq, c_seq=c_seq, c_last=c_last, z_seq=None, save=True,
+              pixel_major=False)
+    c0 = torch.zeros(1, 4, 3, 3)
+    assert native_step.steps_into(frames, 0, None, c0, w, None, None, (1, 1), **kw) == 0
+    assert native_step.steps_into(frames.double(), 2, None, c0, w, None, None, (1, 1),
+                                  **kw) == 0
+    assert native_step.steps_into(frames, 2, None, c0, w, torch.randn(15), None, (1, 1),
+                                  **kw) == 0  # a bias of the wrong size
+    assert not h_seq.any() and not c_seq.any()  # nothing written
+    assert native_step.steps_into(frames, 2, None, c0, w, None, None, (1, 1), **kw) == 2
+    assert h_seq.any()
