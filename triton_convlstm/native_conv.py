@@ -35,7 +35,8 @@ SERVED_DIMS = (1, 3)  # spatial dims served (2-d: see above, and the next)
 # radar echoes, RGB) are served too: oneDNN's backward-data into so few channels barely
 # vectorizes. Per call (one thread): 16 frames 1 channel 64x64 from 32: 3.9 ms against the
 # columns' 0.95; 3 channels 32x32 from 64: 2.1 against 1.5. From 8 channels on, oneDNN's was
-# as fast or faster (training steps with hid 8's recurrent gradient served: 0.885x).
+# as fast or faster (training steps with hid 8's recurrent gradient served: 0.885x). Not for a
+# 1x1 kernel, whose backward-data oneDNN runs as one product (B2 C4 hid16 16x16: 0.86x).
 GRAD_2D_MAX_CHANNELS = 4
 # Columns and their gradients exist a chunk of frames (and, past one frame, of channels) at a
 # time, at most this many floats (64 KiB) or one channel of one frame: a training step's peak
@@ -239,8 +240,11 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     Returns:
         (N, C, *spatial), or None.
     """
+    few = x_shape[1] <= GRAD_2D_MAX_CHANNELS and math.prod(weight.shape[2:]) > 1
+    dims = (*SERVED_DIMS, 2) if few else SERVED_DIMS
+    if len(x_shape) - 2 not in dims:  # (first: the 2-d loops ask at every step)
+        return None
     lib = _library()
-    dims = (*SERVED_DIMS, 2) if x_shape[1] <= GRAD_2D_MAX_CHANNELS else SERVED_DIMS
     pg = None if lib is None else _grad_pixel_stride(grad, weight, x_shape, weight, dilation,
                                                        dims)
     if pg is None:
