@@ -48,11 +48,13 @@ def conv_layout(t: Tensor) -> Tensor:
 
 
 def cat_channels(x: Tensor, h: Tensor) -> Tensor:
-    """``torch.cat([x, h], dim=1)`` of frames (N, C, *spatial), in their device's layout
-    (:func:`frames_channels_last`). torch.cat follows its inputs' strides, and a one-channel
-    frame's say nothing of a layout: a contiguous one (a C=1 input) made the concatenation
-    contiguous and oneDNN reorder every step's input to its channels-last weight (B1 C1+8
-    64x64: 354 against 179 us a convolution)."""
+    """``torch.cat([x, h], dim=1)`` of frames (N, C, *spatial) of one dtype, in their device's
+    layout (:func:`frames_channels_last`). torch.cat follows its inputs' strides, and a
+    one-channel frame's say nothing of a layout: a contiguous one (a C=1 input) made the
+    concatenation contiguous and oneDNN reorder every step's input to its channels-last weight
+    (B1 C1+8 64x64: 354 against 179 us a convolution)."""
+    if torch.is_grad_enabled() and (x.requires_grad or h.requires_grad):
+        return torch.cat([x, h], dim=1)  # (an out= argument is not differentiable)
     shape = (x.shape[0], x.shape[1] + h.shape[1], *x.shape[2:])
     if frames_channels_last(x.device, x.dim() - 2):
         out = _empty_channels_last(shape, x.dtype, x.device)
