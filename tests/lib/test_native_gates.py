@@ -128,12 +128,16 @@ def test_backward_in_place_over_the_gates_and_the_cell_gradient():
     assert rel_err(dpeep, ref[2]) < 1e-5
 
 
-# Row lengths (the unit-stride run: hid channels-last, the pixels channels-first) on both of
+# Row lengths (the unit-stride run: hid channels-last, the pixels channels-first) on all of
 # gates.c's paths: whole vectors (16, 32) run in place; other lengths are packed into 256-float
 # pieces, several short rows to a piece (3, 8, 12) or one long row over several pieces (300,
-# 323). (hid, spatial, channels_last).
+# 323); where c and h store their rows back to back, whole dense pieces first (only the gates
+# copied), then the packed tail: 8 (72 rows: two pieces of 32 and a tail), 4, 12, 24, and 6
+# pixels channels-first (40 channels: one piece). (hid, spatial, channels_last).
 ROW_LENGTHS = [(16, (3, 2), True), (3, (4, 8), False), (8, (5, 6), True), (3, (4, 5), True),
-               (12, (2, 3), True), (300, (1, 2), True), (2, (17, 19), False)]
+               (12, (2, 3), True), (300, (1, 2), True), (2, (17, 19), False),
+               (8, (8, 9), True), (4, (9, 10), True), (12, (6, 7), True), (24, (5, 5), True),
+               (40, (2, 3), False)]
 
 
 @pytest.mark.parametrize(("hid", "spatial", "channels_last"), ROW_LENGTHS)

@@ -3,7 +3,7 @@
    over memory each, instead of the ~10 torch ops (and their dispatches) the reference takes.
 
    Plain C, no torch headers: built with im2col.c and step.c into one library, once per machine
-   (native_build.py compiles them on first use, -O3 -march=native -fopenmp-simd, ~5 s) and
+   (native_build.py compiles them on first use, -O3 -march=native -fopenmp-simd, ~4 s) and
    called through ctypes. The tensors are
    seen as B x M rows of N unit-stride elements (channels-last: M pixels, N channels;
    channels-first: M channels, N pixels), each row handed to a function the compiler
@@ -13,8 +13,9 @@
 
 typedef union { float f; int32_t i; } f32_bits;
 
-/* The activations must inline into every row function (each exists in 36 variants: past
-   gcc's growth limits it calls them out of line, and the loops no longer vectorize). */
+/* The activations must inline into every row function (36 of them): with a second set of
+   row functions, tried, gcc passed its growth limits, called them out of line, and no loop
+   vectorized (60 ns a cell). */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* exp(x) for x <= 0: Cephes' range reduction and degree-6 polynomial (~1 ulp); 0 below -87
@@ -65,11 +66,13 @@ ALWAYS_INLINE void tanh_ratio(float x, float *num, float *den) {
 /* A row's elements past its last whole vector may run as scalar code, where the activations'
    selects become branches that random signs mispredict: built before these paths, hid 8
    (channels-last rows of 8) took 52 ns a cell, hid 16 3.2. Rows of a multiple of VEC floats
-   (AVX-512's 16; AVX2's 8 divides it) run in place; of a multiple of 8, in place with 8-float
-   vectors (the row functions' second set, below); any other length is packed: rows copied back
-   to back into PACK-float local arrays (a piece may split a row), run as one row padded with
-   zeros to whole vectors, and copied back (hid 4: 10 ns a cell, hid 12: 5.4). Peepholes are
-   spread to one value per element there, so packed rows take the per-element (PN) functions. */
+   (AVX-512's 16; AVX2's 8 divides it) run in place. Any other length is packed into PACK-float
+   local arrays run as one row: where c and h store their rows back to back (dense_rows), whole
+   rows a piece with only the gates copied (a cell's time against hid 16's: hid 8 1.2x, hid 12
+   1.3x, hid 4 2x), else and for the rows left over, every tensor copied, rows back to back (a
+   piece may split a row), padded with zeros to whole vectors (hid 8 1.9x, hid 4 3.2x; with
+   8-float vectors in place, tried, hid 8 was 1.45x). Peepholes are spread to one
+   value per element there, so packed rows take the per-element (PN) functions. */
 #define VEC 16
 #define PACK 256
 
@@ -107,17 +110,45 @@ static inline void fill(float *dst, float value, i64 count) {
     for (i64 k = 0; k < count; ++k) dst[k] = value;
 }
 
+/* Whole rows a dense piece holds: as many as fit in PACK with a multiple of VEC elements (so
+   no scalar remainder), or 0 where none do. A piece is dense where c and h (and, backward, the
+   gradients of the same shape) store their rows back to back (row stride N, channels-last
+   frames): only the gates are copied, the rest is read and written in place. */
+static i64 dense_rows(const plan_t *plan, const int *tensors, int count) {
+    const i64 N = plan->N;
+    for (int k = 0; k < count; ++k)
+        if (plan->rows[tensors[k]].m != N) return 0;
+    i64 g = N, v = VEC;  /* gcd(N, VEC) */
+    while (v) {
+        const i64 r = g % v;
+        g = v;
+        v = r;
+    }
+    const i64 q = VEC / g;  /* rows whose elements are a multiple of VEC */
+    return N > PACK ? 0 : PACK / N / q * q;
+}
+
+/* dense_rows for the backward: c_prev, c, dc_prev and whichever gradients are given. */
+static i64 dense_rows_backward(const plan_t *plan, const float *dh, const float *dh2,
+                               const float *dc) {
+    int tensors[6] = {1, 2, 7}, count = 3;
+    if (dh) tensors[count++] = 3;
+    if (dh2) tensors[count++] = 4;
+    if (dc) tensors[count++] = 5;
+    return dense_rows(plan, tensors, count);
+}
+
 /* ---- forward ---------------------------------------------------------------------------- */
 
 /* One row of the forward. z*: pre-activations; g*: where the activated gates go (G); p*:
    peepholes (P; one per element when PN, else one per row); v: the sample's valid multiplier
    (V: 0 shuts i and o and opens f, so c = c_prev and h = 0). */
-#define ROW_FORWARD(NAME, SIMD, P, PN, G, V)                                                  \
+#define ROW_FORWARD(NAME, P, PN, G, V)                                                        \
     static void NAME(const float *zi, const float *zf, const float *zo, const float *zg,     \
                      const float *cp, float *co, float *ho, float *gi, float *gf, float *go, \
                      float *gg, const float *pi, const float *pf, const float *po, i64 n_el, \
                      float v) {                                                               \
-        _Pragma(SIMD)                                                                         \
+        _Pragma("omp simd")                                                                   \
         for (i64 n = 0; n < n_el; ++n) {                                                      \
             const float c0 = cp[n];                                                           \
             float a_i = zi[n], a_f = zf[n], a_o = zo[n];                                      \
@@ -156,39 +187,27 @@ static inline void fill(float *dst, float value, i64 count) {
         }                                                                                     \
     }
 
-/* Each row function twice: with the compiler's widest vectors (16 floats under AVX-512), and
-   with 8-float ones for rows of 8, 24, 40... (hid 8 channels-last: 4.6 ns a cell, against 6.0
-   packed; hid 16: 3.2). */
-#define SIMD16 "omp simd"
-#define SIMD8 "omp simd simdlen(8)"
-#define ROW_FORWARD_SET(NAME, SIMD)                 \
-    ROW_FORWARD(NAME##_0000, SIMD, 0, 0, 0, 0)      \
-    ROW_FORWARD(NAME##_0001, SIMD, 0, 0, 0, 1)      \
-    ROW_FORWARD(NAME##_0010, SIMD, 0, 0, 1, 0)      \
-    ROW_FORWARD(NAME##_0011, SIMD, 0, 0, 1, 1)      \
-    ROW_FORWARD(NAME##_1000, SIMD, 1, 0, 0, 0)      \
-    ROW_FORWARD(NAME##_1001, SIMD, 1, 0, 0, 1)      \
-    ROW_FORWARD(NAME##_1010, SIMD, 1, 0, 1, 0)      \
-    ROW_FORWARD(NAME##_1011, SIMD, 1, 0, 1, 1)      \
-    ROW_FORWARD(NAME##_1100, SIMD, 1, 1, 0, 0)      \
-    ROW_FORWARD(NAME##_1101, SIMD, 1, 1, 0, 1)      \
-    ROW_FORWARD(NAME##_1110, SIMD, 1, 1, 1, 0)      \
-    ROW_FORWARD(NAME##_1111, SIMD, 1, 1, 1, 1)
-
-ROW_FORWARD_SET(row_forward, SIMD16)
-ROW_FORWARD_SET(row_forward8, SIMD8)
+ROW_FORWARD(row_forward_0000, 0, 0, 0, 0)
+ROW_FORWARD(row_forward_0001, 0, 0, 0, 1)
+ROW_FORWARD(row_forward_0010, 0, 0, 1, 0)
+ROW_FORWARD(row_forward_0011, 0, 0, 1, 1)
+ROW_FORWARD(row_forward_1000, 1, 0, 0, 0)
+ROW_FORWARD(row_forward_1001, 1, 0, 0, 1)
+ROW_FORWARD(row_forward_1010, 1, 0, 1, 0)
+ROW_FORWARD(row_forward_1011, 1, 0, 1, 1)
+ROW_FORWARD(row_forward_1100, 1, 1, 0, 0)
+ROW_FORWARD(row_forward_1101, 1, 1, 0, 1)
+ROW_FORWARD(row_forward_1110, 1, 1, 1, 0)
+ROW_FORWARD(row_forward_1111, 1, 1, 1, 1)
 
 typedef void (*row_forward_fn)(const float *, const float *, const float *, const float *,
                                const float *, float *, float *, float *, float *, float *,
                                float *, const float *, const float *, const float *, i64, float);
 
-#define ROW_FORWARD_NAMES(NAME)                                                       \
-    NAME##_0000, NAME##_0001, NAME##_0010, NAME##_0011, NAME##_1000, NAME##_1001,     \
-        NAME##_1010, NAME##_1011, NAME##_1100, NAME##_1101, NAME##_1110, NAME##_1111
-
-/* [8-float vectors][options] */
-static const row_forward_fn ROW_FORWARD_FNS[2][12] = {{ROW_FORWARD_NAMES(row_forward)},
-                                                      {ROW_FORWARD_NAMES(row_forward8)}};
+static const row_forward_fn ROW_FORWARD_FNS[12] = {
+    row_forward_0000, row_forward_0001, row_forward_0010, row_forward_0011,
+    row_forward_1000, row_forward_1001, row_forward_1010, row_forward_1011,
+    row_forward_1100, row_forward_1101, row_forward_1110, row_forward_1111};
 
 /* tcl_gate_forward for rows of odd lengths (see VEC): each piece is read whole before any of
    it is written, so gates may be src and c_out c_prev as there. */
@@ -196,16 +215,50 @@ NO_MEMCPY_CALLS static void gate_forward_packed(const plan_t *plan, const float 
                                 const float *c_prev, float *c_out, float *h_out,
                                 const float *peep, const float *valid) {
     const row_forward_fn row =
-        ROW_FORWARD_FNS[0][(peep ? 8 : 0) + (gates ? 2 : 0) + (valid ? 1 : 0)];
+        ROW_FORWARD_FNS[(peep ? 8 : 0) + (gates ? 2 : 0) + (valid ? 1 : 0)];
     const i64 gs = plan->gate_step[0], hid = plan->hid;
     const int pn = plan->peep_on_n;
     const rows_t s_z = plan->rows[0], s_cp = plan->rows[1], s_co = plan->rows[2],
                  s_h = plan->rows[3];
     float zi[PACK], zf[PACK], zo[PACK], zg[PACK], cp[PACK], co[PACK], ho[PACK];
     float gi[PACK], gf[PACK], go[PACK], gg[PACK], pi[PACK], pf[PACK], po[PACK];
+    float ti[PACK], tf[PACK], to[PACK];  /* a dense piece's peepholes (pi.. the tail's) */
+    const int in_place[3] = {1, 2, 3};
+    const i64 N = plan->N, per = dense_rows(plan, in_place, 3);
+    if (peep && pn && per)  /* per element: the same for every dense piece, made once */
+        for (i64 r = 0; r < per; ++r) {
+            copy(ti + r * N, peep, N);
+            copy(tf + r * N, peep + hid, N);
+            copy(to + r * N, peep + 2 * hid, N);
+        }
     for (i64 b = 0; b < plan->B; ++b) {
         const float v = valid ? valid[b] : 1.0f;
-        cursor_t at = {plan->m_begin, 0};
+        i64 m0 = plan->m_begin;
+        for (; per && m0 + per <= plan->m_end; m0 += per) {  /* dense pieces */
+            for (i64 r = 0; r < per; ++r) {
+                const float *z = src + b * s_z.b + (m0 + r) * s_z.m;
+                copy(zi + r * N, z, N);
+                copy(zf + r * N, z + gs, N);
+                copy(zo + r * N, z + 2 * gs, N);
+                copy(zg + r * N, z + 3 * gs, N);
+                if (peep && !pn) {
+                    fill(ti + r * N, peep[m0 + r], N);
+                    fill(tf + r * N, peep[hid + m0 + r], N);
+                    fill(to + r * N, peep[2 * hid + m0 + r], N);
+                }
+            }
+            row(zi, zf, zo, zg, c_prev + b * s_cp.b + m0 * N, c_out + b * s_co.b + m0 * N,
+                h_out + b * s_h.b + m0 * N, gi, gf, go, gg, ti, tf, to, per * N, v);
+            if (gates)
+                for (i64 r = 0; r < per; ++r) {
+                    float *g = gates + b * s_z.b + (m0 + r) * s_z.m;
+                    copy(g, gi + r * N, N);
+                    copy(g + gs, gf + r * N, N);
+                    copy(g + 2 * gs, go + r * N, N);
+                    copy(g + 3 * gs, gg + r * N, N);
+                }
+        }
+        cursor_t at = {m0, 0};
         while (at.m < plan->m_end) {
             const cursor_t start = at;
             i64 len = 0, m, n;
@@ -256,14 +309,13 @@ NO_MEMCPY_CALLS static void gate_forward_packed(const plan_t *plan, const float 
    peep: (3, hid) contiguous or NULL; valid: (B,) multipliers or NULL. */
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,
                       float *c_out, float *h_out, const float *peep, const float *valid) {
-    if (plan->N % 8) {
+    if (plan->N % VEC) {
         gate_forward_packed(plan, src, gates, c_prev, c_out, h_out, peep, valid);
         return;
     }
     const int pn = peep && plan->peep_on_n;
-    const row_forward_fn row = ROW_FORWARD_FNS[plan->N % VEC != 0]
-                                              [(peep ? (pn ? 8 : 4) : 0) + (gates ? 2 : 0) +
-                                               (valid ? 1 : 0)];
+    const row_forward_fn row =
+        ROW_FORWARD_FNS[(peep ? (pn ? 8 : 4) : 0) + (gates ? 2 : 0) + (valid ? 1 : 0)];
     const i64 gs = plan->gate_step[0], hid = plan->hid;
     const rows_t s_z = plan->rows[0], s_cp = plan->rows[1], s_co = plan->rows[2],
                  s_h = plan->rows[3];
@@ -287,14 +339,14 @@ void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const 
    summed (either NULL: zero, H1/H2); dc: the c gradient (DC); dz*: where dz goes (may be the
    gates); dcp: where dc_prev goes (may be dc). With peepholes (P), acc* take the row's
    peephole-gradient terms, summed over the row when the row is one channel (!PN). */
-#define ROW_BACKWARD(NAME, SIMD, P, PN, H1, H2, DC)                                             \
+#define ROW_BACKWARD(NAME, P, PN, H1, H2, DC)                                                   \
     static void NAME(const float *gi, const float *gf, const float *go, const float *gg,       \
                      const float *cp, const float *cc, const float *dh, const float *dh2,      \
                      const float *dc, float *dzi, float *dzf, float *dzo, float *dzg,          \
                      float *dcp, const float *pi, const float *pf, const float *po,            \
                      float *acc_i, float *acc_f, float *acc_o, i64 n_el) {                     \
         float si = 0.0f, sf = 0.0f, so = 0.0f;                                                  \
-        _Pragma(SIMD)                                                                           \
+        _Pragma("omp simd reduction(+ : si, sf, so)")                                           \
         for (i64 n = 0; n < n_el; ++n) {                                                        \
             const float i = gi[n], f = gf[n], o = go[n], g = gg[n], c0 = cp[n], c = cc[n];      \
             float d_h = 0.0f;                                                                   \
@@ -337,25 +389,19 @@ void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const 
     }
 
 /* Peepholes none / per row / per element, times dh, dh2, dc present or not. */
-#define ROW_BACKWARD_P(P, PN, NAME, SIMD)                \
-    ROW_BACKWARD(NAME##_000, SIMD, P, PN, 0, 0, 0)       \
-    ROW_BACKWARD(NAME##_001, SIMD, P, PN, 0, 0, 1)       \
-    ROW_BACKWARD(NAME##_010, SIMD, P, PN, 0, 1, 0)       \
-    ROW_BACKWARD(NAME##_011, SIMD, P, PN, 0, 1, 1)       \
-    ROW_BACKWARD(NAME##_100, SIMD, P, PN, 1, 0, 0)       \
-    ROW_BACKWARD(NAME##_101, SIMD, P, PN, 1, 0, 1)       \
-    ROW_BACKWARD(NAME##_110, SIMD, P, PN, 1, 1, 0)       \
-    ROW_BACKWARD(NAME##_111, SIMD, P, PN, 1, 1, 1)
+#define ROW_BACKWARD_P(P, PN, NAME)                \
+    ROW_BACKWARD(NAME##_000, P, PN, 0, 0, 0)       \
+    ROW_BACKWARD(NAME##_001, P, PN, 0, 0, 1)       \
+    ROW_BACKWARD(NAME##_010, P, PN, 0, 1, 0)       \
+    ROW_BACKWARD(NAME##_011, P, PN, 0, 1, 1)       \
+    ROW_BACKWARD(NAME##_100, P, PN, 1, 0, 0)       \
+    ROW_BACKWARD(NAME##_101, P, PN, 1, 0, 1)       \
+    ROW_BACKWARD(NAME##_110, P, PN, 1, 1, 0)       \
+    ROW_BACKWARD(NAME##_111, P, PN, 1, 1, 1)
 
-/* (the vector widths of SIMD16 and SIMD8, with the peephole sums) */
-#define SUMS16 "omp simd reduction(+ : si, sf, so)"
-#define SUMS8 "omp simd simdlen(8) reduction(+ : si, sf, so)"
-ROW_BACKWARD_P(0, 0, row_backward_nopeep, SUMS16)
-ROW_BACKWARD_P(1, 0, row_backward_peeprow, SUMS16)
-ROW_BACKWARD_P(1, 1, row_backward_peepel, SUMS16)
-ROW_BACKWARD_P(0, 0, row_backward8_nopeep, SUMS8)
-ROW_BACKWARD_P(1, 0, row_backward8_peeprow, SUMS8)
-ROW_BACKWARD_P(1, 1, row_backward8_peepel, SUMS8)
+ROW_BACKWARD_P(0, 0, row_backward_nopeep)
+ROW_BACKWARD_P(1, 0, row_backward_peeprow)
+ROW_BACKWARD_P(1, 1, row_backward_peepel)
 
 typedef void (*row_backward_fn)(const float *, const float *, const float *, const float *,
                                 const float *, const float *, const float *, const float *,
@@ -367,12 +413,9 @@ typedef void (*row_backward_fn)(const float *, const float *, const float *, con
     NAME##_000, NAME##_001, NAME##_010, NAME##_011, NAME##_100, NAME##_101, NAME##_110, \
         NAME##_111
 
-/* [8-float vectors][options] */
-static const row_backward_fn ROW_BACKWARD_FNS[2][24] = {
-    {ROW_BACKWARD_SET(row_backward_nopeep), ROW_BACKWARD_SET(row_backward_peeprow),
-     ROW_BACKWARD_SET(row_backward_peepel)},
-    {ROW_BACKWARD_SET(row_backward8_nopeep), ROW_BACKWARD_SET(row_backward8_peeprow),
-     ROW_BACKWARD_SET(row_backward8_peepel)}};
+static const row_backward_fn ROW_BACKWARD_FNS[24] = {ROW_BACKWARD_SET(row_backward_nopeep),
+                                                     ROW_BACKWARD_SET(row_backward_peeprow),
+                                                     ROW_BACKWARD_SET(row_backward_peepel)};
 
 /* tcl_gate_backward for rows of odd lengths (see VEC), read a piece at a time before it is
    written (dz may be the gates, dc_prev dc). The peephole terms come back per element and are
@@ -381,7 +424,7 @@ NO_MEMCPY_CALLS static void gate_backward_packed(const plan_t *plan, const float
                                  const float *c, const float *dh, const float *dh2,
                                  const float *dc, float *dz, float *dc_prev, const float *peep,
                                  float *dpeep) {
-    const row_backward_fn row = ROW_BACKWARD_FNS[0][(peep ? 16 : 0) + (dh ? 4 : 0) +
+    const row_backward_fn row = ROW_BACKWARD_FNS[(peep ? 16 : 0) + (dh ? 4 : 0) +
                                                  (dh2 ? 2 : 0) + (dc ? 1 : 0)];
     const i64 gs = plan->gate_step[0], ds = plan->gate_step[1], hid = plan->hid;
     const int pn = plan->peep_on_n;
@@ -389,8 +432,56 @@ NO_MEMCPY_CALLS static void gate_backward_packed(const plan_t *plan, const float
     float gi[PACK], gf[PACK], go[PACK], gg[PACK], cp[PACK], cc[PACK], d1[PACK], d2[PACK];
     float dcl[PACK], dzi[PACK], dzf[PACK], dzo[PACK], dzg[PACK], dcp[PACK];
     float pi[PACK], pf[PACK], po[PACK], ai[PACK], af[PACK], ao[PACK];
+    float ti[PACK], tf[PACK], to[PACK];  /* a dense piece's peepholes (pi.. the tail's) */
+    const i64 N = plan->N, per = dense_rows_backward(plan, dh, dh2, dc);
+    if (peep && pn && per)  /* per element: the same for every dense piece, made once */
+        for (i64 q = 0; q < per; ++q) {
+            copy(ti + q * N, peep, N);
+            copy(tf + q * N, peep + hid, N);
+            copy(to + q * N, peep + 2 * hid, N);
+        }
     for (i64 b = 0; b < plan->B; ++b) {
-        cursor_t at = {plan->m_begin, 0};
+        i64 m0 = plan->m_begin;
+        for (; per && m0 + per <= plan->m_end; m0 += per) {  /* dense pieces */
+            for (i64 q = 0; q < per; ++q) {
+                const float *g = gates + b * r[0].b + (m0 + q) * r[0].m;
+                copy(gi + q * N, g, N);
+                copy(gf + q * N, g + gs, N);
+                copy(go + q * N, g + 2 * gs, N);
+                copy(gg + q * N, g + 3 * gs, N);
+                if (peep && !pn) {
+                    fill(ti + q * N, peep[m0 + q], N);
+                    fill(tf + q * N, peep[hid + m0 + q], N);
+                    fill(to + q * N, peep[2 * hid + m0 + q], N);
+                }
+            }
+            if (peep) {
+                fill(ai, 0.0f, per * N);
+                fill(af, 0.0f, per * N);
+                fill(ao, 0.0f, per * N);
+            }
+            row(gi, gf, go, gg, c_prev + b * r[1].b + m0 * N, c + b * r[2].b + m0 * N,
+                dh ? dh + b * r[3].b + m0 * N : 0, dh2 ? dh2 + b * r[4].b + m0 * N : 0,
+                dc ? dc + b * r[5].b + m0 * N : 0, dzi, dzf, dzo, dzg,
+                dc_prev + b * r[7].b + m0 * N, ti, tf, to, ai, af, ao, per * N);
+            for (i64 q = 0; q < per; ++q) {
+                float *d = dz + b * r[6].b + (m0 + q) * r[6].m;
+                copy(d, dzi + q * N, N);
+                copy(d + ds, dzf + q * N, N);
+                copy(d + 2 * ds, dzo + q * N, N);
+                copy(d + 3 * ds, dzg + q * N, N);
+                if (peep) {  /* per channel: an element's (pn), else the row's */
+                    float *a = pn ? dpeep : dpeep + m0 + q;
+                    for (i64 k = 0; k < N; ++k) {
+                        const i64 e = pn ? k : 0;
+                        a[e] += ai[q * N + k];
+                        a[hid + e] += af[q * N + k];
+                        a[2 * hid + e] += ao[q * N + k];
+                    }
+                }
+            }
+        }
+        cursor_t at = {m0, 0};
         while (at.m < plan->m_end) {
             const cursor_t start = at;
             i64 len = 0, m, n;
@@ -459,13 +550,12 @@ NO_MEMCPY_CALLS static void gate_backward_packed(const plan_t *plan, const float
 void tcl_gate_backward(const plan_t *plan, const float *gates, const float *c_prev,
                        const float *c, const float *dh, const float *dh2, const float *dc,
                        float *dz, float *dc_prev, const float *peep, float *dpeep) {
-    if (plan->N % 8) {
+    if (plan->N % VEC) {
         gate_backward_packed(plan, gates, c_prev, c, dh, dh2, dc, dz, dc_prev, peep, dpeep);
         return;
     }
     const int pn = peep && plan->peep_on_n;
-    const row_backward_fn row = ROW_BACKWARD_FNS[plan->N % VEC != 0]
-                                                [(peep ? (pn ? 16 : 8) : 0) + (dh ? 4 : 0) +
+    const row_backward_fn row = ROW_BACKWARD_FNS[(peep ? (pn ? 16 : 8) : 0) + (dh ? 4 : 0) +
                                                  (dh2 ? 2 : 0) + (dc ? 1 : 0)];
     const i64 gs = plan->gate_step[0], ds = plan->gate_step[1], hid = plan->hid;
     const rows_t *r = plan->rows;
