@@ -182,7 +182,7 @@ def _plan_for(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major):
                                                     dilation, pixel_major), _MAX_PLANS)
 
 
-def steps_into(frames: Tensor, count: int, h0: Tensor | None, c_first: Tensor, weight: Tensor,
+def steps_into(x: Tensor, count: int, h0: Tensor | None, c_first: Tensor, weight: Tensor,
                bias: Tensor | None, peephole: Tensor | None, dilation: Sequence[int], *,
                h_seq: Tensor, c_seq: Tensor, c_last: Tensor, z_seq: Tensor | None,
                save: bool, pixel_major: bool) -> int:
@@ -192,7 +192,8 @@ def steps_into(frames: Tensor, count: int, h0: Tensor | None, c_first: Tensor, w
     of cpu-s's 1760 us forward.
 
     Args:
-        frames: (T*B, C, *spatial), the sequence's frames, time-major.
+        x: (T, B, C, *spatial), the sequence, time-major, any strides with one pixel stride
+            (a batch-first input's transposed view, say).
         count: the steps to run, from the first.
         h0: (B, hidden, *spatial) or None (the zero state); c_first: the first step's cell.
         weight, bias, peephole, dilation: as :func:`step_into`'s.
@@ -206,11 +207,10 @@ def steps_into(frames: Tensor, count: int, h0: Tensor | None, c_first: Tensor, w
         How many steps ran: 0 where not served (nothing written); the caller runs the rest.
     """
     lib = _library()
-    t, b = h_seq.shape[0], h_seq.shape[1]
-    cin = frames.shape[1]
+    t, cin = h_seq.shape[0], x.shape[2]
     if (count < 1 or lib is None or not lib.has_sgemm
-            or not plain_fp32((frames, h0, c_first, weight, bias, peephole, h_seq, c_seq,
-                               c_last, z_seq))):
+            or not plain_fp32((x, h0, c_first, weight, bias, peephole, h_seq, c_seq, c_last,
+                               z_seq))):
         return 0
 
     def c_out(i):
@@ -224,7 +224,7 @@ def steps_into(frames: Tensor, count: int, h0: Tensor | None, c_first: Tensor, w
         if i >= count or kind in plans:
             continue
         h = h0 if i == 0 else h_seq[i - 1]
-        found = _plan_for(frames[i * b : (i + 1) * b], h, c_first if i == 0 else c_out(i - 1),
+        found = _plan_for(x[i], h, c_first if i == 0 else c_out(i - 1),
                           c_out(i), h_seq[i], None if z_seq is None else z_seq[i],
                           weight if h is not None else weight[:, :cin], dilation, pixel_major)
         if found is None:
@@ -238,7 +238,7 @@ def steps_into(frames: Tensor, count: int, h0: Tensor | None, c_first: Tensor, w
     peephole = _vector(peephole)  # (held until the calls return)
     scratch = torch.empty(scratch_floats, dtype=_F32)
     # Each step's pointers by the buffers' strides (fp32: 4 bytes an element).
-    x_at, x_step = frames.data_ptr(), 4 * b * frames.stride(0)
+    x_at, x_step = x.data_ptr(), 4 * x.stride(0)
     h_at, h_step = h_seq.data_ptr(), 4 * h_seq.stride(0)
     c_at, c_step = c_seq.data_ptr(), 4 * c_seq.stride(0)
     z_at, z_step = (0, 0) if z_seq is None else (z_seq.data_ptr(), 4 * z_seq.stride(0))

@@ -277,13 +277,13 @@ def layer_forward(x: Tensor, weight: Tensor, bias: Tensor | None, peephole: Tens
         h_seq (T, B, hid, H, W) in x's dtype, c_last (B, hid, H, W) the last cell in the state
         dtype, c_seq (T-1, B, hid, H, W) or empty, z_seq (T, B, 4*hid, H, W) or empty.
     """
-    frames = seq_frames(x)
     steps = _Steps(lengths, recurrent_mask, spec.backend, x)
+    if cat_convs(spec, x):  # (reads x's frames where they are: no sequence-layout copy)
+        return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, steps)
+    frames = seq_frames(x)
     if (spec.fused and spec.backend == "triton" and spec.padding_mode == "zeros"
             and steps.plain and _fused_fits(x, weight)):
         return _layer_forward_fused(x, weight, bias, peephole, h0, c0, spec, save, frames)
-    if cat_convs(spec, x):
-        return _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec, save, frames, steps)
     gate_forward, _ = gate_launchers(spec.backend)
     t, b, cin, *spatial = x.shape
     pixels = math.prod(spatial)
@@ -382,10 +382,11 @@ def cat_convs(spec: LayerSpec, x: Tensor) -> bool:
     return spec.backend == "torch" and x.device.type == "cpu"
 
 
-def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, frames,
-                       steps):
+def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save: bool, steps):
     """:func:`layer_forward` with one convolution of [x_t, h_{t-1}] per step (see cat_convs).
-    Saves the same tensors, so the backward is shared."""
+    Saves the same tensors, so the backward is shared. Each x_t is read where it is (the
+    concatenation and the C step copy it anyway): a batch-first input is not first copied into
+    the sequence layout (B4 T8 C4 32x32: ~0.2 ms of a 4.4 ms forward)."""
     t, b, cin, *_ = x.shape
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
@@ -397,14 +398,14 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     start = 0  # the leading steps without masks, run by native_step in one loop of C calls
     if fused and steps.mask is None:
         start = native_step.steps_into(
-            frames, min(t, steps.unmasked), h0, c_prev, weight, bias, peephole, spec.dilation,
+            x, min(t, steps.unmasked), h0, c_prev, weight, bias, peephole, spec.dilation,
             h_seq=h_seq, c_seq=c_seq, c_last=c_last, z_seq=z_seq if save_z else None,
             save=save, pixel_major=pixel_major)
         if start:
             c_prev = c_seq[start - 1] if save and start < t else c_last
             h_prev = h_seq[start - 1]
     for step in range(start, t):
-        x_t = frames[step * b : (step + 1) * b]
+        x_t = x[step]
         h_in = None
         if h_prev is not None:  # (else the zero state: step 0 without h0)
             h_in = steps.recurrent(h_prev)

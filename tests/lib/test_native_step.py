@@ -282,7 +282,7 @@ def test_the_loops_unmasked_steps_in_one_loop_of_calls_equal_the_step_by_step_ca
 def test_the_loop_of_calls_declines_what_it_does_not_serve():
     h_seq, c_seq, c_last = torch.zeros(2, 1, 4, 3, 3), torch.zeros(1, 1, 4, 3, 3), torch.zeros(
         1, 4, 3, 3)
-    frames, w = torch.randn(2, 2, 3, 3), torch.randn(16, 6, 3, 3)
+    frames, w = torch.randn(2, 1, 2, 3, 3), torch.randn(16, 6, 3, 3)
     kw = dict(h_seq=h_seq, c_seq=c_seq, c_last=c_last, z_seq=None, save=True,
               pixel_major=False)
     c0 = torch.zeros(1, 4, 3, 3)
