@@ -55,11 +55,8 @@ def cat_channels(x: Tensor, h: Tensor) -> Tensor:
     (B1 C1+8 64x64: 354 against 179 us a convolution)."""
     if torch.is_grad_enabled() and (x.requires_grad or h.requires_grad):
         return torch.cat([x, h], dim=1)  # (an out= argument is not differentiable)
-    shape = (x.shape[0], x.shape[1] + h.shape[1], *x.shape[2:])
-    if frames_channels_last(x.device, x.dim() - 2):
-        out = _empty_channels_last(shape, x.dtype, x.device)
-    else:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    n, c, *spatial = x.shape
+    out = empty_seq(1, n, c + h.shape[1], *spatial, dtype=x.dtype, device=x.device)[0]
     return torch.cat([x, h], dim=1, out=out)
 
 

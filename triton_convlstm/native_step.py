@@ -119,14 +119,18 @@ def _key(t: Tensor | None):
     return None if t is None else (t.shape, t.stride())
 
 
+def _vectors_fit(peephole: Tensor | None, bias: Tensor | None, hid: int) -> bool:
+    """A (3, hid) peephole and a dense (4*hid,) bias, or None: what the C step indexes."""
+    return ((peephole is None or peephole.shape == (3, hid))
+            and (bias is None or (bias.shape == (4 * hid,) and bias.stride(0) == 1)))
+
+
 def _run(lib, found: tuple[StepPlan, int], x: Tensor, h: Tensor | None, c_prev: Tensor,
          weight: Tensor, bias: Tensor | None, peephole: Tensor | None, c_out: Tensor,
          h_out: Tensor, gates: Tensor | None, valid: Tensor | None) -> bool:
     """The C call, after the small vectors' checks; whether it ran."""
     plan, scratch_floats = found
-    hid = c_prev.shape[1]
-    if (peephole is not None and peephole.shape != (3, hid)) or (
-            bias is not None and (bias.shape != (4 * hid,) or bias.stride(0) != 1)) or (
+    if not _vectors_fit(peephole, bias, c_prev.shape[1]) or (
             valid is not None and valid.numel() != x.shape[0]):
         return False
     # (the converted copies held until the call returns)
@@ -231,9 +235,7 @@ def steps_into(x: Tensor, count: int, h0: Tensor | None, c_first: Tensor, weight
             return 0
         plans[kind] = found[0]
         scratch_floats = max(scratch_floats, found[1])
-    hid = c_last.shape[1]
-    if (peephole is not None and peephole.shape != (3, hid)) or (
-            bias is not None and (bias.shape != (4 * hid,) or bias.stride(0) != 1)):
+    if not _vectors_fit(peephole, bias, c_last.shape[1]):
         return 0
     peephole = _vector(peephole)  # (held until the calls return)
     scratch = torch.empty(scratch_floats, dtype=_F32)

@@ -387,7 +387,7 @@ def _layer_forward_cat(x, weight, bias, peephole, h0, c0, spec: LayerSpec, save:
     Saves the same tensors, so the backward is shared. Each x_t is read where it is (the
     concatenation and the C step copy it anyway): a batch-first input is not first copied into
     the sequence layout (B4 T8 C4 32x32: ~0.2 ms of a 4.4 ms forward)."""
-    t, b, cin, *_ = x.shape
+    t, _, cin, *_ = x.shape
     save_z = save and spec.keep_gates
     h_seq, c_last, c_seq, z_seq = output_buffers(x, weight, save, spec.backend,
                                                  keep_gates=spec.keep_gates)

@@ -110,6 +110,40 @@ static inline void fill(float *dst, float value, i64 count) {
     for (i64 k = 0; k < count; ++k) dst[k] = value;
 }
 
+/* The packing's moves, inlined into its NO_MEMCPY_CALLS functions. A segment of count
+   elements: its four gates (k at k * step from src) into to[k] + at, and back. */
+ALWAYS_INLINE void gather_gates(float *const to[4], i64 at, const float *src, i64 step,
+                                i64 count) {
+    for (int k = 0; k < 4; ++k) copy(to[k] + at, src + k * step, count);
+}
+
+ALWAYS_INLINE void scatter_gates(float *dst, i64 step, float *const from[4], i64 at,
+                                 i64 count) {
+    for (int k = 0; k < 4; ++k) copy(dst + k * step, from[k] + at, count);
+}
+
+/* The peepholes (3, hid) of elements n.. of row m, one value per element into to[k] + at: an
+   element's own (pn: the elements are channels), else the row's (the row is one channel). */
+ALWAYS_INLINE void spread_peepholes(float *const to[3], i64 at, const float *peep, i64 hid,
+                                    int pn, i64 m, i64 n, i64 count) {
+    for (int k = 0; k < 3; ++k) {
+        if (pn)
+            copy(to[k] + at, peep + k * hid + n, count);
+        else
+            fill(to[k] + at, peep[k * hid + m], count);
+    }
+}
+
+/* The peephole-gradient terms of those elements (from[k] + at) added into dpeep per channel. */
+ALWAYS_INLINE void add_peephole_terms(float *dpeep, i64 hid, int pn, i64 m, i64 n,
+                                      float *const from[3], i64 at, i64 count) {
+    float *a = pn ? dpeep + n : dpeep + m;
+    for (i64 j = 0; j < count; ++j) {
+        const i64 e = pn ? j : 0;
+        for (int k = 0; k < 3; ++k) a[k * hid + e] += from[k][at + j];
+    }
+}
+
 /* Whole rows a dense piece holds: as many as fit in PACK with a multiple of VEC elements (so
    no scalar remainder), or 0 where none do. A piece is dense where c and h (and, backward, the
    gradients of the same shape) store their rows back to back (row stride N, channels-last
@@ -223,40 +257,25 @@ NO_MEMCPY_CALLS static void gate_forward_packed(const plan_t *plan, const float 
     float zi[PACK], zf[PACK], zo[PACK], zg[PACK], cp[PACK], co[PACK], ho[PACK];
     float gi[PACK], gf[PACK], go[PACK], gg[PACK], pi[PACK], pf[PACK], po[PACK];
     float ti[PACK], tf[PACK], to[PACK];  /* a dense piece's peepholes (pi.. the tail's) */
+    float *const z4[4] = {zi, zf, zo, zg}, *const g4[4] = {gi, gf, go, gg};
+    float *const p3[3] = {pi, pf, po}, *const t3[3] = {ti, tf, to};
     const int in_place[3] = {1, 2, 3};
     const i64 N = plan->N, per = dense_rows(plan, in_place, 3);
     if (peep && pn && per)  /* per element: the same for every dense piece, made once */
-        for (i64 r = 0; r < per; ++r) {
-            copy(ti + r * N, peep, N);
-            copy(tf + r * N, peep + hid, N);
-            copy(to + r * N, peep + 2 * hid, N);
-        }
+        for (i64 r = 0; r < per; ++r) spread_peepholes(t3, r * N, peep, hid, 1, 0, 0, N);
     for (i64 b = 0; b < plan->B; ++b) {
         const float v = valid ? valid[b] : 1.0f;
         i64 m0 = plan->m_begin;
         for (; per && m0 + per <= plan->m_end; m0 += per) {  /* dense pieces */
             for (i64 r = 0; r < per; ++r) {
-                const float *z = src + b * s_z.b + (m0 + r) * s_z.m;
-                copy(zi + r * N, z, N);
-                copy(zf + r * N, z + gs, N);
-                copy(zo + r * N, z + 2 * gs, N);
-                copy(zg + r * N, z + 3 * gs, N);
-                if (peep && !pn) {
-                    fill(ti + r * N, peep[m0 + r], N);
-                    fill(tf + r * N, peep[hid + m0 + r], N);
-                    fill(to + r * N, peep[2 * hid + m0 + r], N);
-                }
+                gather_gates(z4, r * N, src + b * s_z.b + (m0 + r) * s_z.m, gs, N);
+                if (peep && !pn) spread_peepholes(t3, r * N, peep, hid, 0, m0 + r, 0, N);
             }
             row(zi, zf, zo, zg, c_prev + b * s_cp.b + m0 * N, c_out + b * s_co.b + m0 * N,
                 h_out + b * s_h.b + m0 * N, gi, gf, go, gg, ti, tf, to, per * N, v);
             if (gates)
-                for (i64 r = 0; r < per; ++r) {
-                    float *g = gates + b * s_z.b + (m0 + r) * s_z.m;
-                    copy(g, gi + r * N, N);
-                    copy(g + gs, gf + r * N, N);
-                    copy(g + 2 * gs, go + r * N, N);
-                    copy(g + 3 * gs, gg + r * N, N);
-                }
+                for (i64 r = 0; r < per; ++r)
+                    scatter_gates(gates + b * s_z.b + (m0 + r) * s_z.m, gs, g4, r * N, N);
         }
         cursor_t at = {m0, 0};
         while (at.m < plan->m_end) {
@@ -264,21 +283,9 @@ NO_MEMCPY_CALLS static void gate_forward_packed(const plan_t *plan, const float 
             i64 len = 0, m, n;
             while (len < PACK && at.m < plan->m_end) {
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
-                const float *z = src + b * s_z.b + m * s_z.m + n;
-                copy(zi + len, z, take);
-                copy(zf + len, z + gs, take);
-                copy(zo + len, z + 2 * gs, take);
-                copy(zg + len, z + 3 * gs, take);
+                gather_gates(z4, len, src + b * s_z.b + m * s_z.m + n, gs, take);
                 copy(cp + len, c_prev + b * s_cp.b + m * s_cp.m + n, take);
-                if (peep && pn) {
-                    copy(pi + len, peep + n, take);
-                    copy(pf + len, peep + hid + n, take);
-                    copy(po + len, peep + 2 * hid + n, take);
-                } else if (peep) {
-                    fill(pi + len, peep[m], take);
-                    fill(pf + len, peep[hid + m], take);
-                    fill(po + len, peep[2 * hid + m], take);
-                }
+                if (peep) spread_peepholes(p3, len, peep, hid, pn, m, n, take);
                 len += take;
             }
             const i64 padded = (len + VEC - 1) / VEC * VEC;
@@ -291,13 +298,7 @@ NO_MEMCPY_CALLS static void gate_forward_packed(const plan_t *plan, const float 
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
                 copy(c_out + b * s_co.b + m * s_co.m + n, co + len, take);
                 copy(h_out + b * s_h.b + m * s_h.m + n, ho + len, take);
-                if (gates) {
-                    float *g = gates + b * s_z.b + m * s_z.m + n;
-                    copy(g, gi + len, take);
-                    copy(g + gs, gf + len, take);
-                    copy(g + 2 * gs, go + len, take);
-                    copy(g + 3 * gs, gg + len, take);
-                }
+                if (gates) scatter_gates(gates + b * s_z.b + m * s_z.m + n, gs, g4, len, take);
                 len += take;
             }
         }
@@ -433,52 +434,27 @@ NO_MEMCPY_CALLS static void gate_backward_packed(const plan_t *plan, const float
     float dcl[PACK], dzi[PACK], dzf[PACK], dzo[PACK], dzg[PACK], dcp[PACK];
     float pi[PACK], pf[PACK], po[PACK], ai[PACK], af[PACK], ao[PACK];
     float ti[PACK], tf[PACK], to[PACK];  /* a dense piece's peepholes (pi.. the tail's) */
+    float *const g4[4] = {gi, gf, go, gg}, *const dz4[4] = {dzi, dzf, dzo, dzg};
+    float *const p3[3] = {pi, pf, po}, *const t3[3] = {ti, tf, to}, *const a3[3] = {ai, af, ao};
     const i64 N = plan->N, per = dense_rows_backward(plan, dh, dh2, dc);
     if (peep && pn && per)  /* per element: the same for every dense piece, made once */
-        for (i64 q = 0; q < per; ++q) {
-            copy(ti + q * N, peep, N);
-            copy(tf + q * N, peep + hid, N);
-            copy(to + q * N, peep + 2 * hid, N);
-        }
+        for (i64 q = 0; q < per; ++q) spread_peepholes(t3, q * N, peep, hid, 1, 0, 0, N);
     for (i64 b = 0; b < plan->B; ++b) {
         i64 m0 = plan->m_begin;
         for (; per && m0 + per <= plan->m_end; m0 += per) {  /* dense pieces */
             for (i64 q = 0; q < per; ++q) {
-                const float *g = gates + b * r[0].b + (m0 + q) * r[0].m;
-                copy(gi + q * N, g, N);
-                copy(gf + q * N, g + gs, N);
-                copy(go + q * N, g + 2 * gs, N);
-                copy(gg + q * N, g + 3 * gs, N);
-                if (peep && !pn) {
-                    fill(ti + q * N, peep[m0 + q], N);
-                    fill(tf + q * N, peep[hid + m0 + q], N);
-                    fill(to + q * N, peep[2 * hid + m0 + q], N);
-                }
+                gather_gates(g4, q * N, gates + b * r[0].b + (m0 + q) * r[0].m, gs, N);
+                if (peep && !pn) spread_peepholes(t3, q * N, peep, hid, 0, m0 + q, 0, N);
             }
-            if (peep) {
-                fill(ai, 0.0f, per * N);
-                fill(af, 0.0f, per * N);
-                fill(ao, 0.0f, per * N);
-            }
+            if (peep)
+                for (int k = 0; k < 3; ++k) fill(a3[k], 0.0f, per * N);
             row(gi, gf, go, gg, c_prev + b * r[1].b + m0 * N, c + b * r[2].b + m0 * N,
                 dh ? dh + b * r[3].b + m0 * N : 0, dh2 ? dh2 + b * r[4].b + m0 * N : 0,
                 dc ? dc + b * r[5].b + m0 * N : 0, dzi, dzf, dzo, dzg,
                 dc_prev + b * r[7].b + m0 * N, ti, tf, to, ai, af, ao, per * N);
             for (i64 q = 0; q < per; ++q) {
-                float *d = dz + b * r[6].b + (m0 + q) * r[6].m;
-                copy(d, dzi + q * N, N);
-                copy(d + ds, dzf + q * N, N);
-                copy(d + 2 * ds, dzo + q * N, N);
-                copy(d + 3 * ds, dzg + q * N, N);
-                if (peep) {  /* per channel: an element's (pn), else the row's */
-                    float *a = pn ? dpeep : dpeep + m0 + q;
-                    for (i64 k = 0; k < N; ++k) {
-                        const i64 e = pn ? k : 0;
-                        a[e] += ai[q * N + k];
-                        a[hid + e] += af[q * N + k];
-                        a[2 * hid + e] += ao[q * N + k];
-                    }
-                }
+                scatter_gates(dz + b * r[6].b + (m0 + q) * r[6].m, ds, dz4, q * N, N);
+                if (peep) add_peephole_terms(dpeep, hid, pn, m0 + q, 0, a3, q * N, N);
             }
         }
         cursor_t at = {m0, 0};
@@ -487,56 +463,29 @@ NO_MEMCPY_CALLS static void gate_backward_packed(const plan_t *plan, const float
             i64 len = 0, m, n;
             while (len < PACK && at.m < plan->m_end) {
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
-                const float *g = gates + b * r[0].b + m * r[0].m + n;
-                copy(gi + len, g, take);
-                copy(gf + len, g + gs, take);
-                copy(go + len, g + 2 * gs, take);
-                copy(gg + len, g + 3 * gs, take);
+                gather_gates(g4, len, gates + b * r[0].b + m * r[0].m + n, gs, take);
                 copy(cp + len, c_prev + b * r[1].b + m * r[1].m + n, take);
                 copy(cc + len, c + b * r[2].b + m * r[2].m + n, take);
                 if (dh) copy(d1 + len, dh + b * r[3].b + m * r[3].m + n, take);
                 if (dh2) copy(d2 + len, dh2 + b * r[4].b + m * r[4].m + n, take);
                 if (dc) copy(dcl + len, dc + b * r[5].b + m * r[5].m + n, take);
-                if (peep && pn) {
-                    copy(pi + len, peep + n, take);
-                    copy(pf + len, peep + hid + n, take);
-                    copy(po + len, peep + 2 * hid + n, take);
-                } else if (peep) {
-                    fill(pi + len, peep[m], take);
-                    fill(pf + len, peep[hid + m], take);
-                    fill(po + len, peep[2 * hid + m], take);
-                }
+                if (peep) spread_peepholes(p3, len, peep, hid, pn, m, n, take);
                 len += take;
             }
             const i64 padded = (len + VEC - 1) / VEC * VEC;
             float *const pads[12] = {gi, gf, go, gg, cp, cc, d1, d2, dcl, pi, pf, po};
             for (int k = 0; k < (peep ? 12 : 9); ++k) fill(pads[k] + len, 0.0f, padded - len);
-            if (peep) {
-                fill(ai, 0.0f, padded);
-                fill(af, 0.0f, padded);
-                fill(ao, 0.0f, padded);
-            }
+            if (peep)
+                for (int k = 0; k < 3; ++k) fill(a3[k], 0.0f, padded);
             row(gi, gf, go, gg, cp, cc, d1, d2, dcl, dzi, dzf, dzo, dzg, dcp, pi, pf, po, ai, af,
                 ao, padded);
             at = start;
             len = 0;
             while (len < PACK && at.m < plan->m_end) {
                 const i64 take = next_segment(plan, &at, PACK - len, &m, &n);
-                float *d = dz + b * r[6].b + m * r[6].m + n;
-                copy(d, dzi + len, take);
-                copy(d + ds, dzf + len, take);
-                copy(d + 2 * ds, dzo + len, take);
-                copy(d + 3 * ds, dzg + len, take);
+                scatter_gates(dz + b * r[6].b + m * r[6].m + n, ds, dz4, len, take);
                 copy(dc_prev + b * r[7].b + m * r[7].m + n, dcp + len, take);
-                if (peep) {  /* per channel: an element's (pn), else the row's */
-                    float *a = pn ? dpeep + n : dpeep + m;
-                    for (i64 k = 0; k < take; ++k) {
-                        const i64 e = pn ? k : 0;
-                        a[e] += ai[len + k];
-                        a[hid + e] += af[len + k];
-                        a[2 * hid + e] += ao[len + k];
-                    }
-                }
+                if (peep) add_peephole_terms(dpeep, hid, pn, m, n, a3, len, take);
                 len += take;
             }
         }
