@@ -29,6 +29,7 @@ The library, from the modules down to the kernels (each module one job):
 - ``native_gates``: the CPU gate update, forward and backward, by the C kernels (``csrc/gates.c``).
 - ``native_conv``: small 1-d/3-d CPU convolutions and their gradients as C columns and products.
 - ``native_step``: a whole small inference step (columns, torch's sgemm, gates) in one C call.
+- ``native_winograd``: 3x3 CPU convolutions (steps, input gradients) by Winograd's F(2x2, 3x3).
 - ``native_build``: builds those kernels on first use (system C compiler), caches, loads them.
 - ``conv``: same-padded convolutions and their aten gradients.
 - ``reference``: the gate/state math in plain torch, written once.

@@ -1,5 +1,5 @@
-"""The CPU kernels (``csrc/gates.c``, ``csrc/im2col.c``, ``csrc/step.c``): built on first use,
-cached on disk, loaded by ctypes.
+"""The CPU kernels (``csrc/gates.c``, ``csrc/im2col.c``, ``csrc/winograd.c``,
+``csrc/step.c``): built on first use, cached on disk, loaded by ctypes.
 
 Plain C without torch headers builds in about 4 s (2-core box) with the system's C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-march=native``: the
@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 _CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(_CSRC / name for name in ("gates.c", "im2col.c", "step.c"))
+SOURCES = tuple(_CSRC / name for name in ("gates.c", "im2col.c", "winograd.c", "step.c"))
 HEADERS = (_CSRC / "kernels.h",)
 # -fopenmp-simd honours the source's "omp simd" loops without linking an OpenMP runtime; errno
 # and FP traps off so that the activations vectorize (no -ffast-math: NaN and inf must behave).
@@ -70,6 +70,15 @@ class Layout(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("channels", "sample", "channel", "pixel")]
 
 
+class WinogradPlan(ctypes.Structure):
+    """A 3x3 convolution's sizes for winograd.c (``winograd_plan_t``)."""
+
+    _fields_ = [*[(name, ctypes.c_int64) for name in ("B", "H", "W", "tiles_h", "tiles_w")],
+                ("x", Layout), ("h", Layout),
+                *[(name, ctypes.c_int64) for name in (
+                    "channels", "out", "u_step", "z_sample", "z_pixel", "block")]]
+
+
 class StepPlan(ctypes.Structure):
     """A fused inference step's sizes (``step_plan_t`` in step.c)."""
 
@@ -77,7 +86,8 @@ class StepPlan(ctypes.Structure):
                 ("gates", Plan), ("rows", ctypes.c_int64), ("out", ctypes.c_int64),
                 ("pixels", ctypes.c_int64), ("w_row", ctypes.c_int64),
                 ("z_pixel_major", ctypes.c_int64), ("tile_rows", ctypes.c_int64),
-                ("z_in_gates", ctypes.c_int64)]
+                ("z_in_gates", ctypes.c_int64), ("winograd", ctypes.c_int64),
+                ("wino", WinogradPlan)]
 
 
 _P = ctypes.c_void_p
@@ -89,6 +99,10 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_col2im": ([_G, _L, _P, _L, _P], ctypes.c_int),
     "tcl_set_sgemm": ([_P], None),
     "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 11, ctypes.c_int),
+    "tcl_winograd_scratch": ([ctypes.POINTER(WinogradPlan)], ctypes.c_int64),
+    "tcl_winograd_weight": ([ctypes.c_int64] * 2 + [_P] + [ctypes.c_int64] * 4
+                            + [ctypes.c_int, _P], None),
+    "tcl_winograd3x3": ([ctypes.POINTER(WinogradPlan)] + [_P] * 6, ctypes.c_int),
 }
 
 

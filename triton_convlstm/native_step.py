@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import native_winograd
 from .native_build import StepPlan
 from .native_conv import (
     _NO_LAYOUT,
@@ -63,19 +64,31 @@ def _dense_rows(t: Tensor) -> bool:
     return True
 
 
+def winograd(weight: Tensor, dilation: Sequence[int], spatial: Sequence[int],
+             pixel_major: bool) -> bool:
+    """Whether steps of this layer convolve by native_winograd (channels-last 2-d frames,
+    3x3, enough channels): the weight handed to the step is then its transform."""
+    return pixel_major and native_winograd.fits(spatial, weight.shape[2:], dilation,
+                                                weight.shape[1])
+
+
 def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out: Tensor,
                gates: Tensor | None, weight: Tensor, dilation: Sequence[int],
-               pixel_major: bool) -> tuple[StepPlan, int] | None:
-    """The step's plan and its scratch's size in floats, or None where not served."""
+               pixel_major: bool, u_channels: int = 0) -> tuple[StepPlan, int] | None:
+    """The step's plan and its scratch's size in floats, or None where not served.
+    ``u_channels``: the step convolves by native_winograd with a transform of this many
+    channels (the whole layer's, also for the zero state's x alone), else 0: the columns."""
     b, cx, *spatial = x.shape
     hid = c_prev.shape[1]
     channels = cx + (0 if h is None else h.shape[1])
     kernel = tuple(weight.shape[2:])
     pixels, rows = math.prod(spatial), channels * math.prod(kernel)
+    columns = not u_channels  # (the columns' limits: winograd.c's scratch is a block's)
     if (not 1 <= len(spatial) <= 3 or len(kernel) != len(spatial) or b == 0 or rows == 0
             or pixels == 0
-            or pixels > MAX_PIXELS or rows * pixels > MAX_COLUMN_FLOATS
-            or (len(spatial) == 2 and b > 1 and rows * pixels > MAX_2D_BATCHED_COLUMN_FLOATS)
+            or (columns and (pixels > MAX_PIXELS or rows * pixels > MAX_COLUMN_FLOATS))
+            or (columns and len(spatial) == 2 and b > 1
+                and rows * pixels > MAX_2D_BATCHED_COLUMN_FLOATS)
             or tuple(weight.shape) != (4 * hid, channels, *kernel)
             or (h is not None and tuple(h.shape) != (b, hid, *spatial))
             or not _dense_rows(weight) or not rows <= weight.stride(0) < 2**31
@@ -101,15 +114,25 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     if plans is None:
         return None
     geometry = _geometry(b, spatial, kernel, dilation)
+    lx, lh = _layout(x, px), _NO_LAYOUT if h is None else _layout(h, ph)
+    z_floats = 0 if gates is not None else b * out * pixels
+    if not columns:
+        if not (pixel_major and native_winograd.fits(spatial, kernel, dilation, u_channels)):
+            return None
+        wino = native_winograd.make_plan(b, spatial, lx, lh, out, u_channels, pixels * out,
+                                         out)
+        scratch = native_winograd.scratch_floats(_library(), wino) + z_floats
+        return StepPlan(g=geometry, x=lx, h=lh, gates=plans[0], out=out, pixels=pixels,
+                        z_pixel_major=1, z_in_gates=int(gates is not None), winograd=1,
+                        wino=wino), scratch
     width = geometry.W
     tile_rows = max(1, min(pixels // width, TILE_FLOATS // (rows * width)))
     padded = padded_copy_floats(channels, spatial, kernel, dilation)
     if padded > MAX_COLUMN_FLOATS:
         return None  # (a large dilation's padded copy: zeroed every step, bigger than the work)
-    scratch = padded + rows * tile_rows * width + (0 if gates is not None else b * out * pixels)
+    scratch = padded + rows * tile_rows * width + z_floats
     plan = StepPlan(
-        g=geometry, x=_layout(x, px), h=_NO_LAYOUT if h is None else _layout(h, ph),
-        gates=plans[0], rows=rows, out=out,
+        g=geometry, x=lx, h=lh, gates=plans[0], rows=rows, out=out,
         pixels=pixels, w_row=weight.stride(0), z_pixel_major=int(pixel_major),
         tile_rows=tile_rows, z_in_gates=int(gates is not None))
     return plan, scratch
@@ -173,17 +196,22 @@ def step_into(x: Tensor, h: Tensor | None, c_prev: Tensor, weight: Tensor, bias:
             or not plain_fp32((x, h, c_prev, weight, bias, peephole, h_out, c_out, gates,
                                valid))):
         return False
-    plan = _plan_for(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major)
+    u_channels = weight.shape[1] if winograd(weight, dilation, x.shape[2:], pixel_major) else 0
+    plan = _plan_for(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major,
+                     u_channels)
+    if plan is not None and u_channels:
+        weight = native_winograd.transform_weight(weight)
     return plan is not None and _run(lib, plan, x, h, c_prev, weight, bias, peephole, c_out,
                                      h_out, gates, valid)
 
 
-def _plan_for(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major):
+def _plan_for(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major, u_channels):
     """_make_plan's answer for these tensors' sizes and strides, memoised."""
     key = (_key(x), _key(h), _key(c_prev), _key(c_out), _key(h_out), _key(gates),
-           _key(weight), tuple(dilation), pixel_major)
+           _key(weight), tuple(dilation), pixel_major, u_channels)
     return memoised(_PLANS, key, lambda: _make_plan(x, h, c_prev, c_out, h_out, gates, weight,
-                                                    dilation, pixel_major), _MAX_PLANS)
+                                                    dilation, pixel_major, u_channels),
+                    _MAX_PLANS)
 
 
 def steps_into(x: Tensor, count: int, h0: Tensor | None, c_first: Tensor, weight: Tensor,
@@ -220,6 +248,7 @@ def steps_into(x: Tensor, count: int, h0: Tensor | None, c_first: Tensor, weight
     def c_out(i):
         return c_seq[i] if save and i < t - 1 else c_last
 
+    u_channels = weight.shape[1] if winograd(weight, dilation, x.shape[3:], pixel_major) else 0
     # Steps differ in their tensors' strides at most as the first, the middle ones and the
     # last do (which buffers hold c; the first's h may be h0 or none): a plan for each kind.
     plans, scratch_floats = {}, 0
@@ -230,7 +259,8 @@ def steps_into(x: Tensor, count: int, h0: Tensor | None, c_first: Tensor, weight
         h = h0 if i == 0 else h_seq[i - 1]
         found = _plan_for(x[i], h, c_first if i == 0 else c_out(i - 1),
                           c_out(i), h_seq[i], None if z_seq is None else z_seq[i],
-                          weight if h is not None else weight[:, :cin], dilation, pixel_major)
+                          weight if h is not None else weight[:, :cin], dilation, pixel_major,
+                          u_channels)
         if found is None:
             return 0
         plans[kind] = found[0]
@@ -244,6 +274,8 @@ def steps_into(x: Tensor, count: int, h0: Tensor | None, c_first: Tensor, weight
     h_at, h_step = h_seq.data_ptr(), 4 * h_seq.stride(0)
     c_at, c_step = c_seq.data_ptr(), 4 * c_seq.stride(0)
     z_at, z_step = (0, 0) if z_seq is None else (z_seq.data_ptr(), 4 * z_seq.stride(0))
+    if u_channels:
+        weight = native_winograd.transform_weight(weight)  # (held until the calls return)
     w, bp, pp, sp = weight.data_ptr(), _ptr(bias), _ptr(peephole), scratch.data_ptr()
     last = c_last.data_ptr()
     c_prev = c_first.data_ptr()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import native_conv, native_step, reference
+from . import native_conv, native_step, native_winograd, reference
 from .conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from .gate_buffer import empty_gates
 from .gate_launchers import gate_forward_torch, gate_launchers, saved_gates_dtype
@@ -76,9 +76,11 @@ class LayerSpec:
     def conv_input_grad(self, grad: Tensor, x_shape: Sequence[int], weight: Tensor) -> Tensor:
         """:func:`~triton_convlstm.conv.conv_same_input_grad` with this layer's settings."""
         if self._native():
-            dx = native_conv.conv_input_grad_small(
-                grad, x_shape, weight, self.dilation,
-                frames_channels_last(grad.device, grad.dim() - 2))
+            last = frames_channels_last(grad.device, grad.dim() - 2)
+            dx = native_winograd.input_grad(grad, x_shape, weight, self.dilation, last)
+            if dx is None:
+                dx = native_conv.conv_input_grad_small(grad, x_shape, weight, self.dilation,
+                                                       last)
             if dx is not None:
                 return dx
         return conv_same_input_grad(grad, x_shape, weight, self.dilation,

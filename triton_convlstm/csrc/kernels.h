@@ -1,6 +1,6 @@
-/* What the CPU kernels share (gates.c, im2col.c, step.c): the types the Python side mirrors
-   in native_build.py (Plan, Rows, Geometry, Layout, StepPlan) and the entry points (ctypes
-   calls them all; step.c also calls the others). */
+/* What the CPU kernels share (gates.c, im2col.c, winograd.c, step.c): the types the Python
+   side mirrors in native_build.py (Plan, Rows, Geometry, Layout, WinogradPlan, StepPlan) and
+   the entry points (ctypes calls them all; step.c also calls the others). */
 
 #ifndef TCL_KERNELS_H
 #define TCL_KERNELS_H
@@ -35,6 +35,23 @@ typedef struct {
    pixels (z, y, x) in order at the one pixel stride. */
 typedef struct { i64 channels, sample, channel, pixel; } layout_t;
 
+/* A 3x3 'same' convolution by winograd.c: frames of H x W pixels, the tiles (2x2 output
+   pixels each) per column and row, x's and h's layouts (h.channels 0: the calls have no h),
+   V's row stride (the most channels a call convolves), the outputs, the floats from one of
+   the transformed weight's 16 (channels x out) matrices to the next, z's strides per sample
+   and pixel (its channels dense), and the tiles run at a time. */
+typedef struct {
+    i64 B, H, W, tiles_h, tiles_w;
+    layout_t x, h;
+    i64 channels, out, u_step, z_sample, z_pixel, block;
+} winograd_plan_t;
+
+/* Fortran BLAS (LP64): C = alpha op(A) op(B) + beta C, column-major, every argument by
+   reference. */
+typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
+                         const float *, const float *, const int *, const float *, const int *,
+                         const float *, float *, const int *);
+
 /* A fused step's sizes (native_step builds one per signature and keeps it). z, the
    pre-activations, lives in the scratch: (B, out, pixels) dense, or (B, pixels, out) where
    z_pixel_major (channels-last frames). gates: the update over z (its rows[0]) and c_prev,
@@ -47,6 +64,8 @@ typedef struct {
     i64 z_pixel_major;
     i64 tile_rows;   /* output rows (W pixels each) whose columns are built at a time */
     i64 z_in_gates;  /* z is computed in the saved gates' buffer (then activated in place) */
+    i64 winograd;    /* z by winograd.c (the weight is then its transform), not columns */
+    winograd_plan_t wino;
 } step_plan_t;
 
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,
@@ -71,6 +90,16 @@ int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const la
                float *dx);
 
 void tcl_set_sgemm(void *fn);
+
+sgemm_fn tcl_sgemm(void);
+
+void tcl_winograd_weight(i64 O, i64 C, const float *w, i64 so, i64 sc, i64 sy, i64 sx,
+                         int transposed, float *u);
+
+i64 tcl_winograd_scratch(const winograd_plan_t *p);
+
+int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, const float *u,
+                    const float *bias, float *z, float *scratch);
 
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,

@@ -1,37 +1,43 @@
 /* One whole ConvLSTM step in inference on CPU, fp32, in one call: the columns of [x, h]
    (im2col.c), their product with the weight (the BLAS sgemm torch itself links, found by
    native_build.py and handed over once by tcl_set_sgemm), the bias, and the gate update
-   (gates.c). For small frames, where a step is a few torch ops of microseconds each, this
-   replaces cat, convolution, and the gate kernel's own call (native_step.py has the numbers). */
+   (gates.c); or, for 3x3 kernels with enough channels, the convolution by winograd.c (its
+   products by the same sgemm). For small frames, where a step is a few torch ops of
+   microseconds each, this replaces cat, convolution, and the gate kernel's own call
+   (native_step.py has the numbers). */
 
 #include <stddef.h>
 
 #include "kernels.h"
 
-/* Fortran BLAS (LP64): C = alpha op(A) op(B) + beta C, column-major, every argument by
-   reference. */
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
-                         const float *, const float *, const int *, const float *, const int *,
-                         const float *, float *, const int *);
-
 static sgemm_fn SGEMM = NULL;
 
 void tcl_set_sgemm(void *fn) { SGEMM = (sgemm_fn)fn; }
+
+sgemm_fn tcl_sgemm(void) { return SGEMM; }
 
 /* h_out, c_out = the step from x, h (NULL: the zero state, the weight's x columns alone),
    c_prev (c_out may be c_prev: each element is read before it is written), the weight (out,
    rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or NULL; gates: where the
    activated gates go (training saves them), or NULL; valid: per-sample multipliers (B,) or
    NULL (gates.c's); scratch: the floats native_step._make_plan counts (a torch tensor of the
-   caller's: memory tools see it) for the padded sample, a tile of columns and, unless
-   z_in_gates, z. The columns are built tile_rows output rows at a time, so that the scratch
-   stays small whatever the frame. h_out may be h: every h is read (into the padded copy)
-   before any gate is written. Returns 0; 1 where there is no sgemm (nothing written). */
+   caller's: memory tools see it) for the padded sample, a tile of columns (with winograd:
+   tcl_winograd_scratch's) and, unless z_in_gates, z; with winograd, w is the weight's
+   transform (native_winograd.transform_weight). The columns are built tile_rows output rows
+   at a time, so that the scratch stays small whatever the frame. h_out may be h: every h is
+   read (into the padded copy, or the transformed tiles) before any gate is written. Returns 0; 1 where there is no sgemm (nothing written). */
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
                      float *h_out, float *gates, const float *valid, float *scratch) {
     /* (a row stride under the row's length is overlapping rows: sgemm would refuse it and
        leave z unwritten) */
+    if (p->winograd) {
+        /* (the weight is winograd.c's transform; its scratch first, then z) */
+        float *z = p->z_in_gates ? gates : scratch + tcl_winograd_scratch(&p->wino);
+        if (tcl_winograd3x3(&p->wino, x, h, w, bias, z, scratch)) return 1;
+        tcl_gate_forward(&p->gates, z, gates, c_prev, c_out, h_out, peep, valid);
+        return 0;
+    }
     if (SGEMM == NULL || p->w_row < p->rows || p->w_row > INT32_MAX) return 1;
     const geom_t *g = &p->g;
     const i64 B = g->B, P = p->pixels, O = p->out, W = g->W, n_rows = g->D * g->H;

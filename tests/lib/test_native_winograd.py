@@ -1,0 +1,172 @@
+"""native_winograd: 3x3 convolutions by F(2x2, 3x3) (csrc/winograd.c) inside native_step's
+step and for the backward's input gradients, against the float64 reference: frame sizes
+odd and even (tiles past the edge), blocks of tiles whole and partial, inputs channels-first
+and channels-last, the zero state; the weight transform's cache; the calls it declines; and
+the layers that use it."""
+
+import pytest
+import torch
+
+from triton_convlstm import ConvLSTM, native_build, native_step, native_winograd
+from triton_convlstm.conv import conv_same, conv_same_input_grad
+from triton_convlstm.reference import gate_forward_ref
+
+pytestmark = pytest.mark.skipif(native_build.library() is None or not native_build.has_sgemm(),
+                                reason="no C compiler or no sgemm here: the torch ops run")
+
+
+def _last(t):
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _rel(got, want):
+    assert not got.isnan().any()
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def _case(b, cx, hid, spatial, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cx, *spatial, generator=g)
+    h = _last(torch.randn(b, hid, *spatial, generator=g))
+    c = _last(torch.randn(b, hid, *spatial, generator=g))
+    w = torch.randn(4 * hid, cx + hid, 3, 3, generator=g) / (9 * (cx + hid)) ** 0.5
+    return x, h, c, w, torch.randn(4 * hid, generator=g), torch.randn(3, hid, generator=g)
+
+
+@pytest.mark.parametrize(("b", "cx", "hid", "spatial"), [
+    (2, 3, 8, (5, 6)),     # an odd height: the last tile row half outside
+    (3, 4, 16, (17, 17)),  # 243 tiles: five whole blocks of 41 and a partial one
+    (1, 1, 8, (1, 1)),     # one pixel: one tile, three of its outputs outside
+    (2, 16, 8, (4, 9)),
+])
+@pytest.mark.parametrize("x_last", [False, True])  # a batch-first input's frames are NCHW
+def test_the_step_matches_the_float64_reference(monkeypatch, b, cx, hid, spatial, x_last):
+    made = []
+    transform = native_winograd.transform_weight
+    monkeypatch.setattr(native_winograd, "transform_weight",
+                        lambda *a, **k: made.append(a[0]) or transform(*a, **k))
+    x, h, c, w, bias, p = _case(b, cx, hid, spatial)
+    x = _last(x) if x_last else x.contiguous()
+    h_out, c_out = torch.empty_like(c), torch.empty_like(c)
+    gates = _last(torch.empty(b, 4 * hid, *spatial))
+    assert native_step.step_into(x, h, c, w, bias, p, (1, 1), h_out=h_out, c_out=c_out,
+                                 gates=gates, pixel_major=True)
+    assert made and made[0] is w  # (served by winograd.c, not the columns)
+    z = conv_same(torch.cat([x, h], 1).double(), w.double(), (1, 1), bias.double())
+    want_h, want_c = gate_forward_ref(z, c.double(), p.double())
+    assert _rel(h_out, want_h) < 1e-5 and _rel(c_out, want_c) < 1e-5
+    want_i = torch.sigmoid(z[:, :hid] + p.double()[0].view(1, hid, 1, 1) * c.double())
+    assert _rel(gates[:, :hid], want_i) < 1e-5  # the saved input gate
+
+
+@pytest.mark.parametrize("given_state", [False, True])
+def test_the_loop_of_calls_with_the_zero_state_reads_x_channels_of_the_whole_transform(
+        given_state):
+    # Without h0 the first step convolves x alone (fewer channels than MIN_CHANNELS here)
+    # with the rows of the layer's one transform; the others [x, h].
+    torch.manual_seed(1)
+    model = ConvLSTM(2, 8, 3, 1, batch_first=True, peephole=True)
+    x = torch.randn(2, 3, 2, 7, 6)
+    state = [tuple(torch.randn(2, 8, 7, 6) for _ in range(2))] if given_state else None
+    want = model.double()(x.double(), None if state is None else [
+        tuple(s.double() for s in state[0])])
+    model.float()
+    with torch.no_grad():
+        got = model(x, state)
+    assert _rel(got[0][0], want[0][0]) < 1e-5 and _rel(got[1][0][1], want[1][0][1]) < 1e-5
+
+
+@pytest.mark.parametrize(("n", "o", "c", "spatial"), [(2, 32, 16, (5, 6)), (3, 64, 16, (17, 9)),
+                                                      (1, 16, 24, (1, 1))])
+def test_the_input_gradient_matches_the_float64_reference(n, o, c, spatial):
+    g = torch.Generator().manual_seed(2)
+    grad = _last(torch.randn(n, o, *spatial, generator=g))
+    w = torch.randn(o, c, 3, 3, generator=g)
+    dx = native_winograd.input_grad(grad, (n, c, *spatial), w, (1, 1), True)
+    assert dx is not None and dx.shape == (n, c, *spatial) and dx.stride(1) == 1
+    want = conv_same_input_grad(grad.double(), (n, c, *spatial), w.double(), (1, 1))
+    assert _rel(dx, want) < 1e-5
+
+
+def test_the_calls_it_does_not_serve_are_declined():
+    grad, w = _last(torch.randn(2, 32, 6, 6)), torch.randn(32, 16, 3, 3)
+    shape = (2, 16, 6, 6)
+    ok = native_winograd.input_grad(grad, shape, w, (1, 1), True)
+    assert ok is not None
+    for args in [
+        (grad, shape, w, (1, 1), False),                        # channels-first frames
+        (grad, shape, w, (2, 2), True),                         # dilated
+        (grad, shape, torch.randn(32, 16, 5, 5), (1, 1), True),  # another kernel
+        (grad, (2, 8, 6, 6), torch.randn(32, 8, 3, 3), (1, 1), True),  # too few channels
+        (grad.contiguous(), shape, w, (1, 1), True),           # grad's channels apart
+        (grad.double(), shape, w.double(), (1, 1), True),       # not fp32
+        (grad[..., :3], (2, 16, 6, 3), w, (1, 1), True),        # (a slice: shape mismatch)
+    ]:
+        assert native_winograd.input_grad(*args) is None
+    assert not native_winograd.fits((6,), (3,), (1,), 64)  # 1-d
+    assert not native_winograd.fits((6, 6), (3, 3), (1, 1), native_winograd.MIN_CHANNELS - 1)
+    with torch.enable_grad():  # autograd must see a weight that needs it
+        assert native_winograd.input_grad(grad, shape, w.requires_grad_(), (1, 1), True) is None
+
+
+def test_the_transform_is_kept_until_the_weight_changes():
+    w = torch.randn(8, 4, 3, 3)
+    u = native_winograd.transform_weight(w)
+    assert native_winograd.transform_weight(w) is u
+    ut = native_winograd.transform_weight(w, transposed=True)
+    assert ut is not u and ut.shape == (16, 8, 4) and u.shape == (16, 4, 8)
+    w.mul_(2)  # an optimizer step: the version counter moves
+    u2 = native_winograd.transform_weight(w)
+    assert u2 is not u and torch.allclose(u2, 2 * u)
+    # U[k] for k = 4a + b is G w G^T: the centre tap alone gives the outer product of G's
+    # middle column with itself
+    one = torch.zeros(1, 1, 3, 3)
+    one[0, 0, 1, 1] = 1
+    mid = torch.tensor([0.0, 0.5, -0.5, 0.0])
+    assert torch.equal(native_winograd.transform_weight(one).view(4, 4), torch.outer(mid, mid))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_transform_of_a_strided_weight_matches_the_float64_one(transposed):
+    full = torch.randn(12, 9, 3, 3)
+    w = full[:, 4:]  # the recurrent slice the backward hands over: rows apart
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+                     dtype=torch.float64)
+    ref = w.double().transpose(0, 1).flip(2, 3) if transposed else w.double()
+    want = torch.einsum("ai,ocij,bj->abco", g, ref, g).reshape(16, ref.shape[1], ref.shape[0])
+    got = native_winograd.transform_weight(w, transposed=transposed)
+    assert got.dtype == torch.float32 and _rel(got, want) < 1e-7
+
+
+def test_a_layer_trains_and_infers_through_it_as_the_float64_layer(monkeypatch):
+    # 3 + 16 channels, 16 -> 16 input gradients: the forward steps and both input gradients
+    # by winograd.c; against the same layer in float64.
+    calls = {"step": 0, "grad": 0}
+    transform, grad_fn = native_winograd.transform_weight, native_winograd.input_grad
+
+    def counted_transform(*a, **k):
+        calls["step"] += not k.get("transposed", False)
+        return transform(*a, **k)
+
+    def counted_grad(*a, **k):
+        dx = grad_fn(*a, **k)
+        calls["grad"] += dx is not None
+        return dx
+
+    monkeypatch.setattr(native_winograd, "transform_weight", counted_transform)
+    monkeypatch.setattr(native_winograd, "input_grad", counted_grad)
+    torch.manual_seed(3)
+    model = ConvLSTM(16, 16, 3, 2, batch_first=True, peephole=True)
+    x = torch.randn(2, 4, 16, 7, 8, requires_grad=True)
+    out, last = model(x)
+    (out[0].square().sum() + last[0][1].sum()).backward()
+    assert calls["step"] and calls["grad"]
+    ref = ConvLSTM(16, 16, 3, 2, batch_first=True, peephole=True).double()
+    ref.load_state_dict(model.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    out64, last64 = ref(x64)
+    (out64[0].square().sum() + last64[0][1].sum()).backward()
+    assert _rel(out[0], out64[0]) < 1e-5
+    assert _rel(x.grad, x64.grad) < 1e-5
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-5

@@ -1,0 +1,187 @@
+/* A 3x3 'same' convolution of [x, h] (stride 1, dilation 1, one pixel of zeros around) on
+   CPU, fp32, by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2015): each 2x2 block
+   of output pixels ("tile") takes 16 products a channel pair instead of 36, as 16 matrix
+   products of (tiles x C) by (C x O), each by the BLAS sgemm torch links (step.c's SGEMM).
+
+   Why: a ConvLSTM's step is mostly its convolution, and at C + hidden >= ~16 channels
+   oneDNN's direct convolution already runs near the core's peak, so only fewer multiplies
+   make it faster (measured in native_winograd.py). F(4x4, 3x3) was tried: 9e-6 relative
+   error against float64 (F(2x2, 3x3): 4e-7, below the direct sum's 1e-6) and its 6x6
+   transforms spilled registers (slower than oneDNN).
+
+   The tiles run a block at a time (plan->block of them), so that the transformed inputs V
+   (16 x block x C) and products M (16 x block x O) stay in the core's L2 between the input
+   transform, the 16 products and the output transform. The transforms are vectorized over
+   the channels (unit stride in channels-last frames; other layouts are packed per tile). */
+
+#include <stddef.h>
+
+#include "kernels.h"
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Tile t's (image b, tile row ty, tile column tx) 16 input pixels of one tensor: pointers to
+   their channel 0, or to `zeros` (C floats) outside the frame. Whether all are inside. */
+ALWAYS_INLINE int tile_inputs(const winograd_plan_t *p, const layout_t *l, const float *src,
+                              i64 t, const float *zeros, const float *q[16]) {
+    const i64 per_image = p->tiles_h * p->tiles_w, b = t / per_image, r = t % per_image;
+    const i64 y0 = 2 * (r / p->tiles_w) - 1, x0 = 2 * (r % p->tiles_w) - 1;
+    int inside = 1;
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) {
+            const i64 y = y0 + i, x = x0 + j;
+            const int in = y >= 0 && y < p->H && x >= 0 && x < p->W;
+            q[4 * i + j] = in ? src + b * l->sample + (y * p->W + x) * l->pixel : zeros;
+            inside &= in;
+        }
+    return inside;
+}
+
+/* V's channels c0.. for tiles t0..t0 + n - 1 of one tensor (x or h) of C channels. */
+static void transform_inputs(const winograd_plan_t *p, const layout_t *l, const float *src,
+                             i64 c0, i64 t0, i64 n, float *V, const float *zeros,
+                             float *packed) {
+    const i64 C = l->channels, ld = p->channels, ks = p->block * ld;
+    for (i64 t = 0; t < n; ++t) {
+        const float *q[16];
+        tile_inputs(p, l, src, t0 + t, zeros, q);
+        if (l->channel != 1 && C > 1) {
+            /* channels apart (a channels-first frame): each pixel's channels packed first */
+            for (int k = 0; k < 16; ++k) {
+                const i64 step = q[k] == zeros ? 0 : l->channel;
+                for (i64 c = 0; c < C; ++c) packed[k * C + c] = q[k][c * step];
+                q[k] = packed + k * C;
+            }
+        }
+        float *v = V + t * ld + c0;
+        /* V = B^T d B for the tile's 16 inputs d (4x4, row-major), with
+           B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]; V[k] at
+           v[k * ks]. (Written out in the loop: an array handed to an inline function inside
+           an "omp simd" loop becomes a per-lane array in memory, and nothing vectorizes.) */
+        _Pragma("omp simd")
+        for (i64 c = 0; c < C; ++c) {
+            float d[16], u[16];
+            for (int k = 0; k < 16; ++k) d[k] = q[k][c];
+            for (int j = 0; j < 4; ++j) {
+                u[0 + j] = d[0 + j] - d[8 + j];
+                u[4 + j] = d[4 + j] + d[8 + j];
+                u[8 + j] = d[8 + j] - d[4 + j];
+                u[12 + j] = d[4 + j] - d[12 + j];
+            }
+            for (int i = 0; i < 4; ++i) {
+                v[(4 * i + 0) * ks + c] = u[4 * i + 0] - u[4 * i + 2];
+                v[(4 * i + 1) * ks + c] = u[4 * i + 1] + u[4 * i + 2];
+                v[(4 * i + 2) * ks + c] = u[4 * i + 2] - u[4 * i + 1];
+                v[(4 * i + 3) * ks + c] = u[4 * i + 1] - u[4 * i + 3];
+            }
+        }
+    }
+}
+
+/* z's pixels of tiles t0..t0 + n - 1 from the block's products M (16 x block x O). */
+static void transform_outputs(const winograd_plan_t *p, const float *M, i64 t0, i64 n,
+                              const float *bias, float *z, float *spill) {
+    const i64 O = p->out, ks = p->block * O, per_image = p->tiles_h * p->tiles_w;
+    for (i64 t = 0; t < n; ++t) {
+        const i64 b = (t0 + t) / per_image, r = (t0 + t) % per_image;
+        const i64 y0 = 2 * (r / p->tiles_w), x0 = 2 * (r % p->tiles_w);
+        float *out[4];
+        int whole = 1;
+        for (int k = 0; k < 4; ++k) {
+            const i64 y = y0 + k / 2, x = x0 + k % 2;
+            out[k] = y < p->H && x < p->W ? z + b * p->z_sample + (y * p->W + x) * p->z_pixel
+                                           : NULL;
+            whole &= out[k] != NULL;
+        }
+        /* a tile past an odd frame's edge: its 4 pixels computed into spill, the inside
+           ones copied out */
+        float *dst[4];
+        for (int k = 0; k < 4; ++k) dst[k] = whole ? out[k] : spill + k * O;
+        const float *m = M + t * O;
+        float *d0 = dst[0], *d1 = dst[1], *d2 = dst[2], *d3 = dst[3];
+        /* the products' 16 values m (4x4) to the tile's 2x2 outputs A^T m A + bias, with
+           A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] */
+        _Pragma("omp simd")
+        for (i64 o = 0; o < O; ++o) {
+            float a[16], s[8];
+            for (int k = 0; k < 16; ++k) a[k] = m[k * ks + o];
+            for (int j = 0; j < 4; ++j) {
+                s[j] = a[j] + a[4 + j] + a[8 + j];
+                s[4 + j] = a[4 + j] - a[8 + j] - a[12 + j];
+            }
+            const float bo = bias ? bias[o] : 0.0f;
+            d0[o] = s[0] + s[1] + s[2] + bo;
+            d1[o] = s[1] - s[2] - s[3] + bo;
+            d2[o] = s[4] + s[5] + s[6] + bo;
+            d3[o] = s[5] - s[6] - s[7] + bo;
+        }
+        if (!whole)
+            for (int k = 0; k < 4; ++k)
+                if (out[k])
+                    for (i64 o = 0; o < O; ++o) out[k][o] = dst[k][o];
+    }
+}
+
+/* U (16, C, O) for a (O, C, 3, 3) weight w at element strides (so, sc, sy, sx):
+   U[4a + b][c][o] = (G w[o][c] G^T)[a][b] with G = [[1, 0, 0], [1/2, 1/2, 1/2],
+   [1/2, -1/2, 1/2], [0, 0, 1]], summed in double; transposed: the input gradient's weight
+   (w's channels swapped, its taps flipped), U (16, O, C). Written in place: made in the
+   backward, where the training peak is, torch ops' float64 temporaries had cost 5x U. */
+void tcl_winograd_weight(i64 O, i64 C, const float *w, i64 so, i64 sc, i64 sy, i64 sx,
+                         int transposed, float *u) {
+    static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+    const i64 plane = O * C;
+    for (i64 o = 0; o < O; ++o)
+        for (i64 c = 0; c < C; ++c) {
+            double g[3][3], t[4][3];
+            for (int y = 0; y < 3; ++y)
+                for (int x = 0; x < 3; ++x) {
+                    const i64 yy = transposed ? 2 - y : y, xx = transposed ? 2 - x : x;
+                    g[y][x] = w[o * so + c * sc + yy * sy + xx * sx];
+                }
+            for (int a = 0; a < 4; ++a)
+                for (int x = 0; x < 3; ++x)
+                    t[a][x] = G[a][0] * g[0][x] + G[a][1] * g[1][x] + G[a][2] * g[2][x];
+            float *dst = u + (transposed ? o * C + c : c * O + o);
+            for (int a = 0; a < 4; ++a)
+                for (int b = 0; b < 4; ++b)
+                    dst[(4 * a + b) * plane] =
+                        (float)(t[a][0] * G[b][0] + t[a][1] * G[b][1] + t[a][2] * G[b][2]);
+        }
+}
+
+i64 tcl_winograd_scratch(const winograd_plan_t *p) {
+    const i64 C = p->channels, widest = p->x.channels > p->h.channels ? p->x.channels
+                                                                       : p->h.channels;
+    /* V, M, the zeros, a tile's packed channels, a partial tile's outputs */
+    return 16 * p->block * (C + p->out) + widest + 16 * widest + 4 * p->out;
+}
+
+int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, const float *u,
+                    const float *bias, float *z, float *scratch) {
+    sgemm_fn sgemm = tcl_sgemm();
+    const i64 C = p->x.channels + (h ? p->h.channels : 0), O = p->out;
+    if (sgemm == NULL || C > p->channels || O > INT32_MAX
+        || p->block * p->channels > INT32_MAX)
+        return 1;
+    const i64 widest = p->x.channels > p->h.channels ? p->x.channels : p->h.channels;
+    float *V = scratch, *M = V + 16 * p->block * p->channels, *zeros = M + 16 * p->block * O;
+    float *packed = zeros + widest, *spill = packed + 16 * widest;
+    for (i64 c = 0; c < widest; ++c) zeros[c] = 0.0f;
+    const i64 tiles = p->B * p->tiles_h * p->tiles_w;
+    const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
+    const float one = 1.0f, zero = 0.0f;
+    for (i64 t0 = 0; t0 < tiles; t0 += p->block) {
+        const i64 n = tiles - t0 < p->block ? tiles - t0 : p->block;
+        transform_inputs(p, &p->x, x, 0, t0, n, V, zeros, packed);
+        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, zeros, packed);
+        const int n32 = (int)n;
+        /* column-major: M[k]^T (O x n) = U[k]^T (O x C, U[k] stored C x O row-major at
+           u_step apart) V[k]^T (C x n, V[k] stored n x C at row stride channels) */
+        for (int k = 0; k < 16; ++k)
+            sgemm("N", "N", &o32, &n32, &c32, &one, u + k * p->u_step, &o32,
+                  V + k * p->block * p->channels, &ldv, &zero, M + k * p->block * O, &o32);
+        transform_outputs(p, M, t0, n, bias, z, spill);
+    }
+    return 0;
+}

@@ -1,0 +1,130 @@
+"""3x3 'same' convolutions of fp32 channels-last frames on CPU by Winograd's F(2x2, 3x3)
+(``csrc/winograd.c``): 16 matrix products a block of 2x2 output tiles instead of the 36
+multiplies a pixel pair of a direct convolution, for 2.25x fewer multiplies.
+
+Where a layer's step is mostly its convolution (C + hidden >= 16 channels), oneDNN's direct
+convolution already runs near the core's peak; this runs the same step 1.7-2.4x faster
+(one thread, the convolution with its concatenation; session 13 in docs/PERF_NOTES.md).
+Its error against float64 (4e-7 relative) is below the direct sum's (1e-6): the input and
+output transforms are sums and differences, the weight's is summed in double.
+
+native_step runs whole steps with it (:func:`fits` picks them); :func:`input_grad` serves
+the backward's input gradients (the same convolution of the gradient with the weight's
+channels swapped and taps flipped).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .native_build import Layout, WinogradPlan
+from .native_conv import _pixel_stride, plain_fp32
+from .native_gates import _library, memoised
+
+# Tiles per block: V (16 x block x C) and the products (16 x block x O) stay in L2. Measured
+# (one thread, B8 C16+64 32x32): 32 tiles 1.76x torch, 64 2.45x, 128 2.37x. Fewer where the
+# two would outgrow the convolution's own output (small frames, where 32 or 64 run alike):
+# the scratch counts in a training step's peak (cpu-s: 1.14x the formulation's with 64).
+BLOCK, MIN_BLOCK = 64, 8
+# Fewer channels than this (C + hidden): oneDNN's convolution, or the columns, are as quick
+# (B1 C1+8 64x64: 0.95-1.06x; B2 C1+16 64x64: 0.97-1.13x; B2 C4+16 16x16: 1.9x).
+MIN_CHANNELS = 8
+# The input gradient into fewer channels than this: torch's, or native_conv's columns, are as
+# quick (per call, one thread: 256 -> 16 channels B8 32x32 0.99x torch; 32 -> 8 B1 64x64
+# 1.00x; 32 -> 1 0.72x; 64 -> 4 B2 16x16 1.63x torch but 1.13x the columns).
+MIN_GRAD_CHANNELS = 16
+_TRANSFORMS: dict = {}  # (id(weight), transposed) -> (weakref, version, data_ptr, transform)
+_PLANS: dict = {}  # the input gradient's: grad's sizes and strides, C -> (plan, scratch)
+
+
+def fits(spatial: Sequence[int], kernel: Sequence[int], dilation: Sequence[int],
+         channels: int) -> bool:
+    """Whether a convolution of these sizes is served here: 2-d 3x3, no dilation, at least
+    MIN_CHANNELS input channels."""
+    return (len(spatial) == 2 and tuple(kernel) == (3, 3) and tuple(dilation) == (1, 1)
+            and channels >= MIN_CHANNELS and min(spatial) > 0)
+
+
+def transform_weight(weight: Tensor, transposed: bool = False) -> Tensor:
+    """U (16, C, O) fp32 for a (O, C, 3, 3) fp32 weight: U[4a + b, c, o] = (G w[o, c] G^T)[a,
+    b], summed in double (``tcl_winograd_weight``); ``transposed``: the same of the input
+    gradient's weight, w's channels swapped and taps flipped, (16, O, C). Kept while the
+    weight lives and is unchanged (its version counter and storage): made once per layer
+    call, or once per optimizer step. The caller has the library."""
+    key, version, ptr = (id(weight), transposed), weight._version, weight.data_ptr()
+    hit = _TRANSFORMS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1:3] == (version, ptr):
+        return hit[3]
+    o, c = weight.shape[:2]
+    u = torch.empty(16, *((o, c) if transposed else (c, o)), dtype=torch.float32)
+    _library().tcl_winograd_weight(o, c, ptr, *weight.stride(), int(transposed), u.data_ptr())
+    _TRANSFORMS[key] = (weakref.ref(weight, lambda _, k=key: _TRANSFORMS.pop(k, None)),
+                        version, ptr, u)
+    return u
+
+
+def make_plan(batch: int, spatial: Sequence[int], x: Layout, h: Layout, out: int,
+              u_channels: int, z_sample: int, z_pixel: int) -> WinogradPlan:
+    """winograd.c's sizes: x's and h's layouts (``h.channels`` 0 without h), ``out``
+    channels, the transform's channels (its matrices' rows: it may have more than the call
+    convolves, for the zero state's x alone), z's strides per sample and pixel."""
+    height, width = spatial
+    per_tile = 16 * (x.channels + h.channels + out)  # V's and M's floats
+    block = max(MIN_BLOCK, min(BLOCK, batch * height * width * out // per_tile))
+    return WinogradPlan(
+        B=batch, H=height, W=width, tiles_h=-(-height // 2), tiles_w=-(-width // 2), x=x, h=h,
+        channels=x.channels + h.channels, out=out, u_step=u_channels * out,
+        z_sample=z_sample, z_pixel=z_pixel, block=block)
+
+
+def scratch_floats(lib, plan: WinogradPlan) -> int:
+    return int(lib.tcl_winograd_scratch(plan))
+
+
+def input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor, dilation: Sequence[int],
+               channels_last: bool) -> Tensor | None:
+    """``conv.conv_same_input_grad`` with zeros padding (a 3x3 'same' convolution of the
+    gradient with the weight's channels swapped and taps flipped) as a new channels-last
+    tensor, or None where not served: not :func:`fits`, not channels-last, grad not fp32
+    with dense channels, no library or sgemm.
+
+    Args:
+        grad: (N, O, H, W), the output's gradient.
+        x_shape: (N, C, H, W).
+        weight: (O, C, 3, 3).
+        dilation: (1, 1) to be served.
+        channels_last: the caller's frames' layout (the result's).
+    """
+    n, c, *spatial = x_shape
+    o = weight.shape[0]
+    if not (channels_last and c >= MIN_GRAD_CHANNELS
+            and fits(spatial, weight.shape[2:], dilation, o)):
+        return None
+    lib = _library()
+    if (lib is None or not lib.has_sgemm or not plain_fp32((grad, weight))
+            or tuple(grad.shape) != (n, o, *spatial) or (grad.stride(1) != 1 and o > 1)):
+        return None
+    pixel = _pixel_stride(grad)
+    if pixel is None:
+        return None
+    plan, floats = memoised(_PLANS, (grad.shape, grad.stride(), c), lambda: _grad_plan(
+        lib, grad, pixel, c), 256)
+    dx = torch.empty(n, *spatial, c, dtype=torch.float32).movedim(-1, 1)
+    scratch = torch.empty(floats, dtype=torch.float32)
+    u = transform_weight(weight, transposed=True)
+    if lib.tcl_winograd3x3(plan, grad.data_ptr(), None, u.data_ptr(), None, dx.data_ptr(),
+                           scratch.data_ptr()):
+        return None
+    return dx
+
+
+def _grad_plan(lib, grad: Tensor, pixel: int, c: int) -> tuple[WinogradPlan, int]:
+    n, o, *spatial = grad.shape
+    plan = make_plan(n, spatial, Layout(o, grad.stride(0), grad.stride(1), pixel),
+                     Layout(0, 0, 0, 1), c, o, math.prod(spatial) * c, c)
+    return plan, scratch_floats(lib, plan)
