@@ -76,7 +76,8 @@ class WinogradPlan(ctypes.Structure):
     _fields_ = [*[(name, ctypes.c_int64) for name in ("B", "H", "W", "tiles_h", "tiles_w")],
                 ("x", Layout), ("h", Layout),
                 *[(name, ctypes.c_int64) for name in (
-                    "channels", "out", "u_step", "z_sample", "z_pixel", "block")]]
+                    "channels", "out", "u_step", "z_sample", "z_pixel", "block", "tile_begin",
+                    "tile_end", "gemm_threads")]]
 
 
 class StepPlan(ctypes.Structure):
@@ -98,6 +99,7 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_im2col": ([_G, _L, _P, _L, _P, _L, _P], ctypes.c_int),
     "tcl_col2im": ([_G, _L, _P, _L, _P], ctypes.c_int),
     "tcl_set_sgemm": ([_P], None),
+    "tcl_set_blas_threads": ([_P], None),
     "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 11, ctypes.c_int),
     "tcl_winograd_scratch": ([ctypes.POINTER(WinogradPlan)], ctypes.c_int64),
     "tcl_winograd_weight": ([ctypes.c_int64] * 2 + [_P] + [ctypes.c_int64] * 4
@@ -187,20 +189,26 @@ def _open(path: Path) -> ctypes.CDLL:
     sgemm = _torch_sgemm()
     lib.tcl_set_sgemm(sgemm)
     lib.has_sgemm = sgemm is not None  # (read by has_sgemm)
+    lib.tcl_set_blas_threads(_torch_blas_symbol("MKL_Set_Num_Threads_Local"))
     return lib
 
 
 def _torch_sgemm() -> int | None:
     """The address of the Fortran BLAS ``sgemm_`` in the library torch links (MKL in the x86
     wheels, OpenBLAS beside torch in others), or None: the fused step then declines."""
+    return _torch_blas_symbol("sgemm_")
+
+
+def _torch_blas_symbol(name: str) -> int | None:
+    """The address of ``name`` in the BLAS torch links (see _torch_sgemm), or None."""
     import torch
 
     root = Path(torch.__file__).parent
-    found = [root / "lib" / name for name in ("libtorch_cpu.so", "libtorch_cpu.dylib")]
+    found = [root / "lib" / lib for lib in ("libtorch_cpu.so", "libtorch_cpu.dylib")]
     found += sorted((root.parent / "torch.libs").glob("libopenblas*.so*"))
     for path in found:
         try:
-            fn = ctypes.CDLL(str(path)).sgemm_
+            fn = getattr(ctypes.CDLL(str(path)), name)
         except (OSError, AttributeError):
             continue
         return ctypes.cast(fn, ctypes.c_void_p).value

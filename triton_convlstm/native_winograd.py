@@ -24,13 +24,22 @@ from torch import Tensor
 
 from .native_build import Layout, WinogradPlan
 from .native_conv import _pixel_stride, plain_fp32
-from .native_gates import _library, memoised
+from .native_gates import _library, _run, memoised
 
 # Tiles per block: V (16 x block x C) and the products (16 x block x O) stay in L2. Measured
 # (one thread, B8 C16+64 32x32): 32 tiles 1.76x torch, 64 2.45x, 128 2.37x. Fewer where the
 # two would outgrow the convolution's own output (small frames, where 32 or 64 run alike):
 # the scratch counts in a training step's peak (cpu-s: 1.14x the formulation's with 64).
 BLOCK, MIN_BLOCK = 64, 8
+# With several threads, the tiles are shared (each thread a share of whole blocks, at least
+# THREAD_BLOCKS of them and THREAD_MACS multiply-adds) where that keeps at least half the
+# threads busy (2.25x fewer multiplies than oneDNN's convolution on all of them); else torch's
+# convolution serves. Measured on 2 threads (2-core box, against the formulation): cpu-inf-wide
+# inference (671M multiply-adds a step) 1.80x, torch's 1.04x; cpu-m (63M) shared 1.11-1.14x in
+# inference and 1.17-1.22x in training, torch's 1.16x and 1.26-1.32x (the per-step Python of
+# the share, ~50 us, and two threads on this box gaining only 1.1-1.2x on the products);
+# cpu-s (2.6M), one call with the BLAS's threads 2.19x, shared 0.86x.
+THREAD_BLOCKS, THREAD_MACS = 2, 1 << 25
 # Fewer channels than this (C + hidden): oneDNN's convolution, or the columns, are as quick
 # (B1 C1+8 64x64: 0.95-1.06x; B2 C1+16 64x64: 0.97-1.13x; B2 C4+16 16x16: 1.9x).
 MIN_CHANNELS = 8
@@ -43,11 +52,12 @@ _PLANS: dict = {}  # the input gradient's: grad's sizes and strides, C -> (plan,
 
 
 def fits(spatial: Sequence[int], kernel: Sequence[int], dilation: Sequence[int],
-         channels: int) -> bool:
+         channels: int, out: int = 0) -> bool:
     """Whether a convolution of these sizes is served here: 2-d 3x3, no dilation, at least
-    MIN_CHANNELS input channels."""
+    MIN_CHANNELS input channels (and sizes the C side's int products take)."""
     return (len(spatial) == 2 and tuple(kernel) == (3, 3) and tuple(dilation) == (1, 1)
-            and channels >= MIN_CHANNELS and min(spatial) > 0)
+            and channels >= MIN_CHANNELS and min(spatial) > 0
+            and BLOCK * max(channels, out) < 2**31)
 
 
 def transform_weight(weight: Tensor, transposed: bool = False) -> Tensor:
@@ -72,14 +82,53 @@ def make_plan(batch: int, spatial: Sequence[int], x: Layout, h: Layout, out: int
               u_channels: int, z_sample: int, z_pixel: int) -> WinogradPlan:
     """winograd.c's sizes: x's and h's layouts (``h.channels`` 0 without h), ``out``
     channels, the transform's channels (its matrices' rows: it may have more than the call
-    convolves, for the zero state's x alone), z's strides per sample and pixel."""
+    convolves, for the zero state's x alone), z's strides per sample and pixel. All the
+    tiles, the products on the BLAS's own threads."""
     height, width = spatial
     per_tile = 16 * (x.channels + h.channels + out)  # V's and M's floats
     block = max(MIN_BLOCK, min(BLOCK, batch * height * width * out // per_tile))
+    tiles = batch * -(-height // 2) * -(-width // 2)
     return WinogradPlan(
         B=batch, H=height, W=width, tiles_h=-(-height // 2), tiles_w=-(-width // 2), x=x, h=h,
         channels=x.channels + h.channels, out=out, u_step=u_channels * out,
-        z_sample=z_sample, z_pixel=z_pixel, block=block)
+        z_sample=z_sample, z_pixel=z_pixel, block=block, tile_begin=0, tile_end=tiles,
+        gemm_threads=0)
+
+
+def split_plan(lib, plan: WinogradPlan,
+               threads: int) -> tuple[list[WinogradPlan], int] | None:
+    """The plan for ``threads`` threads and each part's scratch floats: on one thread, the
+    plan itself; on several, one plan per thread, each a share of the tiles in whole blocks
+    and its products on one BLAS thread (as oneDNN shares a convolution: a block's small
+    products on the BLAS's threads, the transforms on one, scaled poorly), or None where too
+    few threads would be busy (see THREAD_MACS)."""
+    floats = scratch_floats(lib, plan)
+    if threads < 2:
+        return [plan], floats
+    macs = 16 * plan.tile_end * plan.channels * plan.out
+    parts = min(threads, plan.tile_end // (THREAD_BLOCKS * plan.block), macs // THREAD_MACS)
+    if parts < max(2, -(-threads // 2)):
+        return None
+    per_thread = -(-plan.tile_end // parts)
+    share = -(-per_thread // plan.block) * plan.block  # (whole blocks)
+    plans = []
+    for begin in range(0, plan.tile_end, share):
+        part = WinogradPlan.from_buffer_copy(plan)
+        part.tile_begin, part.tile_end = begin, min(plan.tile_end, begin + share)
+        part.gemm_threads = 1
+        plans.append(part)
+    return plans, floats
+
+
+def run(lib, plans: Sequence[WinogradPlan], floats: int, scratch: Tensor, x: int,
+        h: int | None, u: int, bias: int | None, z: int) -> None:
+    """tcl_winograd3x3 for each plan (on threads when there are several: native_gates'
+    pool), each with its ``floats`` of ``scratch`` (a tensor of at least len(plans) *
+    floats fp32); the tensors by address. The plans came from :func:`split_plan` of a plan
+    :func:`fits` served, so that the C side cannot decline."""
+    base = scratch.data_ptr()
+    _run(lib.tcl_winograd3x3, list(plans), x, h, u, bias, z,
+         [base + 4 * k * floats for k in range(len(plans))])
 
 
 def scratch_floats(lib, plan: WinogradPlan) -> int:
@@ -103,7 +152,7 @@ def input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor, dilation: S
     n, c, *spatial = x_shape
     o = weight.shape[0]
     if not (channels_last and c >= MIN_GRAD_CHANNELS
-            and fits(spatial, weight.shape[2:], dilation, o)):
+            and fits(spatial, weight.shape[2:], dilation, o, c)):
         return None
     lib = _library()
     if (lib is None or not lib.has_sgemm or not plain_fp32((grad, weight))
@@ -112,19 +161,22 @@ def input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor, dilation: S
     pixel = _pixel_stride(grad)
     if pixel is None:
         return None
-    plan, floats = memoised(_PLANS, (grad.shape, grad.stride(), c), lambda: _grad_plan(
-        lib, grad, pixel, c), 256)
-    dx = torch.empty(n, *spatial, c, dtype=torch.float32).movedim(-1, 1)
-    scratch = torch.empty(floats, dtype=torch.float32)
-    u = transform_weight(weight, transposed=True)
-    if lib.tcl_winograd3x3(plan, grad.data_ptr(), None, u.data_ptr(), None, dx.data_ptr(),
-                           scratch.data_ptr()):
+    threads = torch.get_num_threads()
+    split = memoised(_PLANS, (grad.shape, grad.stride(), c, threads),
+                     lambda: _grad_plans(lib, grad, pixel, c, threads), 256)
+    if split is None:
         return None
+    plans, floats = split
+    dx = torch.empty(n, *spatial, c, dtype=torch.float32).movedim(-1, 1)
+    scratch = torch.empty(len(plans) * floats, dtype=torch.float32)
+    u = transform_weight(weight, transposed=True)
+    run(lib, plans, floats, scratch, grad.data_ptr(), None, u.data_ptr(), None, dx.data_ptr())
     return dx
 
 
-def _grad_plan(lib, grad: Tensor, pixel: int, c: int) -> tuple[WinogradPlan, int]:
+def _grad_plans(lib, grad: Tensor, pixel: int, c: int,
+                threads: int) -> tuple[list[WinogradPlan], int] | None:
     n, o, *spatial = grad.shape
     plan = make_plan(n, spatial, Layout(o, grad.stride(0), grad.stride(1), pixel),
                      Layout(0, 0, 0, 1), c, o, math.prod(spatial) * c, c)
-    return plan, scratch_floats(lib, plan)
+    return split_plan(lib, plan, threads)

@@ -1,18 +1,28 @@
 """native_winograd: 3x3 convolutions by F(2x2, 3x3) (csrc/winograd.c) inside native_step's
 step and for the backward's input gradients, against the float64 reference: frame sizes
 odd and even (tiles past the edge), blocks of tiles whole and partial, inputs channels-first
-and channels-last, the zero state; the weight transform's cache; the calls it declines; and
-the layers that use it."""
+and channels-last, the zero state; the weight transform's cache; the calls it declines; the
+layers that use it; and threads sharing the tiles."""
 
 import pytest
 import torch
 
-from triton_convlstm import ConvLSTM, native_build, native_step, native_winograd
+from triton_convlstm import ConvLSTM, ConvLSTMCell, native_build, native_step, native_winograd
 from triton_convlstm.conv import conv_same, conv_same_input_grad
 from triton_convlstm.reference import gate_forward_ref
 
 pytestmark = pytest.mark.skipif(native_build.library() is None or not native_build.has_sgemm(),
                                 reason="no C compiler or no sgemm here: the torch ops run")
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    """One thread unless a test sets more (on several, small convolutions go to torch's);
+    torch's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 def _last(t):
@@ -170,3 +180,82 @@ def test_a_layer_trains_and_infers_through_it_as_the_float64_layer(monkeypatch):
     assert _rel(x.grad, x64.grad) < 1e-5
     for p, q in zip(model.parameters(), ref.parameters()):
         assert _rel(p.grad, q.grad) < 1e-5
+
+
+def test_threads_share_the_tiles_and_give_the_reference_result(monkeypatch, threads):
+    # Three threads, each a share of whole blocks (the share thresholds lowered to these
+    # small frames): the time loop's steps, the masked steps' (lengths) and the input
+    # gradients, against the float64 layer.
+    threads(3)
+    monkeypatch.setattr(native_winograd, "THREAD_MACS", 1)
+    monkeypatch.setattr(native_winograd, "THREAD_BLOCKS", 1)
+    monkeypatch.setattr(native_step, "_PLANS", {})
+    monkeypatch.setattr(native_winograd, "_PLANS", {})
+    shared = []
+    step = native_step._shared_step
+    monkeypatch.setattr(native_step, "_shared_step",
+                        lambda lib, parts, *a: shared.append(len(parts[0])) or step(lib, parts,
+                                                                                     *a))
+    torch.manual_seed(4)
+    model = ConvLSTM(4, 16, 3, 1, batch_first=True, peephole=True)
+    ref = ConvLSTM(4, 16, 3, 1, batch_first=True, peephole=True).double()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 4, 9, 13, requires_grad=True)  # 2 x 5 x 7 tiles, blocks of 8
+    lengths = torch.tensor([3, 2])
+    for kw in ({}, {"lengths": lengths}):
+        shared.clear()
+        out, last = model(x, **kw)
+        (out[0].square().sum() + last[0][1].sum()).backward()
+        assert shared and max(shared) == 3  # (the zero state's first step may run whole)
+        x64 = x.detach().double().requires_grad_()
+        out64, last64 = ref(x64, **kw)
+        (out64[0].square().sum() + last64[0][1].sum()).backward()
+        assert _rel(out[0], out64[0]) < 1e-5 and _rel(last[0][1], last64[0][1]) < 1e-5
+        assert _rel(x.grad, x64.grad) < 1e-5
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert _rel(p.grad, q.grad) < 1e-5
+        x.grad = None
+        model.zero_grad()
+        ref.zero_grad()
+
+
+def test_on_several_threads_small_convolutions_go_to_torch(threads):
+    # Too few multiply-adds to keep half the threads busy: torch's convolution, on all of
+    # them, serves (the step declines winograd.c; the input gradient declines).
+    threads(2)
+    x, h, c, w, bias, p = _case(2, 3, 8, (6, 6))
+    plan = native_winograd.make_plan(2, (6, 6), native_build.Layout(3, 108, 36, 1),
+                                     native_build.Layout(8, 288, 1, 8), 32, 11, 36 * 32, 32)
+    lib = native_build.library()
+    assert native_winograd.split_plan(lib, plan, 2) is None
+    assert native_winograd.split_plan(lib, plan, 1)[0][0] is plan
+    grad = _last(torch.randn(2, 32, 6, 6))
+    assert native_winograd.input_grad(grad, (2, 16, 6, 6), torch.randn(32, 16, 3, 3), (1, 1),
+                                      True) is None
+
+
+def test_one_frame_at_a_time_through_channels_last_copies_of_the_state(monkeypatch):
+    # The cell's one-frame call (its state channels-first, as users hold it) convolves by
+    # winograd.c on channels-last copies of h and c (the threshold lowered to this frame):
+    # the same state as the float64 cell, returned contiguous, the caller's c untouched.
+    monkeypatch.setattr(native_step, "WINOGRAD_FORWARD_MACS", 1)
+    served = []
+    into = native_step.step_into
+    monkeypatch.setattr(native_step, "step_into",
+                        lambda *a, **k: served.append(k["pixel_major"]) or into(*a, **k))
+    torch.manual_seed(5)
+    cell = ConvLSTMCell(2, 16, 3, True)
+    ref = ConvLSTMCell(2, 16, 3, True).double()
+    ref.load_state_dict(cell.state_dict())
+    state, state64 = None, None
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 2, 7, 10)
+            held = None if state is None else (state[1], state[1].clone())
+            state = cell(x, state)
+            state64 = ref(x.double(), state64)
+            if held is not None:
+                assert torch.equal(*held)  # the caller's c, not updated in place
+            assert all(s.is_contiguous() for s in state)
+            assert _rel(state[0], state64[0]) < 1e-5 and _rel(state[1], state64[1]) < 1e-5
+    assert served and all(served)

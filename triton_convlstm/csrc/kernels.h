@@ -39,11 +39,13 @@ typedef struct { i64 channels, sample, channel, pixel; } layout_t;
    pixels each) per column and row, x's and h's layouts (h.channels 0: the calls have no h),
    V's row stride (the most channels a call convolves), the outputs, the floats from one of
    the transformed weight's 16 (channels x out) matrices to the next, z's strides per sample
-   and pixel (its channels dense), and the tiles run at a time. */
+   and pixel (its channels dense), the tiles run at a time, the call's tiles (a thread's
+   share: tile_begin..tile_end - 1, counted image by image, row by row) and the threads its
+   products may use (0: the BLAS's own setting; 1 where threads share the tiles). */
 typedef struct {
     i64 B, H, W, tiles_h, tiles_w;
     layout_t x, h;
-    i64 channels, out, u_step, z_sample, z_pixel, block;
+    i64 channels, out, u_step, z_sample, z_pixel, block, tile_begin, tile_end, gemm_threads;
 } winograd_plan_t;
 
 /* Fortran BLAS (LP64): C = alpha op(A) op(B) + beta C, column-major, every argument by
@@ -90,6 +92,8 @@ int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const la
                float *dx);
 
 void tcl_set_sgemm(void *fn);
+
+void tcl_set_blas_threads(void *fn);
 
 sgemm_fn tcl_sgemm(void);
 

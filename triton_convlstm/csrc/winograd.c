@@ -150,6 +150,14 @@ void tcl_winograd_weight(i64 O, i64 C, const float *w, i64 so, i64 sc, i64 sy, i
         }
 }
 
+/* MKL's MKL_Set_Num_Threads_Local, its C interface (found in torch's library, handed over by
+   native_build.py), or NULL: threads that each run a share of the tiles keep their products
+   on one thread each (else every product would start the BLAS's own threads: 4 on 2 cores). */
+typedef int (*blas_threads_fn)(int);
+static blas_threads_fn BLAS_THREADS = NULL;
+
+void tcl_set_blas_threads(void *fn) { BLAS_THREADS = (blas_threads_fn)fn; }
+
 i64 tcl_winograd_scratch(const winograd_plan_t *p) {
     const i64 C = p->channels, widest = p->x.channels > p->h.channels ? p->x.channels
                                                                        : p->h.channels;
@@ -168,10 +176,12 @@ int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, co
     float *V = scratch, *M = V + 16 * p->block * p->channels, *zeros = M + 16 * p->block * O;
     float *packed = zeros + widest, *spill = packed + 16 * widest;
     for (i64 c = 0; c < widest; ++c) zeros[c] = 0.0f;
-    const i64 tiles = p->B * p->tiles_h * p->tiles_w;
+    const i64 tiles = p->tile_end;
     const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
     const float one = 1.0f, zero = 0.0f;
-    for (i64 t0 = 0; t0 < tiles; t0 += p->block) {
+    const int threads = p->gemm_threads && BLAS_THREADS ? BLAS_THREADS((int)p->gemm_threads)
+                                                        : -1;
+    for (i64 t0 = p->tile_begin; t0 < tiles; t0 += p->block) {
         const i64 n = tiles - t0 < p->block ? tiles - t0 : p->block;
         transform_inputs(p, &p->x, x, 0, t0, n, V, zeros, packed);
         if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, zeros, packed);
@@ -183,5 +193,6 @@ int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, co
                   V + k * p->block * p->channels, &ldv, &zero, M + k * p->block * O, &o32);
         transform_outputs(p, M, t0, n, bias, z, spill);
     }
+    if (threads >= 0) BLAS_THREADS(threads);  /* (the thread's previous setting; 0: none) */
     return 0;
 }
