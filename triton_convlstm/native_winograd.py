@@ -26,11 +26,14 @@ from .native_build import Layout, WinogradPlan
 from .native_conv import _pixel_stride, plain_fp32
 from .native_gates import _library, _run, memoised
 
-# Tiles per block: V (16 x block x C) and the products (16 x block x O) stay in L2. Measured
-# (one thread, B8 C16+64 32x32): 32 tiles 1.76x torch, 64 2.45x, 128 2.37x. Fewer where the
-# two would outgrow the convolution's own output (small frames, where 32 or 64 run alike):
-# the scratch counts in a training step's peak (cpu-s: 1.14x the formulation's with 64).
-BLOCK, MIN_BLOCK = 64, 8
+# Tiles per block: as many as keep V (16 x block x C) and the products (16 x block x O)
+# within BLOCK_BYTES (the core's L2 is 2 MiB here), 8 to 256. Measured (one thread, us a
+# convolution by block): B8 C16+64 32x32 (21 KiB a tile) 32: 14563, 64: 11724, 128: 12026,
+# 256: 15664; B4 C4+8 32x32 (2.8 KiB) 32: 526, 64: 471, 186: 438 (fewer, larger products: the
+# BLAS's fixed cost per call shows at few channels). Fewer where the two would outgrow the
+# convolution's own output (small frames): the scratch counts in a training step's peak
+# (cpu-s: 1.14x the formulation's with 64).
+BLOCK_BYTES, MIN_BLOCK, MAX_BLOCK = 3 << 19, 8, 256
 # With several threads, the tiles are shared (each thread a share of whole blocks, at least
 # THREAD_BLOCKS of them and THREAD_MACS multiply-adds) where that keeps at least half the
 # threads busy (2.25x fewer multiplies than oneDNN's convolution on all of them); else torch's
@@ -57,7 +60,7 @@ def fits(spatial: Sequence[int], kernel: Sequence[int], dilation: Sequence[int],
     MIN_CHANNELS input channels (and sizes the C side's int products take)."""
     return (len(spatial) == 2 and tuple(kernel) == (3, 3) and tuple(dilation) == (1, 1)
             and channels >= MIN_CHANNELS and min(spatial) > 0
-            and BLOCK * max(channels, out) < 2**31)
+            and MAX_BLOCK * max(channels, out) < 2**31)
 
 
 def transform_weight(weight: Tensor, transposed: bool = False) -> Tensor:
@@ -86,7 +89,10 @@ def make_plan(batch: int, spatial: Sequence[int], x: Layout, h: Layout, out: int
     tiles, the products on the BLAS's own threads."""
     height, width = spatial
     per_tile = 16 * (x.channels + h.channels + out)  # V's and M's floats
-    block = max(MIN_BLOCK, min(BLOCK, batch * height * width * out // per_tile))
+    block = max(MIN_BLOCK, min(MAX_BLOCK, BLOCK_BYTES // (4 * per_tile),
+                               batch * height * width * out // per_tile))
+    if block > 32:  # (whole 32s: 73 tiles ran 12% slower than 64 at B8 C16+64 32x32)
+        block -= block % 32
     tiles = batch * -(-height // 2) * -(-width // 2)
     return WinogradPlan(
         B=batch, H=height, W=width, tiles_h=-(-height // 2), tiles_w=-(-width // 2), x=x, h=h,
