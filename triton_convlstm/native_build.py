@@ -105,6 +105,8 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_winograd_weight": ([ctypes.c_int64] * 2 + [_P] + [ctypes.c_int64] * 4
                             + [ctypes.c_int, _P], None),
     "tcl_winograd3x3": ([ctypes.POINTER(WinogradPlan)] + [_P] * 6, ctypes.c_int),
+    "tcl_winograd_weight_grad": ([ctypes.POINTER(WinogradPlan)] + [_P] * 5, ctypes.c_int),
+    "tcl_winograd_weight_back": ([ctypes.c_int64] * 2 + [_P] * 2, None),
 }
 
 

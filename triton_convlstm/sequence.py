@@ -89,7 +89,10 @@ class LayerSpec:
     def conv_weight_grad(self, grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
         """:func:`~triton_convlstm.conv.conv_same_weight_grad` with this layer's settings."""
         if self._native():
-            dw = native_conv.conv_weight_grad_small(grad, x, weight, self.dilation)
+            dw = native_winograd.weight_grad(grad, x, weight, self.dilation,
+                                             frames_channels_last(grad.device, grad.dim() - 2))
+            if dw is None:
+                dw = native_conv.conv_weight_grad_small(grad, x, weight, self.dilation)
             if dw is not None:
                 return dw
         return conv_same_weight_grad(grad, x, weight, self.dilation,

@@ -1,5 +1,5 @@
 """native_winograd: 3x3 convolutions by F(2x2, 3x3) (csrc/winograd.c) inside native_step's
-step and for the backward's input gradients, against the float64 reference: frame sizes
+step and for the backward's input and weight gradients, against the float64 reference: frame sizes
 odd and even (tiles past the edge), blocks of tiles whole and partial, inputs channels-first
 and channels-last, the zero state; the weight transform's cache; the calls it declines; the
 layers that use it; and threads sharing the tiles."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from triton_convlstm import ConvLSTM, ConvLSTMCell, native_build, native_step, native_winograd
-from triton_convlstm.conv import conv_same, conv_same_input_grad
+from triton_convlstm.conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from triton_convlstm.reference import gate_forward_ref
 
 pytestmark = pytest.mark.skipif(native_build.library() is None or not native_build.has_sgemm(),
@@ -149,29 +149,34 @@ def test_the_transform_of_a_strided_weight_matches_the_float64_one(transposed):
 
 
 def test_a_layer_trains_and_infers_through_it_as_the_float64_layer(monkeypatch):
-    # 3 + 16 channels, 16 -> 16 input gradients: the forward steps and both input gradients
-    # by winograd.c; against the same layer in float64.
-    calls = {"step": 0, "grad": 0}
-    transform, grad_fn = native_winograd.transform_weight, native_winograd.input_grad
+    # 16 + 32 channels: the forward steps, both input gradients (128 -> 16 and 32) and both
+    # weight gradients (128 x 16 and 128 x 32) by winograd.c; against the layer in float64.
+    calls = {"step": 0, "input": 0, "weight": 0}
+    transform = native_winograd.transform_weight
 
     def counted_transform(*a, **k):
         calls["step"] += not k.get("transposed", False)
         return transform(*a, **k)
 
-    def counted_grad(*a, **k):
-        dx = grad_fn(*a, **k)
-        calls["grad"] += dx is not None
-        return dx
+    def counting(name, fn):
+        def run(*a, **k):
+            out = fn(*a, **k)
+            calls[name] += out is not None
+            return out
+        return run
 
     monkeypatch.setattr(native_winograd, "transform_weight", counted_transform)
-    monkeypatch.setattr(native_winograd, "input_grad", counted_grad)
+    monkeypatch.setattr(native_winograd, "input_grad",
+                        counting("input", native_winograd.input_grad))
+    monkeypatch.setattr(native_winograd, "weight_grad",
+                        counting("weight", native_winograd.weight_grad))
     torch.manual_seed(3)
-    model = ConvLSTM(16, 16, 3, 2, batch_first=True, peephole=True)
+    model = ConvLSTM(16, 32, 3, 2, batch_first=True, peephole=True)
     x = torch.randn(2, 4, 16, 7, 8, requires_grad=True)
     out, last = model(x)
     (out[0].square().sum() + last[0][1].sum()).backward()
-    assert calls["step"] and calls["grad"]
-    ref = ConvLSTM(16, 16, 3, 2, batch_first=True, peephole=True).double()
+    assert calls["step"] and calls["input"] >= 4 and calls["weight"] >= 4, calls
+    ref = ConvLSTM(16, 32, 3, 2, batch_first=True, peephole=True).double()
     ref.load_state_dict(model.state_dict())
     x64 = x.detach().double().requires_grad_()
     out64, last64 = ref(x64)
@@ -180,6 +185,40 @@ def test_a_layer_trains_and_infers_through_it_as_the_float64_layer(monkeypatch):
     assert _rel(x.grad, x64.grad) < 1e-5
     for p, q in zip(model.parameters(), ref.parameters()):
         assert _rel(p.grad, q.grad) < 1e-5
+
+
+@pytest.mark.parametrize(("n", "o", "c", "spatial", "x_last"), [
+    (2, 64, 32, (5, 6), True),      # an odd frame: tiles past the edge
+    (3, 128, 16, (17, 9), False),   # channels-first input (packed per tile), several blocks
+    (1, 128, 24, (1, 1), True),
+])
+def test_the_weight_gradient_matches_the_float64_reference(n, o, c, spatial, x_last):
+    g = torch.Generator().manual_seed(6)
+    grad = _last(torch.randn(n, o, *spatial, generator=g))
+    x = torch.randn(n, c, *spatial, generator=g)
+    x = _last(x) if x_last else x
+    w = torch.empty(o, c, 3, 3)
+    dw = native_winograd.weight_grad(grad, x, w, (1, 1), True)
+    assert dw is not None and dw.shape == w.shape and dw.is_contiguous()
+    want = conv_same_weight_grad(grad.double(), x.double(), w.double(), (1, 1))
+    assert _rel(dw, want) < 1e-5
+
+
+def test_the_weight_gradients_it_does_not_serve_are_declined(threads):
+    grad, x, w = _last(torch.randn(2, 128, 6, 6)), _last(torch.randn(2, 16, 6, 6)), torch.empty(
+        128, 16, 3, 3)
+    assert native_winograd.weight_grad(grad, x, w, (1, 1), True) is not None
+    for args in [
+        (grad, x, w, (1, 1), False),                             # channels-first frames
+        (grad, x, w, (2, 2), True),                              # dilated
+        (grad[:, :32], x, torch.empty(32, 16, 3, 3), (1, 1), True),  # too few pairs
+        (grad, x[:, :8], torch.empty(128, 8, 3, 3), (1, 1), True),    # too few channels
+        (grad.contiguous(), x, w, (1, 1), True),                 # grad's channels apart
+        (grad.double(), x.double(), w, (1, 1), True),            # not fp32
+    ]:
+        assert native_winograd.weight_grad(*args) is None
+    threads(2)  # one sum: torch's, on all threads
+    assert native_winograd.weight_grad(grad, x, w, (1, 1), True) is None
 
 
 def test_threads_share_the_tiles_and_give_the_reference_result(monkeypatch, threads):

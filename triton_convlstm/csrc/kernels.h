@@ -105,6 +105,11 @@ i64 tcl_winograd_scratch(const winograd_plan_t *p);
 int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, const float *u,
                     const float *bias, float *z, float *scratch);
 
+int tcl_winograd_weight_grad(const winograd_plan_t *p, const float *x, const float *h,
+                             const float *dz, float *du, float *scratch);
+
+void tcl_winograd_weight_back(i64 O, i64 C, const float *du, float *dw);
+
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
                      float *h_out, float *gates, const float *valid, float *scratch);

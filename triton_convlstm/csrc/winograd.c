@@ -186,11 +186,15 @@ static blas_threads_fn BLAS_THREADS = NULL;
 
 void tcl_set_blas_threads(void *fn) { BLAS_THREADS = (blas_threads_fn)fn; }
 
+/* The most channels a zero pixel stands for (x's, h's, or the output gradient's). */
+ALWAYS_INLINE i64 widest(const winograd_plan_t *p) {
+    const i64 w = p->x.channels > p->h.channels ? p->x.channels : p->h.channels;
+    return w > p->out ? w : p->out;
+}
+
 i64 tcl_winograd_scratch(const winograd_plan_t *p) {
-    const i64 C = p->channels, widest = p->x.channels > p->h.channels ? p->x.channels
-                                                                       : p->h.channels;
     /* V, M, the zeros, a tile's packed channels, a partial tile's outputs */
-    return 16 * p->block * (C + p->out) + widest + 16 * widest + 4 * p->out;
+    return 16 * p->block * (p->channels + p->out) + 17 * widest(p) + 4 * p->out;
 }
 
 int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, const float *u,
@@ -200,10 +204,10 @@ int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, co
     if (sgemm == NULL || C > p->channels || O > INT32_MAX
         || p->block * p->channels > INT32_MAX)
         return 1;
-    const i64 widest = p->x.channels > p->h.channels ? p->x.channels : p->h.channels;
+    const i64 wide = widest(p);
     float *V = scratch, *M = V + 16 * p->block * p->channels, *zeros = M + 16 * p->block * O;
-    float *packed = zeros + widest, *spill = packed + 16 * widest;
-    for (i64 c = 0; c < widest; ++c) zeros[c] = 0.0f;
+    float *packed = zeros + wide, *spill = packed + 16 * wide;
+    for (i64 c = 0; c < wide; ++c) zeros[c] = 0.0f;
     const i64 tiles = p->tile_end;
     const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
     const float one = 1.0f, zero = 0.0f;
@@ -223,4 +227,91 @@ int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, co
     }
     if (threads >= 0) BLAS_THREADS(threads);  /* (the thread's previous setting; 0: none) */
     return 0;
+}
+
+/* The gradients' tiles for the weight gradient: dM = A dY A^T for each tile's 2x2 output
+   gradients dY (zero past the frame's edge), A = [[1, 0], [1, 1], [1, -1], [0, -1]] (the
+   adjoint of the output transform), into M (16 x block x O); dz read at z's strides. */
+static void transform_grads(const winograd_plan_t *p, const float *dz, i64 t0, i64 n,
+                            float *M, const float *zeros) {
+    const i64 O = p->out, ks = p->block * O;
+    tile_at_t at = tile_at(p, t0);
+    for (i64 t = 0; t < n; ++t, next_tile(p, &at)) {
+        const float *g[4];
+        for (int k = 0; k < 4; ++k) {
+            const i64 y = at.y + k / 2, x = at.x + k % 2;
+            g[k] = y < p->H && x < p->W
+                       ? dz + at.b * p->z_sample + (y * p->W + x) * p->z_pixel : zeros;
+        }
+        const float *g0 = g[0], *g1 = g[1], *g2 = g[2], *g3 = g[3];
+        float *m = M + t * O;
+        _Pragma("omp simd")
+        for (i64 o = 0; o < O; ++o) {
+            /* t = A dY (4 x 2), then dM = t A^T, row by row */
+            const float d00 = g0[o], d01 = g1[o], d10 = g2[o], d11 = g3[o];
+            const float r[4][2] = {{d00, d01}, {d00 + d10, d01 + d11}, {d00 - d10, d01 - d11},
+                                   {-d10, -d11}};
+            for (int i = 0; i < 4; ++i) {
+                m[(4 * i + 0) * ks + o] = r[i][0];
+                m[(4 * i + 1) * ks + o] = r[i][0] + r[i][1];
+                m[(4 * i + 2) * ks + o] = r[i][0] - r[i][1];
+                m[(4 * i + 3) * ks + o] = -r[i][1];
+            }
+        }
+    }
+}
+
+/* du (16, C, O) += the weight gradient in the transformed domain, summed over the plan's
+   tiles: du[k] += V[k]^T dM[k] (each tile's transformed inputs [x, h] against its
+   transformed output gradients dz, at z's strides). tcl_winograd_weight_back then takes du
+   to the (O, C, 3, 3) gradient. The products are (C x O) by the block's tiles: the long
+   dimension is summed, where the BLAS runs near peak. scratch: tcl_winograd_scratch's. */
+int tcl_winograd_weight_grad(const winograd_plan_t *p, const float *x, const float *h,
+                             const float *dz, float *du, float *scratch) {
+    sgemm_fn sgemm = tcl_sgemm();
+    const i64 C = p->x.channels + (h ? p->h.channels : 0), O = p->out;
+    if (sgemm == NULL || C > p->channels) return 1;
+    const i64 wide = widest(p);
+    float *V = scratch, *M = V + 16 * p->block * p->channels, *zeros = M + 16 * p->block * O;
+    float *packed = zeros + wide;
+    for (i64 c = 0; c < wide; ++c) zeros[c] = 0.0f;
+    const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
+    const float one = 1.0f;
+    const int threads = p->gemm_threads && BLAS_THREADS ? BLAS_THREADS((int)p->gemm_threads)
+                                                        : -1;
+    for (i64 t0 = p->tile_begin; t0 < p->tile_end; t0 += p->block) {
+        const i64 n = p->tile_end - t0 < p->block ? p->tile_end - t0 : p->block;
+        transform_inputs(p, &p->x, x, 0, t0, n, V, zeros, packed);
+        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, zeros, packed);
+        transform_grads(p, dz, t0, n, M, zeros);
+        const int n32 = (int)n;
+        /* column-major: du[k]^T (O x C, ld O) += dM[k]^T (O x n, ld O) V[k] (n x C: V[k]
+           stored n x C at row stride channels, read transposed) */
+        for (int k = 0; k < 16; ++k)
+            sgemm("N", "T", &o32, &c32, &n32, &one, M + k * p->block * O, &o32,
+                  V + k * p->block * p->channels, &ldv, &one, du + k * C * O, &o32);
+    }
+    if (threads >= 0) BLAS_THREADS(threads);
+    return 0;
+}
+
+/* dw (O, C, 3, 3) contiguous = G^T du[o][c] G for each (o, c) of du (16, C, O): the adjoint
+   of tcl_winograd_weight's transform, summed in double. */
+void tcl_winograd_weight_back(i64 O, i64 C, const float *du, float *dw) {
+    static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+    const i64 plane = C * O;
+    for (i64 o = 0; o < O; ++o)
+        for (i64 c = 0; c < C; ++c) {
+            double d[4][4], t[3][4];
+            for (int k = 0; k < 16; ++k) d[k / 4][k % 4] = du[k * plane + c * O + o];
+            for (int y = 0; y < 3; ++y)
+                for (int b = 0; b < 4; ++b)
+                    t[y][b] = G[0][y] * d[0][b] + G[1][y] * d[1][b] + G[2][y] * d[2][b]
+                              + G[3][y] * d[3][b];
+            float *w = dw + (o * C + c) * 9;
+            for (int y = 0; y < 3; ++y)
+                for (int x = 0; x < 3; ++x)
+                    w[3 * y + x] = (float)(t[y][0] * G[0][x] + t[y][1] * G[1][x]
+                                           + t[y][2] * G[2][x] + t[y][3] * G[3][x]);
+        }
 }
