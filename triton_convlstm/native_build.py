@@ -1,7 +1,7 @@
 """The CPU kernels (``csrc/gates.c``, ``csrc/im2col.c``, ``csrc/winograd.c``,
 ``csrc/step.c``): built on first use, cached on disk, loaded by ctypes.
 
-Plain C without torch headers builds in about 4 s (2-core box) with the system's C compiler
+Plain C without torch headers builds in about 5 s (2-core box) with the system's C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-march=native``: the
 kernels' transcendental loops are vectorized) into one library, cached under
 ``$TRITON_CONVLSTM_CACHE`` (default ``~/.cache/triton_convlstm``), keyed by the sources, the
