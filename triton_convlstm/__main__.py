@@ -43,6 +43,7 @@ def _info() -> int:
     if lib is not None:
         fused = "on" if native_build.has_sgemm() else "off (no BLAS sgemm in torch's libraries)"
         print(f"cpu one-step kernel (streaming inference) {fused}")
+        print(f"cpu 3x3 convolutions by Winograd F(2x2, 3x3) {fused}")
     return 0
 
 

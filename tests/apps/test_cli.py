@@ -12,6 +12,7 @@ def test_info_prints_versions_and_backend(capsys):
     assert "torch" in out and "backend 'auto' on cpu: torch" in out
     # CI has a C compiler: the kernels must build
     assert "cpu kernels (gates, small 1-d/3-d convolutions) built: " in out
+    assert "cpu 3x3 convolutions by Winograd F(2x2, 3x3) on" in out  # (torch's x86 sgemm)
 
 
 def test_no_command_prints_usage_and_fails(capsys):
