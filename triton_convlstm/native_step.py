@@ -402,7 +402,9 @@ def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: T
     lib = _library()  # (first: nothing below for a tracer to see)
     if lib is None or not lib.has_sgemm or not plain_fp32((x, h, c, weight, bias, peephole)):
         return None
-    if WINOGRAD_FORWARD_MACS and x.dim() == 4 and winograd(weight, dilation, x.shape[2:], True):
+    key = (_key(x), _key(h), _key(c), _key(weight), tuple(dilation))
+    if memoised(_PLANS, ("winograd", key), lambda: _winograd_sized(x, weight, dilation),
+                _MAX_PLANS):
         done = _winograd_step_forward(lib, x, h, c, weight, bias, peephole, dilation)
         if done is not None:
             return done
@@ -411,8 +413,7 @@ def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: T
         new = torch.empty(c.shape, device="meta")
         return _make_plan(x, h, c, new, new, None, weight, dilation, False)
 
-    plan = memoised(_PLANS, (_key(x), _key(h), _key(c), _key(weight), tuple(dilation)), make,
-                    _MAX_PLANS)
+    plan = memoised(_PLANS, key, make, _MAX_PLANS)
     if plan is None:
         return None
     h_new, c_new = torch.empty(c.shape, dtype=_F32), torch.empty(c.shape, dtype=_F32)
@@ -431,14 +432,21 @@ def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: T
 WINOGRAD_FORWARD_MACS = 1 << 24
 
 
+def _winograd_sized(x: Tensor, weight: Tensor, dilation: Sequence[int]) -> bool:
+    """Whether the one-frame call of these sizes tries native_winograd (2-d, served, at least
+    WINOGRAD_FORWARD_MACS; its threads are asked per call)."""
+    b, _, *spatial = x.shape
+    return (len(spatial) == 2 and winograd(weight, dilation, spatial, True)
+            and 9 * b * math.prod(spatial) * weight.shape[0] * weight.shape[1]
+            >= WINOGRAD_FORWARD_MACS)
+
+
 def _winograd_step_forward(lib, x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor,
                            bias: Tensor | None, peephole: Tensor | None,
                            dilation: Sequence[int]) -> tuple[Tensor, Tensor] | None:
     """:func:`step_forward` by :func:`step_into`'s Winograd step on channels-last copies of
     h and c, or None (nothing allocated past the checks) where that does not serve."""
     b, _, *spatial = x.shape
-    if 9 * b * math.prod(spatial) * weight.shape[0] * weight.shape[1] < WINOGRAD_FORWARD_MACS:
-        return None
     h_last = None if h is None else _channels_last(h)
     if not _winograd_channels(lib, weight, dilation, x, h_last, True):
         return None

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .native_build import Layout, WinogradPlan
-from .native_conv import _pixel_stride, plain_fp32
+from .native_conv import _NO_LAYOUT, _pixel_stride, plain_fp32
 from .native_gates import _library, _run, memoised
 
 # Tiles per block: as many as keep V (16 x block x C) and the products (16 x block x O)
@@ -167,13 +167,10 @@ def input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor, dilation: S
     if not (channels_last and c >= MIN_GRAD_CHANNELS
             and fits(spatial, weight.shape[2:], dilation, o, c)):
         return None
-    lib = _library()
-    if (lib is None or not lib.has_sgemm or not plain_fp32((grad, weight))
-            or tuple(grad.shape) != (n, o, *spatial) or (grad.stride(1) != 1 and o > 1)):
+    found = _gradient_read(grad, (n, o, *spatial), weight)
+    if found is None:
         return None
-    pixel = _pixel_stride(grad)
-    if pixel is None:
-        return None
+    lib, pixel = found
     threads = torch.get_num_threads()
     split = memoised(_PLANS, (grad.shape, grad.stride(), c, threads),
                      lambda: _grad_plans(lib, grad, pixel, c, threads), 256)
@@ -190,9 +187,20 @@ def input_grad(grad: Tensor, x_shape: Sequence[int], weight: Tensor, dilation: S
 def _grad_plans(lib, grad: Tensor, pixel: int, c: int,
                 threads: int) -> tuple[list[WinogradPlan], int] | None:
     n, o, *spatial = grad.shape
-    plan = make_plan(n, spatial, Layout(o, grad.stride(0), grad.stride(1), pixel),
-                     Layout(0, 0, 0, 1), c, o, math.prod(spatial) * c, c)
+    plan = make_plan(n, spatial, Layout(o, grad.stride(0), grad.stride(1), pixel), _NO_LAYOUT,
+                     c, o, math.prod(spatial) * c, c)
     return split_plan(lib, plan, threads)
+
+
+def _gradient_read(grad: Tensor, shape: Sequence[int], other: Tensor) -> tuple | None:
+    """(the library, grad's pixel stride) where winograd.c reads grad as an output gradient
+    of this shape (fp32 like ``other``, its channels dense, one pixel stride), else None."""
+    lib = _library()
+    if (lib is None or not lib.has_sgemm or not plain_fp32((grad, other))
+            or tuple(grad.shape) != tuple(shape) or (grad.stride(1) != 1 and shape[1] > 1)):
+        return None
+    pixel = _pixel_stride(grad)
+    return None if pixel is None else (lib, pixel)
 
 
 def weight_grad(grad: Tensor, x: Tensor, weight: Tensor, dilation: Sequence[int],
@@ -216,15 +224,13 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor, dilation: Sequence[int]
             and c * o >= MIN_WEIGHT_GRAD_PAIRS and torch.get_num_threads() == 1
             and fits(spatial, weight.shape[2:], dilation, c, o)):
         return None
-    lib = _library()
-    if (lib is None or not lib.has_sgemm or not plain_fp32((grad, x))
-            or tuple(grad.shape) != (n, o, *spatial) or (grad.stride(1) != 1 and o > 1)):
+    found = _gradient_read(grad, (n, o, *spatial), x)
+    px = _pixel_stride(x)
+    if found is None or px is None:
         return None
-    pg, px = _pixel_stride(grad), _pixel_stride(x)
-    if pg is None or px is None:
-        return None
-    plan = make_plan(n, spatial, Layout(c, x.stride(0), x.stride(1), px), Layout(0, 0, 0, 1),
-                     o, c, grad.stride(0), pg)
+    lib, pg = found
+    plan = make_plan(n, spatial, Layout(c, x.stride(0), x.stride(1), px), _NO_LAYOUT, o, c,
+                     grad.stride(0), pg)
     scratch = torch.empty(scratch_floats(lib, plan), dtype=torch.float32)
     du = torch.zeros(16, c, o, dtype=torch.float32)
     if lib.tcl_winograd_weight_grad(plan, x.data_ptr(), None, grad.data_ptr(), du.data_ptr(),

@@ -278,6 +278,7 @@ def test_one_frame_at_a_time_through_channels_last_copies_of_the_state(monkeypat
     # winograd.c on channels-last copies of h and c (the threshold lowered to this frame):
     # the same state as the float64 cell, returned contiguous, the caller's c untouched.
     monkeypatch.setattr(native_step, "WINOGRAD_FORWARD_MACS", 1)
+    monkeypatch.setattr(native_step, "_PLANS", {})  # (decisions are memoised with the plans)
     served = []
     into = native_step.step_into
     monkeypatch.setattr(native_step, "step_into",
