@@ -299,3 +299,52 @@ def test_one_frame_at_a_time_through_channels_last_copies_of_the_state(monkeypat
             assert all(s.is_contiguous() for s in state)
             assert _rel(state[0], state64[0]) < 1e-5 and _rel(state[1], state64[1]) < 1e-5
     assert served and all(served)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_layers_through_it_match_the_float64_layer(seed):
+    # What a user might build, drawn at random with >= 8 channels a step (so that winograd.c
+    # serves): frame sizes odd and even, 1-3 layers of mixed widths, either batch order,
+    # bidirectional, peepholes, lengths, a given state or none, recompute_gates; the
+    # outputs, the last states and every gradient against the same model in float64.
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    b, t = pick(1, 2, 3), pick(1, 2, 4)
+    h_, w_ = pick(1, 3, 6, 9), pick(2, 5, 8)
+    cin = pick(1, 3, 8, 17)
+    layers = pick(1, 2, 3)
+    hidden = [pick(8, 12, 16, 24) for _ in range(layers)]
+    kw = dict(batch_first=pick(False, True), bidirectional=pick(False, True),
+              peephole=pick(False, True), recompute_gates=pick(False, True),
+              return_all_layers=True)
+    torch.manual_seed(seed)
+    model = ConvLSTM(cin, hidden, 3, layers, **kw)
+    ref = ConvLSTM(cin, hidden, 3, layers, **kw).double()
+    ref.load_state_dict(model.state_dict())
+    shape = (b, t, cin, h_, w_) if kw["batch_first"] else (t, b, cin, h_, w_)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    extra = {}
+    if b > 1 and pick(False, True):
+        extra["lengths"] = torch.tensor([t] + [max(1, t - 1)] * (b - 1))
+    directions = 2 if kw["bidirectional"] else 1
+    state = None
+    if pick(False, True) and directions == 1:
+        state = [tuple(torch.randn(b, hid, h_, w_, generator=g) for _ in range(2))
+                 for hid in hidden]
+    out, last = model(x, state, **extra)
+    loss = sum(o.square().sum() for o in out) + sum(s[1].sum() for s in last)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_()
+    state64 = None if state is None else [tuple(s.double() for s in p) for p in state]
+    out64, last64 = ref(x64, state64, **extra)
+    (sum(o.square().sum() for o in out64) + sum(s[1].sum() for s in last64)).backward()
+    for got, want in zip(out, out64):
+        assert _rel(got, want) < 1e-5
+    for got, want in zip(last, last64):
+        assert _rel(got[0], want[0]) < 1e-5 and _rel(got[1], want[1]) < 1e-5
+    assert _rel(x.grad, x64.grad) < 1e-5
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-5
