@@ -28,13 +28,15 @@ from .native_conv import _NO_LAYOUT, _pixel_stride, plain_fp32
 from .native_gates import _library, _run, memoised
 
 # Tiles per block: as many as keep V (16 x block x C) and the products (16 x block x O)
-# within BLOCK_BYTES (the core's L2 is 2 MiB here), 8 to 256. Measured (one thread, us a
+# within BLOCK_BYTES (the core's L2 is 2 MiB here), 32 to 256. Measured (one thread, us a
 # convolution by block): B8 C16+64 32x32 (21 KiB a tile) 32: 14563, 64: 11724, 128: 12026,
 # 256: 15664; B4 C4+8 32x32 (2.8 KiB) 32: 526, 64: 471, 186: 438 (fewer, larger products: the
-# BLAS's fixed cost per call shows at few channels). Fewer where the two would outgrow the
-# convolution's own output (small frames): the scratch counts in a training step's peak
-# (cpu-s: 1.14x the formulation's with 64).
-BLOCK_BYTES, MIN_BLOCK, MAX_BLOCK = 3 << 19, 8, 256
+# BLAS's fixed cost per call shows at few channels). Fewer, down to MIN_BLOCK, where the two
+# would outgrow the convolution's own output (small frames): the scratch counts in a training
+# step's peak (cpu-s: 1.14x the formulation's with 64 and the weight's transform in float64
+# torch ops; 0.95x with 8, 0.97x with 32). Below 32 the products get too small: cpu-s's
+# recurrent input gradient (B2 64 -> 16 16x16) 144 us with 8, 100 with 32, 88 with 64.
+BLOCK_BYTES, MIN_BLOCK, MAX_BLOCK = 3 << 19, 32, 256
 # With several threads, the tiles are shared (each thread a share of whole blocks, at least
 # THREAD_BLOCKS of them and THREAD_MACS multiply-adds) where that keeps at least half the
 # threads busy (2.25x fewer multiplies than oneDNN's convolution on all of them); else torch's
@@ -122,12 +124,12 @@ def split_plan(lib, plan: WinogradPlan,
     parts = min(threads, plan.tile_end // (THREAD_BLOCKS * plan.block), macs // THREAD_MACS)
     if parts < max(2, -(-threads // 2)):
         return None
-    per_thread = -(-plan.tile_end // parts)
-    share = -(-per_thread // plan.block) * plan.block  # (whole blocks)
+    blocks = -(-plan.tile_end // plan.block)
     plans = []
-    for begin in range(0, plan.tile_end, share):
+    for k in range(parts):  # (whole blocks each, as even as they divide)
         part = WinogradPlan.from_buffer_copy(plan)
-        part.tile_begin, part.tile_end = begin, min(plan.tile_end, begin + share)
+        part.tile_begin = k * blocks // parts * plan.block
+        part.tile_end = min(plan.tile_end, (k + 1) * blocks // parts * plan.block)
         part.gemm_threads = 1
         plans.append(part)
     return plans, floats

@@ -45,7 +45,7 @@ def _case(b, cx, hid, spatial, seed=0):
 
 @pytest.mark.parametrize(("b", "cx", "hid", "spatial"), [
     (2, 3, 8, (5, 6)),     # an odd height: the last tile row half outside
-    (3, 4, 16, (17, 17)),  # 243 tiles: five whole blocks of 41 and a partial one
+    (3, 4, 16, (17, 17)),  # 243 tiles: seven whole blocks of 32 and a partial one
     (1, 1, 8, (1, 1)),     # one pixel: one tile, three of its outputs outside
     (2, 16, 8, (4, 9)),
 ])
@@ -239,7 +239,7 @@ def test_threads_share_the_tiles_and_give_the_reference_result(monkeypatch, thre
     model = ConvLSTM(4, 16, 3, 1, batch_first=True, peephole=True)
     ref = ConvLSTM(4, 16, 3, 1, batch_first=True, peephole=True).double()
     ref.load_state_dict(model.state_dict())
-    x = torch.randn(2, 3, 4, 9, 13, requires_grad=True)  # 2 x 5 x 7 tiles, blocks of 8
+    x = torch.randn(2, 3, 4, 13, 13, requires_grad=True)  # 2 x 7 x 7 tiles, blocks of 32
     lengths = torch.tensor([3, 2])
     for kw in ({}, {"lengths": lengths}):
         shared.clear()
