@@ -200,13 +200,12 @@ def _ptr(t: Tensor | None) -> int | None:
 
 def _run(fn, plans: list[Plan], *args) -> None:
     """fn(plan, *args) for each plan, on threads when there are several (ctypes drops the
-    GIL for the call, so they run in parallel; each writes only its own rows). A trailing
-    list among args gives each plan its own item (per-thread accumulators)."""
+    GIL for the call, so they run in parallel; each writes only its own rows). A list among
+    args gives each plan its own item (per-thread accumulators, scratch)."""
     if len(plans) == 1 and not isinstance(args[-1], list):
         fn(plans[0], *args)  # (the common small update, without the list building below)
         return
-    per_plan = isinstance(args[-1], list)
-    calls = [(p, *args[:-1], args[-1][k]) if per_plan else (p, *args)
+    calls = [(p, *(a[k] if isinstance(a, list) else a for a in args))
              for k, p in enumerate(plans)]
     if len(calls) == 1:
         fn(*calls[0])

@@ -59,6 +59,10 @@ MIN_GRAD_CHANNELS = 16
 # 0.95x; 14 x 64 x 16 16x16 1.09x; 15 x 32 x 8 64x64 0.68x; 120 x 256 x 64 32x32 1.74x;
 # 128 x 256 x 16 32x32 1.69x. Error against float64 4e-7 to 1e-6 (torch's 5e-7 to 7e-6).
 MIN_WEIGHT_GRAD_CHANNELS, MIN_WEIGHT_GRAD_PAIRS = 16, 2048
+# On several threads, the weight gradient's share per thread (see split_plan): on 2 threads of
+# this box 28 frames x 128 x 32 (352M multiply-adds) ran 0.70x torch's, 120 x 256 x 64 and
+# 128 x 256 x 16 (8G, 2G) 1.9x and 1.7x.
+WEIGHT_GRAD_THREAD_MACS = 1 << 29
 _TRANSFORMS: dict = {}  # (id(weight), transposed) -> (weakref, version, data_ptr, transform)
 _PLANS: dict = {}  # the input gradient's: grad's sizes and strides, C -> (plan, scratch)
 
@@ -110,18 +114,19 @@ def make_plan(batch: int, spatial: Sequence[int], x: Layout, h: Layout, out: int
         gemm_threads=0)
 
 
-def split_plan(lib, plan: WinogradPlan,
-               threads: int) -> tuple[list[WinogradPlan], int] | None:
+def split_plan(lib, plan: WinogradPlan, threads: int,
+               thread_macs: int | None = None) -> tuple[list[WinogradPlan], int] | None:
     """The plan for ``threads`` threads and each part's scratch floats: on one thread, the
     plan itself; on several, one plan per thread, each a share of the tiles in whole blocks
     and its products on one BLAS thread (as oneDNN shares a convolution: a block's small
     products on the BLAS's threads, the transforms on one, scaled poorly), or None where too
-    few threads would be busy (see THREAD_MACS)."""
+    few threads would be busy (each ``thread_macs`` multiply-adds, default THREAD_MACS)."""
     floats = scratch_floats(lib, plan)
     if threads < 2:
         return [plan], floats
     macs = 16 * plan.tile_end * plan.channels * plan.out
-    parts = min(threads, plan.tile_end // (THREAD_BLOCKS * plan.block), macs // THREAD_MACS)
+    thread_macs = THREAD_MACS if thread_macs is None else thread_macs
+    parts = min(threads, plan.tile_end // (THREAD_BLOCKS * plan.block), macs // thread_macs)
     if parts < max(2, -(-threads // 2)):
         return None
     blocks = -(-plan.tile_end // plan.block)
@@ -209,9 +214,9 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor, dilation: Sequence[int]
                 channels_last: bool) -> Tensor | None:
     """``conv.conv_same_weight_grad`` with zeros padding (summed over the N frames) by
     winograd.c, as a new contiguous (O, C, 3, 3) tensor, or None where not served: not
-    :func:`fits`, too few channels (MIN_WEIGHT_GRAD_CHANNELS), not channels-last, on
-    several threads (one sum: torch's, on all of them), grad's channels not dense, no
-    library or sgemm.
+    :func:`fits`, too few channels (MIN_WEIGHT_GRAD_CHANNELS), not channels-last, too few
+    multiply-adds to share on several threads (:func:`split_plan`; each thread then sums its
+    share of the tiles), grad's channels not dense, no library or sgemm.
 
     Args:
         grad: (N, O, H, W), the output's gradient.
@@ -223,7 +228,7 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor, dilation: Sequence[int]
     n, c, *spatial = x.shape
     o = weight.shape[0]
     if not (channels_last and c >= MIN_WEIGHT_GRAD_CHANNELS
-            and c * o >= MIN_WEIGHT_GRAD_PAIRS and torch.get_num_threads() == 1
+            and c * o >= MIN_WEIGHT_GRAD_PAIRS
             and fits(spatial, weight.shape[2:], dilation, c, o)):
         return None
     found = _gradient_read(grad, (n, o, *spatial), x)
@@ -233,12 +238,17 @@ def weight_grad(grad: Tensor, x: Tensor, weight: Tensor, dilation: Sequence[int]
     lib, pg = found
     plan = make_plan(n, spatial, Layout(c, x.stride(0), x.stride(1), px), _NO_LAYOUT, o, c,
                      grad.stride(0), pg)
-    scratch = torch.empty(scratch_floats(lib, plan), dtype=torch.float32)
-    du = torch.zeros(16, c, o, dtype=torch.float32)
-    if lib.tcl_winograd_weight_grad(plan, x.data_ptr(), None, grad.data_ptr(), du.data_ptr(),
-                                    scratch.data_ptr()):
+    split = split_plan(lib, plan, torch.get_num_threads(), WEIGHT_GRAD_THREAD_MACS)
+    if split is None:
         return None
+    plans, floats = split
+    # one sum per thread (its share of the tiles), added after
+    du = torch.zeros(len(plans), 16, c, o, dtype=torch.float32)
+    scratch = torch.empty(len(plans), floats, dtype=torch.float32)
+    _run(lib.tcl_winograd_weight_grad, plans, x.data_ptr(), None, grad.data_ptr(),
+         [d.data_ptr() for d in du], [s.data_ptr() for s in scratch])
     del scratch
+    du = du[0] if len(plans) == 1 else du.sum(0)
     dw = torch.empty(o, c, 3, 3, dtype=torch.float32)
     lib.tcl_winograd_weight_back(o, c, du.data_ptr(), dw.data_ptr())
     return dw

@@ -217,35 +217,40 @@ def test_the_weight_gradients_it_does_not_serve_are_declined(threads):
         (grad.double(), x.double(), w, (1, 1), True),            # not fp32
     ]:
         assert native_winograd.weight_grad(*args) is None
-    threads(2)  # one sum: torch's, on all threads
+    threads(2)  # too few multiply-adds to share: torch's, on all threads
     assert native_winograd.weight_grad(grad, x, w, (1, 1), True) is None
 
 
 def test_threads_share_the_tiles_and_give_the_reference_result(monkeypatch, threads):
     # Three threads, each a share of whole blocks (the share thresholds lowered to these
-    # small frames): the time loop's steps, the masked steps' (lengths) and the input
-    # gradients, against the float64 layer.
+    # small frames): the time loop's steps, the masked steps' (lengths), the input gradients
+    # and the weight gradients (a sum per thread), against the float64 layer.
     threads(3)
     monkeypatch.setattr(native_winograd, "THREAD_MACS", 1)
+    monkeypatch.setattr(native_winograd, "WEIGHT_GRAD_THREAD_MACS", 1)
     monkeypatch.setattr(native_winograd, "THREAD_BLOCKS", 1)
     monkeypatch.setattr(native_step, "_PLANS", {})
     monkeypatch.setattr(native_winograd, "_PLANS", {})
-    shared = []
-    step = native_step._shared_step
+    shared, summed = [], []
+    step, weight_grad = native_step._shared_step, native_winograd.weight_grad
     monkeypatch.setattr(native_step, "_shared_step",
                         lambda lib, parts, *a: shared.append(len(parts[0])) or step(lib, parts,
                                                                                      *a))
+    monkeypatch.setattr(native_winograd, "weight_grad",
+                        lambda *a: summed.append(weight_grad(*a)) or summed[-1])
     torch.manual_seed(4)
-    model = ConvLSTM(4, 16, 3, 1, batch_first=True, peephole=True)
-    ref = ConvLSTM(4, 16, 3, 1, batch_first=True, peephole=True).double()
+    model = ConvLSTM(4, 32, 3, 1, batch_first=True, peephole=True)
+    ref = ConvLSTM(4, 32, 3, 1, batch_first=True, peephole=True).double()
     ref.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 4, 13, 13, requires_grad=True)  # 2 x 7 x 7 tiles, blocks of 32
     lengths = torch.tensor([3, 2])
     for kw in ({}, {"lengths": lengths}):
         shared.clear()
+        summed.clear()
         out, last = model(x, **kw)
         (out[0].square().sum() + last[0][1].sum()).backward()
         assert shared and max(shared) == 3  # (the zero state's first step may run whole)
+        assert any(dw is not None for dw in summed)
         x64 = x.detach().double().requires_grad_()
         out64, last64 = ref(x64, **kw)
         (out64[0].square().sum() + last64[0][1].sum()).backward()
