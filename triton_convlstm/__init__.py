@@ -28,7 +28,8 @@ The library, from the modules down to the kernels (each module one job):
 - ``gate_launchers``: the gate update with one calling convention: Triton's or plain torch's.
 - ``native_gates``: the CPU gate update, forward and backward, by the C kernels (``csrc/gates.c``).
 - ``native_conv``: small 1-d/3-d CPU convolutions and their gradients as C columns and products.
-- ``native_step``: a whole small inference step (columns, torch's sgemm, gates) in one C call.
+- ``native_step``: a whole inference step (columns or Winograd, sgemm, gates) in one C call.
+- ``native_frame``: the one-frame CPU call (cell, layer T=1) by native_step's step.
 - ``native_winograd``: 3x3 CPU convolutions (steps, input gradients) by Winograd's F(2x2, 3x3).
 - ``native_build``: builds those kernels on first use (system C compiler), caches, loads them.
 - ``conv``: same-padded convolutions and their aten gradients.

@@ -1,16 +1,18 @@
-"""A whole ConvLSTM step in inference on CPU in one C call (``csrc/step.c``): the columns of
-[x, h], their product with the weight by the BLAS sgemm torch links, the bias and the gate
-update, for small frames (the streaming use: one frame at a time, state carried).
+"""A whole ConvLSTM step in inference on CPU in one C call (``csrc/step.c``): the convolution
+of [x, h] (its columns and their product with the weight by the BLAS sgemm torch links, or
+for 3x3 kernels native_winograd's), the bias and the gate update; for the time loops
+(:func:`steps_into`, :func:`step_into`) and the one-frame call (native_frame).
 
 There a step is a handful of torch ops of a few microseconds of dispatch each around ~50 us of
 arithmetic; torch's own 2-d convolution at batch 1 builds its columns in ~20 us. Measured in
-docs/PERF_NOTES.md (session 10).
+docs/PERF_NOTES.md (sessions 10 and 13). On several threads, Winograd steps share their
+tiles between threads (:func:`_shared_steps`).
 
-:func:`step_forward` answers None, having written nothing, where it does not serve the call
-(no library or no sgemm, another dtype or device, autograd or a tracer must see the step,
-frames past native_conv's limits, a state the gate plan cannot read); the caller then runs
-the convolution and the gate update as before, which compute the same function (to float
-rounding: another summation order, polynomial activations).
+:func:`step_into` answers False and :func:`steps_into` 0, having written nothing, where they
+do not serve the call (no library or no sgemm, another dtype or device, autograd or a tracer
+must see the step, frames past native_conv's limits, a state the gate plan cannot read); the
+caller then runs the convolution and the gate update as before, which compute the same
+function (to float rounding: another summation order, polynomial activations).
 """
 
 from __future__ import annotations
@@ -383,84 +385,3 @@ def _shared_steps(lib, x: Tensor, count: int, h0: Tensor | None, c_first: Tensor
                      gates, None)
         c_prev = c_out(i)
     return count
-
-
-def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Tensor | None,
-                 peephole: Tensor | None,
-                 dilation: Sequence[int]) -> tuple[Tensor, Tensor] | None:
-    """:func:`step_into` into new contiguous h and c (the one-frame path: the cell, the
-    layer's T=1 call), or None where not served. Its own shorter plan key: the streaming
-    step's Python is a visible part of a ~70 us step.
-
-    Args:
-        x, h, weight, bias, peephole, dilation: as :func:`step_into`'s.
-        c: (B, hidden, *spatial) fp32, channels-first pixels (the state the cell keeps).
-
-    Returns:
-        (h, c), each (B, hidden, *spatial) contiguous fp32, or None.
-    """
-    lib = _library()  # (first: nothing below for a tracer to see)
-    if lib is None or not lib.has_sgemm or not plain_fp32((x, h, c, weight, bias, peephole)):
-        return None
-    key = (_key(x), _key(h), _key(c), _key(weight), tuple(dilation))
-    if memoised(_PLANS, ("winograd", key), lambda: _winograd_sized(x, weight, dilation),
-                _MAX_PLANS):
-        done = _winograd_step_forward(lib, x, h, c, weight, bias, peephole, dilation)
-        if done is not None:
-            return done
-
-    def make():
-        new = torch.empty(c.shape, device="meta")
-        return _make_plan(x, h, c, new, new, None, weight, dilation, False)
-
-    plan = memoised(_PLANS, key, make, _MAX_PLANS)
-    if plan is None:
-        return None
-    h_new, c_new = torch.empty(c.shape, dtype=_F32), torch.empty(c.shape, dtype=_F32)
-    if not _run(lib, plan, x, h, c, weight, bias, peephole, c_new, h_new, None, None):
-        return None
-    return h_new, c_new
-
-
-# The one-frame call convolves by native_winograd from this many multiply-adds a step (the
-# direct sum's count); below, the columns. Its state is channels-first (the cell's, which
-# users hold) while winograd.c writes channels-last z, so h and c are copied into that layout
-# and back: four copies of the state a step. Measured (one thread, 10 frames, against the
-# popular cell; columns, then Winograd): hid16 16x16 (2.5M) 1.12x, 0.83x; hid24 24x24 (12M)
-# 1.05x, 1.01x; hid32 32x32 (39M) 1.04x, 1.61x; hid64 64x64 (613M) 1.10x, 1.42x (the layer
-# on T=1 chunks 1.21x, 1.93x).
-WINOGRAD_FORWARD_MACS = 1 << 24
-
-
-def _winograd_sized(x: Tensor, weight: Tensor, dilation: Sequence[int]) -> bool:
-    """Whether the one-frame call of these sizes tries native_winograd (2-d, served, at least
-    WINOGRAD_FORWARD_MACS; its threads are asked per call)."""
-    b, _, *spatial = x.shape
-    return (len(spatial) == 2 and winograd(weight, dilation, spatial, True)
-            and 9 * b * math.prod(spatial) * weight.shape[0] * weight.shape[1]
-            >= WINOGRAD_FORWARD_MACS)
-
-
-def _winograd_step_forward(lib, x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor,
-                           bias: Tensor | None, peephole: Tensor | None,
-                           dilation: Sequence[int]) -> tuple[Tensor, Tensor] | None:
-    """:func:`step_forward` by :func:`step_into`'s Winograd step on channels-last copies of
-    h and c, or None (nothing allocated past the checks) where that does not serve."""
-    b, _, *spatial = x.shape
-    h_last = None if h is None else _channels_last(h)
-    if not _winograd_channels(lib, weight, dilation, x, h_last, True):
-        return None
-    c_last = _channels_last(c, copy=True)  # (updated in place)
-    h_new = torch.empty(b, *spatial, c.shape[1], dtype=_F32).movedim(-1, 1)
-    if not step_into(x, h_last, c_last, weight, bias, peephole, dilation, h_out=h_new,
-                     c_out=c_last, pixel_major=True):
-        return None
-    return h_new.contiguous(), c_last.contiguous()
-
-
-def _channels_last(t: Tensor, copy: bool = False) -> Tensor:
-    """t with dense channels: itself where it has them (unless ``copy``), else a copy."""
-    if t.stride(1) == 1 and not copy:
-        return t
-    b, ch, *spatial = t.shape
-    return torch.empty(b, *spatial, ch, dtype=t.dtype).movedim(-1, 1).copy_(t)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import native_conv, native_gates, native_step, reference
+from . import native_conv, native_frame, native_gates, reference
 from .backend import check_backend_name, resolve_backend
 from .conv import conv_same
 from .layout import channels_last, frames_channels_last
@@ -235,7 +235,7 @@ def cell_step(x_t: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: Te
     # Small frames in inference: the whole step in one C call (before anything else: the
     # streaming step's hot path).
     if on_torch and padding_mode == "zeros":
-        done = native_step.step_forward(x_t, h, c, w, conv_bias, peephole, dilation)
+        done = native_frame.step_forward(x_t, h, c, w, conv_bias, peephole, dilation)
         if done is not None:
             return done
     last = (x_t.is_cpu and math.prod(x_t.shape[2:]) >= CHANNELS_LAST_PIXELS

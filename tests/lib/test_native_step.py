@@ -16,6 +16,7 @@ from triton_convlstm import (
     ConvLSTMCell,
     ConvLSTMCell3d,
     native_build,
+    native_frame,
     native_step,
 )
 from triton_convlstm.conv import conv_same
@@ -65,10 +66,10 @@ def test_the_step_matches_the_float64_reference(spatial, k, d, peephole, bias, b
     x, h, c, w, bias_t, p = _case(b, 2, 4, spatial, k, peephole)
     bias_t = bias_t if bias else None
     dilation = (d,) * len(spatial)
-    _close(native_step.step_forward(x, h, c, w, bias_t, p, dilation),
+    _close(native_frame.step_forward(x, h, c, w, bias_t, p, dilation),
            _want(x, h, c, w, bias_t, p, dilation))
     # The zero state: the weight's x channels alone (a slice, rows with gaps between them).
-    _close(native_step.step_forward(x, None, c, w[:, :2], bias_t, p, dilation),
+    _close(native_frame.step_forward(x, None, c, w[:, :2], bias_t, p, dilation),
            _want(x, None, c, w[:, :2], bias_t, p, dilation))
 
 
@@ -77,7 +78,7 @@ def test_inputs_in_other_layouts_are_read_where_they_are():
     video = torch.randn(2, 4, 3, 5, 6)
     x = video[:, 1]  # a frame of a batch-first video: a gap per sample
     h = h.contiguous(memory_format=torch.channels_last)
-    _close(native_step.step_forward(x, h, c, w, bias, p, (1, 1)),
+    _close(native_frame.step_forward(x, h, c, w, bias, p, (1, 1)),
            _want(x, h, c, w, bias, p, (1, 1)))
 
 
@@ -85,7 +86,7 @@ def _declined(**change):
     x, h, c, w, bias, p = _case(1, 2, 4, (5, 6), 3, True)
     args = dict(x=x, h=h, c=c, weight=w, bias=bias, peephole=p, dilation=(1, 1))
     args.update(change)
-    return native_step.step_forward(**args) is None
+    return native_frame.step_forward(**args) is None
 
 
 def test_calls_it_does_not_serve_are_declined(monkeypatch):
@@ -121,8 +122,8 @@ def test_the_cell_and_the_layers_one_frame_call_run_it_with_the_same_results(mon
     x = torch.randn(2, 1, 2, 6, 6)
     state = (torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6))
     served = []
-    fused = native_step.step_forward
-    monkeypatch.setattr(native_step, "step_forward",
+    fused = native_frame.step_forward
+    monkeypatch.setattr(native_frame, "step_forward",
                         lambda *a: served.append(1) or fused(*a))
     with torch.no_grad():
         runs = [(cell(x[:, 0], state), layer(x, [state, state]))]

@@ -7,7 +7,14 @@ layers that use it; and threads sharing the tiles."""
 import pytest
 import torch
 
-from triton_convlstm import ConvLSTM, ConvLSTMCell, native_build, native_step, native_winograd
+from triton_convlstm import (
+    ConvLSTM,
+    ConvLSTMCell,
+    native_build,
+    native_frame,
+    native_step,
+    native_winograd,
+)
 from triton_convlstm.conv import conv_same, conv_same_input_grad, conv_same_weight_grad
 from triton_convlstm.reference import gate_forward_ref
 
@@ -282,8 +289,8 @@ def test_one_frame_at_a_time_through_channels_last_copies_of_the_state(monkeypat
     # The cell's one-frame call (its state channels-first, as users hold it) convolves by
     # winograd.c on channels-last copies of h and c (the threshold lowered to this frame):
     # the same state as the float64 cell, returned contiguous, the caller's c untouched.
-    monkeypatch.setattr(native_step, "WINOGRAD_FORWARD_MACS", 1)
-    monkeypatch.setattr(native_step, "_PLANS", {})  # (decisions are memoised with the plans)
+    monkeypatch.setattr(native_frame, "WINOGRAD_FORWARD_MACS", 1)
+    monkeypatch.setattr(native_frame, "_PLANS", {})  # (decisions are memoised with the plans)
     served = []
     into = native_step.step_into
     monkeypatch.setattr(native_step, "step_into",
