@@ -202,7 +202,7 @@ def _run(fn, plans: list[Plan], *args) -> None:
     """fn(plan, *args) for each plan, on threads when there are several (ctypes drops the
     GIL for the call, so they run in parallel; each writes only its own rows). A list among
     args gives each plan its own item (per-thread accumulators, scratch)."""
-    if len(plans) == 1 and not isinstance(args[-1], list):
+    if len(plans) == 1 and list not in map(type, args):
         fn(plans[0], *args)  # (the common small update, without the list building below)
         return
     calls = [(p, *(a[k] if isinstance(a, list) else a for a in args))

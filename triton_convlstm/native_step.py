@@ -151,13 +151,19 @@ def _vectors_fit(peephole: Tensor | None, bias: Tensor | None, hid: int) -> bool
             and (bias is None or (bias.shape == (4 * hid,) and bias.stride(0) == 1)))
 
 
+def _small_inputs_fit(peephole: Tensor | None, bias: Tensor | None, valid: Tensor | None,
+                      c_prev: Tensor) -> bool:
+    """:func:`_vectors_fit`, and a multiplier of one value per sample or None."""
+    return (_vectors_fit(peephole, bias, c_prev.shape[1])
+            and (valid is None or valid.numel() == c_prev.shape[0]))
+
+
 def _run(lib, found: tuple[StepPlan, int], x: Tensor, h: Tensor | None, c_prev: Tensor,
          weight: Tensor, bias: Tensor | None, peephole: Tensor | None, c_out: Tensor,
          h_out: Tensor, gates: Tensor | None, valid: Tensor | None) -> bool:
     """The C call, after the small vectors' checks; whether it ran."""
     plan, scratch_floats = found
-    if not _vectors_fit(peephole, bias, c_prev.shape[1]) or (
-            valid is not None and valid.numel() != x.shape[0]):
+    if not _small_inputs_fit(peephole, bias, valid, c_prev):
         return False
     # (the converted copies held until the call returns)
     peephole, valid = _vector(peephole), _vector(valid)
@@ -208,8 +214,7 @@ def step_into(x: Tensor, h: Tensor | None, c_prev: Tensor, weight: Tensor, bias:
         weight = native_winograd.transform_weight(weight)
         if torch.get_num_threads() > 1:
             parts = _shared_parts(lib, x, h, 4 * c_prev.shape[1], u_channels)
-            if not _vectors_fit(peephole, bias, c_prev.shape[1]) or (
-                    valid is not None and valid.numel() != x.shape[0]):
+            if not _small_inputs_fit(peephole, bias, valid, c_prev):
                 return False
             z = _pixel_major_z(c_prev) if gates is None else gates
             scratch = torch.empty(len(parts[0]) * parts[1], dtype=_F32)

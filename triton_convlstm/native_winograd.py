@@ -106,12 +106,12 @@ def make_plan(batch: int, spatial: Sequence[int], x: Layout, h: Layout, out: int
                                batch * height * width * out // per_tile))
     if block > 32:  # (whole 32s: 73 tiles ran 12% slower than 64 at B8 C16+64 32x32)
         block -= block % 32
-    tiles = batch * -(-height // 2) * -(-width // 2)
+    tiles_h, tiles_w = -(-height // 2), -(-width // 2)
     return WinogradPlan(
-        B=batch, H=height, W=width, tiles_h=-(-height // 2), tiles_w=-(-width // 2), x=x, h=h,
+        B=batch, H=height, W=width, tiles_h=tiles_h, tiles_w=tiles_w, x=x, h=h,
         channels=x.channels + h.channels, out=out, u_step=u_channels * out,
-        z_sample=z_sample, z_pixel=z_pixel, block=block, tile_begin=0, tile_end=tiles,
-        gemm_threads=0)
+        z_sample=z_sample, z_pixel=z_pixel, block=block, tile_begin=0,
+        tile_end=batch * tiles_h * tiles_w, gemm_threads=0)
 
 
 def split_plan(lib, plan: WinogradPlan, threads: int,

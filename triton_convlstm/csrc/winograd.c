@@ -150,14 +150,16 @@ static void transform_outputs(const winograd_plan_t *p, const float *M, i64 t0, 
     }
 }
 
+/* The weight's transform G of F(2x2, 3x3): U = G g G^T for each 3x3 tap set g. */
+static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+
 /* U (16, C, O) for a (O, C, 3, 3) weight w at element strides (so, sc, sy, sx):
-   U[4a + b][c][o] = (G w[o][c] G^T)[a][b] with G = [[1, 0, 0], [1/2, 1/2, 1/2],
-   [1/2, -1/2, 1/2], [0, 0, 1]], summed in double; transposed: the input gradient's weight
-   (w's channels swapped, its taps flipped), U (16, O, C). Written in place: made in the
-   backward, where the training peak is, torch ops' float64 temporaries had cost 5x U. */
+   U[4a + b][c][o] = (G w[o][c] G^T)[a][b], summed in double; transposed: the input
+   gradient's weight (w's channels swapped, its taps flipped), U (16, O, C). Written in place:
+   made in the backward, where the training peak is, torch ops' float64 temporaries had cost
+   5x U. */
 void tcl_winograd_weight(i64 O, i64 C, const float *w, i64 so, i64 sc, i64 sy, i64 sx,
                          int transposed, float *u) {
-    static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
     const i64 plane = O * C;
     for (i64 o = 0; o < O; ++o)
         for (i64 c = 0; c < C; ++c) {
@@ -192,40 +194,75 @@ ALWAYS_INLINE i64 widest(const winograd_plan_t *p) {
     return w > p->out ? w : p->out;
 }
 
-i64 tcl_winograd_scratch(const winograd_plan_t *p) {
-    /* V, M, the zeros, a tile's packed channels, a partial tile's outputs */
-    return 16 * p->block * (p->channels + p->out) + 17 * widest(p) + 4 * p->out;
+/* A call's scratch (tcl_winograd_scratch counts its floats): V, M, the zeros a pixel outside
+   the frame reads, a tile's packed channels, a partial tile's outputs; as offsets, then
+   carved from the caller's floats. */
+typedef struct { i64 M, zeros, packed, spill, end; } offsets_t;
+typedef struct { float *V, *M, *zeros, *packed, *spill; } scratch_t;
+
+ALWAYS_INLINE offsets_t scratch_offsets(const winograd_plan_t *p) {
+    offsets_t o;
+    o.M = 16 * p->block * p->channels;
+    o.zeros = o.M + 16 * p->block * p->out;
+    o.packed = o.zeros + widest(p);
+    o.spill = o.packed + 16 * widest(p);
+    o.end = o.spill + 4 * p->out;
+    return o;
+}
+
+i64 tcl_winograd_scratch(const winograd_plan_t *p) { return scratch_offsets(p).end; }
+
+ALWAYS_INLINE scratch_t carve(const winograd_plan_t *p, float *scratch) {
+    const offsets_t o = scratch_offsets(p);
+    const scratch_t s = {scratch, scratch + o.M, scratch + o.zeros, scratch + o.packed,
+                         scratch + o.spill};
+    return s;
+}
+
+/* The setup both entry points share: the channels the call convolves (x's, and h's where
+   given), or 0 where it cannot run (no sgemm, more channels than the plan's rows, sizes past
+   the BLAS's ints: nothing written); the scratch carved, its zeros zeroed; the thread's BLAS
+   threads set to the plan's (*restore: the previous setting for blas_threads_restore). */
+ALWAYS_INLINE i64 begin_call(const winograd_plan_t *p, const float *h, float *scratch,
+                             scratch_t *s, int *restore) {
+    const i64 C = p->x.channels + (h ? p->h.channels : 0);
+    if (tcl_sgemm() == NULL || C > p->channels || p->out > INT32_MAX
+        || p->block * p->channels > INT32_MAX)
+        return 0;
+    *s = carve(p, scratch);
+    for (i64 c = 0; c < widest(p); ++c) s->zeros[c] = 0.0f;
+    *restore = p->gemm_threads && BLAS_THREADS ? BLAS_THREADS((int)p->gemm_threads) : -1;
+    return C;
+}
+
+ALWAYS_INLINE void blas_threads_restore(int restore) {
+    if (restore >= 0) BLAS_THREADS(restore);  /* (the thread's previous setting; 0: none) */
 }
 
 int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, const float *u,
                     const float *bias, float *z, float *scratch) {
+    scratch_t s;
+    int restore;
+    const i64 C = begin_call(p, h, scratch, &s, &restore), O = p->out;
+    if (C == 0) return 1;
     sgemm_fn sgemm = tcl_sgemm();
-    const i64 C = p->x.channels + (h ? p->h.channels : 0), O = p->out;
-    if (sgemm == NULL || C > p->channels || O > INT32_MAX
-        || p->block * p->channels > INT32_MAX)
-        return 1;
-    const i64 wide = widest(p);
-    float *V = scratch, *M = V + 16 * p->block * p->channels, *zeros = M + 16 * p->block * O;
-    float *packed = zeros + wide, *spill = packed + 16 * wide;
-    for (i64 c = 0; c < wide; ++c) zeros[c] = 0.0f;
+    float *V = s.V, *M = s.M;
     const i64 tiles = p->tile_end;
     const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
     const float one = 1.0f, zero = 0.0f;
-    const int threads = p->gemm_threads && BLAS_THREADS ? BLAS_THREADS((int)p->gemm_threads)
-                                                        : -1;
     for (i64 t0 = p->tile_begin; t0 < tiles; t0 += p->block) {
         const i64 n = tiles - t0 < p->block ? tiles - t0 : p->block;
-        transform_inputs(p, &p->x, x, 0, t0, n, V, zeros, packed);
-        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, zeros, packed);
+        transform_inputs(p, &p->x, x, 0, t0, n, V, s.zeros, s.packed);
+        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, s.zeros, s.packed);
         const int n32 = (int)n;
         /* column-major: M[k]^T (O x n) = U[k]^T (O x C, U[k] stored C x O row-major at
            u_step apart) V[k]^T (C x n, V[k] stored n x C at row stride channels) */
         for (int k = 0; k < 16; ++k)
             sgemm("N", "N", &o32, &n32, &c32, &one, u + k * p->u_step, &o32,
                   V + k * p->block * p->channels, &ldv, &zero, M + k * p->block * O, &o32);
-        transform_outputs(p, M, t0, n, bias, z, spill);
+        transform_outputs(p, M, t0, n, bias, z, s.spill);
     }
-    if (threads >= 0) BLAS_THREADS(threads);  /* (the thread's previous setting; 0: none) */
+    blas_threads_restore(restore);
     return 0;
 }
 
@@ -268,22 +305,19 @@ static void transform_grads(const winograd_plan_t *p, const float *dz, i64 t0, i
    dimension is summed, where the BLAS runs near peak. scratch: tcl_winograd_scratch's. */
 int tcl_winograd_weight_grad(const winograd_plan_t *p, const float *x, const float *h,
                              const float *dz, float *du, float *scratch) {
+    scratch_t s;
+    int restore;
+    const i64 C = begin_call(p, h, scratch, &s, &restore), O = p->out;
+    if (C == 0) return 1;
     sgemm_fn sgemm = tcl_sgemm();
-    const i64 C = p->x.channels + (h ? p->h.channels : 0), O = p->out;
-    if (sgemm == NULL || C > p->channels) return 1;
-    const i64 wide = widest(p);
-    float *V = scratch, *M = V + 16 * p->block * p->channels, *zeros = M + 16 * p->block * O;
-    float *packed = zeros + wide;
-    for (i64 c = 0; c < wide; ++c) zeros[c] = 0.0f;
+    float *V = s.V, *M = s.M;
     const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
     const float one = 1.0f;
-    const int threads = p->gemm_threads && BLAS_THREADS ? BLAS_THREADS((int)p->gemm_threads)
-                                                        : -1;
     for (i64 t0 = p->tile_begin; t0 < p->tile_end; t0 += p->block) {
         const i64 n = p->tile_end - t0 < p->block ? p->tile_end - t0 : p->block;
-        transform_inputs(p, &p->x, x, 0, t0, n, V, zeros, packed);
-        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, zeros, packed);
-        transform_grads(p, dz, t0, n, M, zeros);
+        transform_inputs(p, &p->x, x, 0, t0, n, V, s.zeros, s.packed);
+        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, s.zeros, s.packed);
+        transform_grads(p, dz, t0, n, M, s.zeros);
         const int n32 = (int)n;
         /* column-major: du[k]^T (O x C, ld O) += dM[k]^T (O x n, ld O) V[k] (n x C: V[k]
            stored n x C at row stride channels, read transposed) */
@@ -291,14 +325,13 @@ int tcl_winograd_weight_grad(const winograd_plan_t *p, const float *x, const flo
             sgemm("N", "T", &o32, &c32, &n32, &one, M + k * p->block * O, &o32,
                   V + k * p->block * p->channels, &ldv, &one, du + k * C * O, &o32);
     }
-    if (threads >= 0) BLAS_THREADS(threads);
+    blas_threads_restore(restore);
     return 0;
 }
 
 /* dw (O, C, 3, 3) contiguous = G^T du[o][c] G for each (o, c) of du (16, C, O): the adjoint
    of tcl_winograd_weight's transform, summed in double. */
 void tcl_winograd_weight_back(i64 O, i64 C, const float *du, float *dw) {
-    static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
     const i64 plane = C * O;
     for (i64 o = 0; o < O; ++o)
         for (i64 c = 0; c < C; ++c) {
