@@ -44,6 +44,10 @@ def _info() -> int:
         fused = "on" if native_build.has_sgemm() else "off (no BLAS sgemm in torch's libraries)"
         print(f"cpu one-step kernel (streaming inference) {fused}")
         print(f"cpu 3x3 convolutions by Winograd F(2x2, 3x3) {fused}")
+        runtime = native_build.openmp_runtime()
+        workers = (f"torch's OpenMP workers ({runtime})" if native_build.parallel()
+                   else "a Python thread pool (torch runs no GNU OpenMP here)")
+        print(f"cpu kernels' threads {workers}")
     return 0
 
 

@@ -1,11 +1,15 @@
 """The CPU kernels (``csrc/gates.c``, ``csrc/im2col.c``, ``csrc/winograd.c``,
-``csrc/step.c``): built on first use, cached on disk, loaded by ctypes.
+``csrc/step.c``, ``csrc/parallel.c``): built on first use, cached on disk, loaded by ctypes.
 
 Plain C without torch headers builds in about 5 s (2-core box) with the system's C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``) for this machine's CPU (``-march=native``: the
 kernels' transcendental loops are vectorized) into one library, cached under
 ``$TRITON_CONVLSTM_CACHE`` (default ``~/.cache/triton_convlstm``), keyed by the sources, the
 flags, the compiler and the CPU, so a shared home directory serves each machine its own build.
+Where torch runs on GNU OpenMP (libgomp: the Linux wheels), the library links that same
+runtime, so that a call split between threads runs on torch's own workers
+(``csrc/parallel.c``); where it cannot, it is built without, and the shares run on a Python
+thread pool (:func:`parallel`).
 
 Where nothing builds (no compiler, a failed build, ``TRITON_CONVLSTM_NATIVE=0``), :func:`library`
 answers None and the CPU path computes the same function with torch ops (slower at small
@@ -26,11 +30,17 @@ import threading
 from pathlib import Path
 
 _CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(_CSRC / name for name in ("gates.c", "im2col.c", "winograd.c", "step.c"))
+SOURCES = tuple(_CSRC / name for name in ("gates.c", "im2col.c", "winograd.c", "step.c",
+                                          "parallel.c"))
 HEADERS = (_CSRC / "kernels.h",)
 # -fopenmp-simd honours the source's "omp simd" loops without linking an OpenMP runtime; errno
 # and FP traps off so that the activations vectorize (no -ffast-math: NaN and inf must behave).
 FLAGS = ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+# With torch's libgomp: the sources compiled with -fopenmp (tcl_parallel's "omp parallel"),
+# then linked to that file itself (not the compiler's -lgomp, which could load a second copy),
+# every symbol resolved at link time (-z defs: a compiler whose OpenMP calls libgomp lacks,
+# clang's, fails there and the build goes on without).
+OPENMP_COMPILE, OPENMP_LINK = ("-fopenmp",), ("-Wl,-z,defs",)
 ARCH_FLAGS = ("-march=native",)  # where the CPU can be identified (Linux), else the baseline
 ENV_SWITCH = "TRITON_CONVLSTM_NATIVE"
 ENV_CACHE = "TRITON_CONVLSTM_CACHE"
@@ -107,6 +117,8 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_winograd3x3": ([ctypes.POINTER(WinogradPlan)] + [_P] * 6, ctypes.c_int),
     "tcl_winograd_weight_grad": ([ctypes.POINTER(WinogradPlan)] + [_P] * 5, ctypes.c_int),
     "tcl_winograd_weight_back": ([ctypes.c_int64] * 2 + [_P] * 2, None),
+    "tcl_parallel": ([ctypes.c_int, ctypes.c_int64, _P, _P, ctypes.c_int64], ctypes.c_int),
+    "tcl_parallel_threads": ([], ctypes.c_int),
 }
 
 
@@ -158,27 +170,48 @@ def _private_dir(path: Path) -> str | None:
 
 
 def _build(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
-    """Compiles SOURCES into ``out`` (atomically: concurrent builds each replace it whole),
-    with ``arch`` and, if that fails, without; None on success, else the compiler's words."""
-    error = _compile(cc, arch, out)
-    if error is not None and arch:
-        second = _compile(cc, (), out)
-        error = None if second is None else f"{error}\n{second}"
-    return error
+    """Compiles SOURCES into ``out`` (atomically: concurrent builds each replace it whole):
+    with ``arch`` and torch's OpenMP runtime, else without the runtime, else without ``arch``
+    either; None on success, else the compiler's words."""
+    runtime = openmp_runtime()
+    tries = [(arch, runtime)] if runtime is not None else []
+    tries += [(arch, None)] + ([((), None)] if arch else [])
+    errors = []
+    for flags, rt in tries:
+        error = _compile(cc, flags, out, rt)
+        if error is None:
+            return None
+        errors.append(error)
+    return "\n".join(errors)
 
 
-def _compile(cc: list[str], arch: tuple[str, ...], out: Path) -> str | None:
+def _compile(cc: list[str], arch: tuple[str, ...], out: Path,
+             runtime: Path | None = None) -> str | None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [*cc, *FLAGS, *arch, "-o", tmp, *map(str, SOURCES)]
+    objects = []
+    if runtime is None:
+        cmds = [[*cc, *FLAGS, *arch, "-o", tmp, *map(str, SOURCES)]]
+    else:  # (objects first, so that -fopenmp does not link the compiler's own runtime)
+        objects = [f"{tmp}.{k}.o" for k in range(len(SOURCES))]
+        flags = [f for f in FLAGS if f not in ("-shared", "-fopenmp-simd")]
+        cmds = [[*cc, *flags, *OPENMP_COMPILE, *arch, "-c", str(src), "-o", obj]
+                for src, obj in zip(SOURCES, objects)]
+        cmds.append([*cc, "-shared", *OPENMP_LINK, "-o", tmp, *objects, str(runtime)])
+    error = None
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        for cmd in cmds:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                error = f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}"
+                break
     except (OSError, subprocess.SubprocessError) as exc:
-        os.unlink(tmp)
-        return f"{' '.join(cmd)}: {exc}"
-    if done.returncode != 0:
-        os.unlink(tmp)
-        return f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()[-2000:]}"
+        error = f"{' '.join(cmd)}: {exc}"
+    for obj in objects:
+        Path(obj).unlink(missing_ok=True)
+    if error is not None:
+        Path(tmp).unlink(missing_ok=True)  # (a failed link may have removed it already)
+        return error
     os.replace(tmp, out)
     return None
 
@@ -192,6 +225,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.tcl_set_sgemm(sgemm)
     lib.has_sgemm = sgemm is not None  # (read by has_sgemm)
     lib.tcl_set_blas_threads(_torch_blas_symbol("MKL_Set_Num_Threads_Local"))
+    lib.openmp_pid = os.getpid() if lib.tcl_parallel_threads() else None  # (see parallel)
     return lib
 
 
@@ -217,6 +251,32 @@ def _torch_blas_symbol(name: str) -> int | None:
     return None
 
 
+def openmp_runtime() -> Path | None:
+    """The GNU OpenMP runtime (libgomp) this process runs torch's threads on, or None (another
+    runtime, none, or no /proc to read: the library is then built without OpenMP)."""
+    import torch  # noqa: F401  (loads torch's libraries, its runtime among them)
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+        if Path(path).name.startswith("libgomp") and ".so" in Path(path).name:
+            return Path(path)
+    return None
+
+
+def parallel() -> bool:
+    """Whether the loaded library runs a call's shares on torch's OpenMP threads
+    (``tcl_parallel``); else native_gates runs them on a Python thread pool. Not in a forked
+    child: GNU OpenMP's threads do not survive a fork, and its next parallel region waits on
+    them for ever (torch's own ops too, unless the child keeps to one thread, as DataLoader
+    workers do); the pool there is the child's own."""
+    lib = library()
+    return lib is not None and lib.openmp_pid == os.getpid()
+
+
 def has_sgemm() -> bool:
     """Whether the loaded library was handed a BLAS sgemm (the fused step needs one)."""
     lib = library()
@@ -232,8 +292,10 @@ def build_plan() -> tuple[list[str], tuple[str, ...], Path] | None:
     cpu = _cpu_identity()
     arch = ARCH_FLAGS if cpu is not None else ()
     texts = [s.read_text() for s in SOURCES + HEADERS]
+    runtime = openmp_runtime()
     key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS + arch), *cc,
-                                    platform.machine(), cpu or ""]).encode())
+                                    platform.machine(), cpu or "",
+                                    str(runtime or "")]).encode())
     return cc, arch, cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 

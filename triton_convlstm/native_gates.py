@@ -15,6 +15,7 @@ the torch ops at B2 hid16 16x16 and 1.9-2.1x at B4 hid32 24x24 (the perf suite's
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -34,8 +35,10 @@ _PLANS: dict = {}  # (threads, roles, sizes and strides) -> one Plan per thread,
 _NEW_PLANS: dict = {}  # gate_forward_new's (threads, sizes, strides) -> (plans, relaid)
 _MAX_PLANS = 4096
 # Work (hidden elements) per thread below which one thread does the whole update: a hand-off
-# to the pool costs ~20-50 us, the kernel ~5 ns an element.
-ELEMENTS_PER_THREAD = 1 << 15
+# to torch's OpenMP workers costs a few microseconds (to a Python pool ~20-50 us), the kernel
+# ~5 ns an element. On 2 threads (2-core box, same-run ratios against the formulation) 8192
+# against 32768: cpu-hid8 inference 1.11 vs 0.91x, cpu-m training 1.71 vs 1.66x.
+ELEMENTS_PER_THREAD = 1 << 13
 _POOL: list = []  # [ThreadPoolExecutor, its size, the process it was made in]
 _POOL_LOCK = threading.Lock()
 
@@ -198,10 +201,16 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _run(fn, plans: list[Plan], *args) -> None:
-    """fn(plan, *args) for each plan, on threads when there are several (ctypes drops the
-    GIL for the call, so they run in parallel; each writes only its own rows). A list among
-    args gives each plan its own item (per-thread accumulators, scratch)."""
+# tcl_parallel's names for the entry points it runs in shares (kernels.h's tcl_parallel_fn).
+_PARALLEL_FNS = {"tcl_gate_forward": 0, "tcl_gate_backward": 1, "tcl_winograd3x3": 2,
+                 "tcl_winograd_weight_grad": 3}
+
+
+def _run(fn, plans: list, *args) -> None:
+    """fn(plan, *args) for each plan, on threads when there are several, each writing only its
+    own rows. A list among args gives each plan its own item (per-thread accumulators,
+    scratch). The threads: torch's own OpenMP workers (``tcl_parallel``) where the library
+    was built with torch's runtime, else a pool here (ctypes drops the GIL for the call)."""
     if len(plans) == 1 and list not in map(type, args):
         fn(plans[0], *args)  # (the common small update, without the list building below)
         return
@@ -209,6 +218,9 @@ def _run(fn, plans: list[Plan], *args) -> None:
              for k, p in enumerate(plans)]
     if len(calls) == 1:
         fn(*calls[0])
+        return
+    if native_build.parallel():
+        _run_parallel(fn, calls)
         return
     with _POOL_LOCK:
         # A forked child inherits the pool without its threads: it makes its own. A pool
@@ -223,6 +235,17 @@ def _run(fn, plans: list[Plan], *args) -> None:
     fn(*calls[0])  # this thread does the first share
     for f in futures:
         f.result()
+
+
+def _run_parallel(fn, calls: list[tuple]) -> None:
+    """The calls (plan, *pointers) in one tcl_parallel: a share per OpenMP thread."""
+    n, width = len(calls), len(calls[0]) - 1
+    plans = (ctypes.c_void_p * n)(*[ctypes.addressof(c[0]) for c in calls])
+    args = (ctypes.c_void_p * (n * width))(*[a for c in calls for a in c[1:]])
+    declined = native_build.library().tcl_parallel(_PARALLEL_FNS[fn.__name__], n, plans, args,
+                                                   width)
+    if declined:  # (the plans were made for calls the kernels serve: a bug, not an input)
+        raise RuntimeError(f"{fn.__name__}: {declined} of {n} shares declined")
 
 
 def gate_forward(pre: Tensor, gates: Tensor | None, c_prev: Tensor, peephole: Tensor | None,

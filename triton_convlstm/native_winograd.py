@@ -40,12 +40,13 @@ BLOCK_BYTES, MIN_BLOCK, MAX_BLOCK = 3 << 19, 32, 256
 # With several threads, the tiles are shared (each thread a share of whole blocks, at least
 # THREAD_BLOCKS of them and THREAD_MACS multiply-adds) where that keeps at least half the
 # threads busy (2.25x fewer multiplies than oneDNN's convolution on all of them); else torch's
-# convolution serves. Measured on 2 threads (2-core box, against the formulation): cpu-inf-wide
-# inference (671M multiply-adds a step) 1.80x, torch's 1.04x; cpu-m (63M) shared 1.11-1.14x in
-# inference and 1.17-1.22x in training, torch's 1.16x and 1.26-1.32x (the per-step Python of
-# the share, ~50 us, and two threads on this box gaining only 1.1-1.2x on the products);
-# cpu-s (2.6M), one call with the BLAS's threads 2.19x, shared 0.86x.
-THREAD_BLOCKS, THREAD_MACS = 2, 1 << 25
+# convolution serves. The shares run on torch's own OpenMP workers (parallel.c). Measured on 2
+# threads (2-core box, same-run ratios against the formulation), THREAD_MACS 512K / 2M / 8M /
+# 32M: cpu-m inference 2.32 / 2.34 / 2.22 / 1.35x, training 1.70 / 1.69 / 1.68 / 1.35x;
+# cpu-hid8 inference 1.21 / 1.20 / 0.92 / 0.93x; cpu-s training 1.72 / 1.51 / 1.53 / 1.52x,
+# inference 2.08 / 2.13 / 2.16 / 2.18x. (Session 13's Python pool had waited for the core
+# torch's spinning workers held: 32M was best then, and cpu-m gained nothing from sharing.)
+THREAD_BLOCKS, THREAD_MACS = 2, 1 << 20
 # Fewer channels than this (C + hidden): oneDNN's convolution, or the columns, are as quick
 # (B1 C1+8 64x64: 0.95-1.06x; B2 C1+16 64x64: 0.97-1.13x; B2 C4+16 16x16: 1.9x).
 MIN_CHANNELS = 8
@@ -59,10 +60,10 @@ MIN_GRAD_CHANNELS = 16
 # 0.95x; 14 x 64 x 16 16x16 1.09x; 15 x 32 x 8 64x64 0.68x; 120 x 256 x 64 32x32 1.74x;
 # 128 x 256 x 16 32x32 1.69x. Error against float64 4e-7 to 1e-6 (torch's 5e-7 to 7e-6).
 MIN_WEIGHT_GRAD_CHANNELS, MIN_WEIGHT_GRAD_PAIRS = 16, 2048
-# On several threads, the weight gradient's share per thread (see split_plan): on 2 threads of
-# this box 28 frames x 128 x 32 (352M multiply-adds) ran 0.70x torch's, 120 x 256 x 64 and
-# 128 x 256 x 16 (8G, 2G) 1.9x and 1.7x.
-WEIGHT_GRAD_THREAD_MACS = 1 << 29
+# On several threads, the weight gradient's share per thread (see split_plan). On 2 threads
+# (training, against the formulation) 16M / 64M / 512M: cpu-m 1.73 / 1.73 / 1.68x, cpu-hid8
+# 1.39 / 1.42 / 1.38x, cpu-s-bi 1.75 / 1.74 / 1.70x.
+WEIGHT_GRAD_THREAD_MACS = 1 << 26
 _TRANSFORMS: dict = {}  # (id(weight), transposed) -> (weakref, version, data_ptr, transform)
 _PLANS: dict = {}  # the input gradient's: grad's sizes and strides, C -> (plan, scratch)
 

@@ -13,6 +13,7 @@ def test_info_prints_versions_and_backend(capsys):
     # CI has a C compiler: the kernels must build
     assert "cpu kernels (gates, small 1-d/3-d convolutions) built: " in out
     assert "cpu 3x3 convolutions by Winograd F(2x2, 3x3) on" in out  # (torch's x86 sgemm)
+    assert "cpu kernels' threads torch's OpenMP workers (" in out  # (the Linux wheel's libgomp)
 
 
 def test_no_command_prints_usage_and_fails(capsys):

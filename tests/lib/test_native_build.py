@@ -82,3 +82,38 @@ def test_every_file_the_build_reads_is_installed_with_the_package():
         assert any(fnmatch.fnmatch(name, p) for p in patterns), (name, patterns)
     assert sorted(p.name for p in (root / "csrc").iterdir()) == sorted(
         p.name for p in native_build.SOURCES + native_build.HEADERS)  # none left unbuilt
+
+
+def test_the_shares_run_on_the_openmp_runtime_torch_runs_on(fresh_build):
+    """Where torch runs on libgomp (the Linux wheels), the library links that very runtime:
+    one OpenMP runtime in the process, whose workers are torch's."""
+    runtime = native_build.openmp_runtime()
+    if runtime is None:
+        pytest.skip("torch runs no libgomp here: the library is built without OpenMP")
+    assert native_build.library() is not None, native_build.load_error()
+    assert native_build.parallel()
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+              if "libgomp" in line.split()[-1]}
+    assert loaded == {str(runtime)}  # no second copy (the compiler's own) was loaded
+
+
+def test_without_the_runtime_it_builds_without_openmp_and_the_pool_runs_the_shares(
+        fresh_build, monkeypatch):
+    monkeypatch.setattr(native_build, "openmp_runtime", lambda: Path("/nonexistent/libgomp.so.1"))
+    assert native_build.library() is not None, native_build.load_error()  # (the fallback)
+    assert not native_build.parallel()
+    monkeypatch.setattr(native_gates, "ELEMENTS_PER_THREAD", 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        z, c_prev = _case()
+        h, c = torch.empty_like(c_prev), torch.empty_like(c_prev)
+        assert len(native_gates._plans((z, c_prev, c_prev, c_prev))) == 3
+        assert native_gates.gate_forward(z, None, c_prev, None, h, c, None)
+    finally:
+        torch.set_num_threads(threads)
+    h_ref, c_ref = torch.empty_like(c_prev), torch.empty_like(c_prev)
+    native_build.reset()
+    monkeypatch.undo()
+    assert native_gates.gate_forward(z, None, c_prev, None, h_ref, c_ref, None)  # one thread
+    assert torch.equal(h, h_ref) and torch.equal(c, c_ref)

@@ -2,6 +2,7 @@
 (gate_oracle.py), in every layout and option the time loops and the cell hand them, and the
 fallbacks to torch ops where they do not serve a call. Their build: test_native_build.py."""
 
+import ctypes
 import itertools
 
 import pytest
@@ -224,8 +225,15 @@ def test_the_layer_computes_the_same_with_and_without_the_kernels(monkeypatch, p
         assert rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "pool"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_rows_split_between_threads_give_the_same_results(monkeypatch, channels_last):
+def test_rows_split_between_threads_give_the_same_results(monkeypatch, channels_last, openmp):
+    """On torch's OpenMP workers (tcl_parallel) and on the Python pool (where the library was
+    built without OpenMP, and in a forked child)."""
+    if openmp and not native_build.parallel():
+        pytest.skip("the library was built without OpenMP here (torch runs no libgomp)")
+    if not openmp:
+        monkeypatch.setattr(native_build, "parallel", lambda: False)
     z, c_prev, pe = _case((6, 5), channels_last, True, b=2, hid=7)
     dh, dc = make(c_prev.shape, channels_last), make(c_prev.shape, channels_last)
 
@@ -247,6 +255,20 @@ def test_rows_split_between_threads_give_the_same_results(monkeypatch, channels_
     for a, b in zip(one[:4], split[:4]):
         assert torch.equal(a, b)
     assert torch.allclose(one[4], split[4], rtol=1e-5, atol=1e-6)  # summed in another order
+
+
+def test_a_share_the_kernels_decline_is_an_error_not_a_silent_gap():
+    lib = native_build.library()
+    if lib is None or not native_build.parallel():
+        pytest.skip("needs the library built with OpenMP")
+    plan = native_build.Plan()
+    plans = (ctypes.c_void_p * 2)(ctypes.addressof(plan), ctypes.addressof(plan))
+    args = (ctypes.c_void_p * 2)()
+    assert lib.tcl_parallel(99, 2, plans, args, 1) == 2  # an unknown entry point: both declined
+    # a plan winograd.c declines (more channels than its matrices have rows): nothing written
+    wino = native_build.WinogradPlan(x=native_build.Layout(channels=2), channels=1, out=1)
+    with pytest.raises(RuntimeError, match="2 of 2 shares declined"):
+        native_gates._run_parallel(lib.tcl_winograd3x3, [(wino, *[None] * 6)] * 2)
 
 
 def _split_forward_in_child(queue):

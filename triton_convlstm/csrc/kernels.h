@@ -1,6 +1,7 @@
-/* What the CPU kernels share (gates.c, im2col.c, winograd.c, step.c): the types the Python
-   side mirrors in native_build.py (Plan, Rows, Geometry, Layout, WinogradPlan, StepPlan) and
-   the entry points (ctypes calls them all; step.c also calls the others). */
+/* What the CPU kernels share (gates.c, im2col.c, winograd.c, step.c, parallel.c): the types
+   the Python side mirrors in native_build.py (Plan, Rows, Geometry, Layout, WinogradPlan,
+   StepPlan) and the entry points (ctypes calls them all; step.c and parallel.c also call the
+   others). */
 
 #ifndef TCL_KERNELS_H
 #define TCL_KERNELS_H
@@ -109,6 +110,18 @@ int tcl_winograd_weight_grad(const winograd_plan_t *p, const float *x, const flo
                              const float *dz, float *du, float *scratch);
 
 void tcl_winograd_weight_back(i64 O, i64 C, const float *du, float *dw);
+
+/* The entry points tcl_parallel runs in shares (native_gates mirrors these numbers). */
+enum tcl_parallel_fn {
+    TCL_GATE_FORWARD = 0,
+    TCL_GATE_BACKWARD = 1,
+    TCL_WINOGRAD3X3 = 2,
+    TCL_WINOGRAD_WEIGHT_GRAD = 3
+};
+
+int tcl_parallel(int fn, i64 n, const void *const *plans, void *const *args, i64 n_args);
+
+int tcl_parallel_threads(void);
 
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
