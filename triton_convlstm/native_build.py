@@ -6,10 +6,10 @@ Plain C without torch headers builds in about 5 s (2-core box) with the system's
 kernels' transcendental loops are vectorized) into one library, cached under
 ``$TRITON_CONVLSTM_CACHE`` (default ``~/.cache/triton_convlstm``), keyed by the sources, the
 flags, the compiler and the CPU, so a shared home directory serves each machine its own build.
-Where torch runs on GNU OpenMP (libgomp: the Linux wheels), the library links that same
-runtime, so that a call split between threads runs on torch's own workers
-(``csrc/parallel.c``); where it cannot, it is built without, and the shares run on a Python
-thread pool (:func:`parallel`).
+Where torch runs on an OpenMP runtime with GNU OpenMP's entry points (the Linux wheels'
+libgomp), the library links that same runtime, so that a call split between threads runs on
+torch's own workers (``csrc/parallel.c``); where it cannot, it is built without, and the
+shares run on a Python thread pool (:func:`parallel`).
 
 Where nothing builds (no compiler, a failed build, ``TRITON_CONVLSTM_NATIVE=0``), :func:`library`
 answers None and the CPU path computes the same function with torch ops (slower at small
@@ -251,19 +251,28 @@ def _torch_blas_symbol(name: str) -> int | None:
     return None
 
 
-def openmp_runtime() -> Path | None:
-    """The GNU OpenMP runtime (libgomp) this process runs torch's threads on, or None (another
-    runtime, none, or no /proc to read: the library is then built without OpenMP)."""
-    import torch  # noqa: F401  (loads torch's libraries, its runtime among them)
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
 
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for line in maps.splitlines():
-        path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
-        if Path(path).name.startswith("libgomp") and ".so" in Path(path).name:
-            return Path(path)
+
+def openmp_runtime() -> Path | None:
+    """The OpenMP runtime torch's threads run on: the file torch's ``GOMP_parallel`` (GNU
+    OpenMP's entry point, which gcc's "omp parallel" calls) binds to, or None (no such
+    runtime, no dladdr). Asked of torch's own library, not of the process: another package
+    may have loaded a copy of its own (scikit-learn's vendored libgomp, say)."""
+    import torch
+
+    lib_dir = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        try:
+            fn = ctypes.CDLL(str(lib_dir / name)).GOMP_parallel
+            dladdr = ctypes.CDLL(None).dladdr
+        except (OSError, AttributeError):
+            continue
+        info = _DlInfo()
+        if dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)) and info.dli_fname:
+            return Path(os.fsdecode(info.dli_fname))
     return None
 
 
