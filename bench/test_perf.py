@@ -21,6 +21,7 @@ No wall-clock or byte thresholds anywhere: only ratios.
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import pytest
@@ -158,6 +159,14 @@ GATE_STEP_SIZES = {"cpu-s": (2, 16, 16), "cpu-m": (4, 32, 24), "hid4": (4, 4, 32
                    "hid8": (4, 8, 32), "hid12": (2, 12, 32)}
 CPU_GATE_KERNEL_GATES = {"cpu-s": 1.6, "cpu-m": 1.6, "hid4": 1.2, "hid8": 1.5, "hid12": 1.35}
 
+# Issue 17's goals hold on two threads as well (training >= 1.3x, inference >= 1.0x). The
+# layer's threads are torch's own OpenMP workers (csrc/parallel.c); session 13's Python pool
+# had waited for the cores those workers spin on after each torch op (then: cpu-m training
+# 1.22-1.25x, inference 1.26-1.38x, cpu-hid8 inference 1.07-1.13x). Measured (2026-12-06,
+# session 14, 2-core shared box, this test, three runs): cpu-m training 1.74-1.86x,
+# inference 2.09-2.19x, cpu-hid8 inference 1.22-1.25x. The gates sit ~20% below.
+CPU_TWO_THREAD_GATES = {("cpu-m", "train"): 1.45, ("cpu-m", "fwd"): 1.7, ("cpu-hid8", "fwd"): 1.0}
+
 # Goal: the layer's peak training memory <= 0.5x the eager formulation's. Measured with
 # TensorMemoryTracker (fp32, tensors created during one step, layer / eager): at fcdefaf cpu-s
 # 3.35 / 2.56 MiB = 1.31x, cpu-m 29.71 / 23.06 MiB = 1.29x. Since the saved gates live in the
@@ -264,6 +273,20 @@ def test_cpu_stream_gate(impl, size, record_property):
     _cpu_ratio_gate(f"cpu stream {size}", steps, impl, "popular-cell",
                     CPU_STREAM_GATES[(impl, size)], record_property, per=frames / 1e3,
                     unit="us a frame")
+
+
+@pytest.mark.parametrize(("shape", "mode"), sorted(CPU_TWO_THREAD_GATES))
+def test_cpu_two_threads_gate(shape, mode, record_property):
+    """The layer against the formulation with torch on two threads (the suite's others: one)."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    torch.set_num_threads(2)
+    try:
+        _cpu_ratio_gate(f"cpu {mode} {shape} two threads",
+                        _cpu_steps(("layer", "eager"), shape, mode), "layer", "eager",
+                        CPU_TWO_THREAD_GATES[(shape, mode)], record_property)
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("baseline", sorted(CPU_COMPILED_GATES))
