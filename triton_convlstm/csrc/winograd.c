@@ -239,6 +239,16 @@ ALWAYS_INLINE void blas_threads_restore(int restore) {
     if (restore >= 0) BLAS_THREADS(restore);  /* (the thread's previous setting; 0: none) */
 }
 
+/* The block of tiles from t0 (at most p->block, up to the plan's end): their transformed
+   inputs, x's channels then h's, into s->V; answers how many tiles. Both entry points'. */
+ALWAYS_INLINE i64 transform_block(const winograd_plan_t *p, const float *x, const float *h,
+                                  i64 t0, const scratch_t *s) {
+    const i64 n = p->tile_end - t0 < p->block ? p->tile_end - t0 : p->block;
+    transform_inputs(p, &p->x, x, 0, t0, n, s->V, s->zeros, s->packed);
+    if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, s->V, s->zeros, s->packed);
+    return n;
+}
+
 int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, const float *u,
                     const float *bias, float *z, float *scratch) {
     scratch_t s;
@@ -247,13 +257,10 @@ int tcl_winograd3x3(const winograd_plan_t *p, const float *x, const float *h, co
     if (C == 0) return 1;
     sgemm_fn sgemm = tcl_sgemm();
     float *V = s.V, *M = s.M;
-    const i64 tiles = p->tile_end;
     const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
     const float one = 1.0f, zero = 0.0f;
-    for (i64 t0 = p->tile_begin; t0 < tiles; t0 += p->block) {
-        const i64 n = tiles - t0 < p->block ? tiles - t0 : p->block;
-        transform_inputs(p, &p->x, x, 0, t0, n, V, s.zeros, s.packed);
-        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, s.zeros, s.packed);
+    for (i64 t0 = p->tile_begin; t0 < p->tile_end; t0 += p->block) {
+        const i64 n = transform_block(p, x, h, t0, &s);
         const int n32 = (int)n;
         /* column-major: M[k]^T (O x n) = U[k]^T (O x C, U[k] stored C x O row-major at
            u_step apart) V[k]^T (C x n, V[k] stored n x C at row stride channels) */
@@ -314,9 +321,7 @@ int tcl_winograd_weight_grad(const winograd_plan_t *p, const float *x, const flo
     const int o32 = (int)O, c32 = (int)C, ldv = (int)p->channels;
     const float one = 1.0f;
     for (i64 t0 = p->tile_begin; t0 < p->tile_end; t0 += p->block) {
-        const i64 n = p->tile_end - t0 < p->block ? p->tile_end - t0 : p->block;
-        transform_inputs(p, &p->x, x, 0, t0, n, V, s.zeros, s.packed);
-        if (h) transform_inputs(p, &p->h, h, p->x.channels, t0, n, V, s.zeros, s.packed);
+        const i64 n = transform_block(p, x, h, t0, &s);
         transform_grads(p, dz, t0, n, M, s.zeros);
         const int n32 = (int)n;
         /* column-major: du[k]^T (O x C, ld O) += dM[k]^T (O x n, ld O) V[k] (n x C: V[k]
