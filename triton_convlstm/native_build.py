@@ -224,7 +224,7 @@ def _open(path: Path) -> ctypes.CDLL:
     sgemm = _torch_sgemm()
     lib.tcl_set_sgemm(sgemm)
     lib.has_sgemm = sgemm is not None  # (read by has_sgemm)
-    lib.tcl_set_blas_threads(_torch_blas_symbol("MKL_Set_Num_Threads_Local"))
+    lib.tcl_set_blas_threads(_torch_symbol("MKL_Set_Num_Threads_Local"))
     lib.openmp_pid = os.getpid() if lib.tcl_parallel_threads() else None  # (see parallel)
     return lib
 
@@ -232,11 +232,12 @@ def _open(path: Path) -> ctypes.CDLL:
 def _torch_sgemm() -> int | None:
     """The address of the Fortran BLAS ``sgemm_`` in the library torch links (MKL in the x86
     wheels, OpenBLAS beside torch in others), or None: the fused step then declines."""
-    return _torch_blas_symbol("sgemm_")
+    return _torch_symbol("sgemm_")
 
 
-def _torch_blas_symbol(name: str) -> int | None:
-    """The address of ``name`` in the BLAS torch links (see _torch_sgemm), or None."""
+def _torch_symbol(name: str) -> int | None:
+    """The address ``name`` has as torch's own libraries resolve it (libtorch_cpu and what it
+    links: the BLAS, see _torch_sgemm, and the OpenMP runtime), or None."""
     import torch
 
     root = Path(torch.__file__).parent
@@ -261,18 +262,14 @@ def openmp_runtime() -> Path | None:
     OpenMP's entry point, which gcc's "omp parallel" calls) binds to, or None (no such
     runtime, no dladdr). Asked of torch's own library, not of the process: another package
     may have loaded a copy of its own (scikit-learn's vendored libgomp, say)."""
-    import torch
-
-    lib_dir = Path(torch.__file__).parent / "lib"
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        try:
-            fn = ctypes.CDLL(str(lib_dir / name)).GOMP_parallel
-            dladdr = ctypes.CDLL(None).dladdr
-        except (OSError, AttributeError):
-            continue
-        info = _DlInfo()
-        if dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)) and info.dli_fname:
-            return Path(os.fsdecode(info.dli_fname))
+    fn = _torch_symbol("GOMP_parallel")
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return None
+    info = _DlInfo()
+    if fn and dladdr(ctypes.c_void_p(fn), ctypes.byref(info)) and info.dli_fname:
+        return Path(os.fsdecode(info.dli_fname))
     return None
 
 
