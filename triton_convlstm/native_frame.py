@@ -42,7 +42,7 @@ def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: T
     lib = _library()  # (first: nothing below for a tracer to see)
     if lib is None or not lib.has_sgemm or not plain_fp32((x, h, c, weight, bias, peephole)):
         return None
-    key = (_key(x), _key(h), _key(c), _key(weight), tuple(dilation))
+    key = (_key(x), _key(h), _key(c), _key(weight), tuple(dilation), native_step.threads())
     if memoised(_PLANS, ("winograd", key), lambda: _winograd_sized(x, weight, dilation),
                 _MAX_PLANS):
         done = _winograd_step_forward(lib, x, h, c, weight, bias, peephole, dilation)

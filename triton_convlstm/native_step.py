@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import native_gates, native_winograd
+from . import native_build, native_gates, native_winograd
 from .native_build import StepPlan
 from .native_conv import (
     _NO_LAYOUT,
@@ -53,6 +53,15 @@ MAX_2D_BATCHED_COLUMN_FLOATS = 1 << 16
 # training peak 1.46 -> 1.12x with the speed unchanged within noise (training 1.35 -> 1.47x,
 # inference 1.90 -> 2.01x); 64 KiB tiles cost speed (1.29x, 1.76x); cpu-s (one tile) as before.
 TILE_FLOATS = 1 << 16
+# On several threads, a columns step's tiles are shared (each thread its own tile of columns)
+# from this many multiply-adds a thread (the step's product, a sample).
+COLUMN_THREAD_MACS = 1 << 20
+
+
+def threads() -> int:
+    """The threads a step may share (torch's, where the library runs shares on its OpenMP
+    workers: not in a forked child); part of the plans' keys."""
+    return torch.get_num_threads() if native_build.parallel() else 1
 
 
 def _dense_rows(t: Tensor) -> bool:
@@ -129,15 +138,20 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
                         z_pixel_major=1, z_in_gates=int(gates is not None), winograd=1,
                         wino=wino), scratch
     width = geometry.W
-    tile_rows = max(1, min(pixels // width, TILE_FLOATS // (rows * width)))
+    n_rows = pixels // width
+    tile_rows = max(1, min(n_rows, TILE_FLOATS // (rows * width)))
+    shares = max(1, min(threads(), n_rows, out * rows * pixels // COLUMN_THREAD_MACS))
+    if shares > 1:  # (as many tiles for each thread)
+        tiles = -(-n_rows // tile_rows)
+        tile_rows = -(-n_rows // (-(-tiles // shares) * shares))
     padded = padded_copy_floats(channels, spatial, kernel, dilation)
     if padded > MAX_COLUMN_FLOATS:
         return None  # (a large dilation's padded copy: zeroed every step, bigger than the work)
-    scratch = padded + rows * tile_rows * width + z_floats
+    scratch = padded + shares * rows * tile_rows * width + z_floats
     plan = StepPlan(
         g=geometry, x=lx, h=lh, gates=plans[0], rows=rows, out=out,
         pixels=pixels, w_row=weight.stride(0), z_pixel_major=int(pixel_major),
-        tile_rows=tile_rows, z_in_gates=int(gates is not None))
+        tile_rows=tile_rows, z_in_gates=int(gates is not None), threads=shares)
     return plan, scratch
 
 
@@ -279,7 +293,7 @@ def _shared_step(lib, parts, scratch: Tensor, x: Tensor, h: Tensor | None, u: Te
 def _plan_for(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major, u_channels):
     """_make_plan's answer for these tensors' sizes and strides, memoised."""
     key = (_key(x), _key(h), _key(c_prev), _key(c_out), _key(h_out), _key(gates),
-           _key(weight), tuple(dilation), pixel_major, u_channels)
+           _key(weight), tuple(dilation), pixel_major, u_channels, threads())
     return memoised(_PLANS, key, lambda: _make_plan(x, h, c_prev, c_out, h_out, gates, weight,
                                                     dilation, pixel_major, u_channels),
                     _MAX_PLANS)

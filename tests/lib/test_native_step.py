@@ -3,6 +3,7 @@ C call, against the float64 reference (conv_same, then reference.gate_forward_re
 it declines; the cell and the layer's one-frame call, which use it; and threads."""
 
 import itertools
+import math
 import platform
 import threading
 
@@ -238,6 +239,67 @@ def test_columns_built_a_tile_of_rows_at_a_time_give_the_same_step(monkeypatch, 
     assert native_step.step_into(x, h, c, w, bias, p, (1, 1, 1), h_out=h_out, c_out=c_out,
                                  gates=gates, pixel_major=pixel_major)
     _close((h_out.contiguous(), c_out.contiguous()), want)
+
+
+@pytest.fixture
+def three_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+def _column_threads():
+    return {found[0].threads for found in native_step._PLANS.values()
+            if isinstance(found, tuple) and not found[0].winograd}
+
+
+@pytest.mark.parametrize("pixel_major", [False, True])
+@pytest.mark.parametrize(("spatial", "b"), [((3, 4, 5), 2), ((7, 5), 1), ((11,), 3)])
+def test_threads_share_a_steps_column_tiles(monkeypatch, three_threads, pixel_major, spatial,
+                                            b):
+    # Three threads (the share threshold lowered to these frames), tiles of one output row:
+    # 12, 7 and 1 rows (a 1-d frame is one row: one share), so some threads get more tiles
+    # than others. Each builds its
+    # own columns; the products add onto the bias where they are.
+    monkeypatch.setattr(native_step, "COLUMN_THREAD_MACS", 1)
+    monkeypatch.setattr(native_step, "TILE_FLOATS", 1)
+    monkeypatch.setattr(native_step, "_PLANS", {})
+    x, h, c, w, bias, p = _case(b, 2, 4, spatial, 3, True, seed=8)
+    if pixel_major:
+        x, h, c = (t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (x, h, c))
+    want = _want(x, h, c, w, bias, p, (1,) * len(spatial))
+    h_out, c_out = torch.empty_like(c), torch.empty_like(c)
+    assert native_step.step_into(x, h, c, w, bias, p, (1,) * len(spatial), h_out=h_out,
+                                 c_out=c_out, pixel_major=pixel_major)
+    _close((h_out.contiguous(), c_out.contiguous()), want)
+    rows = math.prod(spatial[:-1])
+    assert _column_threads() == ({min(3, rows)} if native_build.parallel() else {1})
+
+
+def test_a_step_on_one_thread_or_without_openmps_workers_is_not_shared(monkeypatch,
+                                                                      three_threads):
+    # torch's thread count is part of the plan's key; a forked child (no OpenMP workers
+    # there) runs the tiles on its one thread.
+    monkeypatch.setattr(native_step, "COLUMN_THREAD_MACS", 1)
+    monkeypatch.setattr(native_step, "_PLANS", {})
+    x, h, c, w, bias, p = _case(1, 2, 4, (6, 6), 3, False, seed=9)
+    want = _want(x, h, c, w, bias, p, (1, 1))
+
+    def step():
+        h_out, c_out = torch.empty_like(c), torch.empty_like(c)
+        assert native_step.step_into(x, h, c, w, bias, p, (1, 1), h_out=h_out, c_out=c_out)
+        _close((h_out, c_out), want)
+
+    step()
+    torch.set_num_threads(1)
+    step()
+    assert _column_threads() == ({3, 1} if native_build.parallel() else {1})
+    torch.set_num_threads(3)
+    monkeypatch.setattr(native_build, "parallel", lambda: False)
+    native_step._PLANS.clear()
+    step()
+    assert _column_threads() == {1}
 
 
 @pytest.mark.parametrize(("cls", "spatial"), [(ConvLSTM, (6, 6)), (ConvLSTM3d, (3, 4, 4))])

@@ -69,6 +69,7 @@ typedef struct {
     i64 z_in_gates;  /* z is computed in the saved gates' buffer (then activated in place) */
     i64 winograd;    /* z by winograd.c (the weight is then its transform), not columns */
     winograd_plan_t wino;
+    i64 threads;     /* columns: threads sharing a sample's tiles, each its own columns */
 } step_plan_t;
 
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,
@@ -97,6 +98,8 @@ void tcl_set_sgemm(void *fn);
 void tcl_set_blas_threads(void *fn);
 
 sgemm_fn tcl_sgemm(void);
+
+int tcl_blas_threads(int n);
 
 void tcl_winograd_weight(i64 O, i64 C, const float *w, i64 so, i64 sc, i64 sy, i64 sx,
                          int transposed, float *u);

@@ -10,22 +10,63 @@
 
 #include "kernels.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+static int thread_index(void) { return omp_get_thread_num(); }
+static int thread_count(void) { return omp_get_num_threads(); }
+#else
+static int thread_index(void) { return 0; }
+static int thread_count(void) { return 1; }
+#endif
+
 static sgemm_fn SGEMM = NULL;
 
 void tcl_set_sgemm(void *fn) { SGEMM = (sgemm_fn)fn; }
 
 sgemm_fn tcl_sgemm(void) { return SGEMM; }
 
+/* The product of sample's tiles k, k + n, k + 2n, ... (n threads, this one k), each tile's
+   columns built from the padded sample into cols, added onto zb (the sample's z, holding the
+   bias). */
+static void tiles_of(const step_plan_t *p, i64 C, const float *pad, float *cols, float *zb,
+                     const float *w, int k, int n) {
+    const geom_t *g = &p->g;
+    const i64 W = g->W, n_rows = g->D * g->H, tile = p->tile_rows * W;
+    const i64 n_tiles = (n_rows + p->tile_rows - 1) / p->tile_rows;
+    const int k32 = (int)p->rows, ldw = (int)p->w_row, o32 = (int)p->out, ldc = (int)tile;
+    const float one = 1.0f;
+    for (i64 t = k; t < n_tiles; t += n) {
+        const i64 r0 = t * p->tile_rows;
+        const i64 r1 = r0 + p->tile_rows < n_rows ? r0 + p->tile_rows : n_rows;
+        const int cols_n = (int)((r1 - r0) * W);
+        tcl_tile_columns(g, C, pad, r0, r1, cols, tile);
+        if (p->z_pixel_major) {
+            /* z rows r0*W.. (pixels, out) row-major; column-major: (out x n) = w (stored
+               rows x out: transposed) cols (rows x n, stored n x rows at ld tile:
+               transposed). */
+            SGEMM("T", "T", &o32, &cols_n, &k32, &one, w, &ldw, cols, &ldc, &one,
+                  zb + r0 * W * p->out, &o32);
+        } else {
+            /* z columns r0*W.. of (out, pixels) row-major; column-major: (n x out, ld P)
+               = cols^T (n x rows at ld tile) w^T (rows x out at ld w_row). */
+            const int p32 = (int)p->pixels;
+            SGEMM("N", "N", &cols_n, &o32, &k32, &one, cols, &ldc, w, &ldw, &one,
+                  zb + r0 * W, &p32);
+        }
+    }
+}
+
 /* h_out, c_out = the step from x, h (NULL: the zero state, the weight's x columns alone),
    c_prev (c_out may be c_prev: each element is read before it is written), the weight (out,
    rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or NULL; gates: where the
    activated gates go (training saves them), or NULL; valid: per-sample multipliers (B,) or
    NULL (gates.c's); scratch: the floats native_step._make_plan counts (a torch tensor of the
-   caller's: memory tools see it) for the padded sample, a tile of columns (with winograd:
-   tcl_winograd_scratch's) and, unless z_in_gates, z; with winograd, w is the weight's
-   transform (native_winograd.transform_weight). The columns are built tile_rows output rows
-   at a time, so that the scratch stays small whatever the frame. h_out may be h: every h is
-   read (into the padded copy, or the transformed tiles) before any gate is written. Returns 0; 1 where there is no sgemm (nothing written). */
+   caller's: memory tools see it) for the padded sample, a tile of columns for each of the
+   plan's threads (with winograd: tcl_winograd_scratch's) and, unless z_in_gates, z; with
+   winograd, w is the weight's transform (native_winograd.transform_weight). The columns are
+   built tile_rows output rows at a time, so that the scratch stays small whatever the frame.
+   h_out may be h: every h is read (into the padded copy, or the transformed tiles) before
+   any gate is written. Returns 0; 1 where there is no sgemm (nothing written). */
 int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const float *w,
                      const float *bias, const float *c_prev, const float *peep, float *c_out,
                      float *h_out, float *gates, const float *valid, float *scratch) {
@@ -40,14 +81,13 @@ int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const
     }
     if (SGEMM == NULL || p->w_row < p->rows || p->w_row > INT32_MAX) return 1;
     const geom_t *g = &p->g;
-    const i64 B = g->B, P = p->pixels, O = p->out, W = g->W, n_rows = g->D * g->H;
+    const i64 B = g->B, P = p->pixels, O = p->out;
     const i64 C = p->x.channels + (h ? p->h.channels : 0);
-    const i64 pad_size = C * tcl_padded_plane(g), tile = p->tile_rows * W;
+    const i64 pad_size = C * tcl_padded_plane(g), tile = p->tile_rows * g->W;
+    const int threads = p->threads > 1 ? (int)p->threads : 1;
     float *pad = scratch, *cols = scratch + pad_size;
-    float *z = p->z_in_gates ? gates : cols + p->rows * tile;
+    float *z = p->z_in_gates ? gates : cols + threads * p->rows * tile;
     for (i64 k = 0; k < pad_size; ++k) pad[k] = 0.0f;
-    const int k32 = (int)p->rows, ldw = (int)p->w_row, o32 = (int)O;
-    const float one = 1.0f;
     for (i64 b = 0; b < B; ++b) {
         float *zb = z + b * O * P;
         /* the bias first; each tile's product then adds onto it */
@@ -66,23 +106,22 @@ int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const
             }
         }
         tcl_pad_sample(g, &p->x, x, &p->h, h, b, pad);
-        for (i64 r0 = 0; r0 < n_rows; r0 += p->tile_rows) {
-            const i64 r1 = r0 + p->tile_rows < n_rows ? r0 + p->tile_rows : n_rows;
-            const int n = (int)((r1 - r0) * W), ldc = (int)tile;
-            tcl_tile_columns(g, C, pad, r0, r1, cols, tile);
-            if (p->z_pixel_major) {
-                /* z rows r0*W.. (pixels, out) row-major; column-major: (out x n) = w (stored
-                   rows x out: transposed) cols (rows x n, stored n x rows at ld tile:
-                   transposed). */
-                SGEMM("T", "T", &o32, &n, &k32, &one, w, &ldw, cols, &ldc, &one,
-                      zb + r0 * W * O, &o32);
-            } else {
-                /* z columns r0*W.. of (out, pixels) row-major; column-major: (n x out, ld P)
-                   = cols^T (n x rows at ld tile) w^T (rows x out at ld w_row). */
-                const int p32 = (int)P;
-                SGEMM("N", "N", &n, &o32, &k32, &one, cols, &ldc, w, &ldw, &one,
-                      zb + r0 * W, &p32);
-            }
+        if (threads == 1) {
+            tiles_of(p, C, pad, cols, zb, w, 0, 1);
+            continue;
+        }
+        /* On several threads each takes every threads-th tile into its own columns, its
+           products on one BLAS thread (MKL would otherwise start its own threads in each).
+           (Never a region of one thread: MKL's products inside one, after torch's workers
+           had run, took ~7 ms instead of ~0.1.) */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+        {
+            const int restore = tcl_blas_threads(1);
+            tiles_of(p, C, pad, cols + thread_index() * p->rows * tile, zb, w, thread_index(),
+                     thread_count());
+            if (restore >= 0) tcl_blas_threads(restore);
         }
     }
     tcl_gate_forward(&p->gates, z, gates, c_prev, c_out, h_out, peep, valid);

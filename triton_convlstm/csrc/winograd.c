@@ -188,6 +188,10 @@ static blas_threads_fn BLAS_THREADS = NULL;
 
 void tcl_set_blas_threads(void *fn) { BLAS_THREADS = (blas_threads_fn)fn; }
 
+/* This thread's BLAS threads set to n: the previous setting (0: none), or -1 without MKL's
+   setter (nothing set). */
+int tcl_blas_threads(int n) { return BLAS_THREADS ? BLAS_THREADS(n) : -1; }
+
 /* The most channels a zero pixel stands for (x's, h's, or the output gradient's). */
 ALWAYS_INLINE i64 widest(const winograd_plan_t *p) {
     const i64 w = p->x.channels > p->h.channels ? p->x.channels : p->h.channels;
@@ -231,12 +235,12 @@ ALWAYS_INLINE i64 begin_call(const winograd_plan_t *p, const float *h, float *sc
         return 0;
     *s = carve(p, scratch);
     for (i64 c = 0; c < widest(p); ++c) s->zeros[c] = 0.0f;
-    *restore = p->gemm_threads && BLAS_THREADS ? BLAS_THREADS((int)p->gemm_threads) : -1;
+    *restore = p->gemm_threads ? tcl_blas_threads((int)p->gemm_threads) : -1;
     return C;
 }
 
 ALWAYS_INLINE void blas_threads_restore(int restore) {
-    if (restore >= 0) BLAS_THREADS(restore);  /* (the thread's previous setting; 0: none) */
+    if (restore >= 0) tcl_blas_threads(restore);  /* (the thread's previous setting) */
 }
 
 /* The block of tiles from t0 (at most p->block, up to the plan's end): their transformed
