@@ -101,6 +101,16 @@ class StepPlan(ctypes.Structure):
                 ("wino", WinogradPlan), ("threads", ctypes.c_int64)]
 
 
+class InputGradPlan(ctypes.Structure):
+    """A small convolution's input gradient, piece by piece (``input_grad_plan_t``)."""
+
+    _fields_ = [("g", Geometry),
+                *[(name, ctypes.c_int64) for name in (
+                    "frames", "out", "pixels", "grad_frame", "grad_channel", "grad_pixel",
+                    "w_row")],
+                ("dx", Layout), ("chunk", ctypes.c_int64), ("threads", ctypes.c_int64)]
+
+
 _P = ctypes.c_void_p
 _G, _L = ctypes.POINTER(Geometry), ctypes.POINTER(Layout)
 _SIGNATURES = {  # name: (argument types, result type)
@@ -108,6 +118,8 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_gate_backward": ([ctypes.POINTER(Plan)] + [_P] * 10, None),
     "tcl_im2col": ([_G, _L, _P, _L, _P, _L, _P], ctypes.c_int),
     "tcl_col2im": ([_G, _L, _P, _L, _P], ctypes.c_int),
+    "tcl_input_grad": ([ctypes.POINTER(InputGradPlan)] + [_P] * 4, ctypes.c_int),
+    "tcl_input_grad_scratch": ([ctypes.POINTER(InputGradPlan)], ctypes.c_int64),
     "tcl_set_sgemm": ([_P], None),
     "tcl_set_blas_threads": ([_P], None),
     "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 11, ctypes.c_int),
@@ -281,6 +293,14 @@ def parallel() -> bool:
     workers do); the pool there is the child's own."""
     lib = library()
     return lib is not None and lib.openmp_pid == os.getpid()
+
+
+def threads() -> int:
+    """The threads a call may share (torch's, where :func:`parallel`, else one): part of
+    the keys of plans made for them."""
+    import torch
+
+    return torch.get_num_threads() if parallel() else 1
 
 
 def has_sgemm() -> bool:

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .native_build import Geometry, Layout
+from . import native_build
+from .native_build import Geometry, InputGradPlan, Layout
 from .native_gates import _library, memoised
 
 _F32 = torch.float32
@@ -54,6 +55,10 @@ MAX_COLUMN_FLOATS = 1 << 18
 # this many column floats (64 MiB), more is left to torch's convolution and its own memory.
 MAX_CALL_COLUMN_FLOATS = 1 << 24
 _GEOMETRY: dict = {}  # (B, spatial, kernel, dilation) -> Geometry
+_INPUT_GRAD_PLANS: dict = {}  # sizes and strides -> (InputGradPlan, scratch floats) or None
+# On several threads, an input gradient's pieces (a frame's chunk of channels, its product and
+# col2im) are shared from this many multiply-adds a thread.
+INPUT_GRAD_THREAD_MACS = 1 << 20
 _NO_LAYOUT = Layout(0, 0, 0, 1)
 
 
@@ -252,10 +257,12 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     n, c, *spatial = x_shape
     kernel = weight.shape[2:]
     o, pixels, taps = weight.shape[0], math.prod(spatial), math.prod(kernel)
-    g = grad.as_strided((n, o, pixels), (grad.stride(0), grad.stride(1), pg))
-    wt = weight.reshape(o, -1).t()  # (C * taps, O)
     dx = _empty_frames(n, c, spatial, channels_last)
     pd = _pixel_stride(dx)
+    if _input_grad_in_c(lib, grad, pg, weight, dx, pd, spatial, dilation):
+        return dx
+    g = grad.as_strided((n, o, pixels), (grad.stride(0), grad.stride(1), pg))
+    wt = weight.reshape(o, -1).t()  # (C * taps, O)
     frames, channels = _chunks(n, c, taps * pixels)
     # One columns buffer for every chunk, and each chunk size's geometry and layouts made
     # once: at a chunk a channel (3-d hid8 8x8x8), slicing and wrapping per chunk had cost
@@ -287,6 +294,40 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
                               base + f0 * frame_bytes + c0 * channel_bytes):
                 return None
     return dx
+
+
+def _input_grad_in_c(lib, grad: Tensor, pg: int, weight: Tensor, dx: Tensor, pd: int,
+                     spatial: Sequence[int], dilation: Sequence[int]) -> bool:
+    """dx written by ``tcl_input_grad`` (the pieces' products and col2im in C, shared between
+    threads): whether it ran. Not where there is no sgemm, or grad has neither its channels
+    nor its pixels dense, or the weight's rows are not (the Python loop below serves)."""
+    w = weight.reshape(weight.shape[0], -1)
+    o, pixels = w.shape[0], math.prod(spatial)
+    # (the BLAS's leading dimension: the stride between the dense runs, at least their length)
+    if not lib.has_sgemm or w.stride(1) != 1 or not (
+            (pg == 1 and (grad.stride(1) >= pixels or o == 1))
+            or (grad.stride(1) == 1 and (pg >= o or pixels == 1))):
+        return False
+    n, c = dx.shape[:2]
+    key = (grad.shape, grad.stride(), pg, w.shape, w.stride(0), dx.stride(), tuple(dilation),
+           native_build.threads())
+
+    def make():
+        taps = w.shape[1] // c
+        chunk = _chunks(1, c, taps * pixels)[1]
+        pieces = n * -(-c // chunk)
+        plan = InputGradPlan(
+            g=_geometry(1, spatial, weight.shape[2:], dilation), frames=n, out=o,
+            pixels=pixels, grad_frame=grad.stride(0), grad_channel=grad.stride(1),
+            grad_pixel=pg, w_row=w.stride(0), dx=_layout(dx, pd), chunk=chunk,
+            threads=max(1, min(native_build.threads(), pieces,
+                               n * o * c * taps * pixels // INPUT_GRAD_THREAD_MACS)))
+        return plan, plan.threads * int(lib.tcl_input_grad_scratch(plan))
+
+    plan, floats = memoised(_INPUT_GRAD_PLANS, key, make, 1024)
+    scratch = torch.empty(floats, dtype=_F32)
+    return not lib.tcl_input_grad(plan, w.data_ptr(), grad.data_ptr(), dx.data_ptr(),
+                                  scratch.data_ptr())
 
 
 def conv_weight_grad_small(grad: Tensor, x: Tensor, weight: Tensor,

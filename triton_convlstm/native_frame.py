@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import native_step
+from . import native_build, native_step
 from .native_conv import plain_fp32
 from .native_gates import _library, memoised
 from .native_step import _key, _make_plan, _run, _winograd_channels, winograd
@@ -42,7 +42,7 @@ def step_forward(x: Tensor, h: Tensor | None, c: Tensor, weight: Tensor, bias: T
     lib = _library()  # (first: nothing below for a tracer to see)
     if lib is None or not lib.has_sgemm or not plain_fp32((x, h, c, weight, bias, peephole)):
         return None
-    key = (_key(x), _key(h), _key(c), _key(weight), tuple(dilation), native_step.threads())
+    key = (_key(x), _key(h), _key(c), _key(weight), tuple(dilation), native_build.threads())
     if memoised(_PLANS, ("winograd", key), lambda: _winograd_sized(x, weight, dilation),
                 _MAX_PLANS):
         done = _winograd_step_forward(lib, x, h, c, weight, bias, peephole, dilation)

@@ -58,12 +58,6 @@ TILE_FLOATS = 1 << 16
 COLUMN_THREAD_MACS = 1 << 20
 
 
-def threads() -> int:
-    """The threads a step may share (torch's, where the library runs shares on its OpenMP
-    workers: not in a forked child); part of the plans' keys."""
-    return torch.get_num_threads() if native_build.parallel() else 1
-
-
 def _dense_rows(t: Tensor) -> bool:
     """Each row (dim 0) of t dense, unit stride last: the weight as an (out, rows) matrix at
     its row stride (a channel slice of a weight qualifies)."""
@@ -140,7 +134,7 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     width = geometry.W
     n_rows = pixels // width
     tile_rows = max(1, min(n_rows, TILE_FLOATS // (rows * width)))
-    shares = max(1, min(threads(), n_rows, out * rows * pixels // COLUMN_THREAD_MACS))
+    shares = max(1, min(native_build.threads(), n_rows, out * rows * pixels // COLUMN_THREAD_MACS))
     if shares > 1:  # (as many tiles for each thread)
         tiles = -(-n_rows // tile_rows)
         tile_rows = -(-n_rows // (-(-tiles // shares) * shares))
@@ -293,7 +287,7 @@ def _shared_step(lib, parts, scratch: Tensor, x: Tensor, h: Tensor | None, u: Te
 def _plan_for(x, h, c_prev, c_out, h_out, gates, weight, dilation, pixel_major, u_channels):
     """_make_plan's answer for these tensors' sizes and strides, memoised."""
     key = (_key(x), _key(h), _key(c_prev), _key(c_out), _key(h_out), _key(gates),
-           _key(weight), tuple(dilation), pixel_major, u_channels, threads())
+           _key(weight), tuple(dilation), pixel_major, u_channels, native_build.threads())
     return memoised(_PLANS, key, lambda: _make_plan(x, h, c_prev, c_out, h_out, gates, weight,
                                                     dilation, pixel_major, u_channels),
                     _MAX_PLANS)

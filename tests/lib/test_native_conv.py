@@ -189,14 +189,60 @@ def test_chunks_of_frames_and_channels_give_the_same_results(monkeypatch):
     grad1 = _laid(torch.randn(5, 8, 11, dtype=torch.float64), True)
     wants = (conv_same(x, w, (1, 1, 1)), conv_same_input_grad(grad, x.shape, w, (1, 1, 1)),
              conv_same_weight_grad(grad1, x1, w1, (2,)))
-    for chunk in (1, 27 * 60, 27 * 60 * 2 + 5, 1 << 16):  # one channel, frames, all
+    for chunk, sgemm in itertools.product((1, 27 * 60, 27 * 60 * 2 + 5, 1 << 16),
+                                          (True, False)):  # one channel, frames, all
         monkeypatch.setattr(native_conv, "CHUNK_FLOATS", chunk)
+        monkeypatch.setattr(native_conv, "_INPUT_GRAD_PLANS", {})
+        # (without the sgemm handed over, the input gradient's pieces run from Python)
+        monkeypatch.setattr(native_build.library(), "has_sgemm", sgemm)
         got = (native_conv.conv_small(x.float(), None, w.float(), None, (1, 1, 1), False),
                native_conv.conv_input_grad_small(grad.float(), x.shape, w.float(), (1, 1, 1),
                                                  True),
                native_conv.conv_weight_grad_small(grad1.float(), x1.float(), w1.float(), (2,)))
         for g, want in zip(got, wants):
             assert _rel(g, want) < 1e-5, chunk
+
+
+@pytest.mark.parametrize(("spatial", "c"), [((11,), 6), ((4, 3, 5), 6), ((6, 7), 3)])
+@pytest.mark.parametrize("cl", [False, True])
+def test_threads_share_the_input_gradients_pieces(monkeypatch, spatial, c, cl):
+    # Three threads (the share threshold lowered to these frames), pieces of one or two
+    # channels of one frame, so that threads take unequal numbers of pieces: each its own
+    # columns and padded copy, its products on one BLAS thread.
+    if not native_build.has_sgemm():
+        pytest.skip("no sgemm handed over: the pieces run from Python")
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    monkeypatch.setattr(native_conv, "INPUT_GRAD_THREAD_MACS", 1)
+    monkeypatch.setattr(native_conv, "_INPUT_GRAD_PLANS", {})
+    try:
+        torch.manual_seed(7)
+        k = 3 if len(spatial) != 1 else 5
+        w = torch.randn(8, c, *(k,) * len(spatial), dtype=torch.float64)
+        grad = _laid(torch.randn(5, 8, *spatial, dtype=torch.float64), cl)
+        want = conv_same_input_grad(grad, (5, c, *spatial), w, (1,) * len(spatial))
+        for chunk in (1, 2 * k ** len(spatial) * 77):  # a channel a piece; two or all
+            monkeypatch.setattr(native_conv, "CHUNK_FLOATS", chunk)
+            native_conv._INPUT_GRAD_PLANS.clear()
+            dx = native_conv.conv_input_grad_small(grad.float(), (5, c, *spatial), w.float(),
+                                                   (1,) * len(spatial), cl)
+            assert dx.shape == want.shape and _rel(dx, want) < 1e-5
+            (plan, _), = native_conv._INPUT_GRAD_PLANS.values()
+            assert plan.threads == (3 if native_build.parallel() else 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_expanded_gradient_is_read_where_it_is():
+    # The gradient of a sum: one value at every element (zero strides), which the BLAS's
+    # leading dimensions cannot describe: the pieces' products run from Python.
+    w = torch.randn(8, 6, 3, 3, 3, dtype=torch.float64)
+    for grad in (torch.full((), 0.5).expand(2, 8, 3, 4, 5),
+                 torch.randn(8, 1, 1, 1).expand(2, 8, 3, 4, 5)):
+        want = conv_same_input_grad(grad.double(), (2, 6, 3, 4, 5), w, (1, 1, 1))
+        dx = native_conv.conv_input_grad_small(grad, (2, 6, 3, 4, 5), w.float(), (1, 1, 1),
+                                               False)
+        assert _rel(dx, want) < 1e-5
 
 
 def test_2d_frames_are_left_to_torch_but_input_gradients_of_few_channels():

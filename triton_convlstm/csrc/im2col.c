@@ -141,36 +141,110 @@ int tcl_im2col(const geom_t *g, const layout_t *lx, const float *x, const layout
     return 0;
 }
 
+/* Sample b's columns (dcols at lc) added back into the zero-filled padded copy, then its
+   interior written to sample b of dx (lx): the adjoint of the columns of one sample. */
+static void col2im_sample(const geom_t *g, const layout_t *lc, const float *dcols,
+                          const layout_t *lx, float *dx, i64 b, float *pad) {
+    const i64 C = lx->channels, plane = padded_plane(g);
+    for (i64 k = 0; k < C * plane; ++k) pad[k] = 0.0f;
+    for (i64 c = 0; c < C; ++c)
+        for (i64 kz = 0; kz < g->KD; ++kz)
+            for (i64 ky = 0; ky < g->KH; ++ky)
+                for (i64 kx = 0; kx < g->KW; ++kx) {
+                    const i64 r = ((c * g->KD + kz) * g->KH + ky) * g->KW + kx;
+                    const float *in = dcols + b * lc->sample + r * lc->channel;
+                    for (i64 z = 0; z < g->D; ++z)
+                        for (i64 y = 0; y < g->H; ++y) {
+                            float *s = pad + tap_row(g, c, kz, ky, kx, z, y);
+                            const float *d = in + (z * g->H + y) * g->W * lc->pixel;
+                            if (lc->pixel == 1) {
+                                _Pragma("omp simd")
+                                for (i64 i = 0; i < g->W; ++i) s[i] += d[i];
+                            } else {
+                                for (i64 i = 0; i < g->W; ++i) s[i] += d[i * lc->pixel];
+                            }
+                        }
+                }
+    pad_out(pad, g, lx, dx, b, 0);
+}
+
 /* dx[b] = the adjoint of tcl_im2col for one input: each column entry added back to the pixel
    its tap read (in a fixed order: the same sums every run). Returns 0, or 1 where the padded
    copy could not be allocated (nothing written). */
 int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const layout_t *lx,
                float *dx) {
-    const i64 C = lx->channels, plane = padded_plane(g);
-    float *pad = malloc((size_t)(C * plane) * sizeof(float));
+    float *pad = malloc((size_t)(lx->channels * padded_plane(g)) * sizeof(float));
     if (pad == NULL) return 1;
-    for (i64 b = 0; b < g->B; ++b) {
-        for (i64 k = 0; k < C * plane; ++k) pad[k] = 0.0f;
-        for (i64 c = 0; c < C; ++c)
-            for (i64 kz = 0; kz < g->KD; ++kz)
-                for (i64 ky = 0; ky < g->KH; ++ky)
-                    for (i64 kx = 0; kx < g->KW; ++kx) {
-                        const i64 r = ((c * g->KD + kz) * g->KH + ky) * g->KW + kx;
-                        const float *in = dcols + b * lc->sample + r * lc->channel;
-                        for (i64 z = 0; z < g->D; ++z)
-                            for (i64 y = 0; y < g->H; ++y) {
-                                float *s = pad + tap_row(g, c, kz, ky, kx, z, y);
-                                const float *d = in + (z * g->H + y) * g->W * lc->pixel;
-                                if (lc->pixel == 1) {
-                                    _Pragma("omp simd")
-                                    for (i64 i = 0; i < g->W; ++i) s[i] += d[i];
-                                } else {
-                                    for (i64 i = 0; i < g->W; ++i) s[i] += d[i * lc->pixel];
-                                }
-                            }
-                    }
-        pad_out(pad, g, lx, dx, b, 0);
-    }
+    for (i64 b = 0; b < g->B; ++b) col2im_sample(g, lc, dcols, lx, dx, b, pad);
     free(pad);
     return 0;
+}
+
+/* One piece of the input gradient: frame f's channels c0..c0 + n - 1, their columns the
+   product of the weight's rows for them (transposed) with the frame's output gradient, added
+   back into dx by col2im_sample. */
+static void input_grad_piece(const input_grad_plan_t *p, sgemm_fn sgemm, const float *w,
+                             const float *grad, float *dx, i64 f, i64 c0, float *cols,
+                             float *pad) {
+    const i64 taps = p->g.KD * p->g.KH * p->g.KW;
+    const i64 n = p->dx.channels - c0 < p->chunk ? p->dx.channels - c0 : p->chunk;
+    const int m32 = (int)p->pixels, n32 = (int)(n * taps), k32 = (int)p->out;
+    /* (a single row or column: its stride unused, its length the BLAS's least) */
+    const int lda = (int)(p->grad_pixel == 1 ? (p->out > 1 ? p->grad_channel : p->pixels)
+                                             : (p->pixels > 1 ? p->grad_pixel : p->out));
+    const int ldw = (int)p->w_row;
+    const float one = 1.0f, zero = 0.0f;
+    /* column-major: cols^T (pixels x n taps, ld pixels) = grad_f^T (pixels x out: stored
+       out x pixels, or pixels x out where the channels are dense) w_rows (out x n taps: the
+       weight stored out x rows at ld w_row, transposed) */
+    sgemm(p->grad_pixel == 1 ? "N" : "T", "T", &m32, &n32, &k32, &one,
+          grad + f * p->grad_frame, &lda, w + c0 * taps, &ldw, &zero, cols, &m32);
+    const layout_t lc = {n * taps, 0, p->pixels, 1};
+    layout_t lx = p->dx;
+    lx.channels = n;
+    col2im_sample(&p->g, &lc, cols, &lx, dx + f * p->dx.sample + c0 * p->dx.channel, 0, pad);
+}
+
+/* dx (frames, C, pixels at p->dx) = the input gradient of a small 'same' convolution from
+   grad (frames, out, pixels at the plan's strides, the channels or the pixels dense) and the
+   weight (out, C * taps) at row stride w_row: piece by piece (a frame's chunk of channels),
+   each piece's columns and padded copy in its thread's part of scratch
+   (tcl_input_grad_scratch floats a thread); on p->threads threads, each every threads-th
+   piece (its products on one BLAS thread). Returns 0; 1 where there is no sgemm or the sizes
+   pass the BLAS's ints (nothing written). */
+int tcl_input_grad(const input_grad_plan_t *p, const float *w, const float *grad, float *dx,
+                   float *scratch) {
+    sgemm_fn sgemm = tcl_sgemm();
+    const i64 taps = p->g.KD * p->g.KH * p->g.KW;
+    const i64 chunks = (p->dx.channels + p->chunk - 1) / p->chunk;
+    if (sgemm == NULL || p->pixels > INT32_MAX || p->chunk * taps > INT32_MAX
+        || p->out > INT32_MAX || p->w_row > INT32_MAX || p->grad_channel > INT32_MAX
+        || p->grad_pixel > INT32_MAX)
+        return 1;
+    const i64 per_thread = tcl_input_grad_scratch(p), pieces = p->frames * chunks;
+    const int threads = p->threads > 1 ? (int)p->threads : 1;
+    if (threads == 1) {  /* (no OpenMP region of one thread: see step.c) */
+        for (i64 k = 0; k < pieces; ++k)
+            input_grad_piece(p, sgemm, w, grad, dx, k / chunks, k % chunks * p->chunk, scratch,
+                             scratch + p->chunk * taps * p->pixels);
+        return 0;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        const int restore = tcl_blas_threads(1);
+        const int k0 = tcl_thread_index(), n = tcl_thread_count();
+        float *cols = scratch + k0 * per_thread, *pad = cols + p->chunk * taps * p->pixels;
+        for (i64 k = k0; k < pieces; k += n)
+            input_grad_piece(p, sgemm, w, grad, dx, k / chunks, k % chunks * p->chunk, cols,
+                             pad);
+        if (restore >= 0) tcl_blas_threads(restore);
+    }
+    return 0;
+}
+
+/* A thread's scratch floats for tcl_input_grad: a piece's columns and its padded copy. */
+i64 tcl_input_grad_scratch(const input_grad_plan_t *p) {
+    return p->chunk * (p->g.KD * p->g.KH * p->g.KW * p->pixels + padded_plane(&p->g));
 }

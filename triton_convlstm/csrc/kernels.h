@@ -93,6 +93,27 @@ void tcl_tile_columns(const geom_t *g, i64 C, const float *pad, i64 r0, i64 r1, 
 int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const layout_t *lx,
                float *dx);
 
+/* A small convolution's input gradient (tcl_input_grad), piece by piece: g one frame's
+   sizes (B = 1); frames, the output channels, pixels a frame; grad's element strides per
+   frame, channel and pixel (the channels or the pixels dense); the weight's row stride; dx's
+   layout (all its channels); the channels a piece takes; the threads sharing the pieces. */
+typedef struct {
+    geom_t g;
+    i64 frames, out, pixels, grad_frame, grad_channel, grad_pixel, w_row;
+    layout_t dx;
+    i64 chunk, threads;
+} input_grad_plan_t;
+
+int tcl_input_grad(const input_grad_plan_t *p, const float *w, const float *grad, float *dx,
+                   float *scratch);
+
+i64 tcl_input_grad_scratch(const input_grad_plan_t *p);
+
+/* This thread's index in its OpenMP team and the team's size (0 and 1 without OpenMP). */
+int tcl_thread_index(void);
+
+int tcl_thread_count(void);
+
 void tcl_set_sgemm(void *fn);
 
 void tcl_set_blas_threads(void *fn);

@@ -9,6 +9,15 @@
 
 #include "kernels.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+int tcl_thread_index(void) { return omp_get_thread_num(); }
+int tcl_thread_count(void) { return omp_get_num_threads(); }
+#else
+int tcl_thread_index(void) { return 0; }
+int tcl_thread_count(void) { return 1; }
+#endif
+
 typedef void *ptr;
 
 /* One share: the entry point `fn` names (enum tcl_parallel_fn) on plan with its n args. */

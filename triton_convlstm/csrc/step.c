@@ -10,15 +10,6 @@
 
 #include "kernels.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-static int thread_index(void) { return omp_get_thread_num(); }
-static int thread_count(void) { return omp_get_num_threads(); }
-#else
-static int thread_index(void) { return 0; }
-static int thread_count(void) { return 1; }
-#endif
-
 static sgemm_fn SGEMM = NULL;
 
 void tcl_set_sgemm(void *fn) { SGEMM = (sgemm_fn)fn; }
@@ -119,8 +110,8 @@ int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const
 #endif
         {
             const int restore = tcl_blas_threads(1);
-            tiles_of(p, C, pad, cols + thread_index() * p->rows * tile, zb, w, thread_index(),
-                     thread_count());
+            const int k = tcl_thread_index();
+            tiles_of(p, C, pad, cols + k * p->rows * tile, zb, w, k, tcl_thread_count());
             if (restore >= 0) tcl_blas_threads(restore);
         }
     }
