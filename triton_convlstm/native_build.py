@@ -101,14 +101,15 @@ class StepPlan(ctypes.Structure):
                 ("wino", WinogradPlan), ("threads", ctypes.c_int64)]
 
 
-class InputGradPlan(ctypes.Structure):
-    """A small convolution's input gradient, piece by piece (``input_grad_plan_t``)."""
+class ConvGradPlan(ctypes.Structure):
+    """A small convolution's input or weight gradient, piece by piece
+    (``conv_grad_plan_t``)."""
 
     _fields_ = [("g", Geometry),
                 *[(name, ctypes.c_int64) for name in (
                     "frames", "out", "pixels", "grad_frame", "grad_channel", "grad_pixel",
                     "w_row")],
-                ("dx", Layout), ("chunk", ctypes.c_int64), ("threads", ctypes.c_int64)]
+                ("x", Layout), ("chunk", ctypes.c_int64), ("threads", ctypes.c_int64)]
 
 
 _P = ctypes.c_void_p
@@ -118,8 +119,10 @@ _SIGNATURES = {  # name: (argument types, result type)
     "tcl_gate_backward": ([ctypes.POINTER(Plan)] + [_P] * 10, None),
     "tcl_im2col": ([_G, _L, _P, _L, _P, _L, _P], ctypes.c_int),
     "tcl_col2im": ([_G, _L, _P, _L, _P], ctypes.c_int),
-    "tcl_input_grad": ([ctypes.POINTER(InputGradPlan)] + [_P] * 4, ctypes.c_int),
-    "tcl_input_grad_scratch": ([ctypes.POINTER(InputGradPlan)], ctypes.c_int64),
+    "tcl_input_grad": ([ctypes.POINTER(ConvGradPlan)] + [_P] * 4, ctypes.c_int),
+    "tcl_input_grad_scratch": ([ctypes.POINTER(ConvGradPlan)], ctypes.c_int64),
+    "tcl_weight_grad": ([ctypes.POINTER(ConvGradPlan)] + [_P] * 4, ctypes.c_int),
+    "tcl_weight_grad_scratch": ([ctypes.POINTER(ConvGradPlan)], ctypes.c_int64),
     "tcl_set_sgemm": ([_P], None),
     "tcl_set_blas_threads": ([_P], None),
     "tcl_step_forward": ([ctypes.POINTER(StepPlan)] + [_P] * 11, ctypes.c_int),

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import native_build
-from .native_build import Geometry, InputGradPlan, Layout
+from .native_build import ConvGradPlan, Geometry, Layout
 from .native_gates import _library, memoised
 
 _F32 = torch.float32
@@ -55,10 +55,11 @@ MAX_COLUMN_FLOATS = 1 << 18
 # this many column floats (64 MiB), more is left to torch's convolution and its own memory.
 MAX_CALL_COLUMN_FLOATS = 1 << 24
 _GEOMETRY: dict = {}  # (B, spatial, kernel, dilation) -> Geometry
-_INPUT_GRAD_PLANS: dict = {}  # sizes and strides -> (InputGradPlan, scratch floats) or None
-# On several threads, an input gradient's pieces (a frame's chunk of channels, its product and
-# col2im) are shared from this many multiply-adds a thread.
-INPUT_GRAD_THREAD_MACS = 1 << 20
+_GRAD_PLANS: dict = {}  # kind, sizes and strides -> (ConvGradPlan, scratch floats) or None
+# On several threads, a gradient's pieces (a chunk of channels: of a frame for the input
+# gradient, of all frames for the weight gradient) are shared from this many multiply-adds a
+# thread.
+GRAD_THREAD_MACS = 1 << 20
 _NO_LAYOUT = Layout(0, 0, 0, 1)
 
 
@@ -259,7 +260,7 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     o, pixels, taps = weight.shape[0], math.prod(spatial), math.prod(kernel)
     dx = _empty_frames(n, c, spatial, channels_last)
     pd = _pixel_stride(dx)
-    if _input_grad_in_c(lib, grad, pg, weight, dx, pd, spatial, dilation):
+    if _input_grad_in_c(lib, grad, pg, weight, dx, pd, dilation):
         return dx
     g = grad.as_strided((n, o, pixels), (grad.stride(0), grad.stride(1), pg))
     wt = weight.reshape(o, -1).t()  # (C * taps, O)
@@ -296,37 +297,53 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     return dx
 
 
-def _input_grad_in_c(lib, grad: Tensor, pg: int, weight: Tensor, dx: Tensor, pd: int,
-                     spatial: Sequence[int], dilation: Sequence[int]) -> bool:
-    """dx written by ``tcl_input_grad`` (the pieces' products and col2im in C, shared between
-    threads): whether it ran. Not where there is no sgemm, or grad has neither its channels
-    nor its pixels dense, or the weight's rows are not (the Python loop below serves)."""
-    w = weight.reshape(weight.shape[0], -1)
+def _grad_plan(lib, kind: str, grad: Tensor, pg: int, w: Tensor, frames: Tensor, pf: int,
+               kernel: Sequence[int], dilation: Sequence[int]):
+    """(plan, scratch floats) for ``tcl_input_grad`` or ``tcl_weight_grad`` (``kind``
+    "input" or "weight"), memoised, or None where C does not serve: no sgemm, grad with
+    neither its channels nor its pixels dense (the BLAS's leading dimension: the stride
+    between the dense runs, at least their length), the weight's (dw's) rows not dense.
+
+    Args:
+        grad: (N, O, *spatial), its pixels at ``pg``.
+        w: the weight (or dw) as (O, C * taps).
+        frames: dx or x, (N, C, *spatial), its pixels at ``pf``.
+    """
+    n, c, *spatial = frames.shape
     o, pixels = w.shape[0], math.prod(spatial)
-    # (the BLAS's leading dimension: the stride between the dense runs, at least their length)
     if not lib.has_sgemm or w.stride(1) != 1 or not (
             (pg == 1 and (grad.stride(1) >= pixels or o == 1))
             or (grad.stride(1) == 1 and (pg >= o or pixels == 1))):
-        return False
-    n, c = dx.shape[:2]
-    key = (grad.shape, grad.stride(), pg, w.shape, w.stride(0), dx.stride(), tuple(dilation),
-           native_build.threads())
+        return None
+    key = (kind, grad.shape, grad.stride(), pg, w.shape, w.stride(0), frames.stride(),
+           tuple(kernel), tuple(dilation), native_build.threads())
 
     def make():
-        taps = w.shape[1] // c
+        taps = math.prod(kernel)
         chunk = _chunks(1, c, taps * pixels)[1]
-        pieces = n * -(-c // chunk)
-        plan = InputGradPlan(
-            g=_geometry(1, spatial, weight.shape[2:], dilation), frames=n, out=o,
-            pixels=pixels, grad_frame=grad.stride(0), grad_channel=grad.stride(1),
-            grad_pixel=pg, w_row=w.stride(0), dx=_layout(dx, pd), chunk=chunk,
+        pieces = (n if kind == "input" else 1) * -(-c // chunk)  # (dw: a chunk all frames)
+        plan = ConvGradPlan(
+            g=_geometry(1, spatial, kernel, dilation), frames=n, out=o, pixels=pixels,
+            grad_frame=grad.stride(0), grad_channel=grad.stride(1), grad_pixel=pg,
+            w_row=w.stride(0), x=_layout(frames, pf), chunk=chunk,
             threads=max(1, min(native_build.threads(), pieces,
-                               n * o * c * taps * pixels // INPUT_GRAD_THREAD_MACS)))
-        return plan, plan.threads * int(lib.tcl_input_grad_scratch(plan))
+                               n * o * c * taps * pixels // GRAD_THREAD_MACS)))
+        scratch = lib.tcl_input_grad_scratch if kind == "input" else lib.tcl_weight_grad_scratch
+        return plan, plan.threads * int(scratch(plan))
 
-    plan, floats = memoised(_INPUT_GRAD_PLANS, key, make, 1024)
-    scratch = torch.empty(floats, dtype=_F32)
-    return not lib.tcl_input_grad(plan, w.data_ptr(), grad.data_ptr(), dx.data_ptr(),
+    return memoised(_GRAD_PLANS, key, make, 1024)
+
+
+def _input_grad_in_c(lib, grad: Tensor, pg: int, weight: Tensor, dx: Tensor, pd: int,
+                     dilation: Sequence[int]) -> bool:
+    """dx written by ``tcl_input_grad`` (the pieces' products and col2im in C, shared between
+    threads): whether it ran (else the Python loop below serves)."""
+    w = weight.reshape(weight.shape[0], -1)
+    found = _grad_plan(lib, "input", grad, pg, w, dx, pd, weight.shape[2:], dilation)
+    if found is None:
+        return False
+    scratch = torch.empty(found[1], dtype=_F32)
+    return not lib.tcl_input_grad(found[0], w.data_ptr(), grad.data_ptr(), dx.data_ptr(),
                                   scratch.data_ptr())
 
 
@@ -351,13 +368,23 @@ def conv_weight_grad_small(grad: Tensor, x: Tensor, weight: Tensor,
     n, c, *spatial = x.shape
     kernel = weight.shape[2:]
     o, pixels = weight.shape[0], math.prod(spatial)
-    # Only where grad reads as (N * pixels, O) (channels-last frames back to back): one
-    # product with the columns pixel-major. Channels-first frames (3-d) ran a product per
-    # frame no faster than torch's (3-d 8x8x8 B4: 129 vs 115 us).
-    if not (pg == o and grad.stride(1) == 1 and grad.stride(0) == pixels * o):
-        return None
     taps = math.prod(kernel)
     dw = torch.empty(o, c * taps, dtype=_F32)
+    # Where grad reads as (N * pixels, O) (channels-last frames back to back): one product
+    # with the columns pixel-major. Else (channels-first frames: 3-d) tcl_weight_grad, a
+    # product a frame and chunk of channels in C (from Python they had run no faster than
+    # torch's: 3-d 8x8x8 B4 129 vs 115 us).
+    if not (pg == o and grad.stride(1) == 1 and grad.stride(0) == pixels * o):
+        px = _pixel_stride(x)
+        found = None if px is None else _grad_plan(lib, "weight", grad, pg, dw, x, px, kernel,
+                                                   dilation)
+        if found is None:
+            return None
+        scratch = torch.empty(found[1], dtype=_F32)
+        if lib.tcl_weight_grad(found[0], x.data_ptr(), grad.data_ptr(), dw.data_ptr(),
+                               scratch.data_ptr()):
+            return None
+        return dw.view(weight.shape)
     frames, channels = _chunks(n, c, taps * pixels)
     for c0 in range(0, c, channels):
         c1 = min(c, c0 + channels)

@@ -3,6 +3,7 @@ products, against torch's convolution in float64 (conv.py, the functions they st
 the calls they decline; and the layer, which gives the same results with and without them."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -59,18 +60,20 @@ def test_the_convolution_and_its_input_gradient_match_torch(spatial, k, d, cl_in
 
 @pytest.mark.parametrize("spatial", [(9,), (3, 4, 5)])
 @pytest.mark.parametrize("k", [2, 3])
-def test_the_weight_gradient_matches_torch_for_channels_last_gradients(spatial, k):
+@pytest.mark.parametrize("cl", [False, True])
+def test_the_weight_gradient_matches_torch(spatial, k, cl):
+    # Channels-last gradients: one product with the columns; channels-first (and frames in
+    # other layouts): tcl_weight_grad, a product a frame and chunk of channels.
     torch.manual_seed(1)
     n = len(spatial)
-    x = _laid(torch.randn(5, 3, *spatial, dtype=torch.float64), True)
+    x = _laid(torch.randn(5, 3, *spatial, dtype=torch.float64), cl)
     w = torch.randn(8, 3, *(k,) * n, dtype=torch.float64)
-    grad = _laid(torch.randn(5, 8, *spatial, dtype=torch.float64), True)
+    grad = _laid(torch.randn(5, 8, *spatial, dtype=torch.float64), cl)
     want = conv_same_weight_grad(grad, x, w, (2,) * n)
-    got = native_conv.conv_weight_grad_small(grad.float(), x.float(), w.float(), (2,) * n)
-    assert got.shape == w.shape and got.is_contiguous() and _rel(got, want) < 1e-5
-    # Channels-first gradients are left to torch (a product per frame was no faster).
-    assert native_conv.conv_weight_grad_small(grad.float().contiguous(), x.float(), w.float(),
-                                              (2,) * n) is None
+    for frames in (x, _laid(x, not cl)):
+        got = native_conv.conv_weight_grad_small(grad.float(), frames.float(), w.float(),
+                                                  (2,) * n)
+        assert got.shape == w.shape and got.is_contiguous() and _rel(got, want) < 1e-5
 
 
 def test_frames_with_gaps_between_samples_are_read_in_place():
@@ -188,47 +191,66 @@ def test_chunks_of_frames_and_channels_give_the_same_results(monkeypatch):
     w1 = torch.randn(8, 6, 3, dtype=torch.float64)
     grad1 = _laid(torch.randn(5, 8, 11, dtype=torch.float64), True)
     wants = (conv_same(x, w, (1, 1, 1)), conv_same_input_grad(grad, x.shape, w, (1, 1, 1)),
-             conv_same_weight_grad(grad1, x1, w1, (2,)))
+             conv_same_weight_grad(grad1, x1, w1, (2,)),
+             conv_same_weight_grad(grad, x, w, (1, 1, 1)))
     for chunk, sgemm in itertools.product((1, 27 * 60, 27 * 60 * 2 + 5, 1 << 16),
                                           (True, False)):  # one channel, frames, all
         monkeypatch.setattr(native_conv, "CHUNK_FLOATS", chunk)
-        monkeypatch.setattr(native_conv, "_INPUT_GRAD_PLANS", {})
-        # (without the sgemm handed over, the input gradient's pieces run from Python)
+        monkeypatch.setattr(native_conv, "_GRAD_PLANS", {})
+        # (without the sgemm handed over, the input gradient's pieces run from Python; the
+        # weight gradient of channels-first frames is torch's)
         monkeypatch.setattr(native_build.library(), "has_sgemm", sgemm)
         got = (native_conv.conv_small(x.float(), None, w.float(), None, (1, 1, 1), False),
                native_conv.conv_input_grad_small(grad.float(), x.shape, w.float(), (1, 1, 1),
                                                  True),
-               native_conv.conv_weight_grad_small(grad1.float(), x1.float(), w1.float(), (2,)))
+               native_conv.conv_weight_grad_small(grad1.float(), x1.float(), w1.float(), (2,)),
+               native_conv.conv_weight_grad_small(grad.float(), x.float(), w.float(),
+                                                  (1, 1, 1)))
         for g, want in zip(got, wants):
-            assert _rel(g, want) < 1e-5, chunk
+            assert (g is None) == (not sgemm and g is got[3]) and (
+                g is None or _rel(g, want) < 1e-5), chunk
 
 
 @pytest.mark.parametrize(("spatial", "c"), [((11,), 6), ((4, 3, 5), 6), ((6, 7), 3)])
 @pytest.mark.parametrize("cl", [False, True])
-def test_threads_share_the_input_gradients_pieces(monkeypatch, spatial, c, cl):
+def test_threads_share_the_gradients_pieces(monkeypatch, spatial, c, cl):
     # Three threads (the share threshold lowered to these frames), pieces of one or two
-    # channels of one frame, so that threads take unequal numbers of pieces: each its own
-    # columns and padded copy, its products on one BLAS thread.
+    # channels (of one frame for the input gradient, of all frames for the weight gradient),
+    # so that threads take unequal numbers of pieces: each its own columns and padded copy,
+    # its products on one BLAS thread.
     if not native_build.has_sgemm():
         pytest.skip("no sgemm handed over: the pieces run from Python")
     before = torch.get_num_threads()
     torch.set_num_threads(3)
-    monkeypatch.setattr(native_conv, "INPUT_GRAD_THREAD_MACS", 1)
-    monkeypatch.setattr(native_conv, "_INPUT_GRAD_PLANS", {})
+    monkeypatch.setattr(native_conv, "GRAD_THREAD_MACS", 1)
     try:
         torch.manual_seed(7)
         k = 3 if len(spatial) != 1 else 5
+        dilation = (1,) * len(spatial)
         w = torch.randn(8, c, *(k,) * len(spatial), dtype=torch.float64)
         grad = _laid(torch.randn(5, 8, *spatial, dtype=torch.float64), cl)
-        want = conv_same_input_grad(grad, (5, c, *spatial), w, (1,) * len(spatial))
-        for chunk in (1, 2 * k ** len(spatial) * 77):  # a channel a piece; two or all
+        x = _laid(torch.randn(5, c, *spatial, dtype=torch.float64), cl)
+        want_dx = conv_same_input_grad(grad, (5, c, *spatial), w, dilation)
+        want_dw = conv_same_weight_grad(grad, x, w, dilation)
+        for chunk in (1, 2 * k ** len(spatial) * math.prod(spatial)):  # one channel, two
             monkeypatch.setattr(native_conv, "CHUNK_FLOATS", chunk)
-            native_conv._INPUT_GRAD_PLANS.clear()
+            monkeypatch.setattr(native_conv, "_GRAD_PLANS", {})
             dx = native_conv.conv_input_grad_small(grad.float(), (5, c, *spatial), w.float(),
-                                                   (1,) * len(spatial), cl)
-            assert dx.shape == want.shape and _rel(dx, want) < 1e-5
-            (plan, _), = native_conv._INPUT_GRAD_PLANS.values()
-            assert plan.threads == (3 if native_build.parallel() else 1)
+                                                   dilation, cl)
+            assert dx.shape == want_dx.shape and _rel(dx, want_dx) < 1e-5
+            dw = native_conv.conv_weight_grad_small(grad.float(), x.float(), w.float(),
+                                                    dilation)
+            # (2-d frames: torch's weight gradient)
+            assert (dw is None) == (len(spatial) == 2)
+            assert dw is None or _rel(dw, want_dw) < 1e-5
+            plans = {key[0]: found[0] for key, found in native_conv._GRAD_PLANS.items()}
+            # (channels-last frames: the weight gradient is one product, from Python)
+            assert set(plans) == {"input"} | (
+                {"weight"} if not cl and len(spatial) != 2 else set())
+            for kind, plan in plans.items():
+                assert plan.chunk == (1 if chunk == 1 else min(c, 2))
+                pieces = (5 if kind == "input" else 1) * -(-c // plan.chunk)
+                assert plan.threads == (min(3, pieces) if native_build.parallel() else 1)
     finally:
         torch.set_num_threads(before)
 

@@ -180,18 +180,31 @@ int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const la
     return 0;
 }
 
+/* The output gradient's leading dimension for the BLAS: the stride between its dense runs
+   (a single run: its stride unused, its length the BLAS's least). */
+static int grad_ld(const conv_grad_plan_t *p) {
+    return (int)(p->grad_pixel == 1 ? (p->out > 1 ? p->grad_channel : p->pixels)
+                                    : (p->pixels > 1 ? p->grad_pixel : p->out));
+}
+
+/* Whether a piece's sizes and strides fit the BLAS's ints. */
+static int grad_sizes_fit(const conv_grad_plan_t *p) {
+    const i64 rows = p->chunk * p->g.KD * p->g.KH * p->g.KW;
+    return p->pixels <= INT32_MAX && rows <= INT32_MAX && p->out <= INT32_MAX
+           && p->w_row <= INT32_MAX && p->grad_channel <= INT32_MAX
+           && p->grad_pixel <= INT32_MAX;
+}
+
 /* One piece of the input gradient: frame f's channels c0..c0 + n - 1, their columns the
    product of the weight's rows for them (transposed) with the frame's output gradient, added
    back into dx by col2im_sample. */
-static void input_grad_piece(const input_grad_plan_t *p, sgemm_fn sgemm, const float *w,
+static void input_grad_piece(const conv_grad_plan_t *p, sgemm_fn sgemm, const float *w,
                              const float *grad, float *dx, i64 f, i64 c0, float *cols,
                              float *pad) {
     const i64 taps = p->g.KD * p->g.KH * p->g.KW;
-    const i64 n = p->dx.channels - c0 < p->chunk ? p->dx.channels - c0 : p->chunk;
+    const i64 n = p->x.channels - c0 < p->chunk ? p->x.channels - c0 : p->chunk;
     const int m32 = (int)p->pixels, n32 = (int)(n * taps), k32 = (int)p->out;
-    /* (a single row or column: its stride unused, its length the BLAS's least) */
-    const int lda = (int)(p->grad_pixel == 1 ? (p->out > 1 ? p->grad_channel : p->pixels)
-                                             : (p->pixels > 1 ? p->grad_pixel : p->out));
+    const int lda = grad_ld(p);
     const int ldw = (int)p->w_row;
     const float one = 1.0f, zero = 0.0f;
     /* column-major: cols^T (pixels x n taps, ld pixels) = grad_f^T (pixels x out: stored
@@ -200,9 +213,9 @@ static void input_grad_piece(const input_grad_plan_t *p, sgemm_fn sgemm, const f
     sgemm(p->grad_pixel == 1 ? "N" : "T", "T", &m32, &n32, &k32, &one,
           grad + f * p->grad_frame, &lda, w + c0 * taps, &ldw, &zero, cols, &m32);
     const layout_t lc = {n * taps, 0, p->pixels, 1};
-    layout_t lx = p->dx;
+    layout_t lx = p->x;
     lx.channels = n;
-    col2im_sample(&p->g, &lc, cols, &lx, dx + f * p->dx.sample + c0 * p->dx.channel, 0, pad);
+    col2im_sample(&p->g, &lc, cols, &lx, dx + f * p->x.sample + c0 * p->x.channel, 0, pad);
 }
 
 /* dx (frames, C, pixels at p->dx) = the input gradient of a small 'same' convolution from
@@ -212,15 +225,12 @@ static void input_grad_piece(const input_grad_plan_t *p, sgemm_fn sgemm, const f
    (tcl_input_grad_scratch floats a thread); on p->threads threads, each every threads-th
    piece (its products on one BLAS thread). Returns 0; 1 where there is no sgemm or the sizes
    pass the BLAS's ints (nothing written). */
-int tcl_input_grad(const input_grad_plan_t *p, const float *w, const float *grad, float *dx,
+int tcl_input_grad(const conv_grad_plan_t *p, const float *w, const float *grad, float *dx,
                    float *scratch) {
     sgemm_fn sgemm = tcl_sgemm();
     const i64 taps = p->g.KD * p->g.KH * p->g.KW;
-    const i64 chunks = (p->dx.channels + p->chunk - 1) / p->chunk;
-    if (sgemm == NULL || p->pixels > INT32_MAX || p->chunk * taps > INT32_MAX
-        || p->out > INT32_MAX || p->w_row > INT32_MAX || p->grad_channel > INT32_MAX
-        || p->grad_pixel > INT32_MAX)
-        return 1;
+    const i64 chunks = (p->x.channels + p->chunk - 1) / p->chunk;
+    if (sgemm == NULL || !grad_sizes_fit(p)) return 1;
     const i64 per_thread = tcl_input_grad_scratch(p), pieces = p->frames * chunks;
     const int threads = p->threads > 1 ? (int)p->threads : 1;
     if (threads == 1) {  /* (no OpenMP region of one thread: see step.c) */
@@ -245,6 +255,71 @@ int tcl_input_grad(const input_grad_plan_t *p, const float *w, const float *grad
 }
 
 /* A thread's scratch floats for tcl_input_grad: a piece's columns and its padded copy. */
-i64 tcl_input_grad_scratch(const input_grad_plan_t *p) {
+i64 tcl_input_grad_scratch(const conv_grad_plan_t *p) {
+    return p->chunk * (p->g.KD * p->g.KH * p->g.KW * p->pixels + padded_plane(&p->g));
+}
+
+/* One chunk of the weight gradient: its channels c0..c0 + n - 1 (dw's columns for them),
+   summed over the frames: each frame's columns of those channels (from the padded copy,
+   whose borders are zero) times its output gradient. */
+static void weight_grad_chunk(const conv_grad_plan_t *p, sgemm_fn sgemm, const float *x,
+                              const float *grad, float *dw, i64 c0, float *cols, float *pad) {
+    const i64 taps = p->g.KD * p->g.KH * p->g.KW, n_rows = p->g.D * p->g.H;
+    const i64 n = p->x.channels - c0 < p->chunk ? p->x.channels - c0 : p->chunk;
+    const int m32 = (int)(n * taps), n32 = (int)p->out, k32 = (int)p->pixels;
+    const int ldg = grad_ld(p);
+    const int ldw = (int)p->w_row;
+    const float one = 1.0f, zero = 0.0f;
+    layout_t lx = p->x;
+    lx.channels = n;
+    for (i64 f = 0; f < p->frames; ++f) {
+        tcl_pad_sample(&p->g, &lx, x + c0 * p->x.channel, NULL, NULL, f, pad);
+        tcl_tile_columns(&p->g, n, pad, 0, n_rows, cols, p->pixels);
+        /* column-major: dw^T's rows for the chunk (n taps x out, ld w_row) (+)= cols (stored
+           n taps x pixels row-major: transposed) grad_f^T (pixels x out: stored out x pixels,
+           or pixels x out where the channels are dense) */
+        sgemm("T", p->grad_pixel == 1 ? "N" : "T", &m32, &n32, &k32, &one, cols, &k32,
+              grad + f * p->grad_frame, &ldg, f ? &one : &zero, dw + c0 * taps, &ldw);
+    }
+}
+
+/* dw (out, C * taps) at row stride w_row = the weight gradient of a small 'same' convolution
+   of x (frames, C, pixels at p->x) given grad (frames, out, pixels at the plan's strides, the
+   channels or the pixels dense), summed over the frames: chunk by chunk of channels, each
+   chunk's columns and padded copy in its thread's part of scratch (tcl_weight_grad_scratch
+   floats a thread); on p->threads threads, each every threads-th chunk (its products on one
+   BLAS thread). Returns 0; 1 where there is no sgemm or the sizes pass the BLAS's ints
+   (nothing written). */
+int tcl_weight_grad(const conv_grad_plan_t *p, const float *x, const float *grad, float *dw,
+                    float *scratch) {
+    sgemm_fn sgemm = tcl_sgemm();
+    const i64 taps = p->g.KD * p->g.KH * p->g.KW;
+    const i64 chunks = (p->x.channels + p->chunk - 1) / p->chunk;
+    if (sgemm == NULL || !grad_sizes_fit(p)) return 1;
+    const i64 per_thread = tcl_weight_grad_scratch(p), cols = p->chunk * taps * p->pixels;
+    const int threads = p->threads > 1 ? (int)p->threads : 1;
+    if (threads == 1) {  /* (no OpenMP region of one thread: see step.c) */
+        for (i64 k = 0; k < per_thread; ++k) scratch[k] = 0.0f;  /* (the padded borders) */
+        for (i64 k = 0; k < chunks; ++k)
+            weight_grad_chunk(p, sgemm, x, grad, dw, k * p->chunk, scratch, scratch + cols);
+        return 0;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        const int restore = tcl_blas_threads(1);
+        const int k0 = tcl_thread_index(), n = tcl_thread_count();
+        float *own = scratch + k0 * per_thread;
+        for (i64 k = 0; k < per_thread; ++k) own[k] = 0.0f;
+        for (i64 k = k0; k < chunks; k += n)
+            weight_grad_chunk(p, sgemm, x, grad, dw, k * p->chunk, own, own + cols);
+        if (restore >= 0) tcl_blas_threads(restore);
+    }
+    return 0;
+}
+
+/* A thread's scratch floats for tcl_weight_grad: a chunk's columns and its padded copy. */
+i64 tcl_weight_grad_scratch(const conv_grad_plan_t *p) {
     return p->chunk * (p->g.KD * p->g.KH * p->g.KW * p->pixels + padded_plane(&p->g));
 }

@@ -93,21 +93,27 @@ void tcl_tile_columns(const geom_t *g, i64 C, const float *pad, i64 r0, i64 r1, 
 int tcl_col2im(const geom_t *g, const layout_t *lc, const float *dcols, const layout_t *lx,
                float *dx);
 
-/* A small convolution's input gradient (tcl_input_grad), piece by piece: g one frame's
-   sizes (B = 1); frames, the output channels, pixels a frame; grad's element strides per
-   frame, channel and pixel (the channels or the pixels dense); the weight's row stride; dx's
-   layout (all its channels); the channels a piece takes; the threads sharing the pieces. */
+/* A small convolution's gradients (tcl_input_grad, tcl_weight_grad), piece by piece: g one
+   frame's sizes (B = 1); frames, the output channels, pixels a frame; grad's element strides
+   per frame, channel and pixel (the channels or the pixels dense); the weight's (or dw's) row
+   stride; the input's layout (dx's, or x's for the weight gradient; all its channels); the
+   channels a piece takes; the threads sharing the pieces. */
 typedef struct {
     geom_t g;
     i64 frames, out, pixels, grad_frame, grad_channel, grad_pixel, w_row;
-    layout_t dx;
+    layout_t x;
     i64 chunk, threads;
-} input_grad_plan_t;
+} conv_grad_plan_t;
 
-int tcl_input_grad(const input_grad_plan_t *p, const float *w, const float *grad, float *dx,
+int tcl_input_grad(const conv_grad_plan_t *p, const float *w, const float *grad, float *dx,
                    float *scratch);
 
-i64 tcl_input_grad_scratch(const input_grad_plan_t *p);
+i64 tcl_input_grad_scratch(const conv_grad_plan_t *p);
+
+int tcl_weight_grad(const conv_grad_plan_t *p, const float *x, const float *grad, float *dw,
+                    float *scratch);
+
+i64 tcl_weight_grad_scratch(const conv_grad_plan_t *p);
 
 /* This thread's index in its OpenMP team and the team's size (0 and 1 without OpenMP). */
 int tcl_thread_index(void);
