@@ -328,8 +328,7 @@ def _grad_plan(lib, kind: str, grad: Tensor, pg: int, w: Tensor, frames: Tensor,
             w_row=w.stride(0), x=_layout(frames, pf), chunk=chunk,
             threads=max(1, min(native_build.threads(), pieces,
                                n * o * c * taps * pixels // GRAD_THREAD_MACS)))
-        scratch = lib.tcl_input_grad_scratch if kind == "input" else lib.tcl_weight_grad_scratch
-        return plan, plan.threads * int(scratch(plan))
+        return plan, plan.threads * int(lib.tcl_conv_grad_scratch(plan))
 
     return memoised(_GRAD_PLANS, key, make, 1024)
 

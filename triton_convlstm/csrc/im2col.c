@@ -195,17 +195,26 @@ static int grad_sizes_fit(const conv_grad_plan_t *p) {
            && p->grad_pixel <= INT32_MAX;
 }
 
-/* One piece of the input gradient: frame f's channels c0..c0 + n - 1, their columns the
-   product of the weight's rows for them (transposed) with the frame's output gradient, added
-   back into dx by col2im_sample. */
+/* The pieces a plan's channels make (chunk channels each, the last the rest). */
+static i64 chunks_of(const conv_grad_plan_t *p) {
+    return (p->x.channels + p->chunk - 1) / p->chunk;
+}
+
+/* Piece k of a gradient, from a (the weight, or x), grad into out (dx, or dw), with this
+   thread's columns and padded copy. */
+typedef void (*piece_fn)(const conv_grad_plan_t *p, sgemm_fn sgemm, const float *a,
+                         const float *grad, float *out, i64 k, float *cols, float *pad);
+
+/* Input gradient piece k: frame k / chunks' channels from (k % chunks) * chunk, their columns
+   the product of the weight's rows for them (transposed) with the frame's output gradient,
+   added back into dx by col2im_sample. */
 static void input_grad_piece(const conv_grad_plan_t *p, sgemm_fn sgemm, const float *w,
-                             const float *grad, float *dx, i64 f, i64 c0, float *cols,
-                             float *pad) {
-    const i64 taps = p->g.KD * p->g.KH * p->g.KW;
+                             const float *grad, float *dx, i64 k, float *cols, float *pad) {
+    const i64 taps = p->g.KD * p->g.KH * p->g.KW, f = k / chunks_of(p);
+    const i64 c0 = k % chunks_of(p) * p->chunk;
     const i64 n = p->x.channels - c0 < p->chunk ? p->x.channels - c0 : p->chunk;
     const int m32 = (int)p->pixels, n32 = (int)(n * taps), k32 = (int)p->out;
-    const int lda = grad_ld(p);
-    const int ldw = (int)p->w_row;
+    const int lda = grad_ld(p), ldw = (int)p->w_row;
     const float one = 1.0f, zero = 0.0f;
     /* column-major: cols^T (pixels x n taps, ld pixels) = grad_f^T (pixels x out: stored
        out x pixels, or pixels x out where the channels are dense) w_rows (out x n taps: the
@@ -218,57 +227,15 @@ static void input_grad_piece(const conv_grad_plan_t *p, sgemm_fn sgemm, const fl
     col2im_sample(&p->g, &lc, cols, &lx, dx + f * p->x.sample + c0 * p->x.channel, 0, pad);
 }
 
-/* dx (frames, C, pixels at p->dx) = the input gradient of a small 'same' convolution from
-   grad (frames, out, pixels at the plan's strides, the channels or the pixels dense) and the
-   weight (out, C * taps) at row stride w_row: piece by piece (a frame's chunk of channels),
-   each piece's columns and padded copy in its thread's part of scratch
-   (tcl_input_grad_scratch floats a thread); on p->threads threads, each every threads-th
-   piece (its products on one BLAS thread). Returns 0; 1 where there is no sgemm or the sizes
-   pass the BLAS's ints (nothing written). */
-int tcl_input_grad(const conv_grad_plan_t *p, const float *w, const float *grad, float *dx,
-                   float *scratch) {
-    sgemm_fn sgemm = tcl_sgemm();
-    const i64 taps = p->g.KD * p->g.KH * p->g.KW;
-    const i64 chunks = (p->x.channels + p->chunk - 1) / p->chunk;
-    if (sgemm == NULL || !grad_sizes_fit(p)) return 1;
-    const i64 per_thread = tcl_input_grad_scratch(p), pieces = p->frames * chunks;
-    const int threads = p->threads > 1 ? (int)p->threads : 1;
-    if (threads == 1) {  /* (no OpenMP region of one thread: see step.c) */
-        for (i64 k = 0; k < pieces; ++k)
-            input_grad_piece(p, sgemm, w, grad, dx, k / chunks, k % chunks * p->chunk, scratch,
-                             scratch + p->chunk * taps * p->pixels);
-        return 0;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-    {
-        const int restore = tcl_blas_threads(1);
-        const int k0 = tcl_thread_index(), n = tcl_thread_count();
-        float *cols = scratch + k0 * per_thread, *pad = cols + p->chunk * taps * p->pixels;
-        for (i64 k = k0; k < pieces; k += n)
-            input_grad_piece(p, sgemm, w, grad, dx, k / chunks, k % chunks * p->chunk, cols,
-                             pad);
-        if (restore >= 0) tcl_blas_threads(restore);
-    }
-    return 0;
-}
-
-/* A thread's scratch floats for tcl_input_grad: a piece's columns and its padded copy. */
-i64 tcl_input_grad_scratch(const conv_grad_plan_t *p) {
-    return p->chunk * (p->g.KD * p->g.KH * p->g.KW * p->pixels + padded_plane(&p->g));
-}
-
-/* One chunk of the weight gradient: its channels c0..c0 + n - 1 (dw's columns for them),
-   summed over the frames: each frame's columns of those channels (from the padded copy,
-   whose borders are zero) times its output gradient. */
-static void weight_grad_chunk(const conv_grad_plan_t *p, sgemm_fn sgemm, const float *x,
-                              const float *grad, float *dw, i64 c0, float *cols, float *pad) {
-    const i64 taps = p->g.KD * p->g.KH * p->g.KW, n_rows = p->g.D * p->g.H;
+/* Weight gradient piece k: channels from k * chunk (dw's columns for them), summed over the
+   frames: each frame's columns of those channels (from the padded copy, whose borders are
+   zero) times its output gradient. */
+static void weight_grad_piece(const conv_grad_plan_t *p, sgemm_fn sgemm, const float *x,
+                              const float *grad, float *dw, i64 k, float *cols, float *pad) {
+    const i64 taps = p->g.KD * p->g.KH * p->g.KW, n_rows = p->g.D * p->g.H, c0 = k * p->chunk;
     const i64 n = p->x.channels - c0 < p->chunk ? p->x.channels - c0 : p->chunk;
     const int m32 = (int)(n * taps), n32 = (int)p->out, k32 = (int)p->pixels;
-    const int ldg = grad_ld(p);
-    const int ldw = (int)p->w_row;
+    const int ldg = grad_ld(p), ldw = (int)p->w_row;
     const float one = 1.0f, zero = 0.0f;
     layout_t lx = p->x;
     lx.channels = n;
@@ -283,25 +250,20 @@ static void weight_grad_chunk(const conv_grad_plan_t *p, sgemm_fn sgemm, const f
     }
 }
 
-/* dw (out, C * taps) at row stride w_row = the weight gradient of a small 'same' convolution
-   of x (frames, C, pixels at p->x) given grad (frames, out, pixels at the plan's strides, the
-   channels or the pixels dense), summed over the frames: chunk by chunk of channels, each
-   chunk's columns and padded copy in its thread's part of scratch (tcl_weight_grad_scratch
-   floats a thread); on p->threads threads, each every threads-th chunk (its products on one
-   BLAS thread). Returns 0; 1 where there is no sgemm or the sizes pass the BLAS's ints
-   (nothing written). */
-int tcl_weight_grad(const conv_grad_plan_t *p, const float *x, const float *grad, float *dw,
-                    float *scratch) {
+/* The pieces 0..pieces - 1, each with its thread's part of scratch (tcl_conv_grad_scratch
+   floats a thread, zeroed first: the padded copies' borders); on p->threads threads, each
+   every threads-th piece (its products on one BLAS thread). Returns 0; 1 where there is no
+   sgemm or the sizes pass the BLAS's ints (nothing written). */
+static int run_pieces(const conv_grad_plan_t *p, i64 pieces, piece_fn fn, const float *a,
+                      const float *grad, float *out, float *scratch) {
     sgemm_fn sgemm = tcl_sgemm();
-    const i64 taps = p->g.KD * p->g.KH * p->g.KW;
-    const i64 chunks = (p->x.channels + p->chunk - 1) / p->chunk;
     if (sgemm == NULL || !grad_sizes_fit(p)) return 1;
-    const i64 per_thread = tcl_weight_grad_scratch(p), cols = p->chunk * taps * p->pixels;
+    const i64 per_thread = tcl_conv_grad_scratch(p);
+    const i64 cols = p->chunk * p->g.KD * p->g.KH * p->g.KW * p->pixels;
     const int threads = p->threads > 1 ? (int)p->threads : 1;
     if (threads == 1) {  /* (no OpenMP region of one thread: see step.c) */
-        for (i64 k = 0; k < per_thread; ++k) scratch[k] = 0.0f;  /* (the padded borders) */
-        for (i64 k = 0; k < chunks; ++k)
-            weight_grad_chunk(p, sgemm, x, grad, dw, k * p->chunk, scratch, scratch + cols);
+        for (i64 k = 0; k < per_thread; ++k) scratch[k] = 0.0f;
+        for (i64 k = 0; k < pieces; ++k) fn(p, sgemm, a, grad, out, k, scratch, scratch + cols);
         return 0;
     }
 #ifdef _OPENMP
@@ -312,14 +274,31 @@ int tcl_weight_grad(const conv_grad_plan_t *p, const float *x, const float *grad
         const int k0 = tcl_thread_index(), n = tcl_thread_count();
         float *own = scratch + k0 * per_thread;
         for (i64 k = 0; k < per_thread; ++k) own[k] = 0.0f;
-        for (i64 k = k0; k < chunks; k += n)
-            weight_grad_chunk(p, sgemm, x, grad, dw, k * p->chunk, own, own + cols);
+        for (i64 k = k0; k < pieces; k += n) fn(p, sgemm, a, grad, out, k, own, own + cols);
         if (restore >= 0) tcl_blas_threads(restore);
     }
     return 0;
 }
 
-/* A thread's scratch floats for tcl_weight_grad: a chunk's columns and its padded copy. */
-i64 tcl_weight_grad_scratch(const conv_grad_plan_t *p) {
+/* dx (frames, C, pixels at p->x) = the input gradient of a small 'same' convolution from
+   grad (frames, out, pixels at the plan's strides, the channels or the pixels dense) and the
+   weight (out, C * taps) at row stride w_row, a piece (a frame's chunk of channels) at a
+   time (run_pieces). */
+int tcl_input_grad(const conv_grad_plan_t *p, const float *w, const float *grad, float *dx,
+                   float *scratch) {
+    return run_pieces(p, p->frames * chunks_of(p), input_grad_piece, w, grad, dx, scratch);
+}
+
+/* dw (out, C * taps) at row stride w_row = the weight gradient of a small 'same' convolution
+   of x (frames, C, pixels at p->x) given grad (as tcl_input_grad's), summed over the frames,
+   a piece (a chunk of channels, all frames) at a time (run_pieces). */
+int tcl_weight_grad(const conv_grad_plan_t *p, const float *x, const float *grad, float *dw,
+                    float *scratch) {
+    return run_pieces(p, chunks_of(p), weight_grad_piece, x, grad, dw, scratch);
+}
+
+/* A thread's scratch floats for tcl_input_grad and tcl_weight_grad: a piece's columns and
+   its padded copy. */
+i64 tcl_conv_grad_scratch(const conv_grad_plan_t *p) {
     return p->chunk * (p->g.KD * p->g.KH * p->g.KW * p->pixels + padded_plane(&p->g));
 }

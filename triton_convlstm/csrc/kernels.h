@@ -108,12 +108,11 @@ typedef struct {
 int tcl_input_grad(const conv_grad_plan_t *p, const float *w, const float *grad, float *dx,
                    float *scratch);
 
-i64 tcl_input_grad_scratch(const conv_grad_plan_t *p);
 
 int tcl_weight_grad(const conv_grad_plan_t *p, const float *x, const float *grad, float *dw,
                     float *scratch);
 
-i64 tcl_weight_grad_scratch(const conv_grad_plan_t *p);
+i64 tcl_conv_grad_scratch(const conv_grad_plan_t *p);
 
 /* This thread's index in its OpenMP team and the team's size (0 and 1 without OpenMP). */
 int tcl_thread_index(void);
