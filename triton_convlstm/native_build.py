@@ -8,8 +8,10 @@ kernels' transcendental loops are vectorized) into one library, cached under
 flags, the compiler and the CPU, so a shared home directory serves each machine its own build.
 Where torch runs on an OpenMP runtime with GNU OpenMP's entry points (the Linux wheels'
 libgomp), the library links that same runtime, so that a call split between threads runs on
-torch's own workers (``csrc/parallel.c``); where it cannot, it is built without, and the
-shares run on a Python thread pool (:func:`parallel`).
+torch's own workers (``csrc/parallel.c``; the columns steps and the small convolutions'
+gradients share theirs inside C, in "omp parallel" regions); where it cannot, it is built
+without, the shares of split calls run on a Python thread pool (:func:`parallel`), and those
+C calls on one thread.
 
 Where nothing builds (no compiler, a failed build, ``TRITON_CONVLSTM_NATIVE=0``), :func:`library`
 answers None and the CPU path computes the same function with torch ops (slower at small

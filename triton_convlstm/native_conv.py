@@ -1,7 +1,11 @@
 """Small 1-d and 3-d 'same' convolutions on CPU as matrix products: the columns of the input
 built by the C kernel (``csrc/im2col.c``), then ``torch.mm``/``matmul`` (MKL's sgemm); the
-input gradient as the product's adjoint added back by ``tcl_col2im``, the weight gradient as
-one more product. Zeros padding, fp32, any dilation, channels-first or channels-last frames.
+input gradient as the product's adjoint added back by col2im, and the weight gradient of
+channels-first frames as a product a frame, both in one C call each (``tcl_input_grad``,
+``tcl_weight_grad``: a piece of channels at a time, the pieces shared between threads; from
+Python the per-piece work had cost as much as the products); the weight gradient of
+channels-last frames as one product. Zeros padding, fp32, any dilation, channels-first or
+channels-last frames.
 
 Measured (one thread, 2-core box, same run; cat + torch's convolution vs this, forward):
 1-d B4 C4+16 L64 83-95 vs 38-44 us; 3-d B1 C2+8 8x8x8 185-192 vs 113-123 us (torch's CPU
