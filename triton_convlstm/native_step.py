@@ -87,13 +87,20 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     hid = c_prev.shape[1]
     channels = cx + (0 if h is None else h.shape[1])
     kernel = tuple(weight.shape[2:])
-    pixels, rows = math.prod(spatial), channels * math.prod(kernel)
+    pixels, rows, out = math.prod(spatial), channels * math.prod(kernel), 4 * hid
     columns = not u_channels  # (the columns' limits: winograd.c's scratch is a block's)
+    # Threads sharing a columns step's tiles (output rows of W pixels), each its own tile: the
+    # columns' limits below are a thread's (on two threads, 7x7 at B1 C1+8 32x32, past one
+    # thread's: inference 0.88 -> 1.09x, training 1.36 -> 1.47x; 5x5 at B1 C4+16 32x16 1.59
+    # -> 1.73x; the rest as before).
+    shares = 1 if not (columns and spatial and pixels) else max(1, min(
+        native_build.threads(), pixels // spatial[-1],
+        out * rows * pixels // COLUMN_THREAD_MACS))
     if (not 1 <= len(spatial) <= 3 or len(kernel) != len(spatial) or b == 0 or rows == 0
             or pixels == 0
-            or (columns and (pixels > MAX_PIXELS or rows * pixels > MAX_COLUMN_FLOATS))
+            or (columns and (pixels > MAX_PIXELS or rows * pixels > MAX_COLUMN_FLOATS * shares))
             or (columns and len(spatial) == 2 and b > 1
-                and rows * pixels > MAX_2D_BATCHED_COLUMN_FLOATS)
+                and rows * pixels > MAX_2D_BATCHED_COLUMN_FLOATS * shares)
             or tuple(weight.shape) != (4 * hid, channels, *kernel)
             or (h is not None and tuple(h.shape) != (b, hid, *spatial))
             or not _dense_rows(weight) or not rows <= weight.stride(0) < 2**31
@@ -103,7 +110,6 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     ph = None if h is None else _pixel_stride(h)
     if px is None or (h is not None and ph is None):
         return None
-    out = 4 * hid
     # z as the scratch holds it, for the gate plan: (B, out, pixels), or pixel-major.
     z_shape = (b, out, *spatial)
     if pixel_major:
@@ -134,7 +140,6 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     width = geometry.W
     n_rows = pixels // width
     tile_rows = max(1, min(n_rows, TILE_FLOATS // (rows * width)))
-    shares = max(1, min(native_build.threads(), n_rows, out * rows * pixels // COLUMN_THREAD_MACS))
     if shares > 1:  # (as many tiles for each thread)
         tiles = -(-n_rows // tile_rows)
         tile_rows = -(-n_rows // (-(-tiles // shares) * shares))

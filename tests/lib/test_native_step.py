@@ -277,6 +277,24 @@ def test_threads_share_a_steps_column_tiles(monkeypatch, three_threads, pixel_ma
     assert _column_threads() == ({min(3, rows)} if native_build.parallel() else {1})
 
 
+def test_the_columns_limit_is_a_threads_when_threads_share_the_tiles(monkeypatch,
+                                                                    three_threads):
+    # rows 6 * 9 = 54, 6 x 5 pixels: 1620 column floats, past a limit of 600 for one thread,
+    # within it for each of three (two output rows each).
+    monkeypatch.setattr(native_step, "COLUMN_THREAD_MACS", 1)
+    monkeypatch.setattr(native_step, "MAX_COLUMN_FLOATS", 600)
+    monkeypatch.setattr(native_step, "_PLANS", {})
+    x, h, c, w, bias, p = _case(1, 2, 4, (6, 5), 3, True, seed=10)
+    want = _want(x, h, c, w, bias, p, (1, 1))
+    h_out, c_out = torch.empty_like(c), torch.empty_like(c)
+    served = native_step.step_into(x, h, c, w, bias, p, (1, 1), h_out=h_out, c_out=c_out)
+    assert served == native_build.parallel()
+    if served:
+        _close((h_out, c_out), want)
+    torch.set_num_threads(1)
+    assert not native_step.step_into(x, h, c, w, bias, p, (1, 1), h_out=h_out, c_out=c_out)
+
+
 def test_a_step_on_one_thread_or_without_openmps_workers_is_not_shared(monkeypatch,
                                                                       three_threads):
     # torch's thread count is part of the plan's key; a forked child (no OpenMP workers
