@@ -100,7 +100,8 @@ class StepPlan(ctypes.Structure):
                 ("pixels", ctypes.c_int64), ("w_row", ctypes.c_int64),
                 ("z_pixel_major", ctypes.c_int64), ("tile_rows", ctypes.c_int64),
                 ("z_in_gates", ctypes.c_int64), ("winograd", ctypes.c_int64),
-                ("wino", WinogradPlan), ("threads", ctypes.c_int64)]
+                ("wino", WinogradPlan), ("threads", ctypes.c_int64),
+                ("gate_threads", ctypes.c_int64)]
 
 
 class ConvGradPlan(ctypes.Structure):

@@ -150,7 +150,8 @@ def _make_plan(x: Tensor, h: Tensor | None, c_prev: Tensor, c_out: Tensor, h_out
     plan = StepPlan(
         g=geometry, x=lx, h=lh, gates=plans[0], rows=rows, out=out,
         pixels=pixels, w_row=weight.stride(0), z_pixel_major=int(pixel_major),
-        tile_rows=tile_rows, z_in_gates=int(gates is not None), threads=shares)
+        tile_rows=tile_rows, z_in_gates=int(gates is not None), threads=shares,
+        gate_threads=len(native_gates._split(b * pixels * hid, plans[0].m_end, shares)))
     return plan, scratch
 
 

@@ -18,6 +18,7 @@ from triton_convlstm import (
     ConvLSTMCell3d,
     native_build,
     native_frame,
+    native_gates,
     native_step,
 )
 from triton_convlstm.conv import conv_same
@@ -258,11 +259,12 @@ def _column_threads():
 @pytest.mark.parametrize(("spatial", "b"), [((3, 4, 5), 2), ((7, 5), 1), ((11,), 3)])
 def test_threads_share_a_steps_column_tiles(monkeypatch, three_threads, pixel_major, spatial,
                                             b):
-    # Three threads (the share threshold lowered to these frames), tiles of one output row:
+    # Three threads (the share thresholds lowered to these frames), tiles of one output row:
     # 12, 7 and 1 rows (a 1-d frame is one row: one share), so some threads get more tiles
-    # than others. Each builds its
+    # than others; the gate update's rows shared by as many threads. Each builds its
     # own columns; the products add onto the bias where they are.
     monkeypatch.setattr(native_step, "COLUMN_THREAD_MACS", 1)
+    monkeypatch.setattr(native_gates, "ELEMENTS_PER_THREAD", 1)  # (the gate rows shared too)
     monkeypatch.setattr(native_step, "TILE_FLOATS", 1)
     monkeypatch.setattr(native_step, "_PLANS", {})
     x, h, c, w, bias, p = _case(b, 2, 4, spatial, 3, True, seed=8)
@@ -275,6 +277,10 @@ def test_threads_share_a_steps_column_tiles(monkeypatch, three_threads, pixel_ma
     _close((h_out.contiguous(), c_out.contiguous()), want)
     rows = math.prod(spatial[:-1])
     assert _column_threads() == ({min(3, rows)} if native_build.parallel() else {1})
+    gate_rows = math.prod(spatial) if pixel_major else 4  # (pixels, or hidden channels)
+    assert {found[0].gate_threads for found in native_step._PLANS.values()
+            if isinstance(found, tuple) and not found[0].winograd} == (
+        {min(3, rows, gate_rows)} if native_build.parallel() else {1})
 
 
 def test_the_columns_limit_is_a_threads_when_threads_share_the_tiles(monkeypatch,

@@ -70,6 +70,7 @@ typedef struct {
     i64 winograd;    /* z by winograd.c (the weight is then its transform), not columns */
     winograd_plan_t wino;
     i64 threads;     /* columns: threads sharing a sample's tiles, each its own columns */
+    i64 gate_threads; /* columns: threads sharing the gate update's rows */
 } step_plan_t;
 
 void tcl_gate_forward(const plan_t *plan, const float *src, float *gates, const float *c_prev,

@@ -47,6 +47,24 @@ static void tiles_of(const step_plan_t *p, i64 C, const float *pad, float *cols,
     }
 }
 
+/* The gate update of a columns step on n threads, a share of the plan's rows each. */
+static void shared_gates(const step_plan_t *p, int n, const float *z, float *gates,
+                         const float *c_prev, float *c_out, float *h_out, const float *peep,
+                         const float *valid) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n)
+#endif
+    {
+        const i64 k = tcl_thread_index(), count = tcl_thread_count();
+        const i64 rows = p->gates.m_end - p->gates.m_begin;
+        plan_t share = p->gates;
+        share.m_begin = p->gates.m_begin + rows * k / count;
+        share.m_end = p->gates.m_begin + rows * (k + 1) / count;
+        if (share.m_end > share.m_begin)
+            tcl_gate_forward(&share, z, gates, c_prev, c_out, h_out, peep, valid);
+    }
+}
+
 /* h_out, c_out = the step from x, h (NULL: the zero state, the weight's x columns alone),
    c_prev (c_out may be c_prev: each element is read before it is written), the weight (out,
    rows) at row stride w_row, bias (out) or NULL, peep (3, hid) or NULL; gates: where the
@@ -115,6 +133,9 @@ int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const
             if (restore >= 0) tcl_blas_threads(restore);
         }
     }
-    tcl_gate_forward(&p->gates, z, gates, c_prev, c_out, h_out, peep, valid);
+    if (p->gate_threads > 1)
+        shared_gates(p, (int)p->gate_threads, z, gates, c_prev, c_out, h_out, peep, valid);
+    else
+        tcl_gate_forward(&p->gates, z, gates, c_prev, c_out, h_out, peep, valid);
     return 0;
 }
