@@ -180,6 +180,8 @@ CPU_TWO_THREAD_GATES = {("cpu-m", "train"): 1.45, ("cpu-m", "fwd"): 1.7, ("cpu-h
 # 0.96x, cpu-m 0.95x, cpu-deep (3 layers) 0.84x; since 1ed8529 (two allocations a step fewer in
 # the CPU gate backward) 0.93x, 0.92x, 0.84x. With recompute_gates=True (only h and c saved):
 # 0.80x, 0.78x and 0.46x: the goal is met where saved activations add up, i.e. in deep models;
+# session 15 (and its base commit eaea526 alike): 0.97x, 0.96x, 0.84x; recompute 0.83x, 0.78x,
+# 0.46x;
 # one layer's peak is mostly its output, the output's gradient, h and c, which eager holds too.
 # Exact and repeatable: the gates sit just above what is measured.
 CPU_TRAIN_MEMORY_GATES = {
