@@ -306,7 +306,8 @@ def _grad_plan(lib, kind: str, grad: Tensor, pg: int, w: Tensor, frames: Tensor,
     """(plan, scratch floats) for ``tcl_input_grad`` or ``tcl_weight_grad`` (``kind``
     "input" or "weight"), memoised, or None where C does not serve: no sgemm, grad with
     neither its channels nor its pixels dense (the BLAS's leading dimension: the stride
-    between the dense runs, at least their length), the weight's (dw's) rows not dense.
+    between the dense runs, at least their length), the weight's (dw's) rows not dense or
+    overlapping.
 
     Args:
         grad: (N, O, *spatial), its pixels at ``pg``.
@@ -315,7 +316,8 @@ def _grad_plan(lib, kind: str, grad: Tensor, pg: int, w: Tensor, frames: Tensor,
     """
     n, c, *spatial = frames.shape
     o, pixels = w.shape[0], math.prod(spatial)
-    if not lib.has_sgemm or w.stride(1) != 1 or not (
+    # (rows closer than a row apart overlap, an expanded weight's say: the BLAS refuses them)
+    if not lib.has_sgemm or w.stride(1) != 1 or (o > 1 and w.stride(0) < w.shape[1]) or not (
             (pg == 1 and (grad.stride(1) >= pixels or o == 1))
             or (grad.stride(1) == 1 and (pg >= o or pixels == 1))):
         return None

@@ -255,6 +255,16 @@ def test_threads_share_the_gradients_pieces(monkeypatch, spatial, c, cl):
         torch.set_num_threads(before)
 
 
+def test_an_expanded_weight_is_read_where_it_is():
+    # Rows 0 apart (one output channel's weights for all): the BLAS refuses such a leading
+    # dimension, so the C pieces decline it and the Python loop reads it.
+    grad = torch.randn(2, 4, 9)
+    w = torch.randn(1, 3, 3).expand(4, 3, 3)
+    want = conv_same_input_grad(grad.double(), (2, 3, 9), w.double(), (1,))
+    dx = native_conv.conv_input_grad_small(grad, (2, 3, 9), w, (1,), False)
+    assert _rel(dx, want) < 1e-5
+
+
 def test_an_expanded_gradient_is_read_where_it_is():
     # The gradient of a sum: one value at every element (zero strides), which the BLAS's
     # leading dimensions cannot describe: the pieces' products run from Python.

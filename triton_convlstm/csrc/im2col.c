@@ -187,12 +187,14 @@ static int grad_ld(const conv_grad_plan_t *p) {
                                     : (p->pixels > 1 ? p->grad_pixel : p->out));
 }
 
-/* Whether a piece's sizes and strides fit the BLAS's ints. */
+/* Whether a piece's sizes and strides fit the BLAS's ints, and the weight's rows (dw's) do
+   not overlap (a leading dimension under the row's length: the BLAS would refuse it and leave
+   the result unwritten). */
 static int grad_sizes_fit(const conv_grad_plan_t *p) {
-    const i64 rows = p->chunk * p->g.KD * p->g.KH * p->g.KW;
+    const i64 taps = p->g.KD * p->g.KH * p->g.KW, rows = p->chunk * taps;
     return p->pixels <= INT32_MAX && rows <= INT32_MAX && p->out <= INT32_MAX
            && p->w_row <= INT32_MAX && p->grad_channel <= INT32_MAX
-           && p->grad_pixel <= INT32_MAX;
+           && p->grad_pixel <= INT32_MAX && (p->out == 1 || p->w_row >= p->x.channels * taps);
 }
 
 /* The pieces a plan's channels make (chunk channels each, the last the rest). */
