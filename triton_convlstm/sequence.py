@@ -75,6 +75,10 @@ class LayerSpec:
 
     def conv_input_grad(self, grad: Tensor, x_shape: Sequence[int], weight: Tensor) -> Tensor:
         """:func:`~triton_convlstm.conv.conv_same_input_grad` with this layer's settings."""
+        if self.backend == "torch":  # (a 1x1 kernel pads nothing: any padding mode)
+            dx = native_conv.pointwise_input_grad(grad, x_shape, weight)
+            if dx is not None:
+                return dx
         if self._native():
             last = frames_channels_last(grad.device, grad.dim() - 2)
             dx = native_winograd.input_grad(grad, x_shape, weight, self.dilation, last)

@@ -255,6 +255,26 @@ def test_threads_share_the_gradients_pieces(monkeypatch, spatial, c, cl):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("spatial", [(7,), (5, 6), (3, 4, 5)])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_1x1_input_gradient_is_one_product(spatial, cl, dtype):
+    torch.manual_seed(3)
+    grad = _laid(torch.randn(3, 8, *spatial, dtype=dtype), cl)
+    w = torch.randn(8, 5, *(1,) * len(spatial), dtype=dtype)
+    want = conv_same_input_grad(grad.double(), (3, 5, *spatial), w.double(), (1,) * len(spatial))
+    dx = native_conv.pointwise_input_grad(grad, (3, 5, *spatial), w)
+    assert dx.dtype == dtype and dx.shape == want.shape
+    assert _rel(dx, want) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert (dx.stride(1) == 1) == cl  # (channels-last where grad's frames are)
+    # Larger kernels, other devices' or subclasses' tensors: the convolution's.
+    assert native_conv.pointwise_input_grad(grad, (3, 5, *spatial),
+                                            torch.randn(8, 5, *(3,) * len(spatial),
+                                                        dtype=dtype)) is None
+    assert native_conv.pointwise_input_grad(grad.to("meta"), (3, 5, *spatial),
+                                            w.to("meta")) is None
+
+
 def test_an_expanded_weight_is_read_where_it_is():
     # Rows 0 apart (one output channel's weights for all): the BLAS refuses such a leading
     # dimension, so the C pieces decline it and the Python loop reads it.
