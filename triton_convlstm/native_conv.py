@@ -295,8 +295,8 @@ def conv_input_grad_small(grad: Tensor, x_shape: Sequence[int], weight: Tensor,
     o, pixels, taps = weight.shape[0], math.prod(spatial), math.prod(kernel)
     dx = _empty_frames(n, c, spatial, channels_last)
     pd = _pixel_stride(dx)
-    if _input_grad_in_c(lib, grad, pg, weight, dx, pd, dilation):
-        return dx
+    if _grad_in_c(lib, "input", grad, pg, weight.reshape(o, -1), dx, pd, kernel, dilation):
+        return dx  # (else the Python loop below)
     g = grad.as_strided((n, o, pixels), (grad.stride(0), grad.stride(1), pg))
     wt = weight.reshape(o, -1).t()  # (C * taps, O)
     frames, channels = _chunks(n, c, taps * pixels)
@@ -370,17 +370,20 @@ def _grad_plan(lib, kind: str, grad: Tensor, pg: int, w: Tensor, frames: Tensor,
     return memoised(_GRAD_PLANS, key, make, 1024)
 
 
-def _input_grad_in_c(lib, grad: Tensor, pg: int, weight: Tensor, dx: Tensor, pd: int,
-                     dilation: Sequence[int]) -> bool:
-    """dx written by ``tcl_input_grad`` (the pieces' products and col2im in C, shared between
-    threads): whether it ran (else the Python loop below serves)."""
-    w = weight.reshape(weight.shape[0], -1)
-    found = _grad_plan(lib, "input", grad, pg, w, dx, pd, weight.shape[2:], dilation)
+def _grad_in_c(lib, kind: str, grad: Tensor, pg: int, w: Tensor, frames: Tensor, pf: int,
+               kernel: Sequence[int], dilation: Sequence[int]) -> bool:
+    """``tcl_input_grad`` (``kind`` "input": into dx, ``frames``, from the weight ``w``) or
+    ``tcl_weight_grad`` ("weight": into dw, ``w``, from x, ``frames``), arguments as
+    :func:`_grad_plan`'s: whether it ran (else nothing was written)."""
+    found = _grad_plan(lib, kind, grad, pg, w, frames, pf, kernel, dilation)
     if found is None:
         return False
     scratch = torch.empty(found[1], dtype=_F32)
-    return not lib.tcl_input_grad(found[0], w.data_ptr(), grad.data_ptr(), dx.data_ptr(),
-                                  scratch.data_ptr())
+    if kind == "input":
+        return not lib.tcl_input_grad(found[0], w.data_ptr(), grad.data_ptr(),
+                                      frames.data_ptr(), scratch.data_ptr())
+    return not lib.tcl_weight_grad(found[0], frames.data_ptr(), grad.data_ptr(), w.data_ptr(),
+                                   scratch.data_ptr())
 
 
 def conv_weight_grad_small(grad: Tensor, x: Tensor, weight: Tensor,
@@ -412,13 +415,7 @@ def conv_weight_grad_small(grad: Tensor, x: Tensor, weight: Tensor,
     # torch's: 3-d 8x8x8 B4 129 vs 115 us).
     if not (pg == o and grad.stride(1) == 1 and grad.stride(0) == pixels * o):
         px = _pixel_stride(x)
-        found = None if px is None else _grad_plan(lib, "weight", grad, pg, dw, x, px, kernel,
-                                                   dilation)
-        if found is None:
-            return None
-        scratch = torch.empty(found[1], dtype=_F32)
-        if lib.tcl_weight_grad(found[0], x.data_ptr(), grad.data_ptr(), dw.data_ptr(),
-                               scratch.data_ptr()):
+        if px is None or not _grad_in_c(lib, "weight", grad, pg, dw, x, px, kernel, dilation):
             return None
         return dw.view(weight.shape)
     frames, channels = _chunks(n, c, taps * pixels)
