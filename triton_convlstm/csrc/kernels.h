@@ -109,7 +109,6 @@ typedef struct {
 int tcl_input_grad(const conv_grad_plan_t *p, const float *w, const float *grad, float *dx,
                    float *scratch);
 
-
 int tcl_weight_grad(const conv_grad_plan_t *p, const float *x, const float *grad, float *dw,
                     float *scratch);
 

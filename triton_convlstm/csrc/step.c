@@ -121,8 +121,8 @@ int tcl_step_forward(const step_plan_t *p, const float *x, const float *h, const
         }
         /* On several threads each takes every threads-th tile into its own columns, its
            products on one BLAS thread (MKL would otherwise start its own threads in each).
-           (Never a region of one thread: MKL's products inside one, after torch's workers
-           had run, took ~7 ms instead of ~0.1.) */
+           (Never a region of one thread: a step's MKL products inside one, after a torch op
+           had woken torch's workers, took ~7 ms instead of ~0.25.) */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
